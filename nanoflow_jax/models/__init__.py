@@ -1,0 +1,1 @@
+"""Llama-family model: parameter pytree and pure forward functions."""

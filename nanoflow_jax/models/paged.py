@@ -1,0 +1,68 @@
+"""The paged KV cache and the metadata of one dense batch (layouts: docs/architecture.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nanoflow_jax.config import ModelConfig
+
+NULL_PAGE = 0  # never allocated: padding tokens write here, padded block tables point here
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values, each [L, num_pages, page_size, num_kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int,
+                      dtype: jnp.dtype = jnp.float32) -> KVCache:
+    """Zeroed cache created directly on the default device."""
+    if num_pages < 2:
+        raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), got {num_pages}")
+    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
+    """Bytes one page takes across all layers, keys and values."""
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BatchInputs:
+    """One iteration's dense batch. T tokens, S request rows, W block-table width (all buckets)."""
+
+    token_ids: jax.Array     # [T]
+    positions: jax.Array     # [T]
+    slot_mapping: jax.Array  # [T]
+    token_seq: jax.Array     # [T]
+    query_start: jax.Array   # [S+1]
+    query_len: jax.Array     # [S]
+    context_len: jax.Array   # [S]
+    block_table: jax.Array   # [S, W]
+    logits_index: jax.Array  # [S]
+    num_decode: jax.Array    # []
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.query_len.shape[0]

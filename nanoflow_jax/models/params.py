@@ -1,0 +1,104 @@
+"""The parameter pytree (layout: docs/architecture.md) and random initialisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "f16": jnp.float16}
+
+
+def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    """'float32' / 'bfloat16' / a dtype -> a jnp dtype, with a clear error."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter, as nested dicts of tuples."""
+    L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    layers = {
+        "attn_norm": (L, E),
+        "wq": (L, E, cfg.q_size), "wk": (L, E, cfg.kv_size), "wv": (L, E, cfg.kv_size),
+        "wo": (L, cfg.q_size, E),
+        "mlp_norm": (L, E),
+        "w_gate": (L, E, F), "w_up": (L, E, F), "w_down": (L, F, E),
+    }
+    if cfg.attention_bias:
+        layers.update(bq=(L, cfg.q_size), bk=(L, cfg.kv_size), bv=(L, cfg.kv_size))
+    shapes: Params = {"embed": (V, E), "layers": layers, "final_norm": (E,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (E, V)
+    return shapes
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def check_params(params: Params, cfg: ModelConfig) -> None:
+    """Raise a ValueError naming the first missing, extra or mis-shaped tensor."""
+    expected = param_shapes(cfg)
+
+    def walk(exp: Any, got: Any, path: str) -> None:
+        if _is_shape(exp):
+            shape = tuple(getattr(got, "shape", ()))
+            if shape != exp:
+                raise ValueError(f"parameter {path} has shape {shape}, expected {exp} for this config")
+            return
+        if not isinstance(got, dict):
+            raise ValueError(f"parameter group {path or '<root>'} must be a dict, got {type(got).__name__}")
+        missing = sorted(set(exp) - set(got))
+        extra = sorted(set(got) - set(exp))
+        if missing:
+            raise ValueError(f"missing parameter {path + '/' if path else ''}{missing[0]}")
+        if extra:
+            raise ValueError(f"unexpected parameter {path + '/' if path else ''}{extra[0]} for this config")
+        for k in exp:
+            walk(exp[k], got[k], f"{path}/{k}" if path else k)
+
+    walk(expected, params, "")
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: str | jnp.dtype = "float32") -> Params:
+    """Random parameters created directly on the default device (no host copy).
+
+    Normal(0, 1/sqrt(fan_in)) matrices keep activations O(1) through deep stacks;
+    norm weights are ones.
+    """
+    dt = resolve_dtype(dtype)
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=_is_shape)
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+
+    def make(key: jax.Array) -> list[jax.Array]:
+        out = []
+        for i, (shape, path) in enumerate(zip(leaves, paths)):
+            if "norm" in path:
+                out.append(jnp.ones(shape, dt))
+            elif path.endswith("['bq']") or path.endswith("['bk']") or path.endswith("['bv']"):
+                out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dt))
+            else:
+                fan_in = shape[-2] if len(shape) >= 2 and "embed" not in path else 1
+                std = 1.0 / np.sqrt(fan_in)
+                out.append((std * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dt))
+        return out
+
+    return jax.tree_util.tree_unflatten(treedef, jax.jit(make)(key))
+
+
+def cast_params(params: Params, dtype: str | jnp.dtype) -> Params:
+    dt = resolve_dtype(dtype)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), params)

