@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -71,32 +72,37 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
     walk(expected, params, "")
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: str | jnp.dtype = "float32") -> Params:
-    """Random parameters created directly on the default device (no host copy).
+def init_tree(shapes: Any, key: jax.Array, dtype: str | jnp.dtype = "float32", prefix: str = "") -> Any:
+    """Random arrays for a (sub)tree of `param_shapes`, created on the default device.
 
-    Normal(0, 1/sqrt(fan_in)) matrices keep activations O(1) through deep stacks;
-    norm weights are ones.
+    Normal(0, 1/sqrt(fan_in)) matrices keep activations O(1) through deep stacks; norm
+    weights are ones; biases small. `prefix` names the subtree (e.g. "layers") so the
+    same rules apply when the Flax module initialises one group at a time.
     """
     dt = resolve_dtype(dtype)
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=_is_shape)
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+    out = []
+    for i, (path, shape) in enumerate(flat):
+        name = prefix + jax.tree_util.keystr(path)
+        if "norm" in name:
+            out.append(jnp.ones(shape, dt))
+            continue
+        is_bias = any(name.endswith(f"['{b}']") for b in ("bq", "bk", "bv"))
+        fan_in = shape[-2] if len(shape) >= 2 and not is_bias and "embed" not in name else 1
+        std = 0.02 if is_bias else float(1.0 / np.sqrt(fan_in))
+        out.append(_normal(jax.random.fold_in(key, i), shape, std, dt))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
-    def make(key: jax.Array) -> list[jax.Array]:
-        out = []
-        for i, (shape, path) in enumerate(zip(leaves, paths)):
-            if "norm" in path:
-                out.append(jnp.ones(shape, dt))
-            elif path.endswith("['bq']") or path.endswith("['bk']") or path.endswith("['bv']"):
-                out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dt))
-            else:
-                fan_in = shape[-2] if len(shape) >= 2 and "embed" not in path else 1
-                std = 1.0 / np.sqrt(fan_in)
-                out.append((std * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dt))
-        return out
 
-    return jax.tree_util.tree_unflatten(treedef, jax.jit(make)(key))
+@partial(jax.jit, static_argnames=("shape", "std", "dtype"))
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> jax.Array:
+    # One compiled program per distinct shape; each leaf is born on the device.
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: str | jnp.dtype = "float32") -> Params:
+    """Random parameters for `cfg`, created directly on the device (no host copy)."""
+    return init_tree(param_shapes(cfg), key, dtype)
 
 
 def cast_params(params: Params, dtype: str | jnp.dtype) -> Params:
