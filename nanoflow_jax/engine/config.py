@@ -1,0 +1,80 @@
+"""`EngineConfig`: every engine knob in one place, checked once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+def _env_async() -> bool:
+    # NANOFLOW_ASYNC=0 turns the one-iteration-late host pipeline off for ablations.
+    return os.environ.get("NANOFLOW_ASYNC", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    max_model_len: int = 2048           # prompt + output tokens of one request
+    max_num_seqs: int = 64              # request rows in one iteration (the S bucket cap)
+    max_num_batched_tokens: int = 512   # tokens in one iteration (the T bucket cap, the chunk size)
+    block_size: int = 16                # tokens per KV page
+    num_kv_pages: int | None = None     # explicit page count (page 0, the null page, included)
+    kv_memory_fraction: float | None = None  # else: this fraction of free device memory
+    seed: int = 0                       # seeds requests that bring no seed of their own
+    async_scheduling: bool = dataclasses.field(default_factory=_env_async)
+    kernels: str = "xla"                # forward_paged's kernel set
+    token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
+    block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
+    min_token_bucket: int = 16
+    compilation_cache_dir: str | None = None  # None: $NANOFLOW_COMPILATION_CACHE or ~/.cache/nanoflow_jax/xla
+    show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 2:
+            raise ValueError(f"num_kv_pages must be >= 2 (page 0 is the reserved null page), "
+                             f"got {self.num_kv_pages}")
+        if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction < 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
+        if self.num_kv_pages is not None and self.kv_memory_fraction is not None:
+            raise ValueError("give num_kv_pages or kv_memory_fraction, not both")
+        if self.max_num_seqs > self.max_num_batched_tokens:
+            # Every row holds at least one token, so more rows than tokens could never fill.
+            self.max_num_seqs = self.max_num_batched_tokens
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return _cdiv(self.max_model_len, self.block_size)
+
+    def resolved_token_buckets(self) -> tuple[int, ...]:
+        cap = self.max_num_batched_tokens
+        if self.token_buckets is not None:
+            buckets = sorted({int(b) for b in self.token_buckets if 0 < int(b) <= cap} | {cap})
+            return tuple(buckets)
+        buckets, b = [], min(self.min_token_bucket, cap)
+        while b < cap:
+            buckets.append(b)
+            b *= 2
+        return tuple(buckets + [cap])
+
+    def resolved_width_buckets(self) -> tuple[int, ...]:
+        cap = self.max_pages_per_seq
+        if self.block_table_buckets is not None:
+            return tuple(sorted({int(w) for w in self.block_table_buckets if 0 < int(w) <= cap} | {cap}))
+        # Attention cost grows with the block-table width, so short contexts get a narrow
+        # bucket; two widths keep the compile count small.
+        return (cap,) if cap <= 16 else (_cdiv(cap, 4), cap)
+
+    def seqs_for(self, tokens: int) -> int:
+        """The S bucket paired with a T bucket: a batch of T tokens has at most T rows."""
+        return min(tokens, self.max_num_seqs)
+
+    @staticmethod
+    def pages_for(num_tokens: int, block_size: int) -> int:
+        return _cdiv(num_tokens, block_size)

@@ -1,0 +1,177 @@
+"""Owns the device state (parameters, KV page pool) and the compiled iteration step.
+
+One jitted function per iteration: gather decode inputs from the previous iteration's
+sampled tokens, `forward_paged`, then sample, with the cache donated so it is updated in
+place. Batches are padded to a small fixed set of shape buckets (T tokens, S = min(T,
+max_num_seqs) rows, W block-table columns), all compiled at start-up, so steady serving
+never compiles. Host inputs travel as five packed arrays because every argument of a
+jitted call costs dispatch time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.engine.sampler import SamplingArrays, sample
+from nanoflow_jax.engine.scheduler import ScheduledBatch
+from nanoflow_jax.models.llama import forward_paged
+from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
+
+log = logging.getLogger(__name__)
+
+TOK_FIELDS = 5   # token_ids, positions, slot_mapping, token_seq, gather_row
+SEQ_INT_FIELDS = 6   # query_len, context_len, logits_index, top_k, seed, gen_index
+SEQ_FLOAT_FIELDS = 3  # temperature, top_p, min_p
+DEFAULT_GPU_FRACTION = 0.8  # of free device memory; the rest is activation headroom
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_decode: Any,
+                 token_ids: Any = None) -> BatchInputs:
+    """`BatchInputs` from the packed arrays of `ModelRunner.prepare` (token_ids may be replaced)."""
+    return BatchInputs(token_ids=tok[0] if token_ids is None else token_ids, positions=tok[1],
+                       slot_mapping=tok[2], token_seq=tok[3], query_start=query_start, query_len=seq_i[0],
+                       context_len=seq_i[1], block_table=block_table, logits_index=seq_i[2],
+                       num_decode=num_decode)
+
+
+def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
+          query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
+          prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str) -> tuple[jax.Array, KVCache]:
+    # Decode rows whose input was sampled by the in-flight iteration read it here, on the
+    # device: the host formed this batch before that token existed on the host.
+    gather = tok[4]
+    token_ids = jnp.where(gather >= 0, prev_tokens[jnp.maximum(gather, 0)], tok[0])
+    batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids)
+    logits, cache = forward_paged(params, cache, batch, cfg, kernels)
+    p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
+                       top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5])
+    tokens = sample(logits, p)
+    # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
+    return jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens), cache
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Turn on JAX's persistent compilation cache unless the user already chose a folder."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = path or os.environ.get("NANOFLOW_COMPILATION_CACHE") or os.path.expanduser("~/.cache/nanoflow_jax/xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtype) -> int:
+    """Pages in the pool: explicit, a fraction of free device memory, or a CPU default."""
+    if cfg.num_kv_pages is not None:
+        return cfg.num_kv_pages
+    per_page = kv_bytes_per_page(model_cfg, cfg.block_size, dtype)
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        n = int(free * (cfg.kv_memory_fraction or DEFAULT_GPU_FRACTION)) // per_page
+        if n < 2:
+            raise ValueError(f"only {free / 2**20:.0f} MiB of device memory is free, too little for "
+                             f"two KV pages of {per_page / 2**20:.2f} MiB: use a smaller model or "
+                             "block_size, or pass num_kv_pages")
+        return n
+    if cfg.kv_memory_fraction is not None:
+        raise ValueError(f"kv_memory_fraction needs device memory statistics, which the "
+                         f"{jax.default_backend()} backend does not report: pass num_kv_pages instead")
+    n = min(1 + cfg.max_num_seqs * cfg.max_pages_per_seq, max(2, CPU_DEFAULT_KV_BYTES // per_page))
+    log.warning("%s reports no memory statistics: using num_kv_pages=%d (%.0f MiB); pass "
+                "num_kv_pages=... to choose", jax.default_backend(), n, n * per_page / 2**20)
+    return n
+
+
+class ModelRunner:
+    def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
+        self.cfg, self.model_cfg, self.params = cfg, model_cfg, params
+        enable_compilation_cache(cfg.compilation_cache_dir)
+        self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype)
+        self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
+        self.token_buckets = cfg.resolved_token_buckets()
+        self.width_buckets = cfg.resolved_width_buckets()
+        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
+        self._compiled: dict[tuple[int, int], Any] = {}
+        self.compile_all()
+
+    def _shapes(self, t: int, w: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+        s = self.cfg.seqs_for(t)
+        i32, f32 = jnp.int32, jnp.float32
+        return (jax.ShapeDtypeStruct((TOK_FIELDS, t), i32), jax.ShapeDtypeStruct((SEQ_INT_FIELDS, s), i32),
+                jax.ShapeDtypeStruct((SEQ_FLOAT_FIELDS, s), f32), jax.ShapeDtypeStruct((s + 1,), i32),
+                jax.ShapeDtypeStruct((s, w), i32), jax.ShapeDtypeStruct((), i32),
+                jax.ShapeDtypeStruct((self.cfg.max_num_seqs,), i32))
+
+    def compile_all(self) -> None:
+        """Compile every (T, W) bucket ahead of time, with a progress bar on stderr."""
+        from tqdm import tqdm
+
+        keys = [(t, w) for t in self.token_buckets for w in self.width_buckets]
+        bar = tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not self.cfg.show_progress)
+        for t, w in bar:
+            bar.set_postfix_str(f"T={t} W={w}")
+            lowered = self._jitted.lower(self.params, self.cache, *self._shapes(t, w),
+                                         cfg=self.model_cfg, kernels=self.cfg.kernels)
+            self._compiled[(t, w)] = lowered.compile()
+
+    def bucket_for(self, batch: ScheduledBatch) -> tuple[int, int]:
+        width = max(len(r.seq.block_table) for r in batch.rows)
+        t = next(b for b in self.token_buckets if b >= batch.num_tokens)
+        w = next(b for b in self.width_buckets if b >= width)
+        return t, w
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[tuple[int, int], tuple[np.ndarray, ...]]:
+        """Host arrays of one batch, padded to its bucket (padding writes the null page)."""
+        t_pad, w_pad = self.bucket_for(batch)
+        s_pad, bs = self.cfg.seqs_for(t_pad), self.cfg.block_size
+        tok = np.zeros((TOK_FIELDS, t_pad), np.int32)
+        tok[2] = NULL_PAGE * bs
+        tok[4] = -1
+        seq_i = np.zeros((SEQ_INT_FIELDS, s_pad), np.int32)
+        seq_f = np.zeros((SEQ_FLOAT_FIELDS, s_pad), np.float32)
+        seq_f[1] = 1.0
+        query_start = np.full(s_pad + 1, batch.num_tokens, np.int32)
+        block_table = np.full((s_pad, w_pad), NULL_PAGE, np.int32)
+        t = 0
+        for r, row in enumerate(batch.rows):
+            seq, n, start = row.seq, row.length, row.start
+            pos = np.arange(start, start + n, dtype=np.int32)
+            table = np.asarray(seq.block_table, np.int32)
+            query_start[r] = t
+            if row.gather_row >= 0:
+                tok[4, t] = row.gather_row
+            else:
+                tok[0, t:t + n] = seq.token_slice(start, start + n)
+            tok[1, t:t + n] = pos
+            tok[2, t:t + n] = table[pos // bs] * bs + pos % bs
+            tok[3, t:t + n] = r
+            block_table[r, : len(table)] = table
+            sp = seq.params
+            seq_i[:, r] = (n, start + n, t + n - 1, sp.top_k, np.uint32(seq.seed).view(np.int32),
+                           start + n - seq.prompt_len)
+            seq_f[:, r] = (sp.temperature, sp.top_p, sp.min_p)
+            t += n
+        num_decode = np.asarray(batch.num_decode, np.int32)
+        return (t_pad, w_pad), (tok, seq_i, seq_f, query_start, block_table, num_decode)
+
+    def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> jax.Array:
+        """Launch one iteration; returns its sampled tokens [max_num_seqs] without waiting."""
+        key, arrays = self.prepare(batch)
+        prev = self._zero_tokens if prev_tokens is None else prev_tokens
+        out, self.cache = self._compiled[key](self.params, self.cache, *arrays, prev)
+        return out

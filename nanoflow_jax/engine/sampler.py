@@ -1,0 +1,72 @@
+"""Batched token sampling on the device, inside the iteration's jitted step.
+
+Every row carries its own settings, so one compiled function serves any mix of greedy and
+sampled requests. Row r's randomness is `fold_in(PRNGKey(seed_r), gen_index_r)`, where
+gen_index is the index of the output token being drawn: a seeded request draws the same
+tokens whatever else is in the batch, and again after a preemption recomputes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingArrays:
+    """Per-row sampling settings, each [S] (padding rows: greedy)."""
+
+    temperature: jax.Array  # f32; 0 = greedy
+    top_p: jax.Array        # f32; 1 = off
+    min_p: jax.Array        # f32; 0 = off
+    top_k: jax.Array        # int32; <= 0 = off
+    seed: jax.Array         # int32 (a uint32 seed's bits)
+    gen_index: jax.Array    # int32; index of the output token drawn
+
+
+def sampling_arrays_np(num_rows: int) -> SamplingArrays:
+    """Host buffers for one batch, filled row by row by the model runner."""
+    return SamplingArrays(
+        temperature=np.zeros(num_rows, np.float32), top_p=np.ones(num_rows, np.float32),
+        min_p=np.zeros(num_rows, np.float32), top_k=np.zeros(num_rows, np.int32),
+        seed=np.zeros(num_rows, np.int32), gen_index=np.zeros(num_rows, np.int32))
+
+
+def filtered_logits(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """Temperature-scaled logits sorted descending, with filtered-out entries at -inf.
+
+    Returns (masked sorted logits [S, V], the vocabulary id at each sorted place [S, V]).
+    One descending sort serves all three filters: top-k keeps the first k places, top-p
+    the shortest prefix whose mass reaches p, min-p the places with prob >= min_p * max.
+    """
+    vocab = logits.shape[-1]
+    temp = jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
+    scaled = logits.astype(jnp.float32) / temp
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    place = jnp.arange(vocab)[None, :]
+
+    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)[:, None]
+    keep = place < k
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Mass strictly before each place: a place is kept while that mass is < top_p, so
+    # the token that crosses top_p is included and the first place always survives.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < p.top_p[:, None]
+    keep &= probs >= p.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    return jnp.where(keep, sorted_logits, -jnp.inf), order
+
+
+def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
+    """One token per row: argmax where temperature == 0, else a filtered categorical draw."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    masked, order = filtered_logits(logits, p)
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(p.seed, p.gen_index)
+    place = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked)
+    drawn = jnp.take_along_axis(order, place[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(p.temperature > 0, drawn, greedy)

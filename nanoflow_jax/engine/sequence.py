@@ -1,0 +1,124 @@
+"""Per-request state (`Sequence`) and the public output records (`RequestOutput`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from nanoflow_jax.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"    # queued, or preempted and to be recomputed
+    RUNNING = "running"    # holds pages
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One request as the scheduler sees it.
+
+    Token accounting with the one-iteration-late pipeline: `output_token_ids` are tokens
+    already read back from the device; `num_pending` counts tokens sampled by dispatched
+    iterations but not yet read (0, 1 or, briefly, 2). `num_tokens` counts both, so the
+    next position to feed is `num_tokens - 1`. `num_computed` counts tokens whose K/V has
+    been written by dispatched iterations.
+    """
+
+    request_id: str
+    arrival: int                  # admission order = priority (lower is older)
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int                     # the request's own seed, or one drawn from the engine's
+    max_tokens: int               # params.max_tokens capped by max_model_len
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_pending: int = 0
+    pending_row: int = -1         # row of the latest pending token in the in-flight output
+    num_computed: int = 0
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    text: str = ""                # detokenized output so far (stop strings cut off)
+    detok: Any = None             # incremental detokenizer, when there is a tokenizer
+    num_preemptions: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_known(self) -> int:
+        return self.prompt_len + len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_known + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
+    def in_decode(self) -> bool:
+        """Everything but the last token is in the cache: the next step feeds one token."""
+        return self.num_computed == self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def will_finish_by_length(self) -> bool:
+        """Its pending token is its last one for sure (max_tokens): do not schedule it again."""
+        return self.num_generated >= self.max_tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Known tokens at positions [start, end) (prompt then outputs)."""
+        p = self.prompt_len
+        return self.prompt_token_ids[start:end] + self.output_token_ids[max(0, start - p):max(0, end - p)]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" | None (running)
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    delta_text: str = ""               # streaming: what this update added
+    delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    error: str | None = None   # set when this request was rejected (the others still run)
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence, delta_text: str = "",
+                      delta_token_ids: list[int] | None = None) -> "RequestOutput":
+        comp = CompletionOutput(index=0, text=seq.text, token_ids=list(seq.output_token_ids),
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()))
+        return cls(request_id=seq.request_id, prompt=seq.prompt,
+                   prompt_token_ids=list(seq.prompt_token_ids), outputs=[comp],
+                   finished=seq.is_finished, error=seq.error)
+
+    @classmethod
+    def rejected(cls, request_id: str, prompt: Any, error: str) -> "RequestOutput":
+        prompt_text = prompt if isinstance(prompt, str) else None
+        prompt_ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
+        return cls(request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_ids,
+                   outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")],
+                   finished=True, error=error)
