@@ -54,7 +54,11 @@ def main() -> None:
         logits = model(input_ids).logits[0].float().numpy()
         out = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=1.0,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        # 20 tokens exactly: EOS ignored (min_new_tokens), so the comparison runs past the answer.
+        out20 = model.generate(input_ids, do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                               repetition_penalty=1.0, eos_token_id=None, pad_token_id=tok.pad_token_id)
     greedy = out[0, input_ids.shape[1]:].numpy().astype(np.int32)
+    greedy20 = out20[0, input_ids.shape[1]:].numpy().astype(np.int32)
     stopped_at_eos = bool(len(greedy) and greedy[-1] == tok.eos_token_id)
     greedy_text = tok.decode(greedy, skip_special_tokens=True)
 
@@ -65,6 +69,7 @@ def main() -> None:
         "greedy_num_tokens": np.int32(len(greedy)),
         "greedy_stopped_at_eos": np.bool_(stopped_at_eos),
         "greedy_text": np.array(greedy_text),
+        "greedy_ids_20": greedy20,
     }
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -94,6 +99,7 @@ def main() -> None:
         "greedy_num_tokens": len(greedy),
         "greedy_stopped_at_eos": stopped_at_eos,
         "greedy_text": greedy_text,
+        "greedy_ids_20_ignore_eos": greedy20.tolist(),
     }
     OUT_JSON.write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {OUT_NPZ} ({OUT_NPZ.stat().st_size} bytes, {logits_key} {arrays[logits_key].shape}) and {OUT_JSON}")
