@@ -85,3 +85,15 @@ def test_paged_rejects_unknown_backend():
     with pytest.raises(ValueError, match="kernels must be one of"):
         forward_paged(init_params(cfg, jax.random.key(0)), allocate_kv_cache(cfg, 4, 4),
                       _batch([(np.arange(3), 0, 3, [1])], 4, 8, 1, 1), cfg, kernels="cuda")
+
+
+def test_bfloat16_tracks_float32():
+    cfg = CONFIGS["llama"]
+    params = init_params(cfg, jax.random.key(_seed()))
+    tokens = jnp.asarray(np.random.randint(0, cfg.vocab_size, (2, 24)))
+    ref = np.asarray(forward_dense(params, tokens, cfg))
+    bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    got = np.asarray(forward_dense(bf, tokens, cfg))
+    assert got.dtype == np.float32  # logits always come back in f32
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 3e-2, rel
