@@ -5,16 +5,11 @@ GQA throughout: H query heads share K KV heads, G = H // K query heads per KV he
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models.paged import BatchInputs
-
-PagedAttention = Callable[[jax.Array, jax.Array, jax.Array, BatchInputs, ModelConfig], jax.Array]
-
 
 def _grouped_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [..., Tq, H, D]; k, v [..., Tk, K, D]; mask broadcastable to [..., Tq, Tk] -> [..., Tq, H, D]."""
@@ -38,15 +33,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return _grouped_softmax_attention(q, k, v, mask)
 
 
-def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatter new K/V ([T, K, D]) into one layer's pages ([P, ps, K, D]) at flat slots."""
-    p, ps, kh, d = k_pages.shape
-    k_flat = k_pages.reshape(p * ps, kh, d).at[slot_mapping].set(k.astype(k_pages.dtype))
-    v_flat = v_pages.reshape(p * ps, kh, d).at[slot_mapping].set(v.astype(v_pages.dtype))
-    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
-
-
 def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                         batch: BatchInputs, cfg: ModelConfig) -> jax.Array:
     """Reference paged attention: every token gathers its request's pages.
@@ -63,21 +49,3 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     mask = key_pos[None, :] <= batch.positions[:, None]    # [T, W*ps]
     out = _grouped_softmax_attention(q[:, None], keys, vals, mask[:, None, :])
     return out[:, 0]
-
-
-def paged_attention_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           batch: BatchInputs, cfg: ModelConfig) -> jax.Array:
-    """Pallas kernels: prefill-attention kernel over the whole ragged batch.
-
-    Imported lazily so the XLA path never needs Pallas.
-    """
-    import pallas_kernels
-
-    interpret = jax.default_backend() == "cpu"
-    return pallas_kernels.paged_prefill_attention(
-        q, k_pages, v_pages, batch.token_seq, batch.positions, batch.block_table,
-        batch.context_len, scale=cfg.head_dim ** -0.5, interpret=interpret)
-
-
-def paged_attention_backend(kernels: str) -> PagedAttention:
-    return {"xla": paged_attention_xla, "pallas": paged_attention_pallas}[kernels]

@@ -1,0 +1,164 @@
+"""Kernel sets for the serving forward: the same layer code runs on XLA ops or Pallas kernels.
+
+`XlaOps` is plain jnp (the CPU default and the reference); `PallasOps` calls
+`pallas_kernels`, each op with its own SM budget (`num_programs`), which is what the
+nano-batch pipeline tunes. The KV cache is always passed whole ([L, P, ps, K, D]) with
+a layer index, so no per-layer copy of the cache is ever made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.config import ModelConfig, RopeScaling
+from nanoflow_jax.models import attention
+from nanoflow_jax.models.paged import BatchInputs
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies, with Llama 3.1's piecewise rescaling when configured."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is None:
+        return inv.astype(np.float32)
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    mid = (1 - smooth) * inv / scaling.factor + smooth * inv
+    out = np.where(wavelen > low_wavelen, inv / scaling.factor, np.where(wavelen < high_wavelen, inv, mid))
+    return out.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate-half RoPE. x: [..., T, heads, D], positions: [..., T]."""
+    inv = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [..., T, D/2]
+    cos = jnp.cos(ang)[..., None, :]
+    sin = jnp.sin(ang)[..., None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaOps:
+    name = "xla"
+
+    def linear(self, x: jax.Array, w: jax.Array, bias: jax.Array | None = None,
+               residual: jax.Array | None = None) -> jax.Array:
+        y = _dot(x, w)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        if residual is not None:
+            y = y + residual.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+    def gate_up(self, x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+        return (jax.nn.silu(_dot(x, w_gate)) * _dot(x, w_up)).astype(x.dtype)
+
+    def rms_norm(self, x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+        return rms_norm(x, w, eps)
+
+    def rope(self, x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+        return apply_rope(x, positions, cfg)
+
+    def write_kv(self, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, k: jax.Array,
+                 v: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+        ps = k_cache.shape[2]
+        page, off = slots // ps, slots % ps
+        return (k_cache.at[layer, page, off].set(k.astype(k_cache.dtype)),
+                v_cache.at[layer, page, off].set(v.astype(v_cache.dtype)))
+
+    def attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                  batch: BatchInputs, cfg: ModelConfig) -> jax.Array:
+        return attention.paged_attention_xla(q, k_cache[layer], v_cache[layer], batch, cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasOps(XlaOps):
+    """Pallas kernels; `programs` maps op name -> SM budget (missing: the whole GPU)."""
+
+    name = "pallas"
+    programs: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def _interpret(self) -> bool:
+        return jax.default_backend() == "cpu"
+
+    def _np(self, op: str) -> int | None:
+        return dict(self.programs).get(op)
+
+    def linear(self, x, w, bias=None, residual=None):
+        import pallas_kernels as pk
+
+        return pk.gemm(x, w, bias=bias, residual=residual, num_programs=self._np("gemm"),
+                       interpret=self._interpret)
+
+    def gate_up(self, x, w_gate, w_up):
+        import pallas_kernels as pk
+
+        return pk.gemm_silu_mul(x, w_gate, w_up, num_programs=self._np("gemm"), interpret=self._interpret)
+
+    def rms_norm(self, x, w, eps):
+        import pallas_kernels as pk
+
+        return pk.rms_norm(x, w, eps=eps, num_programs=self._np("norm"), interpret=self._interpret)
+
+    def rope(self, x, positions, cfg):
+        import pallas_kernels as pk
+
+        rs = None if cfg.rope_scaling is None else dataclasses.asdict(cfg.rope_scaling)
+        return pk.apply_rope(x, positions, theta=cfg.rope_theta, scaling=rs, num_programs=self._np("rope"),
+                             interpret=self._interpret)
+
+    def write_kv(self, k_cache, v_cache, layer, k, v, slots):
+        import pallas_kernels as pk
+
+        return pk.write_kv(k_cache, v_cache, k, v, slots, layer=layer, num_programs=self._np("write_kv"),
+                           interpret=self._interpret)
+
+    def attention(self, q, k_cache, v_cache, layer, batch, cfg):
+        """Decode rows on the decode kernel, prefill chunks on the prefill kernel."""
+        import pallas_kernels as pk
+
+        k_l, v_l = k_cache[layer], v_cache[layer]
+        t, s = q.shape[0], batch.num_seqs
+        scale = cfg.head_dim ** -0.5
+        rows = jnp.arange(s)
+        dec_ctx = jnp.where(rows < batch.num_decode, batch.context_len, 0)
+        dec = pk.paged_decode_attention(q[:s], k_l, v_l, batch.block_table, dec_ctx, scale=scale,
+                                        num_programs=self._np("decode_attention"), interpret=self._interpret)
+        is_dec = jnp.arange(t) < batch.num_decode
+        # Decode tokens get position -1 in the prefill kernel: they see no keys there.
+        pre = pk.paged_prefill_attention(q, k_l, v_l, batch.token_seq, jnp.where(is_dec, -1, batch.positions),
+                                         batch.block_table, batch.context_len, scale=scale,
+                                         num_programs=self._np("prefill_attention"), interpret=self._interpret)
+        dec_full = jnp.zeros_like(q).at[:s].set(dec)
+        return jnp.where(is_dec[:, None, None], dec_full, pre)
+
+
+def get_ops(kernels: str | XlaOps, programs: Mapping[str, int] | None = None) -> XlaOps:
+    if isinstance(kernels, XlaOps):
+        return kernels
+    if kernels == "xla":
+        return XlaOps()
+    if kernels == "pallas":
+        return PallasOps(programs=tuple(sorted((programs or {}).items())))
+    raise ValueError(f"kernels must be 'xla' or 'pallas', got {kernels!r}")
