@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,8 +69,15 @@ def enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtype) -> int:
-    """Pages in the pool: explicit, a fraction of free device memory, or a CPU default."""
+def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtype,
+                      step_temp_bytes: Callable[[int], int]) -> int:
+    """Pages in the pool: explicit, a fraction of free device memory, or a CPU default.
+
+    `step_temp_bytes(num_pages)` is the compiled step's scratch memory with that pool. It
+    is measured at two pool sizes and fitted as a + b * pages, because the scratch may
+    grow with the pool (e.g. a layer scan that rebuilds the cache rather than updating it
+    in place): the pool is then sized so that pool + scratch fit the memory budget.
+    """
     if cfg.num_kv_pages is not None:
         return cfg.num_kv_pages
     per_page = kv_bytes_per_page(model_cfg, cfg.block_size, dtype)
@@ -80,11 +87,18 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
         stats = None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        n = int(free * (cfg.kv_memory_fraction or DEFAULT_GPU_FRACTION)) // per_page
+        budget = free * (cfg.kv_memory_fraction or DEFAULT_GPU_FRACTION)
+        p1, p2 = 16, 16 + 4096
+        t1, t2 = step_temp_bytes(p1), step_temp_bytes(p2)
+        slope = max(0.0, (t2 - t1) / (p2 - p1))
+        base = max(0.0, t1 - slope * p1)
+        n = int((budget - base) // (per_page + slope))
+        log.info("KV pool: %.2f GiB free, step scratch %.2f GiB + %.0f B/page -> %d pages",
+                 free / 2**30, base / 2**30, slope, n)
         if n < 2:
             raise ValueError(f"only {free / 2**20:.0f} MiB of device memory is free, too little for "
-                             f"two KV pages of {per_page / 2**20:.2f} MiB: use a smaller model or "
-                             "block_size, or pass num_kv_pages")
+                             f"two KV pages of {per_page / 2**20:.2f} MiB plus the step's scratch: use a "
+                             "smaller model, block_size or max_num_batched_tokens, or pass num_kv_pages")
         return n
     if cfg.kv_memory_fraction is not None:
         raise ValueError(f"kv_memory_fraction needs device memory statistics, which the "
@@ -100,12 +114,12 @@ class ModelRunner:
         self.cfg, self.model_cfg, self.params = cfg, model_cfg, params
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype)
-        self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
         self.token_buckets = cfg.resolved_token_buckets()
         self.width_buckets = cfg.resolved_width_buckets()
-        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
         self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
+        self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
+        self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
+        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
         self._compiled: dict[tuple[int, int], Any] = {}
         self.compile_all()
 
@@ -117,6 +131,18 @@ class ModelRunner:
                 jax.ShapeDtypeStruct((s, w), i32), jax.ShapeDtypeStruct((), i32),
                 jax.ShapeDtypeStruct((self.cfg.max_num_seqs,), i32))
 
+    def _lower(self, cache: Any, t: int, w: int) -> Any:
+        return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
+                                  kernels=self.cfg.kernels)
+
+    def _step_temp_bytes(self, num_pages: int) -> int:
+        """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""
+        shape = (self.model_cfg.num_layers, num_pages, self.cfg.block_size, self.model_cfg.num_kv_heads,
+                 self.model_cfg.head_dim)
+        probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype), v=jax.ShapeDtypeStruct(shape, self.kv_dtype))
+        analysis = self._lower(probe, self.token_buckets[-1], self.width_buckets[-1]).compile().memory_analysis()
+        return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+
     def compile_all(self) -> None:
         """Compile every (T, W) bucket ahead of time, with a progress bar on stderr."""
         from tqdm import tqdm
@@ -125,9 +151,7 @@ class ModelRunner:
         bar = tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not self.cfg.show_progress)
         for t, w in bar:
             bar.set_postfix_str(f"T={t} W={w}")
-            lowered = self._jitted.lower(self.params, self.cache, *self._shapes(t, w),
-                                         cfg=self.model_cfg, kernels=self.cfg.kernels)
-            self._compiled[(t, w)] = lowered.compile()
+            self._compiled[(t, w)] = self._lower(self.cache, t, w).compile()
 
     def bucket_for(self, batch: ScheduledBatch) -> tuple[int, int]:
         width = max(len(r.seq.block_table) for r in batch.rows)

@@ -218,7 +218,15 @@ def test_llm_from_in_memory_params_needs_config():
         .outputs[0].token_ids == reference_greedy([[3, 4, 5]], 2)[0]
 
 
-def test_kv_memory_fraction_on_cpu_is_a_clear_error():
-    with pytest.raises(ValueError, match="num_kv_pages"):
-        make_llm(num_kv_pages=None, kv_memory_fraction=0.5)
+def test_kv_pool_sizing_without_an_explicit_page_count():
+    if jax.local_devices()[0].memory_stats() is None:   # CPU: no statistics to size from
+        with pytest.raises(ValueError, match="num_kv_pages"):
+            make_llm(num_kv_pages=None, kv_memory_fraction=0.5)
+        llm = make_llm(num_kv_pages=None, max_model_len=64)   # a derived default, with a warning
+        assert llm.engine.runner.num_pages == 1 + ENGINE_KW["max_num_seqs"] * 16
+    else:
+        llm = make_llm(num_kv_pages=None, kv_memory_fraction=0.05)
+        assert llm.engine.runner.num_pages > 2
+    assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0] \
+        .outputs[0].token_ids == reference_greedy([[1, 2, 3]], 3)[0]
     assert IM_END == TINY.eos_token_id

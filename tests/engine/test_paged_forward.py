@@ -43,6 +43,8 @@ def test_chunked_paged_forward_matches_dense():
     want = np.asarray(_dense_logits_fn()(params, dense))
     step = jax.jit(forward_paged, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
     cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size)
+    # GPUs run f32 matmuls at reduced (TF32-like) default precision: a looser bound there.
+    tol = 2e-4 if jax.default_backend() == "cpu" else 3e-3
     for it, plan in enumerate(schedule):
         num_decode = sum(1 for _, start, n in plan if n == 1 and start >= 7)
         rows = [ScheduledRow(q, start, n, -1, True) for q, start, n in plan]
@@ -53,7 +55,7 @@ def test_chunked_paged_forward_matches_dense():
         logits = np.asarray(logits)
         for r, (q, start, n) in enumerate(plan):
             ref = want[int(q.request_id), start + n - 1]
-            np.testing.assert_allclose(logits[r], ref, atol=2e-4, rtol=2e-4,
+            np.testing.assert_allclose(logits[r], ref, atol=tol, rtol=tol,
                                        err_msg=f"iteration {it}, request {q.request_id}, positions {start}..{start + n}")
     # Padding only ever wrote the null page: every page nobody owns is still zero.
     owned = {p for t in tables for p in t}
