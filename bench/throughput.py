@@ -1,0 +1,157 @@
+"""Offline serving throughput, measured against NanoFlow's yardstick.
+
+    python -m bench.throughput --model llama-3-8b --weights random --num-prompts 512 \
+        --input-len 512 --output-len 512 --max-num-batched-tokens 2048 --out bench/results/x.json
+
+NanoFlow's optimal throughput per GPU is GEMM peak / (2 x params) tokens/s: every
+token (prompt or generated) must at least pass through every weight once. The peak is
+measured in the same run (the faster of XLA's dot and, where installed, cuBLAS via
+torch on an 8192^3 bf16 product), so the ratio is honest on whatever card ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--weights", default="random", choices=["auto", "random"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-pages", type=int, default=None)
+    p.add_argument("--kv-memory-fraction", type=float, default=None)
+    p.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
+    p.add_argument("--gemm-peak-tflops", type=float, default=None,
+                   help="skip measuring the GEMM peak and use this (TFLOP/s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the result JSON here")
+    return p.parse_args(argv)
+
+
+def measure_gemm_peak(n: int = 8192, reps: int = 20) -> dict[str, float]:
+    """bf16 n^3 products back to back; TFLOP/s for XLA and (if present) torch/cuBLAS."""
+    import jax
+    import jax.numpy as jnp
+
+    out: dict[str, float] = {}
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, b).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        c = mm(a, b)
+    c.block_until_ready()
+    out["xla_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            ta = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+            tb = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+            ta @ tb
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(reps):
+                ta @ tb
+            torch.cuda.synchronize()
+            out["cublas_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+            del ta, tb
+    except ImportError:
+        pass
+    return out
+
+
+def device_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from nanoflow_jax import LLM, SamplingParams
+
+    max_len = args.max_model_len or args.input_len + args.output_len
+    llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=max_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              block_size=args.block_size, num_kv_pages=args.num_kv_pages,
+              kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels,
+              async_scheduling=bool(args.async_scheduling), seed=args.seed)
+    vocab = llm.model_config.vocab_size
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(10, vocab - 10, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+    sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+
+    it0 = llm.engine.num_iterations
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    iters = llm.engine.num_iterations - it0
+    gen_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    total_tokens = gen_tokens + args.num_prompts * args.input_len
+    params = llm.model_config.num_params()
+
+    peak = {"given_tflops": args.gemm_peak_tflops} if args.gemm_peak_tflops else (
+        measure_gemm_peak() if jax.default_backend() == "gpu" else {})
+    result: dict[str, Any] = {
+        "command": "python -m bench.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(), "jax": jax.__version__, "python": platform.python_version(),
+        "model": args.model, "weights": args.weights, "params": params,
+        "dtype": str(llm.engine.runner.dtype) if hasattr(llm.engine.runner, "dtype") else args.dtype,
+        "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+        "engine": {k: v for k, v in vars(llm.engine_config).items() if isinstance(v, (int, float, str, bool))},
+        "elapsed_s": elapsed, "iterations": iters, "ms_per_iteration": 1e3 * elapsed / max(iters, 1),
+        "generated_tokens": gen_tokens, "total_tokens": total_tokens,
+        "total_tokens_per_s": total_tokens / elapsed, "output_tokens_per_s": gen_tokens / elapsed,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+        "gemm_peak": peak,
+    }
+    if peak:
+        best = max(peak.values())
+        optimal = best * 1e12 / (2 * params)
+        result["optimal_tokens_per_s"] = optimal
+        result["fraction_of_optimal"] = result["total_tokens_per_s"] / optimal
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
