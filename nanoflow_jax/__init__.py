@@ -6,9 +6,11 @@ that importing a light submodule (e.g. `nanoflow_jax.config`) does not pull in t
 
 from typing import Any
 
+from nanoflow_jax.config import ModelConfig
+
 _ENGINE_EXPORTS = ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "LLMEngine")
 
-__all__ = list(_ENGINE_EXPORTS)
+__all__ = ["ModelConfig", *_ENGINE_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

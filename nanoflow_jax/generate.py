@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stdin: TextIO) -> int:
               kernels=args.kernels)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (random config weights): pass a GGUF or HF folder as --model")
-    first_id = llm._next_id  # requests are numbered gen-<n> in submission order
+    first_id = llm.next_request_index
     if args.no_chat_template:
         stream = llm.stream(prompts, params)
     else:

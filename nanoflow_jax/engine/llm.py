@@ -71,6 +71,11 @@ class LLM:
         self.engine = LLMEngine(loaded.params, mc, self.engine_config, loaded.tokenizer)
         self._next_id = 0
 
+    @property
+    def next_request_index(self) -> int:
+        """Requests are named gen-<n> in submission order; this is the next n."""
+        return self._next_id
+
     def _add_all(self, prompts: list[str | list[int]], sampling_params: ParamsInput | Seq[ParamsInput],
                  add_special_tokens: bool = True) -> tuple[list[str], dict[str, RequestOutput]]:
         """Queue every prompt; a bad one becomes an error output, the others still run."""
