@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-kv-pages", type=int, default=None)
     p.add_argument("--kv-memory-fraction", type=float, default=None)
     p.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
@@ -102,7 +103,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               block_size=args.block_size, num_kv_pages=args.num_kv_pages,
               kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels,
-              async_scheduling=bool(args.async_scheduling), seed=args.seed)
+              async_scheduling=bool(args.async_scheduling), seed=args.seed,
+              token_buckets=tuple(int(b) for b in args.token_buckets.split(",")) if args.token_buckets else None)
     vocab = llm.model_config.vocab_size
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(10, vocab - 10, size=args.input_len).tolist() for _ in range(args.num_prompts)]
