@@ -1,0 +1,154 @@
+"""Benchmark helpers: timing, run metadata and the ceilings kernels are compared with.
+
+Ceilings are measured in the same run as the kernels: a device copy (GB/s counting
+bytes read plus written, best of XLA and PyTorch) and the best library GEMM (XLA's
+dot and cuBLAS through PyTorch) on the very shapes being benchmarked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, iters: int = 20, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean time (ms) of `iters` back-to-back calls.
+
+    Back-to-back calls with one sync at the end keep Python dispatch off the
+    critical path; the first call (compilation) is excluded.
+    """
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) * 1e3 / iters)
+    return statistics.median(samples)
+
+
+def chained(fn: Callable[..., Any], reps: int, thread: int = 0) -> Callable[..., Any]:
+    """One jitted program of `reps` dependent calls of fn, to time device work alone.
+
+    Back-to-back jitted calls of a ~20 us kernel measure Python dispatch, not the GPU.
+    thread=0: each call's first argument gets one element of the previous output
+    patched in (a data dependency, so XLA can neither hoist nor merge the calls);
+    thread=k: the k outputs replace the first k arguments (in-place cache kernels).
+    """
+    def run(*args: Any) -> Any:
+        args = list(args)
+        out = None
+        for _ in range(reps):
+            out = fn(*args)
+            if thread:
+                args[:thread] = list(out) if thread > 1 else [out]
+            else:
+                leaf = jax.tree.leaves(out)[0].reshape(-1)[:1]
+                a0 = args[0]
+                patch = leaf.astype(a0.dtype).reshape((1,) * a0.ndim)
+                args[0] = jax.lax.dynamic_update_slice(a0, patch, (0,) * a0.ndim)
+        return out
+
+    return jax.jit(run)
+
+
+def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 0,
+              repeats: int = 5) -> float:
+    """Per-call device time (ms) of fn from a chain of `reps` dependent calls."""
+    return time_fn(chained(fn, reps, thread), *args, iters=3, repeats=repeats) / reps
+
+
+def run_metadata() -> dict[str, Any]:
+    """Device (from nvidia-smi when present), versions, date and the exact command."""
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        device = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        device = f"nvidia-smi unavailable: {exc}"
+    dev = jax.devices()[0]
+    return {
+        "device_nvidia_smi": device,
+        "jax_device": str(dev.device_kind),
+        "num_sms": int(getattr(dev, "core_count", 0) or 0),
+        "jax_version": jax.__version__,
+        "python": sys.version.split()[0],
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench.kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+
+
+def torch_module() -> Any | None:
+    try:
+        import torch  # noqa: PLC0415
+
+        return torch if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> dict[str, float]:
+    """Device-to-device copy GB/s (read + write bytes), XLA and PyTorch."""
+    out: dict[str, float] = {}
+    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+    # x + 1 cannot be elided by XLA, unlike a plain copy; it streams like one.
+    # Separate calls (2 GiB takes ~1 ms, so dispatch is hidden): a chain would be fused
+    # by XLA into one pass and overstate the bandwidth (seen: 15 TB/s "copies").
+    ms = time_fn(jax.jit(lambda a: a + jnp.bfloat16(1)), x, iters=10, repeats=5)
+    out["xla_copy_gbps"] = 2 * nbytes / ms / 1e6
+    del x
+    torch = torch_module()
+    if torch is not None:
+        a = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+        b = torch.empty_like(a)
+        out["torch_copy_gbps"] = 2 * nbytes / _torch_time(torch, lambda: b.copy_(a)) / 1e6
+        del a, b
+        torch.cuda.empty_cache()
+    out["copy_gbps"] = max(out.values())
+    return out
+
+
+def _torch_time(torch: Any, fn: Callable[[], Any], iters: int = 20, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return statistics.median(samples)
+
+
+def library_gemm_ms(m: int, n: int, k: int) -> dict[str, float]:
+    """x [m, k] @ w [k, n] in bf16 through XLA and through cuBLAS (PyTorch): ms each."""
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (k, n), jnp.bfloat16)
+    res = {"xla_ms": device_ms(jnp.dot, x, w)}
+    torch = torch_module()
+    if torch is not None:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        res["cublas_ms"] = _torch_time(torch, lambda: a @ b)
+    res["best_ms"] = min(res.values())
+    return res
+
+
+def rel_err(out: jax.Array, ref: jax.Array) -> float:
+    """||out - ref|| / ||ref|| in f32 (NaN if out holds a NaN: never passes a bound)."""
+    o, r = out.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(o - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))

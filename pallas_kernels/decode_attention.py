@@ -1,0 +1,96 @@
+"""Paged decode attention (one query token per request), GQA, split-KV + combine.
+
+Work item = (request, KV head, split): the split covers a contiguous range of the
+request's keys, so long contexts spread over many programs and the memory-bound
+stream of K/V pages keeps every SM of the budget busy. All G query heads of a KV
+head are processed together, so each K/V byte is read once. The combine (a
+log-sum-exp merge of the splits' partial results) is a small XLA reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import cdiv, persistent_loop, resolve_programs, num_sms, triton_params
+from pallas_kernels.paged_attention_common import attend_paged, flat_pages, group_queries
+
+F32 = jnp.float32
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
+                   num_kv: int, num_splits: int, bk: int, page_size: int, scale: float) -> None:
+    def item(w):
+        n = w // (num_kv * num_splits)
+        kh = (w // num_splits) % num_kv
+        sp = w % num_splits
+        ctx = ctx_ref[n]
+        # Split lengths are whole key blocks so only the last block of a split is ragged.
+        chunk = ((ctx + num_splits - 1) // num_splits + bk - 1) // bk * bk
+        lo = sp * chunk
+        hi = jnp.minimum(ctx, lo + chunk)
+        q = q_ref[n, kh, :, :]
+        limit = jnp.full((q.shape[0],), ctx - 1, jnp.int32)
+        acc, m, l = attend_paged(q, limit, k_ref, v_ref, bt_ref, n, kh, lo, hi, bk=bk,
+                                 page_size=page_size, scale=scale)
+        o_ref[n, kh, sp, :, :] = acc
+        m_ref[n, kh, sp, :] = m
+        l_ref[n, kh, sp, :] = l
+
+    persistent_loop(ctx_ref.shape[0] * num_kv * num_splits, item)
+
+
+def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merges splits: acc [N, K, S, G, D], m/l [N, K, S, G] -> [N, K, G, D]."""
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    m_max = jnp.where(jnp.isinf(m_max), 0.0, m_max)
+    wgt = jnp.where(l > 0, jnp.exp(m - m_max), 0.0)
+    num = jnp.sum(acc * wgt[..., None], axis=2)
+    den = jnp.sum(l * wgt, axis=2)
+    return num / jnp.where(den == 0.0, 1.0, den)[..., None]
+
+
+def default_splits(n: int, num_kv: int, max_keys: int, programs: int, bk: int) -> int:
+    """Enough (request, head, split) items for ~2 per program, no split shorter than a block."""
+    want = cdiv(2 * programs, max(1, n * num_kv))
+    return max(1, min(want, cdiv(max_keys, bk)))
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           block_table: jax.Array, context_len: jax.Array, *, scale: float,
+                           num_programs: int | None = None, num_splits: int | None = None,
+                           interpret: bool = False, block_k: int = 64, num_warps: int = 4,
+                           num_stages: int = 2) -> jax.Array:
+    """Decode attention on the paged cache -> [N, H, D] in q.dtype.
+
+    q [N, H, D]; k_pages, v_pages [P, ps, K, D] (one layer); block_table [N, W] int32;
+    context_len [N] int32 (keys 0..context_len-1 are attended; 0 marks a padding row,
+    whose output is zeros). `num_programs` caps the SMs used (any value >= 1);
+    `num_splits` (default: about two work items per program) splits each context.
+    """
+    n, h, d = q.shape
+    ps, num_kv = k_pages.shape[1], k_pages.shape[2]
+    qg, gp = group_queries(q, num_kv, min_rows=16)
+    progs_budget = num_programs if num_programs is not None else num_sms()
+    if num_splits is None:
+        num_splits = default_splits(n, num_kv, block_table.shape[1] * ps, progs_budget, block_k)
+    num_items = n * num_kv * num_splits
+    progs = resolve_programs(num_programs, num_items)
+    kernel = functools.partial(_decode_kernel, num_kv=num_kv, num_splits=num_splits, bk=block_k,
+                               page_size=ps, scale=float(scale))
+    part = (n, num_kv, num_splits, gp)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(part + (d,), F32), jax.ShapeDtypeStruct(part, F32),
+                   jax.ShapeDtypeStruct(part, F32)),
+        grid=(progs,),
+        compiler_params=triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(qg, flat_pages(k_pages), flat_pages(v_pages), block_table.astype(jnp.int32),
+      context_len.astype(jnp.int32))
+    out = _combine(acc, m, l)[:, :, : h // num_kv]
+    return out.reshape(n, h, d).astype(q.dtype)

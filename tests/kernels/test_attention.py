@@ -1,0 +1,90 @@
+"""Paged decode and chunked-prefill attention, interpreted, vs the jnp reference.
+
+Block tables are shuffled, contexts ragged (1 token, page multiples and not), GQA
+groups that are not powers of two, and program counts from 1 to more than the items.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import paged_decode_attention, paged_prefill_attention, reference as ref
+
+from kernel_testing import assert_close, rand, shuffled_pages
+
+PS = 16
+
+
+def _cache(rng, num_pages, kv_heads, d, dtype):
+    return (rand(rng, num_pages, PS, kv_heads, d, dtype=dtype),
+            rand(rng, num_pages, PS, kv_heads, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("programs,splits,heads,kv_heads",
+                         [(1, None, 8, 2), (3, 1, 6, 2), (5, 3, 8, 2), (1000, 4, 6, 2)])
+def test_decode(rng, programs, splits, heads, kv_heads):
+    d, w = 32, 7
+    ctx = np.array([1, 16, 37, 0, 112, 65])  # 0 = padding row
+    n = len(ctx)
+    k, v = _cache(rng, n * w + 3, kv_heads, d, jnp.float32)
+    bt = shuffled_pages(rng, n, w, n * w + 3)
+    q = rand(rng, n, heads, d)
+    ctx = jnp.asarray(ctx, jnp.int32)
+    out = paged_decode_attention(q, k, v, bt, ctx, scale=d ** -0.5, num_programs=programs,
+                                 num_splits=splits, interpret=True, block_k=32)
+    assert_close(out, ref.paged_decode_attention(q, k, v, bt, ctx, scale=d ** -0.5))
+    assert np.all(np.asarray(out[3]) == 0), "a context-0 (padding) row must give zeros"
+
+
+def test_decode_bf16_long_context(rng):
+    n, heads, kv_heads, d, w = 3, 4, 1, 64, 20
+    k, v = _cache(rng, n * w + 1, kv_heads, d, jnp.bfloat16)
+    bt = shuffled_pages(rng, n, w, n * w + 1)
+    q = rand(rng, n, heads, d, dtype=jnp.bfloat16)
+    ctx = jnp.asarray([319, 200, 5], jnp.int32)
+    out = paged_decode_attention(q, k, v, bt, ctx, scale=0.125, num_programs=4, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, ref.paged_decode_attention(q, k, v, bt, ctx, scale=0.125))
+
+
+def _mixed_batch(requests, pad):
+    """Flat token arrays for requests given as (cached prefix, new tokens)."""
+    seq, pos = [], []
+    for s, (cached, new) in enumerate(requests):
+        seq += [s] * new
+        pos += list(range(cached, cached + new))
+    seq += [0] * pad  # padding tokens (row 0, position 0), as the engine pads
+    pos += [0] * pad
+    ctx = [c + n for c, n in requests]
+    return jnp.asarray(seq, jnp.int32), jnp.asarray(pos, jnp.int32), ctx
+
+
+@pytest.mark.parametrize("programs,block_q,heads,kv_heads",
+                         [(1, None, 8, 2), (3, 4, 9, 3), (7, 2, 8, 2), (1000, 8, 9, 3)])
+def test_prefill_ragged(rng, programs, block_q, heads, kv_heads):
+    # decodes first (1 new token), then chunks: fresh, with a prefix, page-aligned, ragged
+    requests = [(40, 1), (0, 1), (0, 23), (31, 9), (16, 16), (5, 1)]
+    seq, pos, ctx = _mixed_batch(requests, pad=3)
+    d, w, s = 32, 4, len(requests) + 2
+    ctx = jnp.asarray(ctx + [0] * (s - len(requests)), jnp.int32)
+    k, v = _cache(rng, s * w + 2, kv_heads, d, jnp.float32)
+    bt = shuffled_pages(rng, s, w, s * w + 2)
+    q = rand(rng, seq.shape[0], heads, d)
+    out = paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=d ** -0.5,
+                                  num_programs=programs, block_q=block_q, interpret=True,
+                                  block_k=32)
+    assert_close(out, ref.paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=d ** -0.5))
+
+
+def test_prefill_bf16_single_request(rng):
+    seq, pos, ctx = _mixed_batch([(50, 30)], pad=0)
+    heads, kv_heads, d, w = 4, 2, 64, 6
+    k, v = _cache(rng, w + 1, kv_heads, d, jnp.bfloat16)
+    bt = shuffled_pages(rng, 1, w, w + 1)
+    q = rand(rng, 30, heads, d, dtype=jnp.bfloat16)
+    ctx = jnp.asarray(ctx, jnp.int32)
+    out = paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=0.125, num_programs=2,
+                                  interpret=True)
+    assert_close(out, ref.paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=0.125))

@@ -1,0 +1,74 @@
+"""GEMM kernels (Triton lowering and Mosaic GPU), interpreted on CPU, vs jnp."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import gemm, gemm_silu_mul, reference as ref
+from pallas_kernels.gemm_mgpu import MgpuConfig, gemm_mgpu
+from pallas_kernels.gemm_triton import gemm_triton
+
+from kernel_testing import assert_close, rand
+
+SMALL = dict(block_m=16, block_n=32, block_k=16)  # many tiles from small matrices
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7, 1000])
+@pytest.mark.parametrize("m", [1, 37, 64])
+def test_triton_gemm_epilogues(rng, programs, m):
+    k, n = 48, 96
+    x, w = rand(rng, m, k), rand(rng, k, n)
+    b, r = rand(rng, n), rand(rng, m, n)
+    kw = dict(num_programs=programs, interpret=True, **SMALL)
+    assert_close(gemm_triton(x, w, **kw), ref.gemm(x, w))
+    assert_close(gemm_triton(x, w, bias=b, **kw), ref.gemm(x, w, bias=b))
+    assert_close(gemm_triton(x, w, bias=b, residual=r, **kw), ref.gemm(x, w, bias=b, residual=r))
+    u = rand(rng, k, n)
+    assert_close(gemm_triton(x, w, w_up=u, **kw), ref.gemm_silu_mul(x, w, u))
+
+
+@pytest.mark.parametrize("programs", [2, 5])
+def test_triton_silu_mul_bf16(rng, programs):
+    x, wg, wu = rand(rng, 40, 64, dtype=jnp.bfloat16), rand(rng, 64, 80, dtype=jnp.bfloat16), \
+        rand(rng, 64, 80, dtype=jnp.bfloat16)
+    out = gemm_silu_mul(x, wg, wu, num_programs=programs, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, ref.gemm_silu_mul(x, wg, wu))
+
+
+def test_triton_gemm_odd_n_and_k(rng):
+    """N and K with no power-of-two block >= 16 are padded, then cut back."""
+    x, w, r = rand(rng, 9, 20), rand(rng, 20, 30), rand(rng, 9, 30)
+    assert_close(gemm(x, w, residual=r, num_programs=2, interpret=True), ref.gemm(x, w, residual=r))
+
+
+def test_rejects_zero_programs(rng):
+    with pytest.raises(ValueError):
+        gemm(rand(rng, 16, 16), rand(rng, 16, 16), num_programs=0, interpret=True)
+
+
+# Mosaic GPU: the CPU interpreter simulates warpgroups, TMA and barriers, so it is
+# slow; tiles are the smallest wgmma allows and cases are few.
+MCFG = MgpuConfig(tile_m=64, tile_n=32, tile_k=64, stages=2, epi_m=32, epi_n=32)
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_mosaic_gemm(rng, programs):
+    x, w = rand(rng, 80, 128, dtype=jnp.bfloat16), rand(rng, 128, 128, dtype=jnp.bfloat16)
+    out = gemm_mgpu(x, w, num_programs=programs, interpret=True, config=MCFG)
+    assert_close(out, ref.gemm(x, w))
+
+
+def test_mosaic_gemm_bias_residual_more_programs_than_tiles(rng):
+    x, w = rand(rng, 64, 64, dtype=jnp.bfloat16), rand(rng, 64, 128, dtype=jnp.bfloat16)
+    b, r = rand(rng, 128, dtype=jnp.bfloat16), rand(rng, 64, 128, dtype=jnp.bfloat16)
+    out = gemm_mgpu(x, w, bias=b, residual=r, num_programs=64, interpret=True, config=MCFG)
+    assert_close(out, ref.gemm(x, w, bias=b, residual=r))
+
+
+def test_mosaic_silu_mul_through_dispatch(rng):
+    x = rand(rng, 64, 128, dtype=jnp.bfloat16)
+    wg, wu = rand(rng, 128, 64, dtype=jnp.bfloat16, scale=0.2), rand(rng, 128, 64, dtype=jnp.bfloat16)
+    out = gemm_mgpu(x, wg, w_up=wu, num_programs=1, interpret=True, config=MCFG)
+    assert_close(out, ref.gemm_silu_mul(x, wg, wu))
