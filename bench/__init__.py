@@ -8,6 +8,7 @@ dot and cuBLAS through PyTorch) on the very shapes being benchmarked.
 from __future__ import annotations
 
 import datetime
+import json
 import shlex
 import statistics
 import subprocess
@@ -152,3 +153,27 @@ def rel_err(out: jax.Array, ref: jax.Array) -> float:
     """||out - ref|| / ||ref|| in f32 (NaN if out holds a NaN: never passes a bound)."""
     o, r = out.astype(jnp.float32), ref.astype(jnp.float32)
     return float(jnp.linalg.norm(o - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))
+
+
+def plot_sm_profile(json_path: str, png_path: str) -> None:
+    """Draws a results JSON's SM sweep (performance / best vs SM share) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        res = json.load(f)
+    sms = res["meta"].get("num_sms") or max(max(v["programs"]) for v in res["sm_profile"].values() if "programs" in v)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in res["sm_profile"].items():
+        if "programs" in v:
+            ax.plot([p / sms for p in v["programs"]], v["rel_perf"], marker="o", label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="linear")
+    ax.set_xlabel("share of SMs (num_programs / SMs)")
+    ax.set_ylabel("performance / best")
+    ax.set_title(f"nanoflow_jax kernels vs SM budget ({res['meta']['jax_device']})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)

@@ -21,7 +21,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
-from bench import copy_bandwidth, device_ms, library_gemm_ms, rel_err, run_metadata
+from bench import copy_bandwidth, device_ms, library_gemm_ms, plot_sm_profile, rel_err, run_metadata
 
 BF = jnp.bfloat16
 LLAMA8B = dict(E=4096, H=32, K=8, D=128, F=14336)
@@ -285,29 +285,6 @@ class Bench:
             self.section("decode_configs", lambda: self.decode_configs(copy))
 
 
-def plot(json_path: str, png_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(json_path) as f:
-        res = json.load(f)
-    sms = res["meta"].get("num_sms") or max(max(v["programs"]) for v in res["sm_profile"].values() if "programs" in v)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, v in res["sm_profile"].items():
-        if "programs" in v:
-            ax.plot([p / sms for p in v["programs"]], v["rel_perf"], marker="o", label=name)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="linear")
-    ax.set_xlabel("share of SMs (num_programs / SMs)")
-    ax.set_ylabel("performance / best")
-    ax.set_title(f"nanoflow_jax kernels vs SM budget ({res['meta']['jax_device']})")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="kernels_results.json")
@@ -317,7 +294,7 @@ def main() -> None:
     ap.add_argument("--png", default="kernels_sm_profile.png")
     a = ap.parse_args()
     if a.plot:
-        plot(a.plot, a.png)
+        plot_sm_profile(a.plot, a.png)
         return
     Bench(a.smoke, a.budget_s, a.out).run()
 
