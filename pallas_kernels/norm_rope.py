@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pad_axis, persistent_loop, pick_block, resolve_programs, triton_params
+from pallas_kernels._common import (next_pow2, num_sms, pad_axis, persistent_loop, pick_block,
+                                     resolve_programs, triton_params)
 from pallas_kernels.reference import rope_inv_freq
 
 F32 = jnp.float32
@@ -102,35 +103,45 @@ def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, residual: jax.Array | No
 
 
 def _rope_kernel(x_ref, pos_ref, f_ref, o_ref, *, bt: int, heads: int, half: int) -> None:
-    def item(w):
-        tb, hd = w // heads, w % heads
+    def item(tb):
         rows = pl.ds(tb * bt, bt)
-        lo, hi = pl.ds(hd * 2 * half, half), pl.ds(hd * 2 * half + half, half)
+        # cos/sin once per token block, shared by every head (transcendentals are the cost).
         ang = pos_ref[rows].astype(F32)[:, None] * f_ref[...][None, :]
         cos, sin = jnp.cos(ang), jnp.sin(ang)
-        x1 = x_ref[rows, lo].astype(F32)
-        x2 = x_ref[rows, hi].astype(F32)
-        o_ref[rows, lo] = (x1 * cos - x2 * sin).astype(o_ref.dtype)
-        o_ref[rows, hi] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
 
-    persistent_loop((x_ref.shape[0] // bt) * heads, item)
+        def head(hd, carry):
+            lo, hi = pl.ds(hd * 2 * half, half), pl.ds(hd * 2 * half + half, half)
+            x1 = x_ref[rows, lo].astype(F32)
+            x2 = x_ref[rows, hi].astype(F32)
+            o_ref[rows, lo] = (x1 * cos - x2 * sin).astype(o_ref.dtype)
+            o_ref[rows, hi] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
+            return carry
+
+        lax.fori_loop(0, heads, head, jnp.int32(0))
+
+    persistent_loop(x_ref.shape[0] // bt, item)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: dict | None = None,
                num_programs: int | None = None, interpret: bool = False,
-               block_tokens: int = 64, num_warps: int = 4) -> jax.Array:
+               block_tokens: int | None = None, num_warps: int = 4) -> jax.Array:
     """Rotate-half (Hugging Face) RoPE of x [T, heads, D] at positions [T] -> x.dtype.
 
     `scaling`: None or an HF rope_scaling dict of type llama3 (factor, low_freq_factor,
     high_freq_factor, original_max_position_embeddings). Angles are computed in f32
     in the kernel from the [D/2] inverse frequencies (no cos/sin table in memory).
+    Work item = a block of tokens, all heads; block_tokens defaults to the power of two
+    that gives each program of the budget about one block (8 to 64 tokens).
     """
     t, heads, d = x.shape
+    if block_tokens is None:
+        budget = num_programs if num_programs is not None else num_sms()
+        block_tokens = max(8, min(64, next_pow2(max(1, t // budget))))
     bt = min(block_tokens, 1 << (t - 1).bit_length()) if t > 0 else 1
     xp = pad_axis(x.reshape(t, heads * d), 0, bt)
     pos = pad_axis(positions.astype(jnp.int32), 0, bt)
     inv = rope_inv_freq(d, theta, scaling)
-    progs = resolve_programs(num_programs, (xp.shape[0] // bt) * heads)
+    progs = resolve_programs(num_programs, xp.shape[0] // bt)
     out = pl.pallas_call(
         functools.partial(_rope_kernel, bt=bt, heads=heads, half=d // 2),
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
