@@ -9,3 +9,9 @@ timeout 220 python3 -m bench.throughput --model llama-3-8b --weights random --dt
   --num-prompts 128 --input-len 512 --output-len 256 --max-num-seqs 128 --max-num-batched-tokens 2048 \
   --token-buckets 128,2048 --num-kv-pages 16384 --kernels "${KERNELS:-pallas}" \
   --out "$OUT/throughput_llama3_8b_${KERNELS:-pallas}.json" 2>&1 | tail -45 | tee "$OUT/throughput.log"
+if [ ! -s "$OUT/throughput_llama3_8b_${KERNELS:-pallas}.json" ]; then  # fall back to the XLA kernels, smaller chunks
+  timeout 150 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 \
+    --num-prompts 64 --input-len 256 --output-len 128 --max-num-seqs 64 --max-num-batched-tokens 512 \
+    --token-buckets 64,512 --num-kv-pages 8192 --kernels xla \
+    --out "$OUT/throughput_llama3_8b_xla.json" 2>&1 | tail -45 | tee -a "$OUT/throughput.log"
+fi
