@@ -21,14 +21,11 @@ groups up to 3, `qwen2` splits singly) keep their regex either way.
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
@@ -64,57 +61,16 @@ class TokenizerError(ValueError):
 
 # ---------------------------------------------------------------- GGUF metadata (header only)
 
-# GGUF value type -> struct format (scalars) or numpy dtype (arrays); 8 = string, 9 = array.
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file, without touching its tensors.
+    """The key/value metadata of a GGUF file, without touching its tensors."""
+    from nanoflow_jax.weights.errors import WeightLoadError
+    from nanoflow_jax.weights.gguf_file import read_metadata
 
-    `gguf.GGUFReader` also indexes every tensor (seconds for a small model); this reads only
-    the header, which is all a tokenizer needs.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise TokenizerError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
-        (version,) = struct.unpack_from("<I", buf, 4)
-        if version not in (2, 3):
-            raise TokenizerError(
-                f"{path}: GGUF version {version} is not supported (expected 2 or 3, little-endian); "
-                "re-convert the model with a current llama.cpp")
-        n_kv = struct.unpack_from("<Q", buf, 16)[0]
-        pos, out = 24, {}
-        for _ in range(n_kv):
-            key, pos = _read_str(buf, pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            out[key], pos = _read_value(buf, pos + 4, vtype)
-        return out
-
-
-def _read_str(buf: mmap.mmap, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    return buf[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"), pos + 8 + n
-
-
-def _read_value(buf: mmap.mmap, pos: int, vtype: int) -> tuple[Any, int]:
-    if vtype == 8:
-        return _read_str(buf, pos)
-    if vtype in _SCALAR_FMT:
-        fmt = _SCALAR_FMT[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if vtype == 9:
-        etype, count = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if etype in _NP_DTYPE:  # numeric arrays in one read
-            arr = np.frombuffer(buf, dtype=_NP_DTYPE[etype], count=count, offset=pos)
-            return arr.tolist(), pos + arr.nbytes
-        items = []
-        for _ in range(count):
-            item, pos = _read_value(buf, pos, etype)
-            items.append(item)
-        return items, pos
-    raise TokenizerError(f"unknown GGUF value type {vtype} at byte {pos}: the file is corrupt or newer than this reader")
+    try:
+        return read_metadata(path)
+    except WeightLoadError as e:
+        raise TokenizerError(str(e)) from e
 
 
 def _metadata_from_reader(reader: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import cdiv, pad_axis, persistent_loop, pick_block, resolve_programs, triton_params
+from pallas_kernels._common import pad_axis, persistent_loop, pick_block, resolve_programs, triton_params
 
 F32 = jnp.float32
 

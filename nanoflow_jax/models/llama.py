@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models import attention
-from nanoflow_jax.models.ops import XlaOps, apply_rope, get_ops, rms_norm, rope_inv_freq  # noqa: F401 (re-exported)
+from nanoflow_jax.models.ops import XlaOps, get_ops, rms_norm
 from nanoflow_jax.models.paged import BatchInputs, KVCache
 from nanoflow_jax.models.params import Params
 

@@ -64,12 +64,12 @@ def _load_gguf(path: Path, weights: str, dt: jnp.dtype, seed: int, progress: boo
     from nanoflow_jax.tokenizer import Tokenizer
     from nanoflow_jax.weights.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
 
-    reader = open_gguf(path)
-    cfg = config_from_gguf(reader)
-    tokenizer = Tokenizer.from_gguf(reader)
+    gguf_file = open_gguf(path)
+    cfg = config_from_gguf(gguf_file)
+    tokenizer = Tokenizer.from_gguf(gguf_file.metadata)
     if weights == "random":
         return LoadedModel(cfg, init_params(cfg, jax.random.key(seed), dt), tokenizer)
-    return LoadedModel(cfg, _to_device(load_gguf_params(reader, cfg, progress), dt), tokenizer)
+    return LoadedModel(cfg, _to_device(load_gguf_params(gguf_file, cfg, progress), dt), tokenizer)
 
 
 def _load_folder(path: Path, weights: str, dt: jnp.dtype, seed: int) -> LoadedModel:
