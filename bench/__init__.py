@@ -69,7 +69,7 @@ def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 
     return time_fn(chained(fn, reps, thread), *args, iters=3, repeats=repeats) / reps
 
 
-def run_metadata() -> dict[str, Any]:
+def run_metadata(module: str = "bench.kernels") -> dict[str, Any]:
     """Device (from nvidia-smi when present), versions, date and the exact command."""
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
@@ -85,7 +85,7 @@ def run_metadata() -> dict[str, Any]:
         "jax_version": jax.__version__,
         "python": sys.version.split()[0],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
 
 

@@ -16,13 +16,14 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench import run_metadata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,16 +84,6 @@ def measure_gemm_peak(n: int = 8192, reps: int = 20) -> dict[str, float]:
     return out
 
 
-def device_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        import jax
-
-        return str(jax.devices()[0].device_kind)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
@@ -122,10 +113,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     peak = {"given_tflops": args.gemm_peak_tflops} if args.gemm_peak_tflops else (
         measure_gemm_peak() if jax.default_backend() == "gpu" else {})
+    meta = run_metadata("bench.throughput") if jax.default_backend() == "gpu" else {}
     result: dict[str, Any] = {
         "command": "python -m bench.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(), "jax": jax.__version__, "python": platform.python_version(),
+        "device": meta.get("device_nvidia_smi", jax.devices()[0].device_kind), "jax": jax.__version__,
+        "python": platform.python_version(),
         "model": args.model, "weights": args.weights, "params": params,
         "dtype": str(llm.engine.runner.dtype) if hasattr(llm.engine.runner, "dtype") else args.dtype,
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,

@@ -22,9 +22,10 @@ def _cache(rng, num_pages, kv_heads, d, dtype):
             rand(rng, num_pages, PS, kv_heads, d, dtype=dtype))
 
 
-@pytest.mark.parametrize("programs,splits,heads,kv_heads",
-                         [(1, None, 8, 2), (3, 1, 6, 2), (5, 3, 8, 2), (1000, 4, 6, 2)])
-def test_decode(rng, programs, splits, heads, kv_heads):
+@pytest.mark.parametrize("programs,splits,heads,kv_heads,block_k",
+                         [(1, None, 8, 2, 32), (3, 1, 6, 2, 32), (5, 3, 8, 2, 32), (1000, 4, 6, 2, 32),
+                          (2, None, 8, 2, 128)])  # 128: the default, several pages per key block
+def test_decode(rng, programs, splits, heads, kv_heads, block_k):
     d, w = 32, 7
     ctx = np.array([1, 16, 37, 0, 112, 65])  # 0 = padding row
     n = len(ctx)
@@ -33,7 +34,7 @@ def test_decode(rng, programs, splits, heads, kv_heads):
     q = rand(rng, n, heads, d)
     ctx = jnp.asarray(ctx, jnp.int32)
     out = paged_decode_attention(q, k, v, bt, ctx, scale=d ** -0.5, num_programs=programs,
-                                 num_splits=splits, interpret=True, block_k=32)
+                                 num_splits=splits, interpret=True, block_k=block_k)
     assert_close(out, ref.paged_decode_attention(q, k, v, bt, ctx, scale=d ** -0.5))
     assert np.all(np.asarray(out[3]) == 0), "a context-0 (padding) row must give zeros"
 

@@ -1,0 +1,68 @@
+"""Decode-attention launch configurations at long contexts, against the device copy ceiling.
+
+    python -m bench.decode_sweep --out bench/results/decode_sweep.json
+
+Picks the block size, warps, pipeline stages and context splits for
+`pallas_kernels.paged_decode_attention` by measurement (Llama-3-8B heads: 32 query,
+8 KV, head dim 128; shuffled 16-token pages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from bench import copy_bandwidth, device_ms, run_metadata
+
+H, K, D, PS = 32, 8, 128, 16
+
+
+def case(n: int, ctx: int, rng: np.random.Generator) -> tuple:
+    w = -(-ctx // PS)
+    pages = n * w + 1
+    k = jax.random.normal(jax.random.key(1), (pages, PS, K, D), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(2), (pages, PS, K, D), jnp.bfloat16)
+    bt = jnp.asarray(rng.permutation(np.arange(1, pages)).reshape(n, w), jnp.int32)
+    q = jax.random.normal(jax.random.key(3), (n, H, D), jnp.bfloat16)
+    return q, k, v, bt, jnp.full((n,), ctx, jnp.int32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="decode_sweep.json")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng()
+    res = {"meta": run_metadata("bench.decode_sweep"), "ceilings": copy_bandwidth(), "rows": []}
+    copy = res["ceilings"]["copy_gbps"]
+    for n, ctx in ((64, 4096), (256, 2048)):
+        inputs = case(n, ctx, rng)
+        nbytes = 2 * n * ctx * K * D * 2
+        for bk, nw, ns, splits in itertools.product((64, 128), (4, 8), (2, 3), (None, 4)):
+            fn = lambda q, k, v, bt, c: pk.paged_decode_attention(  # noqa: E731
+                q, k, v, bt, c, scale=D ** -0.5, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+            try:
+                ms = device_ms(fn, *inputs, reps=10, repeats=3)
+            except Exception as e:  # noqa: BLE001 (a config that does not compile is a result too)
+                res["rows"].append({"n": n, "ctx": ctx, "block_k": bk, "num_warps": nw, "num_stages": ns,
+                                    "num_splits": splits, "error": str(e)[:300]})
+                continue
+            row = {"n": n, "ctx": ctx, "block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits,
+                   "ms": ms, "gbps": nbytes / ms / 1e6, "vs_copy": nbytes / ms / 1e6 / copy}
+            res["rows"].append(row)
+            print(row, flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    ok = [r for r in res["rows"] if "ms" in r]
+    for n in sorted({r["n"] for r in ok}):
+        best = max((r for r in ok if r["n"] == n), key=lambda r: r["vs_copy"])
+        print("best", best)
+
+
+if __name__ == "__main__":
+    main()
