@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="request rows per iteration")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (chunk size)")
     p.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     return p
 
@@ -67,8 +69,10 @@ def run(args: argparse.Namespace, stdout: TextIO, stdin: TextIO) -> int:
     # Checked before the model loads so bad values fail fast.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             seed=args.seed, max_tokens=args.max_tokens)
+    engine_args = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                      ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=args.max_model_len,
-              kernels=args.kernels)
+              kernels=args.kernels, **engine_args)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (random config weights): pass a GGUF or HF folder as --model")
     first_id = llm.next_request_index
