@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None, help="request rows per iteration")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (chunk size)")
-    p.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"],
+                   help="auto: Pallas kernels on a GPU, XLA ops on CPU")
     return p
 
 

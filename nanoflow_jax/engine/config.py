@@ -25,7 +25,7 @@ class EngineConfig:
     kv_memory_fraction: float | None = None  # else: this fraction of free device memory
     seed: int = 0                       # seeds requests that bring no seed of their own
     async_scheduling: bool = dataclasses.field(default_factory=_env_async)
-    kernels: str = "xla"                # forward_paged's kernel set
+    kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
     min_token_bucket: int = 16
@@ -44,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
         if self.num_kv_pages is not None and self.kv_memory_fraction is not None:
             raise ValueError("give num_kv_pages or kv_memory_fraction, not both")
+        if self.kernels not in ("auto", "xla", "pallas"):
+            raise ValueError(f"EngineConfig.kernels must be 'auto', 'xla' or 'pallas', got {self.kernels!r}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

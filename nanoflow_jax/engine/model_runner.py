@@ -23,6 +23,7 @@ from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
 from nanoflow_jax.engine.scheduler import ScheduledBatch
 from nanoflow_jax.models.llama import forward_paged
+from nanoflow_jax.models.ops import resolve_kernels
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class ModelRunner:
 
     def _lower(self, cache: Any, t: int, w: int) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
-                                  kernels=self.cfg.kernels)
+                                  kernels=resolve_kernels(self.cfg.kernels))
 
     def _step_temp_bytes(self, num_pages: int) -> int:
         """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""
