@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
-    if args.prompt_file and args.prompt not in (None,):
+    if args.prompt_file and args.prompt is not None:
         raise ValueError("give either a PROMPT argument or --prompt-file, not both")
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
