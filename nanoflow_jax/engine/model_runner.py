@@ -172,25 +172,37 @@ class ModelRunner:
         seq_f[1] = 1.0
         query_start = np.full(s_pad + 1, batch.num_tokens, np.int32)
         block_table = np.full((s_pad, w_pad), NULL_PAGE, np.int32)
-        t = 0
-        for r, row in enumerate(batch.rows):
-            seq, n, start = row.seq, row.length, row.start
-            pos = np.arange(start, start + n, dtype=np.int32)
-            table = np.asarray(seq.block_table, np.int32)
-            query_start[r] = t
+        rows = batch.rows
+        r_n = len(rows)
+        # Per-row scalars in one pass; the per-token arrays are then built with numpy, not
+        # per-row slices (host time per iteration is what the async pipeline must hide).
+        lens = np.fromiter((row.length for row in rows), np.int32, r_n)
+        starts = np.fromiter((row.start for row in rows), np.int32, r_n)
+        query_start[0] = 0
+        np.cumsum(lens, out=query_start[1:r_n + 1])
+        for r, row in enumerate(rows):
+            table = row.seq.block_table
+            block_table[r, : len(table)] = table
+        n_tok = int(query_start[r_n])
+        row_of = np.repeat(np.arange(r_n, dtype=np.int32), lens)
+        pos = starts[row_of] + (np.arange(n_tok, dtype=np.int32) - query_start[:r_n][row_of])
+        tok[1, :n_tok] = pos
+        tok[2, :n_tok] = block_table[row_of, pos // bs] * bs + pos % bs
+        tok[3, :n_tok] = row_of
+        for r, row in enumerate(rows):
+            t = query_start[r]
             if row.gather_row >= 0:
                 tok[4, t] = row.gather_row
             else:
-                tok[0, t:t + n] = seq.token_slice(start, start + n)
-            tok[1, t:t + n] = pos
-            tok[2, t:t + n] = table[pos // bs] * bs + pos % bs
-            tok[3, t:t + n] = r
-            block_table[r, : len(table)] = table
-            sp = seq.params
-            seq_i[:, r] = (n, start + n, t + n - 1, sp.top_k, np.uint32(seq.seed).view(np.int32),
-                           start + n - seq.prompt_len)
-            seq_f[:, r] = (sp.temperature, sp.top_p, sp.min_p)
-            t += n
+                tok[0, t:t + row.length] = row.seq.token_slice(row.start, row.start + row.length)
+        params = [row.seq.params for row in rows]
+        seq_i[0, :r_n] = lens
+        seq_i[1, :r_n] = starts + lens
+        seq_i[2, :r_n] = query_start[1:r_n + 1] - 1
+        seq_i[3, :r_n] = [sp.top_k for sp in params]
+        seq_i[4, :r_n] = np.array([row.seq.seed for row in rows], np.uint32).view(np.int32)
+        seq_i[5, :r_n] = starts + lens - np.fromiter((row.seq.prompt_len for row in rows), np.int32, r_n)
+        seq_f[:, :r_n] = np.array([(sp.temperature, sp.top_p, sp.min_p) for sp in params], np.float32).T.reshape(3, r_n)
         num_decode = np.asarray(batch.num_decode, np.int32)
         return (t_pad, w_pad), (tok, seq_i, seq_f, query_start, block_table, num_decode)
 
