@@ -43,9 +43,18 @@ def _mixed_batch(rng, cfg, ps, n_dec, chunk, ctx):
         num_decode=jnp.asarray(n_dec, jnp.int32)), S * W + 1
 
 
-def test_pallas_forward_matches_xla_on_gpu():
-    cfg = ModelConfig(architecture="llama", vocab_size=4096, hidden_size=1024, intermediate_size=2816,
-                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=128)
+GPU_CONFIGS = {
+    "llama-like": ModelConfig(architecture="llama", vocab_size=4096, hidden_size=1024, intermediate_size=2816,
+                              num_layers=2, num_heads=8, num_kv_heads=2, head_dim=128),
+    # SmolLM2's unaligned sizes (576, 1536, 9 heads over 3): the default model's kernel path.
+    "smollm2-shapes": ModelConfig(architecture="llama", vocab_size=4096, hidden_size=576, intermediate_size=1536,
+                                  num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
+def test_pallas_forward_matches_xla_on_gpu(name):
+    cfg = GPU_CONFIGS[name]
     rng = np.random.default_rng()
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), "bfloat16")
     batch, pages = _mixed_batch(rng, cfg, ps=16, n_dec=60, chunk=196, ctx=300)
