@@ -138,17 +138,23 @@ class PallasOps(XlaOps):
         """Decode rows on the decode kernel, prefill chunks on the prefill kernel."""
         import pallas_kernels as pk
 
-        k_l, v_l = k_cache[layer], v_cache[layer]
+        # The kernels see all layers as one pool of L * P pages and this layer's requests
+        # through shifted block tables: slicing k_cache[layer] would copy a whole layer of
+        # the cache (a custom call needs its operand materialized) at every layer of every step.
+        num_layers, num_pages = k_cache.shape[:2]
+        k_all = k_cache.reshape(num_layers * num_pages, *k_cache.shape[2:])
+        v_all = v_cache.reshape(num_layers * num_pages, *v_cache.shape[2:])
+        tables = batch.block_table + layer * num_pages
         t, s = q.shape[0], batch.num_seqs
         scale = cfg.head_dim ** -0.5
         rows = jnp.arange(s)
         dec_ctx = jnp.where(rows < batch.num_decode, batch.context_len, 0)
-        dec = pk.paged_decode_attention(q[:s], k_l, v_l, batch.block_table, dec_ctx, scale=scale,
+        dec = pk.paged_decode_attention(q[:s], k_all, v_all, tables, dec_ctx, scale=scale,
                                         num_programs=self._np("decode_attention"), interpret=self._interpret)
         is_dec = jnp.arange(t) < batch.num_decode
         # Decode tokens get position -1 in the prefill kernel: they see no keys there.
-        pre = pk.paged_prefill_attention(q, k_l, v_l, batch.token_seq, jnp.where(is_dec, -1, batch.positions),
-                                         batch.block_table, batch.context_len, scale=scale,
+        pre = pk.paged_prefill_attention(q, k_all, v_all, batch.token_seq, jnp.where(is_dec, -1, batch.positions),
+                                         tables, batch.context_len, scale=scale,
                                          num_programs=self._np("prefill_attention"), interpret=self._interpret)
         dec_full = jnp.zeros_like(q).at[:s].set(dec)
         return jnp.where(is_dec[:, None, None], dec_full, pre)
