@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import run_metadata
+from bench import library_gemm_ms, run_metadata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,38 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure_gemm_peak(n: int = 8192, reps: int = 20) -> dict[str, float]:
-    """bf16 n^3 products back to back; TFLOP/s for XLA and (if present) torch/cuBLAS."""
-    import jax
-    import jax.numpy as jnp
-
-    out: dict[str, float] = {}
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    mm(a, b).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        c = mm(a, b)
-    c.block_until_ready()
-    out["xla_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            ta = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-            tb = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-            ta @ tb
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(reps):
-                ta @ tb
-            torch.cuda.synchronize()
-            out["cublas_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
-            del ta, tb
-    except ImportError:
-        pass
-    return out
+def measure_gemm_peak(n: int = 8192) -> dict[str, float]:
+    """TFLOP/s of a bf16 n^3 product through XLA and (if installed) cuBLAS via torch."""
+    times = library_gemm_ms(n, n, n)
+    flops = 2 * n ** 3
+    return {f"{lib}_tflops": flops / times[f"{lib}_ms"] / 1e9 for lib in ("xla", "cublas") if f"{lib}_ms" in times}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
