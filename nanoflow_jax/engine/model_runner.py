@@ -183,18 +183,17 @@ class ModelRunner:
         for r, row in enumerate(rows):
             table = row.seq.block_table
             block_table[r, : len(table)] = table
+            t = query_start[r]
+            if row.gather_row >= 0:
+                tok[4, t] = row.gather_row
+            else:
+                tok[0, t:t + row.length] = row.seq.token_slice(row.start, row.start + row.length)
         n_tok = int(query_start[r_n])
         row_of = np.repeat(np.arange(r_n, dtype=np.int32), lens)
         pos = starts[row_of] + (np.arange(n_tok, dtype=np.int32) - query_start[:r_n][row_of])
         tok[1, :n_tok] = pos
         tok[2, :n_tok] = block_table[row_of, pos // bs] * bs + pos % bs
         tok[3, :n_tok] = row_of
-        for r, row in enumerate(rows):
-            t = query_start[r]
-            if row.gather_row >= 0:
-                tok[4, t] = row.gather_row
-            else:
-                tok[0, t:t + row.length] = row.seq.token_slice(row.start, row.start + row.length)
         params = [row.seq.params for row in rows]
         seq_i[0, :r_n] = lens
         seq_i[1, :r_n] = starts + lens
@@ -202,7 +201,7 @@ class ModelRunner:
         seq_i[3, :r_n] = [sp.top_k for sp in params]
         seq_i[4, :r_n] = np.array([row.seq.seed for row in rows], np.uint32).view(np.int32)
         seq_i[5, :r_n] = starts + lens - np.fromiter((row.seq.prompt_len for row in rows), np.int32, r_n)
-        seq_f[:, :r_n] = np.array([(sp.temperature, sp.top_p, sp.min_p) for sp in params], np.float32).T.reshape(3, r_n)
+        seq_f[:, :r_n] = np.array([(sp.temperature, sp.top_p, sp.min_p) for sp in params], np.float32).reshape(r_n, 3).T
         num_decode = np.asarray(batch.num_decode, np.int32)
         return (t_pad, w_pad), (tok, seq_i, seq_f, query_start, block_table, num_decode)
 
