@@ -24,12 +24,8 @@ def open_gguf(path: str | Path) -> GGUFFile:
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
-    meta = dict(f.metadata)
-    arch = meta.get("general.architecture")
-    if f"{arch}.vocab_size" not in meta and "tokenizer.ggml.tokens" in meta:
-        meta[f"{arch}.vocab_size"] = len(meta["tokenizer.ggml.tokens"])
-    try:
-        return ModelConfig.from_gguf_metadata(meta, has_output_tensor="output.weight" in f.tensors)
+    try:  # from_gguf_metadata falls back to the token count when the vocab size is absent
+        return ModelConfig.from_gguf_metadata(f.metadata, has_output_tensor="output.weight" in f.tensors)
     except ConfigError as e:
         raise WeightLoadError(f"{f.path.name}: {e}") from e
 
@@ -56,7 +52,7 @@ def load_gguf_params(f: GGUFFile, cfg: ModelConfig, progress: bool = True) -> Pa
         return f.dequantize(name)
 
     def fix(key: str, arr: np.ndarray) -> np.ndarray:
-        if cfg.architecture == "llama" or cfg.architecture == "mistral":
+        if cfg.architecture in ("llama", "mistral"):
             if key in ("wq", "bq"):
                 return _unpermute(arr, cfg.num_heads)
             if key in ("wk", "bk"):
