@@ -7,9 +7,10 @@ import pytest
 
 from nanoflow_jax.config import ModelConfig, RopeScaling
 from nanoflow_jax.models.llama import forward_dense, forward_paged
-from nanoflow_jax.models.paged import BatchInputs, allocate_kv_cache
+from nanoflow_jax.models.paged import allocate_kv_cache
 from nanoflow_jax.models.params import init_params
 from tests.models import numpy_reference
+from tests.models.batching import pack_batch
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=16, rope_theta=500.0)
@@ -36,27 +37,6 @@ def test_dense_matches_float64_numpy(name):
     assert rel < 1e-5, rel
 
 
-def _batch(reqs, page_size, T, S, W):
-    """reqs: list of (tokens, start, n, block_table). Packs them into one padded BatchInputs."""
-    tok, pos, slot, seq = (np.zeros(T, np.int32) for _ in range(4))
-    qs, ql, cl = np.zeros(S + 1, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32)
-    bt, li = np.zeros((S, W), np.int32), np.zeros(S, np.int32)
-    off = 0
-    for r, (tokens, start, n, table) in enumerate(reqs):
-        p = np.arange(start, start + n)
-        tok[off:off + n], pos[off:off + n], seq[off:off + n] = tokens[start:start + n], p, r
-        slot[off:off + n] = np.asarray(table)[p // page_size] * page_size + p % page_size
-        ql[r], cl[r], li[r] = n, start + n, off + n - 1
-        bt[r, :len(table)] = table
-        off += n
-        qs[r + 1] = off
-    qs[len(reqs) + 1:] = off
-    arrays = dict(token_ids=tok, positions=pos, slot_mapping=slot, token_seq=seq, query_start=qs,
-                  query_len=ql, context_len=cl, block_table=bt, logits_index=li)
-    return BatchInputs(**{k: jnp.asarray(v) for k, v in arrays.items()},
-                       num_decode=jnp.asarray(sum(1 for r in reqs if r[2] == 1)))
-
-
 def test_paged_chunked_mixed_batches_match_dense():
     """Three requests, prefilled in chunks and decoded together, pages shuffled, page size 4."""
     cfg = CONFIGS["llama"]
@@ -74,7 +54,7 @@ def test_paged_chunked_mixed_batches_match_dense():
     for step in plan:
         reqs = [(seqs[i], *step[i], tables[i]) for i in range(3) if step[i] is not None]
         idx = [i for i in range(3) if step[i] is not None]
-        logits, cache = forward_paged(params, cache, _batch(reqs, ps, T=32, S=4, W=W), cfg)
+        logits, cache = forward_paged(params, cache, pack_batch(reqs, ps, T=32, S=4, W=W), cfg)
         for row, i in enumerate(idx):
             start, n = step[i]
             np.testing.assert_allclose(np.asarray(logits[row]), refs[i][start + n - 1], atol=2e-4, rtol=2e-4)
@@ -84,7 +64,7 @@ def test_paged_rejects_unknown_backend():
     cfg = CONFIGS["llama"]
     with pytest.raises(ValueError, match="kernels must be 'auto', 'xla' or 'pallas'"):
         forward_paged(init_params(cfg, jax.random.key(0)), allocate_kv_cache(cfg, 4, 4),
-                      _batch([(np.arange(3), 0, 3, [1])], 4, 8, 1, 1), cfg, kernels="cuda")
+                      pack_batch([(np.arange(3), 0, 3, [1])], 4, 8, 1, 1), cfg, kernels="cuda")
 
 
 def test_bfloat16_tracks_float32():
@@ -99,7 +79,7 @@ def test_bfloat16_tracks_float32():
     assert rel < 3e-2, rel
 
 
-def test_pallas_kernels_match_xla_on_mixed_batch():
+def test_pallas_kernels_match_xla_on_mixedpack_batch():
     """Decode rows (decode kernel) and a prefill chunk (prefill kernel) in one batch, interpreted on CPU."""
     cfg = CONFIGS["qwen2-bias-tied"]
     params = init_params(cfg, jax.random.key(_seed()))
@@ -109,9 +89,9 @@ def test_pallas_kernels_match_xla_on_mixed_batch():
     pages = rng.permutation(np.arange(1, 30))
     tables = [pages[i * W:(i + 1) * W] for i in range(3)]
     cache = allocate_kv_cache(cfg, 30, ps)
-    _, cache = forward_paged(params, cache, _batch([(seqs[0], 0, 8, tables[0]), (seqs[1], 0, 5, tables[1]),
+    _, cache = forward_paged(params, cache, pack_batch([(seqs[0], 0, 8, tables[0]), (seqs[1], 0, 5, tables[1]),
                                                     (seqs[2], 0, 7, tables[2])], ps, T=32, S=4, W=W), cfg)
-    mixed = _batch([(seqs[0], 8, 1, tables[0]), (seqs[1], 5, 1, tables[1]), (seqs[2], 7, 13, tables[2])],
+    mixed = pack_batch([(seqs[0], 8, 1, tables[0]), (seqs[1], 5, 1, tables[1]), (seqs[2], 7, 13, tables[2])],
                    ps, T=16, S=4, W=W)
     assert int(mixed.num_decode) == 2
     ref_logits, ref_cache = forward_paged(params, cache, mixed, cfg, kernels="xla")
