@@ -10,7 +10,6 @@ Picks the block size, warps, pipeline stages and context splits for
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -22,6 +21,12 @@ import pallas_kernels as pk
 from bench import copy_bandwidth, device_ms, run_metadata
 
 H, K, D, PS = 32, 8, 128, 16
+# (block_k, warps, stages, splits). The first sweep (decode_sweep_h200.json) covered
+# 64/128-key blocks x 4/8 warps x 2/3 stages x splits auto/4: 128 keys, 4 warps, 3 stages
+# and automatic splits won. This one looks past it: longer blocks, deeper pipelines.
+CONFIGS = [(128, 4, 3, None), (128, 4, 4, None), (128, 8, 4, None), (256, 4, 2, None),
+           (256, 4, 3, None), (256, 8, 2, None), (256, 8, 3, None), (256, 8, 4, None),
+           (128, 4, 3, 2), (256, 8, 3, 2), (512, 8, 2, None), (512, 16, 2, None)]
 
 
 def case(n: int, ctx: int, rng: np.random.Generator) -> tuple:
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     for n, ctx in ((64, 4096), (256, 2048)):
         inputs = case(n, ctx, rng)
         nbytes = 2 * n * ctx * K * D * 2
-        for bk, nw, ns, splits in itertools.product((64, 128), (4, 8), (2, 3), (None, 4)):
+        for bk, nw, ns, splits in CONFIGS:
             fn = lambda q, k, v, bt, c: pk.paged_decode_attention(  # noqa: E731
                 q, k, v, bt, c, scale=D ** -0.5, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
             try:

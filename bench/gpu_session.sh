@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One device call: the GPU-marked tests, then an engine throughput run on Llama-3-8B shapes.
-# Usage (device machine): OUT=/some/dir bash bench/gpu_session.sh
+# One device call: the GPU-marked tests, engine throughput on Llama-3-8B shapes with the
+# Pallas and the hybrid kernel sets, then (time left) the GEMM configuration search at M >= 1024.
+# Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas xla'] [TUNE_MS=none] bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
-timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
-timeout 220 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 \
-  --num-prompts 128 --input-len 512 --output-len 256 --max-num-seqs 128 --max-num-batched-tokens 2048 \
-  --token-buckets 128,2048 --num-kv-pages 16384 --kernels "${KERNELS:-pallas}" \
-  --out "$OUT/throughput_llama3_8b_${KERNELS:-pallas}.json" 2>&1 | tail -45 | tee "$OUT/throughput.log"
-if [ ! -s "$OUT/throughput_llama3_8b_${KERNELS:-pallas}.json" ]; then  # fall back to the XLA kernels, smaller chunks
-  timeout 150 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 \
-    --num-prompts 64 --input-len 256 --output-len 128 --max-num-seqs 64 --max-num-batched-tokens 512 \
-    --token-buckets 64,512 --num-kv-pages 8192 --kernels xla \
-    --out "$OUT/throughput_llama3_8b_xla.json" 2>&1 | tail -45 | tee -a "$OUT/throughput.log"
+timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+for k in ${KERNEL_SETS:-pallas hybrid}; do
+  timeout 170 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 \
+    --num-prompts 128 --input-len 512 --output-len 256 --max-num-seqs 128 --max-num-batched-tokens 2048 \
+    --token-buckets 128,2048 --num-kv-pages 16384 --kernels "$k" \
+    --out "$OUT/throughput_llama3_8b_${k}.json" 2>&1 | grep -v "^WARNING" | tail -6 | tee -a "$OUT/throughput.log"
+done
+if [ "${TUNE_MS:-1024,2048}" != none ]; then
+  timeout 160 python3 -m bench.gemm_tune --ms "${TUNE_MS:-1024,2048}" --budget-s 120 --out "$OUT/gemm_tune2.json" 2>&1 \
+    | grep "^M=" | tee "$OUT/gemm_tune2.log"
 fi

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench import library_gemm_ms, run_metadata
+from nanoflow_jax.config import KERNEL_SETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-pages", type=int, default=None)
     p.add_argument("--kv-memory-fraction", type=float, default=None)
-    p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"],
-                   help="auto: Pallas kernels on a GPU, XLA ops on CPU")
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
+                   help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas, but XLA's GEMMs")
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
     p.add_argument("--gemm-peak-tflops", type=float, default=None,

@@ -20,6 +20,10 @@ SUPPORTED_ARCHITECTURES = {
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
+# The forward's kernel sets (models/ops.py): auto = pallas on a GPU, xla elsewhere;
+# hybrid = Pallas kernels except the projections, which use XLA's dot (cuBLAS).
+KERNEL_SETS = ("auto", "xla", "pallas", "hybrid")
+
 
 class ConfigError(ValueError):
     """A model configuration that nanoflow_jax cannot serve."""

@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import Sequence, TextIO
 
+from nanoflow_jax.config import KERNEL_SETS
+
 EXIT_BAD_INPUT = 2
 EXIT_REQUEST_FAILED = 1
 
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None, help="request rows per iteration")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (chunk size)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"],
-                   help="auto: Pallas kernels on a GPU, XLA ops on CPU")
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
+                   help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas, but XLA's GEMMs")
     return p
 
 

@@ -62,7 +62,7 @@ def default_splits(n: int, num_kv: int, max_keys: int, programs: int, bk: int) -
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_table: jax.Array, context_len: jax.Array, *, scale: float,
                            num_programs: int | None = None, num_splits: int | None = None,
-                           interpret: bool = False, block_k: int = 128, num_warps: int = 4,
+                           interpret: bool = False, block_k: int = 256, num_warps: int = 4,
                            num_stages: int = 3) -> jax.Array:
     """Decode attention on the paged cache -> [N, H, D] in q.dtype.
 
@@ -70,8 +70,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     context_len [N] int32 (keys 0..context_len-1 are attended; 0 marks a padding row,
     whose output is zeros). `num_programs` caps the SMs used (any value >= 1);
     `num_splits` (default: about two work items per program) splits each context.
-    Defaults (128-key blocks, 4 warps, 3 stages) won a sweep on an H200
-    (bench/results/decode_sweep_h200.json): 76-78% of copy bandwidth vs 49-59% with 64-key blocks.
+    Defaults (256-key blocks, 4 warps, 3 stages) won two sweeps on an H200
+    (bench/results/decode_sweep_h200.json, decode_sweep2_h200.json): 90-91% of copy
+    bandwidth, against 77-80% with 128-key blocks and 49-59% with 64-key blocks.
     """
     n, h, d = q.shape
     ps, num_kv = k_pages.shape[1], k_pages.shape[2]

@@ -52,8 +52,9 @@ GPU_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("kernels", ["pallas", "hybrid"])
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
-def test_pallas_forward_matches_xla_on_gpu(name):
+def test_pallas_forward_matches_xla_on_gpu(name, kernels):
     cfg = GPU_CONFIGS[name]
     rng = np.random.default_rng()
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), "bfloat16")
@@ -62,7 +63,7 @@ def test_pallas_forward_matches_xla_on_gpu(name):
     cache.k = jax.random.normal(jax.random.key(1), cache.k.shape, jnp.bfloat16)
     cache.v = jax.random.normal(jax.random.key(2), cache.v.shape, jnp.bfloat16)
     ref, _ = jax.jit(forward_paged, static_argnames=("cfg", "kernels"))(params, cache, batch, cfg, "xla")
-    got, _ = jax.jit(forward_paged, static_argnames=("cfg", "kernels"))(params, cache, batch, cfg, "pallas")
+    got, _ = jax.jit(forward_paged, static_argnames=("cfg", "kernels"))(params, cache, batch, cfg, kernels)
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     assert np.isfinite(got).all()
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from nanoflow_jax.config import KERNEL_SETS
+
 
 def _env_async() -> bool:
     # NANOFLOW_ASYNC=0 turns the one-iteration-late host pipeline off for ablations.
@@ -25,7 +27,7 @@ class EngineConfig:
     kv_memory_fraction: float | None = None  # else: this fraction of free device memory
     seed: int = 0                       # seeds requests that bring no seed of their own
     async_scheduling: bool = dataclasses.field(default_factory=_env_async)
-    kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas
+    kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas | hybrid
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
     min_token_bucket: int = 16
@@ -44,8 +46,8 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
         if self.num_kv_pages is not None and self.kv_memory_fraction is not None:
             raise ValueError("give num_kv_pages or kv_memory_fraction, not both")
-        if self.kernels not in ("auto", "xla", "pallas"):
-            raise ValueError(f"EngineConfig.kernels must be 'auto', 'xla' or 'pallas', got {self.kernels!r}")
+        if self.kernels not in KERNEL_SETS:
+            raise ValueError(f"EngineConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanoflow_jax.config import ModelConfig, RopeScaling
+from nanoflow_jax.config import KERNEL_SETS, ModelConfig, RopeScaling
 from nanoflow_jax.models import attention
 from nanoflow_jax.models.paged import BatchInputs
 
@@ -93,10 +93,19 @@ class XlaOps:
 
 @dataclasses.dataclass(frozen=True)
 class PallasOps(XlaOps):
-    """Pallas kernels; `programs` maps op name -> SM budget (missing: the whole GPU)."""
+    """Pallas kernels; `programs` maps op name -> SM budget (missing: the whole GPU).
+
+    xla_gemm: the projections go to XLA's dot (cuBLAS) whenever no GEMM budget is set,
+    the "hybrid" kernel set: a GEMM on the whole GPU gains nothing from a budget, and
+    the library GEMM is faster than ours on most shapes (bench/results/gemm_tune_*.json).
+    """
 
     name = "pallas"
     programs: tuple[tuple[str, int], ...] = ()
+    xla_gemm: bool = False
+
+    def _library_gemm(self) -> bool:
+        return self.xla_gemm and self._np("gemm") is None
 
     @property
     def _interpret(self) -> bool:
@@ -108,12 +117,16 @@ class PallasOps(XlaOps):
     def linear(self, x, w, bias=None, residual=None):
         import pallas_kernels as pk
 
+        if self._library_gemm():
+            return super().linear(x, w, bias, residual)
         return pk.gemm(x, w, bias=bias, residual=residual, num_programs=self._np("gemm"),
                        interpret=self._interpret)
 
     def gate_up(self, x, w_gate, w_up):
         import pallas_kernels as pk
 
+        if self._library_gemm():
+            return super().gate_up(x, w_gate, w_up)
         return pk.gemm_silu_mul(x, w_gate, w_up, num_programs=self._np("gemm"), interpret=self._interpret)
 
     def rms_norm(self, x, w, eps):
@@ -173,6 +186,6 @@ def get_ops(kernels: str | XlaOps, programs: Mapping[str, int] | None = None) ->
     kernels = resolve_kernels(kernels)
     if kernels == "xla":
         return XlaOps()
-    if kernels == "pallas":
-        return PallasOps(programs=tuple(sorted((programs or {}).items())))
-    raise ValueError(f"kernels must be 'auto', 'xla' or 'pallas', got {kernels!r}")
+    if kernels in ("pallas", "hybrid"):
+        return PallasOps(programs=tuple(sorted((programs or {}).items())), xla_gemm=kernels == "hybrid")
+    raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")

@@ -72,3 +72,55 @@ def test_mosaic_silu_mul_through_dispatch(rng):
     wg, wu = rand(rng, 128, 64, dtype=jnp.bfloat16, scale=0.2), rand(rng, 128, 64, dtype=jnp.bfloat16)
     out = gemm_mgpu(x, wg, w_up=wu, num_programs=1, interpret=True, config=MCFG)
     assert_close(out, ref.gemm_silu_mul(x, wg, wu))
+
+
+@pytest.mark.parametrize("cfg", [
+    # warpgroups split along M, released one step late, tiles walked in groups of 2 M-tiles
+    MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, epi_m=32, epi_n=32, wg_split="m",
+               delay_release=1, group_m=2),
+    # four residual sub-tiles through one staging slot, and through all four
+    MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=3, epi_m=32, epi_n=32, out_slots=1),
+    MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, epi_m=32, epi_n=32, out_slots=4,
+               delay_release=1, group_m=1),
+], ids=["split_m_delay_group", "one_slot", "four_slots"])
+def test_mosaic_gemm_configs_residual(rng, cfg):
+    """Every launch variant the tuner may pick, with the prefetched residual, over
+    several tiles per program (3 programs, 9+ tiles) and a ragged M."""
+    x, w = rand(rng, 200, 128, dtype=jnp.bfloat16), rand(rng, 128, 384, dtype=jnp.bfloat16)
+    r = rand(rng, 200, 384, dtype=jnp.bfloat16)
+    out = gemm_mgpu(x, w, residual=r, num_programs=3, interpret=True, config=cfg)
+    assert_close(out, ref.gemm(x, w, residual=r))
+
+
+def test_mosaic_silu_split_m_delayed(rng):
+    cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, epi_m=32, epi_n=32, wg_split="m",
+                     delay_release=1)
+    x = rand(rng, 128, 128, dtype=jnp.bfloat16)
+    wg, wu = rand(rng, 128, 64, dtype=jnp.bfloat16, scale=0.2), rand(rng, 128, 64, dtype=jnp.bfloat16)
+    assert_close(gemm_mgpu(x, wg, w_up=wu, num_programs=2, interpret=True, config=cfg),
+                 ref.gemm_silu_mul(x, wg, wu))
+
+
+def test_tile_coords_visit_every_tile_once():
+    from pallas_kernels.gemm_mgpu import tile_coords
+
+    for m_tiles, n_tiles, group in [(5, 3, 2), (4, 4, 0), (7, 2, 3), (3, 5, 1), (2, 2, 8)]:
+        seen = {tuple(int(v) for v in tile_coords(jnp.int32(t), m_tiles, n_tiles, group))
+                for t in range(m_tiles * n_tiles)}
+        assert seen == {(i, j) for i in range(m_tiles) for j in range(n_tiles)}
+
+
+@pytest.mark.parametrize("silu,has_res", [(False, False), (False, True), (True, False)])
+def test_choose_config_is_launchable_on_a_gpu(silu, has_res):
+    """Rules the CPU interpreter does not enforce but a GPU does: a warpgroup's column
+    slice is whole 64-wide swizzle tiles, and the pipeline fits in shared memory."""
+    from bench.gemm_tune import SMEM_BYTES, smem_bytes
+    from pallas_kernels.gemm_mgpu import choose_config
+
+    for m in (1, 16, 128, 256, 512, 1024, 2048):
+        for n in (192, 576, 1536, 4096, 6144, 14336):  # SmolLM2-135M and Llama-3-8B widths
+            for programs in (1, 33, 132):
+                cfg = choose_config(m, n, silu, has_res, programs)
+                assert cfg.tile_n % 64 == 0 and cfg.tile_m % 64 == 0, cfg
+                assert cfg.tile_n % cfg.epi_n == 0 and cfg.tile_m % cfg.epi_m == 0, cfg
+                assert smem_bytes(cfg, silu) <= SMEM_BYTES, cfg

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import apply_rope, reference as ref, rms_norm
+from pallas_kernels.norm_rope import default_block_rows, rope_blocks
 
 from kernel_testing import assert_close, rand
 
@@ -34,6 +35,28 @@ def test_rms_norm_fused_residual(rng, programs, e, dtype):
     assert_close(y, ry)
 
 
+@pytest.mark.parametrize("block_rows,num_warps,block_cols", [
+    (1, 4, None), (4, 8, None), (16, 16, None),  # one pass from registers
+    (16, 4, None), (4, 8, 32), (2, 8, 1024),  # chunked: over the register budget, forced, old path
+])
+@pytest.mark.parametrize("programs", [1, 2, 1000])
+def test_rms_norm_knobs(rng, programs, block_rows, num_warps, block_cols):
+    t, e = 21, 1024  # 21 rows: padding for every block_rows > 1; 16 x 1024 > 4 warps of registers
+    x, r, w = (rand(rng, t, e, dtype=jnp.bfloat16), rand(rng, t, e, dtype=jnp.bfloat16),
+               rand(rng, e, dtype=jnp.bfloat16))
+    y, h = rms_norm(x, w, eps=1e-5, residual=r, num_programs=programs, interpret=True,
+                    block_rows=block_rows, num_warps=num_warps, block_cols=block_cols)
+    ry, rh = ref.rms_norm(x, w, eps=1e-5, residual=r)
+    assert_close(h, rh)
+    assert_close(y, ry)
+
+
+def test_default_block_rows_fills_programs_with_large_items():
+    assert default_block_rows(2048, 4096, 2, True, 132) == 4  # 64 KB items, ~4 a program
+    assert default_block_rows(256, 4096, 2, True, 132) == 1  # every program gets an item
+    assert default_block_rows(4096, 576, 2, False, 132) == 16  # capped
+
+
 @pytest.mark.parametrize("programs", [1, 3, 1000])
 @pytest.mark.parametrize("scaling", [None, LLAMA3])
 def test_rope(rng, programs, scaling):
@@ -43,6 +66,26 @@ def test_rope(rng, programs, scaling):
     out = apply_rope(x, pos, theta=500000.0, scaling=scaling, num_programs=programs,
                      interpret=True, block_tokens=8)
     assert_close(out, ref.apply_rope(x, pos, theta=500000.0, scaling=scaling))
+
+
+@pytest.mark.parametrize("heads,hps,splits", [
+    (9, 1, 1), (9, 3, None), (9, 8, 2),  # 8 -> 3 heads a step, 2 -> 3 groups in one item
+    (6, 2, 3), (6, 4, 100), (3, 8, None),  # 4 -> 3, 100 -> 2 splits; all heads in one step
+])
+@pytest.mark.parametrize("programs", [1, 4, 1000])
+def test_rope_heads_per_step_and_splits(rng, programs, heads, hps, splits):
+    t, d = 13, 32  # 13 tokens: a padded last block
+    x = rand(rng, t, heads, d, dtype=jnp.bfloat16)
+    pos = jnp.asarray(rng.integers(0, 20000, t), jnp.int32)
+    out = apply_rope(x, pos, theta=500000.0, scaling=LLAMA3, num_programs=programs, interpret=True,
+                     block_tokens=4, num_warps=8, heads_per_step=hps, head_splits=splits)
+    assert_close(out, ref.apply_rope(x, pos, theta=500000.0, scaling=LLAMA3))
+
+
+def test_rope_blocks_round_to_divisors():
+    assert rope_blocks(2048, 32, 128, 132) == (16, 8, 2)  # step of 16 x 8 x 128 elements
+    assert rope_blocks(256, 8, 128, 132, block_tokens=32, heads_per_step=4) == (32, 4, 2)
+    assert rope_blocks(5, 9, 64, 4, heads_per_step=8, head_splits=2) == (8, 3, 1)
 
 
 def test_rope_bf16_and_position_zero_is_identity(rng):

@@ -62,7 +62,7 @@ def test_paged_chunked_mixed_batches_match_dense():
 
 def test_paged_rejects_unknown_backend():
     cfg = CONFIGS["llama"]
-    with pytest.raises(ValueError, match="kernels must be 'auto', 'xla' or 'pallas'"):
+    with pytest.raises(ValueError, match="kernels must be one of \\('auto', 'xla', 'pallas', 'hybrid'\\)"):
         forward_paged(init_params(cfg, jax.random.key(0)), allocate_kv_cache(cfg, 4, 4),
                       pack_batch([(np.arange(3), 0, 3, [1])], 4, 8, 1, 1), cfg, kernels="cuda")
 
