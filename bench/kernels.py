@@ -203,12 +203,19 @@ class Bench:
         }
 
     def memory(self, copy_gbps: float) -> list[dict[str, Any]]:
+        """GB/s vs the large-buffer copy and vs a copy of the same bytes timed the same way
+        (at 1-64 MB both the kernels and the copy are launch-bound: bench.memory_sweep)."""
+        from bench.memory_sweep import copy_ceiling
+
         rows = []
+        timing = dict(reps=2 if self.smoke else 10, repeats=1 if self.smoke else 5)
         for t in ((256, 512, 1024, 2048) if not self.smoke else (32,)):
             for name, (mk, args, nbytes, thread) in self.memory_cases(t).items():
                 ms_ = self.t(mk(None), *args, thread=thread)
+                same = copy_ceiling(nbytes, timing)
                 rows.append({"op": name, "t": t, "ms": ms_, "gbps": nbytes / ms_ / 1e6,
-                             "vs_copy": nbytes / ms_ / 1e6 / copy_gbps})
+                             "vs_copy": nbytes / ms_ / 1e6 / copy_gbps,
+                             "copy_same_size_ms": same["ms"], "vs_copy_same_size": same["ms"] / ms_})
                 print(rows[-1], flush=True)
         return rows
 
@@ -231,15 +238,22 @@ class Bench:
         return rows
 
     def decode_configs(self, copy_gbps: float) -> list[dict[str, Any]]:
-        """Block size / warps / stages of decode attention at a long context."""
+        """Block size / warps / stages / splits of decode attention at a long context."""
+        from bench.decode_sweep import CONFIGS
+
         g, m, rows = self.paged(64, 4096), self.m, []
         q, cl = self.rand(64, m["H"], m["D"]), jnp.full((64,), 4096, jnp.int32)
         nbytes = 2 * 64 * 4096 * m["K"] * m["D"] * 2
-        for bk, nw, ns in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3), (256, 8, 2), (64, 4, 4)):
+        for bk, nw, ns, splits in CONFIGS:
             fn = lambda q_, k_, v_, bt_, c_: pk.paged_decode_attention(
-                q_, k_, v_, bt_, c_, scale=0.088, block_k=bk, num_warps=nw, num_stages=ns)
-            ms_ = self.t(fn, q, g["k"], g["v"], g["bt"], cl)
-            rows.append({"block_k": bk, "num_warps": nw, "num_stages": ns, "ms": ms_,
+                q_, k_, v_, bt_, c_, scale=0.088, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+            try:
+                ms_ = self.t(fn, q, g["k"], g["v"], g["bt"], cl)
+            except Exception as exc:  # noqa: BLE001 - e.g. a block that overflows shared memory
+                rows.append({"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits,
+                             "error": str(exc)[:300]})
+                continue
+            rows.append({"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits, "ms": ms_,
                          "gbps": nbytes / ms_ / 1e6, "vs_copy": nbytes / ms_ / 1e6 / copy_gbps})
             print(rows[-1], flush=True)
         return rows
