@@ -1,0 +1,138 @@
+"""Where a decode step's time goes: the whole step vs the sum of its ops, timed alone.
+
+    python -m bench.step_profile --out step_profile.json [--model llama-3-8b] [--rows 128] [--ctx 640]
+
+One decode iteration (every row one new token after `ctx` cached ones) of forward_paged
+with the given kernel set, timed as a chain of steps with the cache donated (as the
+engine runs it); then each op of one layer timed alone on the same shapes (bench.device_ms)
+and multiplied by the layer count. The gap between the two is launch gaps, glue ops
+(reshapes, the embedding gather, the LM head, the sampler's inputs) and what the ops
+lose when run back to back. `--smoke`: a tiny config on CPU with the XLA ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import device_ms, run_metadata
+from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.models.llama import forward_paged, lm_head
+from nanoflow_jax.models.ops import get_ops
+from nanoflow_jax.models.paged import BatchInputs, allocate_kv_cache
+from nanoflow_jax.models.params import init_params
+
+PAGE = 16
+
+
+def decode_batch(cfg: ModelConfig, rows: int, ctx: int, rng: np.random.Generator) -> tuple[BatchInputs, int]:
+    """`rows` decode rows at position `ctx`, each with its own shuffled pages."""
+    width = ctx // PAGE + 1
+    pages = rng.permutation(np.arange(1, rows * width + 1)).reshape(rows, width).astype(np.int32)
+    pos = np.full(rows, ctx, np.int32)
+    idx = np.arange(rows, dtype=np.int32)
+    batch = BatchInputs(
+        token_ids=jnp.asarray(rng.integers(0, cfg.vocab_size, rows), jnp.int32), positions=jnp.asarray(pos),
+        slot_mapping=jnp.asarray(pages[idx, pos // PAGE] * PAGE + pos % PAGE), token_seq=jnp.asarray(idx),
+        query_start=jnp.arange(rows + 1, dtype=jnp.int32), query_len=jnp.ones(rows, jnp.int32),
+        context_len=jnp.full(rows, ctx + 1, jnp.int32), block_table=jnp.asarray(pages),
+        logits_index=jnp.asarray(idx), num_decode=jnp.asarray(rows, jnp.int32))
+    return batch, rows * width + 1
+
+
+def step_ms(params: Any, cache: Any, batch: BatchInputs, cfg: ModelConfig, kernels: str, steps: int) -> float:
+    """ms per decode step, cache donated and threaded through `steps` back-to-back calls."""
+    fwd = jax.jit(lambda p, c, b: forward_paged(p, c, b, cfg, kernels), donate_argnums=(1,))
+    logits, cache = fwd(params, cache, batch)
+    jax.block_until_ready(logits)
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = fwd(params, cache, batch)
+        jax.block_until_ready(logits)
+        samples.append((time.perf_counter() - t0) * 1e3 / steps)
+    return float(np.median(samples))
+
+
+def layer_ops(cfg: ModelConfig, kernels: str, params: Any, cache: Any,
+              batch: BatchInputs) -> dict[str, tuple[Callable, tuple]]:
+    """One layer's ops on the step's shapes: name -> (fn, args), as forward_paged calls them."""
+    ops = get_ops(kernels)
+    lp = jax.tree.map(lambda a: a[0], params["layers"])
+    rows, e = batch.token_ids.shape[0], cfg.hidden_size
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (rows, e), jnp.float32).astype(cache.k.dtype)
+    q = jax.random.normal(key, (rows, cfg.num_heads, cfg.head_dim), jnp.float32).astype(x.dtype)
+    kv = jax.random.normal(key, (rows, cfg.num_kv_heads, cfg.head_dim), jnp.float32).astype(x.dtype)
+    attn = q.reshape(rows, cfg.q_size)
+    act = jax.random.normal(key, (rows, cfg.intermediate_size), jnp.float32).astype(x.dtype)
+    layer = jnp.int32(0)
+    # write_kv is timed on a small one-layer cache: its cost does not depend on the cache
+    # size, and the timing chain (not donated) would otherwise copy the whole cache.
+    small = allocate_kv_cache(dataclasses.replace(cfg, num_layers=1), rows // PAGE + 2, PAGE, x.dtype)
+    slots = PAGE + jnp.arange(rows, dtype=jnp.int32)
+    return {
+        "rms_norm": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["attn_norm"])),
+        "q_proj": (lambda a, w: ops.linear(a, w), (x, lp["wq"])),
+        "k_proj": (lambda a, w: ops.linear(a, w), (x, lp["wk"])),
+        "v_proj": (lambda a, w: ops.linear(a, w), (x, lp["wv"])),
+        "rope_q": (lambda a, p: ops.rope(a, p, cfg), (q, batch.positions)),
+        "rope_k": (lambda a, p: ops.rope(a, p, cfg), (kv, batch.positions)),
+        "write_kv": (lambda kc, vc, a: ops.write_kv(kc, vc, layer, a, a, slots), (small.k, small.v, kv)),
+        "attention": (lambda a, kc, vc: ops.attention(a, kc, vc, layer, batch, cfg), (q, cache.k, cache.v)),
+        "o_proj_residual": (lambda a, w, r: ops.linear(a, w, residual=r), (attn, lp["wo"], x)),
+        "rms_norm_mlp": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["mlp_norm"])),
+        "gate_up_silu": (lambda a, g, u: ops.gate_up(a, g, u), (x, lp["w_gate"], lp["w_up"])),
+        "down_residual": (lambda a, w, r: ops.linear(a, w, residual=r), (act, lp["w_down"], x)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="step_profile.json")
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--kernels", default="pallas")
+    ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--ctx", type=int, default=640)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, XLA ops, CPU")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        cfg = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+        a.kernels, a.rows, a.ctx, a.steps, dtype = "xla", 4, 40, 2, "float32"
+    else:
+        cfg, dtype = ModelConfig.from_name(a.model), "bfloat16"
+    rng = np.random.default_rng(int(time.time()))
+    res: dict[str, Any] = {"meta": run_metadata("bench.step_profile"), "model": a.model, "kernels": a.kernels,
+                           "rows": a.rows, "ctx": a.ctx}
+    params = init_params(cfg, jax.random.key(1), dtype)
+    batch, pages = decode_batch(cfg, a.rows, a.ctx, rng)
+    cache = allocate_kv_cache(cfg, pages, PAGE, jnp.dtype(dtype))
+    res["ops_ms_per_layer"] = {}
+    for name, (fn, args) in layer_ops(cfg, a.kernels, params, cache, batch).items():
+        thread = 2 if name == "write_kv" else 0
+        res["ops_ms_per_layer"][name] = device_ms(fn, *args, reps=2 if a.smoke else 10, thread=thread,
+                                                  repeats=1 if a.smoke else 3)
+        print(name, f"{res['ops_ms_per_layer'][name] * 1e3:.1f} us", flush=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    x = jax.random.normal(jax.random.key(2), (a.rows, cfg.hidden_size), jnp.float32).astype(dtype)
+    res["lm_head_ms"] = device_ms(lambda h, p: lm_head(p, h, cfg), x, params, reps=2 if a.smoke else 10,
+                                  repeats=1 if a.smoke else 3)
+    res["sum_of_ops_ms"] = cfg.num_layers * sum(res["ops_ms_per_layer"].values()) + res["lm_head_ms"]
+    res["step_ms"] = step_ms(params, cache, batch, cfg, a.kernels, a.steps)
+    print(f"step {res['step_ms']:.2f} ms, sum of ops {res['sum_of_ops_ms']:.2f} ms", flush=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
