@@ -85,6 +85,8 @@ def layer_ops(cfg: ModelConfig, kernels: str, params: Any, cache: Any,
         "q_proj": (lambda a, w: ops.linear(a, w), (x, lp["wq"])),
         "k_proj": (lambda a, w: ops.linear(a, w), (x, lp["wk"])),
         "v_proj": (lambda a, w: ops.linear(a, w), (x, lp["wv"])),
+        # EngineConfig.fuse_qkv's one GEMM (not in the sum below: it replaces q/k/v_proj)
+        "qkv_fused": (lambda a, w: ops.linear(a, w), (x, jnp.concatenate([lp["wq"], lp["wk"], lp["wv"]], -1))),
         "rope_q": (lambda a, p: ops.rope(a, p, cfg), (q, batch.positions)),
         "rope_k": (lambda a, p: ops.rope(a, p, cfg), (kv, batch.positions)),
         "write_kv": (lambda kc, vc, a: ops.write_kv(kc, vc, layer, a, a, slots), (small.k, small.v, kv)),
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     x = jax.random.normal(jax.random.key(2), (a.rows, cfg.hidden_size), jnp.float32).astype(dtype)
     res["lm_head_ms"] = device_ms(lambda h, p: lm_head(p, h, cfg), x, params, reps=2 if a.smoke else 10,
                                   repeats=1 if a.smoke else 3)
-    res["sum_of_ops_ms"] = cfg.num_layers * sum(res["ops_ms_per_layer"].values()) + res["lm_head_ms"]
+    per_layer = sum(v for k, v in res["ops_ms_per_layer"].items() if k != "qkv_fused")
+    res["sum_of_ops_ms"] = cfg.num_layers * per_layer + res["lm_head_ms"]
     res["step_ms"] = step_ms(params, cache, batch, cfg, a.kernels, a.steps)
     print(f"step {res['step_ms']:.2f} ms, sum of ops {res['sum_of_ops_ms']:.2f} ms", flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -25,6 +25,7 @@ from nanoflow_jax.engine.scheduler import ScheduledBatch
 from nanoflow_jax.models.llama import forward_paged
 from nanoflow_jax.models.ops import resolve_kernels
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
+from nanoflow_jax.models.params import fuse_qkv
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
 
 class ModelRunner:
     def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
-        self.cfg, self.model_cfg, self.params = cfg, model_cfg, params
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.params = fuse_qkv(params) if cfg.fuse_qkv else params
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         self.token_buckets = cfg.resolved_token_buckets()

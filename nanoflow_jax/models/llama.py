@@ -22,11 +22,17 @@ from nanoflow_jax.models.params import Params
 # ---- layer pieces -----------------------------------------------------------------
 
 def qkv_projection(ops: XlaOps, lp: Params, h: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """h: [..., E] (already normed) -> q [..., H, D], k/v [..., K, D] (no RoPE yet)."""
-    bias = cfg.attention_bias
-    q = ops.linear(h, lp["wq"], lp["bq"] if bias else None)
-    k = ops.linear(h, lp["wk"], lp["bk"] if bias else None)
-    v = ops.linear(h, lp["wv"], lp["bv"] if bias else None)
+    """h: [..., E] (already normed) -> q [..., H, D], k/v [..., K, D] (no RoPE yet).
+
+    Takes the separate projections, or the fused `wqkv` of params.fuse_qkv (one GEMM)."""
+    if "wqkv" in lp:
+        qkv = ops.linear(h, lp["wqkv"], lp.get("bqkv"))
+        q, k, v = jnp.split(qkv, (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
+    else:
+        bias = cfg.attention_bias
+        q = ops.linear(h, lp["wq"], lp["bq"] if bias else None)
+        k = ops.linear(h, lp["wk"], lp["bk"] if bias else None)
+        v = ops.linear(h, lp["wv"], lp["bv"] if bias else None)
     lead = h.shape[:-1]
     return (q.reshape(*lead, cfg.num_heads, cfg.head_dim),
             k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim),

@@ -230,3 +230,9 @@ def test_kv_pool_sizing_without_an_explicit_page_count():
     assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0] \
         .outputs[0].token_ids == reference_greedy([[1, 2, 3]], 3)[0]
     assert IM_END == TINY.eos_token_id
+
+
+def test_fused_qkv_engine_matches_dense_reference(prompts16, reference16):
+    """EngineConfig.fuse_qkv (one QKV GEMM) serves the same greedy tokens."""
+    out = make_llm(fuse_qkv=True).generate(prompts16[:6], GREEDY)
+    assert [o.outputs[0].token_ids for o in out] == reference16[:6]
