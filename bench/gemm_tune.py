@@ -1,11 +1,11 @@
 """Mosaic GPU GEMM launch configurations on Llama-3-8B shapes, against the library GEMM.
 
-    python -m bench.gemm_tune --out bench/results/gemm_tune.json [--ms 256,512,1024,2048]
+    python -m bench.gemm_tune --out bench/results/gemm_tune.json [--ms 128,256,512,1024,2048]
 
 For each dense batch M and each of the model's four GEMMs (QKV, O + residual,
 gate/up + SiLU, down + residual) it times `pallas_kernels.gemm_mgpu` under a set
 of candidate configurations (warpgroup split, tile, pipeline depth, delayed
-release, tile order, residual staging slots), checks each result against XLA's
+release, tile order, residual staging slots, split K at M <= 512), checks each result against XLA's
 dot, and reports the best next to the faster of XLA's dot and cuBLAS on the same
 shape. `choose_config` in pallas_kernels/gemm_mgpu.py is set from these results.
 """
@@ -36,7 +36,8 @@ SMEM_BYTES = 227 * 1024
 def smem_bytes(c: MgpuConfig, silu: bool) -> int:
     """Shared memory a configuration needs (pipeline stages + output staging), bf16."""
     stage = c.cta_m * c.tile_k + (2 if silu else 1) * c.tile_k * c.cta_n
-    return 2 * (c.stages * stage + 2 * c.out_slots * c.epi_m * c.epi_n)
+    out_bytes = 4 if c.k_splits > 1 else 2  # split K stages f32 partial sums
+    return 2 * c.stages * stage + out_bytes * 2 * c.out_slots * c.epi_m * c.epi_n
 
 
 def deepest(cfg: MgpuConfig, silu: bool) -> MgpuConfig | None:
@@ -114,6 +115,10 @@ class ShapeTuner:
         best = self.ranked()[0] if self.ranked() else None
         for g in (4, 8) if best else ():  # 3: tile order
             self.time(dataclasses.replace(best, group_m=g))
+        if self.m <= 512 and not self.silu:  # 4: split K, where few output tiles leave SMs idle
+            for cfg in self.ranked()[:2]:
+                for splits in (2, 4):
+                    self.time(deepest(dataclasses.replace(cfg, k_splits=splits), self.silu))
         ok = [r for r in self.rows if "ms" in r and r["err"] < 1e-2]
         top = min(ok, key=lambda r: r["ms"]) if ok else None
         lib_tflops = self.flops / self.lib["best_ms"] / 1e9
@@ -127,7 +132,7 @@ class ShapeTuner:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="gemm_tune.json")
-    ap.add_argument("--ms", default="256,512,1024,2048")
+    ap.add_argument("--ms", default="128,256,512,1024,2048")
     ap.add_argument("--ops", default=",".join(SHAPES))
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")

@@ -38,6 +38,7 @@ class MgpuConfig:
     delay_release: int = 0  # wgmma groups left in flight across a pipeline step (0 or 1)
     group_m: int = 0    # tile order: CTAs walk groups of group_m M-tiles (0: all M first)
     out_slots: int = 2  # output staging slots per warpgroup (the residual is prefetched into them)
+    k_splits: int = 1   # split K: f32 partial products summed (with bias/residual) by XLA after
 
     @property
     def cta_m(self) -> int:
@@ -158,11 +159,13 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
     def _scope(allocs, out_smem, bias_smem, bar):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="programs")
+        @plgpu.nd_loop((m_tiles * n_tiles * cfg.k_splits,), collective_axes="programs")
         def _tile(info):
             (t,) = info.index
+            k_split, t = t // (m_tiles * n_tiles), t % (m_tiles * n_tiles)
             m_idx, n_idx = tile_coords(t, m_tiles, n_tiles, cfg.group_m)
-            wg_m0 = m_idx * cm + (wg * tm if split_m else 0)
+            # With split K each split writes its own [M, N] block of partial sums.
+            wg_m0 = (k_split * m_tiles + m_idx) * cm + (wg * tm if split_m else 0)
             wg_n0 = n_idx * cn + (0 if split_m else wg * tn)
 
             def sub_slices(e):
@@ -233,8 +236,9 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
                 plgpu.wgmma_wait(cfg.delay_release * groups_per_step)
                 return acc
 
-            pipeline(mma, context)(x_g.at[pl.ds(m_idx * cm, cm), :],
-                                   *(g.at[:, pl.ds(n_idx * cn, cn)] for g in gmem_ins[1:]),
+            k_sl = pl.ds(k_split * k_iters * tk, k_iters * tk)
+            pipeline(mma, context)(x_g.at[pl.ds(m_idx * cm, cm), k_sl],
+                                   *(g.at[k_sl, pl.ds(n_idx * cn, cn)] for g in gmem_ins[1:]),
                                    allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -253,29 +257,41 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     n = w.shape[1]
     budget = num_programs if num_programs is not None else num_sms()
     cfg = config or choose_config(m, n, silu, residual is not None, budget)
+    splits = cfg.k_splits
+    if splits > 1 and silu:
+        raise ValueError("k_splits > 1 needs the whole sum before SiLU: use it for plain GEMMs")
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
-    xp = pad_axis(pad_axis(x, 0, cta_m), 1, cfg.tile_k)
-    pad_w = lambda a: pad_axis(pad_axis(a, 0, cfg.tile_k), 1, cta_n)
+    xp = pad_axis(pad_axis(x, 0, cta_m), 1, cfg.tile_k * splits)
+    pad_w = lambda a: pad_axis(pad_axis(a, 0, cfg.tile_k * splits), 1, cta_n)
     ins = [xp, pad_w(w)] + ([pad_w(w_up)] if silu else [])
-    if bias is not None:
+    in_kernel = splits == 1  # split K: bias and residual join the partial sums in XLA
+    if bias is not None and in_kernel:
         ins.append(pad_axis(bias, 0, cta_n))
-    if residual is not None:
+    if residual is not None and in_kernel:
         ins.append(pad_axis(pad_axis(residual.astype(x.dtype), 0, cta_m), 1, cta_n))
     mp, kp = xp.shape
     np_ = ins[1].shape[1]
     m_tiles, n_tiles = mp // cta_m, np_ // cta_n
-    progs = resolve_programs(num_programs, m_tiles * n_tiles)
+    progs = resolve_programs(num_programs, m_tiles * n_tiles * splits)
     kernel = functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles,
-                               k_iters=kp // cfg.tile_k, has_bias=bias is not None,
-                               has_res=residual is not None, silu_mul=silu,
+                               k_iters=kp // (cfg.tile_k * splits),
+                               has_bias=bias is not None and in_kernel,
+                               has_res=residual is not None and in_kernel, silu_mul=silu,
                                interpret=interpret)
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        out_type=jax.ShapeDtypeStruct((splits * mp, np_), x.dtype if in_kernel else F32),
         grid=(progs,), grid_names=("programs",),
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=mosaic_interpret_params() if interpret else False,
     )
     out = call(*ins)
+    if not in_kernel:
+        out = out.reshape(splits, mp, np_)[:, :m, :n].sum(axis=0)
+        if bias is not None:
+            out = out + bias.astype(F32)
+        if residual is not None:
+            out = out + residual.astype(F32)
+        return out.astype(x.dtype)
     return out[:m, :n] if (mp, np_) != (m, n) else out

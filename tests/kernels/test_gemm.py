@@ -124,3 +124,23 @@ def test_choose_config_is_launchable_on_a_gpu(silu, has_res):
                 assert cfg.tile_n % 64 == 0 and cfg.tile_m % 64 == 0, cfg
                 assert cfg.tile_n % cfg.epi_n == 0 and cfg.tile_m % cfg.epi_m == 0, cfg
                 assert smem_bytes(cfg, silu) <= SMEM_BYTES, cfg
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_mosaic_split_k_with_bias_and_residual(rng, splits):
+    """Split K: partial sums of K/splits each (K padded to whole splits), summed in f32
+    with the bias and residual; more programs than work units and fewer."""
+    cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, epi_m=32, epi_n=32, k_splits=splits)
+    x, w = rand(rng, 70, 320, dtype=jnp.bfloat16), rand(rng, 320, 128, dtype=jnp.bfloat16)
+    b, r = rand(rng, 128, dtype=jnp.bfloat16), rand(rng, 70, 128, dtype=jnp.bfloat16)
+    for programs in (2, 64):
+        out = gemm_mgpu(x, w, bias=b, residual=r, num_programs=programs, interpret=True, config=cfg)
+        assert out.dtype == jnp.bfloat16
+        assert_close(out, ref.gemm(x, w, bias=b, residual=r))
+
+
+def test_mosaic_split_k_refuses_silu(rng):
+    cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, k_splits=2)
+    x, w = rand(rng, 64, 128, dtype=jnp.bfloat16), rand(rng, 128, 128, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="k_splits"):
+        gemm_mgpu(x, w, w_up=w, interpret=True, config=cfg)
