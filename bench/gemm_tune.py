@@ -25,25 +25,18 @@ import jax.numpy as jnp
 from bench import device_ms, library_gemm_ms, rel_err, run_metadata
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
-from pallas_kernels.gemm_mgpu import MgpuConfig, choose_config, gemm_mgpu
+from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config
+from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 E, F, QKV = 4096, 14336, 6144
 SHAPES = {"qkv": (E, QKV), "o_res": (E, E), "gate_up_silu": (E, F), "down_res": (F, E)}
 SMOKE_SHAPES = {"qkv": (64, 384), "o_res": (64, 256), "gate_up_silu": (64, 128), "down_res": (128, 256)}
-SMEM_BYTES = 227 * 1024
-
-
-def smem_bytes(c: MgpuConfig, silu: bool) -> int:
-    """Shared memory a configuration needs (pipeline stages + output staging), bf16."""
-    stage = c.cta_m * c.tile_k + (2 if silu else 1) * c.tile_k * c.cta_n
-    out_bytes = 4 if c.k_splits > 1 else 2  # split K stages f32 partial sums
-    return 2 * c.stages * stage + out_bytes * 2 * c.out_slots * c.epi_m * c.epi_n
 
 
 def deepest(cfg: MgpuConfig, silu: bool) -> MgpuConfig | None:
     """cfg with the deepest TMA pipeline that fits in shared memory (None: none fits)."""
     fits = [s for s in (2, 3, 4, 5, 6)
-            if smem_bytes(dataclasses.replace(cfg, stages=s), silu) <= SMEM_BYTES]
+            if dataclasses.replace(cfg, stages=s).smem_bytes(silu) <= SMEM_BYTES]
     return dataclasses.replace(cfg, stages=max(fits)) if fits else None
 
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import gemm, gemm_silu_mul, reference as ref
-from pallas_kernels.gemm_mgpu import MgpuConfig, gemm_mgpu
+from pallas_kernels.gemm_config import MgpuConfig
+from pallas_kernels.gemm_mgpu import gemm_mgpu
 from pallas_kernels.gemm_triton import gemm_triton
 
 from kernel_testing import assert_close, rand
@@ -114,8 +115,7 @@ def test_tile_coords_visit_every_tile_once():
 def test_choose_config_is_launchable_on_a_gpu(silu, has_res):
     """Rules the CPU interpreter does not enforce but a GPU does: a warpgroup's column
     slice is whole 64-wide swizzle tiles, and the pipeline fits in shared memory."""
-    from bench.gemm_tune import SMEM_BYTES, smem_bytes
-    from pallas_kernels.gemm_mgpu import choose_config
+    from pallas_kernels.gemm_config import SMEM_BYTES, choose_config
 
     for m in (1, 16, 128, 256, 512, 1024, 2048):
         for n in (192, 576, 1536, 4096, 6144, 14336):  # SmolLM2-135M and Llama-3-8B widths
@@ -123,7 +123,7 @@ def test_choose_config_is_launchable_on_a_gpu(silu, has_res):
                 cfg = choose_config(m, n, silu, has_res, programs)
                 assert cfg.tile_n % 64 == 0 and cfg.tile_m % 64 == 0, cfg
                 assert cfg.tile_n % cfg.epi_n == 0 and cfg.tile_m % cfg.epi_m == 0, cfg
-                assert smem_bytes(cfg, silu) <= SMEM_BYTES, cfg
+                assert cfg.smem_bytes(silu) <= SMEM_BYTES, cfg
 
 
 @pytest.mark.parametrize("splits", [2, 3])
