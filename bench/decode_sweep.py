@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,25 @@ def case(n: int, ctx: int, rng: np.random.Generator) -> tuple:
     return q, k, v, bt, jnp.full((n,), ctx, jnp.int32)
 
 
+def sweep_configs(inputs: tuple, nbytes: int, copy_gbps: float, scale: float,
+                  timer: Callable[..., float]) -> list[dict[str, Any]]:
+    """Times paged_decode_attention on `inputs` (q, k, v, block_table, context_len) under
+    each of CONFIGS with `timer(fn, *inputs)` (ms); a config that fails is a row too."""
+    rows: list[dict[str, Any]] = []
+    for bk, nw, ns, splits in CONFIGS:
+        row: dict[str, Any] = {"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits}
+        fn = lambda q, k, v, bt, c: pk.paged_decode_attention(  # noqa: E731
+            q, k, v, bt, c, scale=scale, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+        try:
+            ms = timer(fn, *inputs)
+        except Exception as e:  # noqa: BLE001 (a config that does not compile is a result too)
+            rows.append({**row, "error": str(e)[:300]})
+            continue
+        rows.append({**row, "ms": ms, "gbps": nbytes / ms / 1e6, "vs_copy": nbytes / ms / 1e6 / copy_gbps})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="decode_sweep.json")
@@ -46,22 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng()
     res = {"meta": run_metadata("bench.decode_sweep"), "ceilings": copy_bandwidth(), "rows": []}
     copy = res["ceilings"]["copy_gbps"]
+    timer = lambda fn, *a: device_ms(fn, *a, reps=10, repeats=3)  # noqa: E731
     for n, ctx in ((64, 4096), (256, 2048)):
-        inputs = case(n, ctx, rng)
-        nbytes = 2 * n * ctx * K * D * 2
-        for bk, nw, ns, splits in CONFIGS:
-            fn = lambda q, k, v, bt, c: pk.paged_decode_attention(  # noqa: E731
-                q, k, v, bt, c, scale=D ** -0.5, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
-            try:
-                ms = device_ms(fn, *inputs, reps=10, repeats=3)
-            except Exception as e:  # noqa: BLE001 (a config that does not compile is a result too)
-                res["rows"].append({"n": n, "ctx": ctx, "block_k": bk, "num_warps": nw, "num_stages": ns,
-                                    "num_splits": splits, "error": str(e)[:300]})
-                continue
-            row = {"n": n, "ctx": ctx, "block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits,
-                   "ms": ms, "gbps": nbytes / ms / 1e6, "vs_copy": nbytes / ms / 1e6 / copy}
-            res["rows"].append(row)
-            print(row, flush=True)
+        rows = sweep_configs(case(n, ctx, rng), 2 * n * ctx * K * D * 2, copy, D ** -0.5, timer)
+        res["rows"] += [{"n": n, "ctx": ctx, **r} for r in rows]
         Path(args.out).write_text(json.dumps(res, indent=1))
     ok = [r for r in res["rows"] if "ms" in r]
     for n in sorted({r["n"] for r in ok}):

@@ -74,10 +74,11 @@ class ShapeTuner:
         return lambda a, b, c: gemm_mgpu(a, b, residual=c if self.has_res else None, config=cfg,
                                          interpret=self.interpret)
 
-    def time(self, cfg: MgpuConfig | None, default: bool = False) -> float:
+    def time(self, cfg: MgpuConfig | None, default: bool = False) -> None:
+        """Checks and times cfg once (skipped: None, already timed, or past the deadline)."""
         if cfg is None or any(r["config"] == dataclasses.asdict(cfg) for r in self.rows) \
                 or time.time() > self.deadline:
-            return float("inf")
+            return
         row: dict[str, Any] = {"config": dataclasses.asdict(cfg), "default": default}
         try:
             row["err"] = rel_err(jax.jit(self.fn(cfg))(*self.args), self.want)
@@ -88,11 +89,13 @@ class ShapeTuner:
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
             row["error"] = str(exc)[:300]
         self.rows.append(row)
-        return row["ms"] if row.get("err", 1.0) < 1e-2 else float("inf")
+
+    def ranked_rows(self) -> list[dict[str, Any]]:
+        """Rows that ran and matched the reference, fastest first."""
+        return sorted((r for r in self.rows if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
 
     def ranked(self) -> list[MgpuConfig]:
-        ok = sorted((r for r in self.rows if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
-        return [MgpuConfig(**r["config"]) for r in ok]
+        return [MgpuConfig(**r["config"]) for r in self.ranked_rows()]
 
     def search(self, deadline: float) -> dict[str, Any]:
         self.deadline = deadline
@@ -105,15 +108,14 @@ class ShapeTuner:
             self.time(deepest(dataclasses.replace(cfg, delay_release=0), self.silu))
             if self.has_res:
                 self.time(deepest(dataclasses.replace(cfg, out_slots=4), self.silu))
-        best = self.ranked()[0] if self.ranked() else None
+        best = next(iter(self.ranked()), None)
         for g in (4, 8) if best else ():  # 3: tile order
             self.time(dataclasses.replace(best, group_m=g))
         if self.m <= 512 and not self.silu:  # 4: split K, where few output tiles leave SMs idle
             for cfg in self.ranked()[:2]:
                 for splits in (2, 4):
                     self.time(deepest(dataclasses.replace(cfg, k_splits=splits), self.silu))
-        ok = [r for r in self.rows if "ms" in r and r["err"] < 1e-2]
-        top = min(ok, key=lambda r: r["ms"]) if ok else None
+        top = next(iter(self.ranked_rows()), None)
         lib_tflops = self.flops / self.lib["best_ms"] / 1e9
         print(f"M={self.m:5d} {self.op:13s} library {lib_tflops:6.1f} TFLOP/s | default "
               f"{self.rows[0].get('vs_library', float('nan')):.3f} | best "

@@ -215,7 +215,8 @@ class Bench:
                 same = copy_ceiling(nbytes, timing)
                 rows.append({"op": name, "t": t, "ms": ms_, "gbps": nbytes / ms_ / 1e6,
                              "vs_copy": nbytes / ms_ / 1e6 / copy_gbps,
-                             "copy_same_size_ms": same["ms"], "vs_copy_same_size": same["ms"] / ms_})
+                             "copy_same_size_ms": same["ms"], "vs_copy_same_size": same["ms"] / ms_,
+                             "copy_one_kernel_per_step": same["one_kernel_per_step"]})
                 print(rows[-1], flush=True)
         return rows
 
@@ -239,24 +240,12 @@ class Bench:
 
     def decode_configs(self, copy_gbps: float) -> list[dict[str, Any]]:
         """Block size / warps / stages / splits of decode attention at a long context."""
-        from bench.decode_sweep import CONFIGS
+        from bench.decode_sweep import sweep_configs
 
-        g, m, rows = self.paged(64, 4096), self.m, []
+        g, m = self.paged(64, 4096), self.m
         q, cl = self.rand(64, m["H"], m["D"]), jnp.full((64,), 4096, jnp.int32)
         nbytes = 2 * 64 * 4096 * m["K"] * m["D"] * 2
-        for bk, nw, ns, splits in CONFIGS:
-            fn = lambda q_, k_, v_, bt_, c_: pk.paged_decode_attention(
-                q_, k_, v_, bt_, c_, scale=0.088, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
-            try:
-                ms_ = self.t(fn, q, g["k"], g["v"], g["bt"], cl)
-            except Exception as exc:  # noqa: BLE001 - e.g. a block that overflows shared memory
-                rows.append({"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits,
-                             "error": str(exc)[:300]})
-                continue
-            rows.append({"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits, "ms": ms_,
-                         "gbps": nbytes / ms_ / 1e6, "vs_copy": nbytes / ms_ / 1e6 / copy_gbps})
-            print(rows[-1], flush=True)
-        return rows
+        return sweep_configs((q, g["k"], g["v"], g["bt"], cl), nbytes, copy_gbps, 0.088, self.t)
 
     def sweep(self) -> dict[str, Any]:
         """Time vs program count (1/8 .. 8/8 of the SMs) for one representative shape each."""
