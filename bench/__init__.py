@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -38,18 +39,25 @@ def time_fn(fn: Callable[..., Any], *args: Any, iters: int = 20, repeats: int = 
     return statistics.median(samples)
 
 
-def chained(fn: Callable[..., Any], reps: int, thread: int = 0) -> Callable[..., Any]:
+def chained(fn: Callable[..., Any], reps: int, thread: int = 0,
+            rotate: tuple[int, ...] = ()) -> Callable[..., Any]:
     """One jitted program of `reps` dependent calls of fn, to time device work alone.
 
     Back-to-back jitted calls of a ~20 us kernel measure Python dispatch, not the GPU.
     thread=0: each call's first argument gets one element of the previous output
     patched in (a data dependency, so XLA can neither hoist nor merge the calls);
     thread=k: the k outputs replace the first k arguments (in-place cache kernels).
+    rotate: positions of arguments passed as a tuple of copies; call i takes copy
+    i % len, so operands smaller than the L2 cache are not re-read from it (in a model
+    each layer's weights come from HBM).
     """
     def run(*args: Any) -> Any:
         args = list(args)
+        copies = {i: args[i] for i in rotate}
         out = None
-        for _ in range(reps):
+        for rep in range(reps):
+            for i, c in copies.items():
+                args[i] = c[rep % len(c)]
             out = fn(*args)
             if thread:
                 args[:thread] = list(out) if thread > 1 else [out]
@@ -64,9 +72,22 @@ def chained(fn: Callable[..., Any], reps: int, thread: int = 0) -> Callable[...,
 
 
 def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 0,
-              repeats: int = 5) -> float:
-    """Per-call device time (ms) of fn from a chain of `reps` dependent calls."""
-    return time_fn(chained(fn, reps, thread), *args, iters=3, repeats=repeats) / reps
+              repeats: int = 5, min_sample_ms: float = 3.0, rotate: tuple[int, ...] = ()) -> float:
+    """Per-call device time (ms) of fn from a chain of `reps` dependent calls.
+
+    Each sample runs the chained program enough times back to back to last at least
+    `min_sample_ms`, so the one dispatch latency a sample cannot hide is a small share
+    of it (3 runs of a 5-call chain of 40 us kernels would be 0.6 ms, ~10% latency).
+    """
+    run = chained(fn, reps, thread, rotate)
+    once = time_fn(run, *args, iters=1, repeats=1)
+    iters = max(3, min(200, int(min_sample_ms / max(once, 1e-3)) + 1))
+    return time_fn(run, *args, iters=iters, repeats=repeats) / reps
+
+
+def nanoflow_env() -> dict[str, str]:
+    """The NANOFLOW_* environment (e.g. a GEMM table) a result was measured under."""
+    return {k: v for k, v in os.environ.items() if k.startswith("NANOFLOW_")}
 
 
 def run_metadata(module: str = "bench.kernels") -> dict[str, Any]:
@@ -86,6 +107,7 @@ def run_metadata(module: str = "bench.kernels") -> dict[str, Any]:
         "python": sys.version.split()[0],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "env": nanoflow_env(),
     }
 
 
@@ -134,17 +156,30 @@ def _torch_time(torch: Any, fn: Callable[[], Any], iters: int = 20, repeats: int
     return statistics.median(samples)
 
 
+L2_BYTES = 60 << 20  # H100/H200 L2 cache (50 MB on the H100 SXM, 60 MB on the H200)
+
+
+def cold_copies(nbytes: int) -> int:
+    """Copies of an operand of nbytes to rotate through so that successive calls never
+    find it in L2: together at least twice the L2 size (at most 8)."""
+    return max(1, min(8, -(-2 * L2_BYTES // max(nbytes, 1))))
+
+
 def library_gemm_ms(m: int, n: int, k: int) -> dict[str, float]:
-    """x [m, k] @ w [k, n] in bf16 through XLA and through cuBLAS (PyTorch): ms each."""
-    kx, kw = jax.random.split(jax.random.key(1))
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-    w = jax.random.normal(kw, (k, n), jnp.bfloat16)
-    res = {"xla_ms": device_ms(jnp.dot, x, w)}
+    """x [m, k] @ w [k, n] in bf16 through XLA and through cuBLAS (PyTorch): ms each,
+    with the weight rotated through cold_copies() copies as in a model's layers."""
+    copies = cold_copies(2 * k * n)
+    keys = jax.random.split(jax.random.key(1), copies + 1)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    ws = tuple(jax.random.normal(kw, (k, n), jnp.bfloat16) for kw in keys[1:])
+    res = {"xla_ms": device_ms(jnp.dot, x, ws, reps=max(10, copies), rotate=(1,))}
     torch = torch_module()
     if torch is not None:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-        res["cublas_ms"] = _torch_time(torch, lambda: a @ b)
+        bs = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        calls = iter(range(1 << 62))
+        res["cublas_ms"] = _torch_time(torch, lambda: a @ bs[next(calls) % copies])
+        del bs
     res["best_ms"] = min(res.values())
     return res
 

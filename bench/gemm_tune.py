@@ -5,7 +5,9 @@
 For each dense batch M and each of the model's four GEMMs (QKV, O + residual,
 gate/up + SiLU, down + residual) it times `pallas_kernels.gemm_mgpu` under a set
 of candidate configurations (warpgroup split, tile, pipeline depth, delayed
-release, tile order, residual staging slots, split K at M <= 512), checks each result against XLA's
+release, tile order, residual staging slots, tiles chained in one pipeline, 128-deep K
+steps,
+split K at M <= 512), checks each result against XLA's
 dot, and reports the best next to the faster of XLA's dot and cuBLAS on the same
 shape. `choose_config` in pallas_kernels/gemm_mgpu.py is set from these results.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench import device_ms, library_gemm_ms, rel_err, run_metadata
+from bench import cold_copies, device_ms, library_gemm_ms, rel_err, run_metadata
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
 from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config
@@ -30,13 +32,16 @@ from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 E, F, QKV = 4096, 14336, 6144
 SHAPES = {"qkv": (E, QKV), "o_res": (E, E), "gate_up_silu": (E, F), "down_res": (F, E)}
+STEPS = ("tiles", "release", "chain", "tile_k", "slots", "order", "split")
 SMOKE_SHAPES = {"qkv": (64, 384), "o_res": (64, 256), "gate_up_silu": (64, 128), "down_res": (128, 256)}
 
 
-def deepest(cfg: MgpuConfig, silu: bool) -> MgpuConfig | None:
-    """cfg with the deepest TMA pipeline that fits in shared memory (None: none fits)."""
+def deepest(cfg: MgpuConfig, silu: bool, k_iters: int = 0) -> MgpuConfig | None:
+    """cfg with the deepest TMA pipeline that fits in shared memory (None: none fits);
+    chained tiles also need the K steps per tile (k_iters) to divide into stages."""
     fits = [s for s in (2, 3, 4, 5, 6)
-            if dataclasses.replace(cfg, stages=s).smem_bytes(silu) <= SMEM_BYTES]
+            if dataclasses.replace(cfg, stages=s).smem_bytes(silu) <= SMEM_BYTES
+            and not (cfg.chain_tiles and k_iters % s)]
     return dataclasses.replace(cfg, stages=max(fits)) if fits else None
 
 
@@ -60,7 +65,11 @@ class ShapeTuner:
         k1, k2, k3, k4 = jax.random.split(key, 4)
         rnd = lambda k, *s, scale=1.0: (jax.random.normal(k, s, jnp.float32) * scale).astype(jnp.bfloat16)  # noqa: E731
         x, w, extra, r = rnd(k1, m, kd), rnd(k2, kd, nd, scale=1 / 30), rnd(k3, kd, nd, scale=1 / 30), rnd(k4, m, nd)
-        self.args = (x, w, extra if self.silu else r)
+        # Weights rotate through copies that together exceed L2, as a model's layers do.
+        self.copies = 1 if smoke else cold_copies(2 * kd * nd * (2 if self.silu else 1))
+        ws = (w,) + tuple(w + 0 * i for i in range(1, self.copies))
+        self.args = (x, ws, tuple(extra + 0 * i for i in range(self.copies)) if self.silu else r)
+        self.rotate = (1, 2) if self.silu else (1,)
         self.flops = 2 * m * kd * nd * (2 if self.silu else 1)
         self.lib = library_gemm_ms(m, nd * (2 if self.silu else 1), kd)
         self.want = (ref.gemm_silu_mul(x, w, extra) if self.silu
@@ -81,9 +90,10 @@ class ShapeTuner:
             return
         row: dict[str, Any] = {"config": dataclasses.asdict(cfg), "default": default}
         try:
-            row["err"] = rel_err(jax.jit(self.fn(cfg))(*self.args), self.want)
-            row["ms"] = device_ms(self.fn(cfg), *self.args, reps=1 if self.interpret else 5,
-                                  repeats=1 if self.interpret else 3)
+            first = [a[0] if i in self.rotate else a for i, a in enumerate(self.args)]
+            row["err"] = rel_err(jax.jit(self.fn(cfg))(*first), self.want)
+            row["ms"] = device_ms(self.fn(cfg), *self.args, reps=1 if self.interpret else max(5, self.copies),
+                                  repeats=1 if self.interpret else 3, rotate=self.rotate)
             row["tflops"] = self.flops / row["ms"] / 1e9
             row["vs_library"] = self.lib["best_ms"] / row["ms"]
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
@@ -97,31 +107,63 @@ class ShapeTuner:
     def ranked(self) -> list[MgpuConfig]:
         return [MgpuConfig(**r["config"]) for r in self.ranked_rows()]
 
-    def search(self, deadline: float) -> dict[str, Any]:
+    def search(self, deadline: float, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
+        """Times the committed choice, then each search step in `steps` (STEPS order)."""
         self.deadline = deadline
         self.time(choose_config(self.m, self.n, self.silu, self.has_res,
                                 num_sms()), default=True)
-        for cfg in tiles(self.n, self.silu):  # 1: tiles, delayed release, deepest pipeline
-            if not (self.interpret and self.rows[1:]):
-                self.time(deepest(cfg, self.silu))
-        for cfg in self.ranked()[:2]:  # 2: the best two without delay / with 4 residual slots
-            self.time(deepest(dataclasses.replace(cfg, delay_release=0), self.silu))
-            if self.has_res:
+        if "tiles" in steps:  # warpgroup tiles, delayed release, deepest pipeline
+            for cfg in tiles(self.n, self.silu):
+                if not (self.interpret and self.rows[1:]):
+                    self.time(deepest(cfg, self.silu))
+        for cfg in self.ranked()[:2]:  # the best two without delay, chained, 4 residual slots
+            if "release" in steps:
+                self.time(deepest(dataclasses.replace(cfg, delay_release=0), self.silu))
+            if "chain" in steps:
+                self.time(deepest(dataclasses.replace(cfg, delay_release=0, chain_tiles=True),
+                                  self.silu, self.k // cfg.tile_k))
+            if "tile_k" in steps:  # 128-deep K steps: half the pipeline round trips per byte
+                self.time(deepest(dataclasses.replace(cfg, tile_k=128), self.silu, self.k // 128))
+            if "slots" in steps and self.has_res:
                 self.time(deepest(dataclasses.replace(cfg, out_slots=4), self.silu))
         best = next(iter(self.ranked()), None)
-        for g in (4, 8) if best else ():  # 3: tile order
+        for g in (4, 8) if best and "order" in steps else ():  # tile order
             self.time(dataclasses.replace(best, group_m=g))
-        if self.m <= 512 and not self.silu:  # 4: split K, where few output tiles leave SMs idle
+        if "split" in steps and self.m <= 512 and not self.silu:  # split K: few output tiles
             for cfg in self.ranked()[:2]:
-                for splits in (2, 4):
-                    self.time(deepest(dataclasses.replace(cfg, k_splits=splits), self.silu))
+                for splits in (2, 4, 8) if self.m <= 128 else (2, 4):
+                    self.time(deepest(dataclasses.replace(cfg, k_splits=splits), self.silu,
+                                      self.k // (cfg.tile_k * splits)))
         top = next(iter(self.ranked_rows()), None)
         lib_tflops = self.flops / self.lib["best_ms"] / 1e9
+        default = self.rows[0].get("vs_library", float("nan")) if self.rows else float("nan")
         print(f"M={self.m:5d} {self.op:13s} library {lib_tflops:6.1f} TFLOP/s | default "
-              f"{self.rows[0].get('vs_library', float('nan')):.3f} | best "
+              f"{default:.3f} | best "
               f"{top['vs_library'] if top else float('nan'):.3f} {top and top['config']}", flush=True)
         return {"m": self.m, "op": self.op, "n": self.n, "k": self.k, "library": self.lib,
                 "library_tflops": lib_tflops, "rows": self.rows, "best": top}
+
+
+KIND = {"qkv": "plain", "o_res": "residual", "gate_up_silu": "silu", "down_res": "residual"}
+
+
+def best_table(shapes: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:
+    """Per kind of GEMM and M, the configuration with the least total time over that
+    kind's shapes (o_res and down_res share one), as `choose_config` reads it
+    ($NANOFLOW_GEMM_TABLE): {kind: [[M, config], ...]} by increasing M."""
+    table: dict[str, list[list[Any]]] = {}
+    for kind in dict.fromkeys(KIND.values()):
+        for m in sorted({sh["m"] for sh in shapes}):
+            runs = [sh for sh in shapes if sh["m"] == m and KIND[sh["op"]] == kind]
+            ok = [{json.dumps(r["config"], sort_keys=True): r["ms"] for r in sh["rows"]
+                   if "ms" in r and r["err"] < 1e-2} for sh in runs]
+            ok = [o for o in ok if o]
+            if not ok:
+                continue
+            common = set(ok[0]).intersection(*ok[1:])
+            pool = {c: sum(o[c] for o in ok) for c in common} or ok[0]
+            table.setdefault(kind, []).append([m, json.loads(min(pool, key=pool.get))])
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ms", default="128,256,512,1024,2048")
     ap.add_argument("--ops", default=",".join(SHAPES))
     ap.add_argument("--budget-s", type=float, default=400.0)
+    ap.add_argument("--steps", default=",".join(STEPS), help="search steps to run, of " + ",".join(STEPS))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
+    ap.add_argument("--table-out", help="also write the winners as a table for $NANOFLOW_GEMM_TABLE")
     a = ap.parse_args(argv)
+    if unknown := set(a.steps.split(",")) - set(STEPS):
+        ap.error(f"unknown --steps {sorted(unknown)}; choose from {','.join(STEPS)}")
     seed = int(time.time())
     res: dict[str, Any] = {"meta": {**run_metadata("bench.gemm_tune"), "seed": seed}, "shapes": []}
     key = jax.random.key(seed)
@@ -139,8 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     for m in (int(v) for v in a.ms.split(",")):
         for op in a.ops.split(","):
             key, sub = jax.random.split(key)
-            res["shapes"].append(ShapeTuner(m, op, sub, a.smoke).search(deadline))
+            res["shapes"].append(ShapeTuner(m, op, sub, a.smoke).search(deadline, tuple(a.steps.split(","))))
             Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+            if a.table_out:
+                Path(a.table_out).write_text(json.dumps(
+                    {"meta": res["meta"], "configs": best_table(res["shapes"])}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import library_gemm_ms, run_metadata
+from bench import library_gemm_ms, nanoflow_env, run_metadata
 from nanoflow_jax.config import KERNEL_SETS
 
 
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas, but XLA's GEMMs")
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
-    p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=0, help="one QKV GEMM instead of three")
+    p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=1, help="one QKV GEMM instead of three (0: three, the ablation)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = run_metadata("bench.throughput") if jax.default_backend() == "gpu" else {}
     result: dict[str, Any] = {
         "command": "python -m bench.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "env": nanoflow_env(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": meta.get("device_nvidia_smi", jax.devices()[0].device_kind), "jax": jax.__version__,
         "python": platform.python_version(),

@@ -2,11 +2,17 @@
 
 `MgpuConfig` is one launch; `choose_config` returns the configuration an H200 search
 measured best for the kind of GEMM and M (`bench.gemm_tune`), else a wave-model tile.
+A table written by `bench.gemm_tune --table-out` on the machine at hand, named by
+$NANOFLOW_GEMM_TABLE, replaces the committed one for the M it covers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +31,15 @@ class MgpuConfig:
     group_m: int = 0    # tile order: CTAs walk groups of group_m M-tiles (0: all M first)
     out_slots: int = 2  # output staging slots per warpgroup (the residual is prefetched into them)
     k_splits: int = 1   # split K: f32 partial products summed (with bias/residual) by XLA after
+    # One TMA pipeline across a CTA's tiles: the producer loads the next tile's operands
+    # while the compute warpgroups run this tile's epilogue. Used where the K steps per
+    # tile divide into `stages`; Mosaic's pipeline chaining excludes delayed release.
+    chain_tiles: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chain_tiles and self.delay_release:
+            raise ValueError("chain_tiles needs delay_release=0 (Mosaic cannot chain "
+                             "pipelines that release operands late)")
 
     @property
     def cta_m(self) -> int:
@@ -52,30 +67,62 @@ _PLAIN_TILES = ((128, 128, 1.0), (128, 64, 0.88), (64, 64, 0.75))
 _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 
 
-# The H200 search's winners at full grid (bench/results/gemm_tune_h200*.json), per kind
-# of GEMM and dense batch M (first row with M <= its bound). vs the previous wave-model
-# choice: QKV at M >= 1024 0.49-0.58 -> 0.73-0.81 of the library; the residual GEMMs at
-# M <= 512 0.45-0.50 -> 0.53-0.68; gate/up+SiLU 0.77-0.95 -> 0.84-0.98.
+# The H200 searches' winners at full grid (bench/results/gemm_tune*_h200.json), per kind
+# of GEMM and dense batch M (first row with M <= its bound). Small-M timings vary by up
+# to 2x between runs, so rows there are the configurations best on average over runs.
+# vs the wave-model choice: QKV at M >= 1024 0.49-0.58 -> 0.73-0.87 of the library;
+# the residual GEMMs at M <= 512 0.32-0.50 -> 0.48-0.77 and, chained, at M = 1024
+# 0.64/0.76 -> 0.73/0.88; gate/up+SiLU 0.77-0.95 -> 0.84-0.98. The M = 128 (decode)
+# rows are `bench.gemm_tune --table-out` winners with the weights rotated past L2
+# (gemm_table_m128_h200.json): split K lifts O + residual from 0.45 to 0.71 and the
+# engine from 15,410 to 16,683 tokens/s in one run (throughput_*_m128table_h200_s7.json).
 _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
-    "plain": ((256, MgpuConfig(tile_m=128, tile_n=64, stages=4)),
+    "plain": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)),
+              (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
               (512, MgpuConfig(tile_m=128, tile_n=128, stages=4, delay_release=1)),
               (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"))),
     "silu": ((512, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"))),
-    "residual": ((512, MgpuConfig(tile_m=128, tile_n=64, stages=6, delay_release=1)),
-                 (float("inf"), MgpuConfig(tile_m=128, tile_n=128, stages=3))),
+    "residual": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=4)),
+                 (512, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
+                 (float("inf"), MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True))),
 }
+
+
+TABLE_ENV = "NANOFLOW_GEMM_TABLE"
+
+
+@functools.lru_cache(maxsize=8)
+def load_table(path: str) -> dict[str, tuple[tuple[float, MgpuConfig], ...]]:
+    """A `bench.gemm_tune --table-out` file: {"configs": {kind: [[max_m, config], ...]}}."""
+    try:
+        rows = json.loads(Path(path).read_text())["configs"]
+        return {kind: tuple(sorted(((float(b), MgpuConfig(**c)) for b, c in entries), key=lambda r: r[0]))
+                for kind, entries in rows.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"${TABLE_ENV}={path} is not a GEMM table from `python -m bench.gemm_tune "
+                         f"--table-out` ({exc}); fix the file or unset ${TABLE_ENV}") from exc
+
+
+def _tuned_rows(kind: str, m: int) -> tuple[tuple[float, MgpuConfig], ...]:
+    """The measured table's rows for this kind where it covers M, else the committed ones."""
+    path = os.environ.get(TABLE_ENV)
+    rows = load_table(path).get(kind, ()) if path else ()
+    return rows if rows and m <= rows[-1][0] else _TUNED[kind]
 
 
 def choose_config(m: int, n: int, silu: bool, has_res: bool, programs: int) -> MgpuConfig:
     """The measured configuration for this kind of GEMM when M is in the searched range
-    (>= 256) and N divides its CTA width; otherwise (decode-sized M, SmolLM2's 576-wide
+    (>= 128) and N divides its CTA width; otherwise (decode-sized M, SmolLM2's 576-wide
     N) the tile that minimises waves x tile cost on `programs` SMs (a simple model), so
     small batches still spread over many SMs."""
     kind = "silu" if silu else "residual" if has_res else "plain"
-    tuned = next(cfg for bound, cfg in _TUNED[kind] if m <= bound)
-    if m >= 256 and n % tuned.cta_n == 0:
-        return tuned
+    tuned = next(cfg for bound, cfg in _tuned_rows(kind, m) if m <= bound)
+    if m >= 128 and n % tuned.cta_n == 0:
+        tiles = -(-m // tuned.cta_m) * (n // tuned.cta_n)
+        # Split K only where the output tiles alone leave SMs idle (its partial sums
+        # cost an extra pass over M x N in f32).
+        return tuned if tiles < programs else dataclasses.replace(tuned, k_splits=1)
     best, best_cost = None, float("inf")
     for tm, tn, eff in (_SILU_TILES if silu else _PLAIN_TILES):
         if n % (2 * tn) and n >= 2 * tn * 8:

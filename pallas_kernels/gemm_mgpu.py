@@ -65,10 +65,13 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
                                      memory_space=plgpu.SMEM, delay_release=cfg.delay_release))
     groups_per_step = 2 if silu_mul else 1
 
-    def pipeline(body, context):
+    chain = cfg.chain_tiles and k_iters % cfg.stages == 0
+
+    def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, in_specs=specs, wg_axis="wg",
-            num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=context)
+            num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=context,
+            pipeline_state=state)
 
     noop = lambda *_, **__: None
     gmem_ins = (x_g, w_g) + ((u_g,) if silu_mul else ())
@@ -161,9 +164,20 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
                 return acc
 
             k_sl = pl.ds(k_split * k_iters * tk, k_iters * tk)
-            pipeline(mma, context)(x_g.at[pl.ds(m_idx * cm, cm), k_sl],
-                                   *(g.at[k_sl, pl.ds(n_idx * cn, cn)] for g in gmem_ins[1:]),
-                                   allocations=allocs)
+            tile_ins = (x_g.at[pl.ds(m_idx * cm, cm), k_sl],
+                        *(g.at[k_sl, pl.ds(n_idx * cn, cn)] for g in gmem_ins[1:]))
+            if not chain:
+                pipeline(mma, context)(*tile_ins, allocations=allocs)
+                return
+            # Chained: the first tile fills the pipeline, the last drains it, the ones
+            # between keep it running; a CTA with one tile does both (unchained).
+            first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+            state = jnp.where(first, int(plgpu.PipelinePipeline.START),
+                              jnp.where(last, int(plgpu.PipelinePipeline.STOP),
+                                        int(plgpu.PipelinePipeline.STEADY))).astype(jnp.int32)
+            lax.cond(first & last,
+                     lambda: pipeline(mma, context)(*tile_ins, allocations=allocs),
+                     lambda: pipeline(mma, context, state)(*tile_ins, allocations=allocs))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -28,7 +28,7 @@ class EngineConfig:
     seed: int = 0                       # seeds requests that bring no seed of their own
     async_scheduling: bool = dataclasses.field(default_factory=_env_async)
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas | hybrid
-    fuse_qkv: bool = False              # one QKV GEMM instead of three (off until measured on a GPU)
+    fuse_qkv: bool = True               # one QKV GEMM instead of three: +5% tokens/s on an H200 (Llama-3-8B)
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
     min_token_bucket: int = 16

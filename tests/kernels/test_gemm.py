@@ -144,3 +144,59 @@ def test_mosaic_split_k_refuses_silu(rng):
     x, w = rand(rng, 64, 128, dtype=jnp.bfloat16), rand(rng, 128, 128, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="k_splits"):
         gemm_mgpu(x, w, w_up=w, interpret=True, config=cfg)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_mosaic_chained_tiles(rng, silu):
+    """One TMA pipeline across each CTA's tiles (K = 4 steps, 2 stages): 5 M-tiles x
+    2 N-tiles over 3 programs gives CTAs 4 and 3 tiles; 7 programs leaves some with one
+    tile (unchained) and some with two (start + stop); and a residual epilogue between."""
+    cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=32, stages=2, epi_m=32, epi_n=32, chain_tiles=True)
+    x = rand(rng, 300, 128, dtype=jnp.bfloat16)
+    w, w2 = rand(rng, 128, 256, dtype=jnp.bfloat16, scale=0.2), rand(rng, 128, 256, dtype=jnp.bfloat16)
+    r = rand(rng, 300, 256, dtype=jnp.bfloat16)
+    for programs in (3, 7):
+        if silu:
+            out, want = (gemm_mgpu(x, w, w_up=w2, num_programs=programs, interpret=True, config=cfg),
+                         ref.gemm_silu_mul(x, w, w2))
+        else:
+            out, want = (gemm_mgpu(x, w, residual=r, num_programs=programs, interpret=True, config=cfg),
+                         ref.gemm(x, w, residual=r))
+        assert_close(out, want)
+
+
+def test_chained_tiles_refuse_delayed_release():
+    with pytest.raises(ValueError, match="delay_release"):
+        MgpuConfig(chain_tiles=True, delay_release=1)
+
+
+def test_split_k_only_where_tiles_leave_sms_idle():
+    from pallas_kernels.gemm_config import choose_config
+
+    few = choose_config(128, 4096, silu=False, has_res=True, programs=132)    # 32 tiles
+    many = choose_config(128, 65536, silu=False, has_res=True, programs=132)  # 512 tiles
+    assert few.k_splits > 1 and many.k_splits == 1
+    assert choose_config(128, 4096, silu=False, has_res=True, programs=16).k_splits == 1
+
+
+def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, monkeypatch):
+    """$NANOFLOW_GEMM_TABLE (a `bench.gemm_tune --table-out` file) wins for the M it
+    covers; beyond its largest M the committed table applies; a bad file is named."""
+    import dataclasses
+    import json
+
+    from pallas_kernels.gemm_config import TABLE_ENV, choose_config, load_table
+
+    mine = MgpuConfig(tile_m=128, tile_n=64, stages=3, group_m=4)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"configs": {"plain": [[512, dataclasses.asdict(mine)]]}}))
+    committed = choose_config(1024, 4096, False, False, 132)
+    monkeypatch.setenv(TABLE_ENV, str(path))
+    assert choose_config(300, 4096, False, False, 132) == mine
+    assert choose_config(1024, 4096, False, False, 132) == committed
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    load_table.cache_clear()
+    monkeypatch.setenv(TABLE_ENV, str(bad))
+    with pytest.raises(ValueError, match="bench.gemm_tune"):
+        choose_config(300, 4096, False, False, 132)
