@@ -165,6 +165,11 @@ def cold_copies(nbytes: int) -> int:
     return max(1, min(8, -(-2 * L2_BYTES // max(nbytes, 1))))
 
 
+def copies_of(a: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    """a and n - 1 copies of it in their own buffers (for `rotate`)."""
+    return (a,) + tuple(jnp.array(a, copy=True) for _ in range(n - 1))
+
+
 def library_gemm_ms(m: int, n: int, k: int) -> dict[str, float]:
     """x [m, k] @ w [k, n] in bf16 through XLA and through cuBLAS (PyTorch): ms each,
     with the weight rotated through cold_copies() copies as in a model's layers."""

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench import cold_copies, device_ms, library_gemm_ms, rel_err, run_metadata
+from bench import cold_copies, copies_of, device_ms, library_gemm_ms, rel_err, run_metadata
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
 from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config
@@ -67,8 +67,7 @@ class ShapeTuner:
         x, w, extra, r = rnd(k1, m, kd), rnd(k2, kd, nd, scale=1 / 30), rnd(k3, kd, nd, scale=1 / 30), rnd(k4, m, nd)
         # Weights rotate through copies that together exceed L2, as a model's layers do.
         self.copies = 1 if smoke else cold_copies(2 * kd * nd * (2 if self.silu else 1))
-        ws = (w,) + tuple(w + 0 * i for i in range(1, self.copies))
-        self.args = (x, ws, tuple(extra + 0 * i for i in range(self.copies)) if self.silu else r)
+        self.args = (x, copies_of(w, self.copies), copies_of(extra, self.copies) if self.silu else r)
         self.rotate = (1, 2) if self.silu else (1,)
         self.flops = 2 * m * kd * nd * (2 if self.silu else 1)
         self.lib = library_gemm_ms(m, nd * (2 if self.silu else 1), kd)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call: the GPU-marked tests, engine throughput on Llama-3-8B shapes with the
-# Pallas and the hybrid kernel sets (FUSE_QKV=0: also Pallas with three QKV GEMMs, the ablation), then
-# (time left) the GEMM configuration search at M >= 1024.
-# Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas xla'] [FUSE_QKV=0] [TUNE_MS=none] bash bench/gpu_session.sh
+# One device call: the GPU-marked tests; engine throughput on Llama-3-8B shapes per kernel
+# set; then (TUNE_MS) the GEMM configuration search with the weights rotated past L2,
+# whose winners ($OUT/gemm_table.json) get a second Pallas throughput run in the same
+# call through $NANOFLOW_GEMM_TABLE (copy them into _TUNED when they win); FUSE_QKV=0
+# adds the three-GEMM QKV ablation, PROFILE=1 the decode-step breakdown.
+# Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas hybrid'] [TUNE_MS=256,512|none]
+#   [TUNE_STEPS=tiles,chain,split] [FUSE_QKV=0] [PROFILE=1] bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
@@ -15,9 +18,15 @@ throughput() {  # $1: result name; the rest: extra bench.throughput flags
     --token-buckets 128,2048 --num-kv-pages 16384 "$@" \
     --out "$OUT/throughput_llama3_8b_${name}.json" 2>&1 | grep -v "^WARNING" | tail -6 | tee -a "$OUT/throughput.log"
 }
-for k in ${KERNEL_SETS:-pallas hybrid}; do throughput "$k" --kernels "$k"; done
+for k in ${KERNEL_SETS:-pallas}; do throughput "$k" --kernels "$k"; done
 if [ "${FUSE_QKV:-1}" = 0 ]; then throughput pallas_unfused_qkv --kernels pallas --fuse-qkv 0; fi
-if [ "${TUNE_MS:-1024,2048}" != none ]; then
-  timeout 160 python3 -m bench.gemm_tune --ms "${TUNE_MS:-1024,2048}" --budget-s 120 --out "$OUT/gemm_tune2.json" 2>&1 \
-    | grep "^M=" | tee "$OUT/gemm_tune2.log"
+if [ "${TUNE_MS:-256,512}" != none ]; then
+  timeout 260 python3 -m bench.gemm_tune --ms "${TUNE_MS:-256,512}" --steps "${TUNE_STEPS:-tiles,chain,split}" \
+    --budget-s 230 --out "$OUT/gemm_tune.json" --table-out "$OUT/gemm_table.json" 2>&1 | grep "^M=" | tee "$OUT/gemm_tune.log"
+  if [ -f "$OUT/gemm_table.json" ]; then
+    NANOFLOW_GEMM_TABLE="$OUT/gemm_table.json" throughput pallas_gemm_table --kernels pallas
+  fi
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  timeout 200 python3 -m bench.step_profile --out "$OUT/step_profile.json" 2>&1 | grep -v "^WARNING" | tail -16
 fi

@@ -4,8 +4,9 @@
 
 One decode iteration (every row one new token after `ctx` cached ones) of forward_paged
 with the given kernel set, timed as a chain of steps with the cache donated (as the
-engine runs it); then each op of one layer timed alone on the same shapes (bench.device_ms)
-and multiplied by the layer count. The gap between the two is launch gaps, glue ops
+engine runs it); then each op of one layer timed alone on the same shapes (bench.device_ms,
+weights rotated over successive layers so they come from HBM as in the step) and
+multiplied by the layer count. The gap between the two is launch gaps, glue ops
 (reshapes, the embedding gather, the LM head, the sampler's inputs) and what the ops
 lose when run back to back. `--smoke`: a tiny config on CPU with the XLA ops.
 """
@@ -23,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import device_ms, run_metadata
+from bench import cold_copies, device_ms, run_metadata
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models.llama import forward_paged, lm_head
 from nanoflow_jax.models.ops import get_ops
 from nanoflow_jax.models.paged import BatchInputs, allocate_kv_cache
-from nanoflow_jax.models.params import init_params
+from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.models.params import fuse_qkv, init_params
 
 PAGE = 16
 
@@ -64,10 +66,20 @@ def step_ms(params: Any, cache: Any, batch: BatchInputs, cfg: ModelConfig, kerne
 
 
 def layer_ops(cfg: ModelConfig, kernels: str, params: Any, cache: Any,
-              batch: BatchInputs) -> dict[str, tuple[Callable, tuple]]:
-    """One layer's ops on the step's shapes: name -> (fn, args), as forward_paged calls them."""
+              batch: BatchInputs) -> dict[str, tuple[Callable, tuple, tuple[int, ...]]]:
+    """One layer's ops on the step's shapes: name -> (fn, args, rotated argument positions),
+    as forward_paged calls them. Weights are tuples of successive layers' matrices, enough
+    to exceed L2 together (bench.cold_copies), which the timing chain rotates through as
+    the model does; a single layer's 8-32 MB matrix would stay in the 60 MB L2."""
     ops = get_ops(kernels)
-    lp = jax.tree.map(lambda a: a[0], params["layers"])
+    stacked = params["layers"]
+
+    def per_layer(*names: str) -> tuple[jax.Array, ...]:
+        n = min(cfg.num_layers, cold_copies(sum(stacked[k][0].nbytes for k in names)))
+        return tuple(jnp.concatenate([stacked[k][i] for k in names], -1) if len(names) > 1
+                     else stacked[names[0]][i] for i in range(n))
+
+    lp = jax.tree.map(lambda a: a[0], stacked)
     rows, e = batch.token_ids.shape[0], cfg.hidden_size
     key = jax.random.key(0)
     x = jax.random.normal(key, (rows, e), jnp.float32).astype(cache.k.dtype)
@@ -80,21 +92,22 @@ def layer_ops(cfg: ModelConfig, kernels: str, params: Any, cache: Any,
     # size, and the timing chain (not donated) would otherwise copy the whole cache.
     small = allocate_kv_cache(dataclasses.replace(cfg, num_layers=1), rows // PAGE + 2, PAGE, x.dtype)
     slots = PAGE + jnp.arange(rows, dtype=jnp.int32)
+    linear = lambda a, w: ops.linear(a, w)  # noqa: E731
+    linear_res = lambda a, w, r: ops.linear(a, w, residual=r)  # noqa: E731
     return {
-        "rms_norm": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["attn_norm"])),
-        "q_proj": (lambda a, w: ops.linear(a, w), (x, lp["wq"])),
-        "k_proj": (lambda a, w: ops.linear(a, w), (x, lp["wk"])),
-        "v_proj": (lambda a, w: ops.linear(a, w), (x, lp["wv"])),
-        # EngineConfig.fuse_qkv's one GEMM (not in the sum below: it replaces q/k/v_proj)
-        "qkv_fused": (lambda a, w: ops.linear(a, w), (x, jnp.concatenate([lp["wq"], lp["wk"], lp["wv"]], -1))),
-        "rope_q": (lambda a, p: ops.rope(a, p, cfg), (q, batch.positions)),
-        "rope_k": (lambda a, p: ops.rope(a, p, cfg), (kv, batch.positions)),
-        "write_kv": (lambda kc, vc, a: ops.write_kv(kc, vc, layer, a, a, slots), (small.k, small.v, kv)),
-        "attention": (lambda a, kc, vc: ops.attention(a, kc, vc, layer, batch, cfg), (q, cache.k, cache.v)),
-        "o_proj_residual": (lambda a, w, r: ops.linear(a, w, residual=r), (attn, lp["wo"], x)),
-        "rms_norm_mlp": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["mlp_norm"])),
-        "gate_up_silu": (lambda a, g, u: ops.gate_up(a, g, u), (x, lp["w_gate"], lp["w_up"])),
-        "down_residual": (lambda a, w, r: ops.linear(a, w, residual=r), (act, lp["w_down"], x)),
+        "rms_norm": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["attn_norm"]), ()),
+        "q_proj": (linear, (x, per_layer("wq")), (1,)),
+        "k_proj": (linear, (x, per_layer("wk")), (1,)),
+        "v_proj": (linear, (x, per_layer("wv")), (1,)),
+        "qkv_fused": (linear, (x, per_layer("wq", "wk", "wv")), (1,)),  # EngineConfig.fuse_qkv
+        "rope_q": (lambda a, p: ops.rope(a, p, cfg), (q, batch.positions), ()),
+        "rope_k": (lambda a, p: ops.rope(a, p, cfg), (kv, batch.positions), ()),
+        "write_kv": (lambda kc, vc, a: ops.write_kv(kc, vc, layer, a, a, slots), (small.k, small.v, kv), ()),
+        "attention": (lambda a, kc, vc: ops.attention(a, kc, vc, layer, batch, cfg), (q, cache.k, cache.v), ()),
+        "o_proj_residual": (linear_res, (attn, per_layer("wo"), x), (1,)),
+        "rms_norm_mlp": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["mlp_norm"]), ()),
+        "gate_up_silu": (lambda a, g, u: ops.gate_up(a, g, u), (x, per_layer("w_gate"), per_layer("w_up")), (1, 2)),
+        "down_residual": (linear_res, (act, per_layer("w_down"), x), (1,)),
     }
 
 
@@ -106,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--ctx", type=int, default=640)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=int(EngineConfig().fuse_qkv),
+                    help="one QKV GEMM as the engine runs it by default (0: three)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, XLA ops, CPU")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -116,23 +131,24 @@ def main(argv: list[str] | None = None) -> None:
         cfg, dtype = ModelConfig.from_name(a.model), "bfloat16"
     rng = np.random.default_rng(int(time.time()))
     res: dict[str, Any] = {"meta": run_metadata("bench.step_profile"), "model": a.model, "kernels": a.kernels,
-                           "rows": a.rows, "ctx": a.ctx}
+                           "rows": a.rows, "ctx": a.ctx, "fuse_qkv": bool(a.fuse_qkv)}
     params = init_params(cfg, jax.random.key(1), dtype)
     batch, pages = decode_batch(cfg, a.rows, a.ctx, rng)
     cache = allocate_kv_cache(cfg, pages, PAGE, jnp.dtype(dtype))
     res["ops_ms_per_layer"] = {}
-    for name, (fn, args) in layer_ops(cfg, a.kernels, params, cache, batch).items():
+    for name, (fn, args, rotate) in layer_ops(cfg, a.kernels, params, cache, batch).items():
         thread = 2 if name == "write_kv" else 0
         res["ops_ms_per_layer"][name] = device_ms(fn, *args, reps=2 if a.smoke else 10, thread=thread,
-                                                  repeats=1 if a.smoke else 3)
+                                                  repeats=1 if a.smoke else 3, rotate=rotate)
         print(name, f"{res['ops_ms_per_layer'][name] * 1e3:.1f} us", flush=True)
         Path(a.out).write_text(json.dumps(res, indent=1))
     x = jax.random.normal(jax.random.key(2), (a.rows, cfg.hidden_size), jnp.float32).astype(dtype)
     res["lm_head_ms"] = device_ms(lambda h, p: lm_head(p, h, cfg), x, params, reps=2 if a.smoke else 10,
                                   repeats=1 if a.smoke else 3)
-    per_layer = sum(v for k, v in res["ops_ms_per_layer"].items() if k != "qkv_fused")
+    unused = {"q_proj", "k_proj", "v_proj"} if a.fuse_qkv else {"qkv_fused"}
+    per_layer = sum(v for k, v in res["ops_ms_per_layer"].items() if k not in unused)
     res["sum_of_ops_ms"] = cfg.num_layers * per_layer + res["lm_head_ms"]
-    res["step_ms"] = step_ms(params, cache, batch, cfg, a.kernels, a.steps)
+    res["step_ms"] = step_ms(fuse_qkv(params) if a.fuse_qkv else params, cache, batch, cfg, a.kernels, a.steps)
     print(f"step {res['step_ms']:.2f} ms, sum of ops {res['sum_of_ops_ms']:.2f} ms", flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
 

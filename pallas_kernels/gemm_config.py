@@ -105,10 +105,11 @@ def load_table(path: str) -> dict[str, tuple[tuple[float, MgpuConfig], ...]]:
 
 
 def _tuned_rows(kind: str, m: int) -> tuple[tuple[float, MgpuConfig], ...]:
-    """The measured table's rows for this kind where it covers M, else the committed ones."""
+    """The measured table's rows for this kind where it covers M (from its smallest to
+    its largest searched M), else the committed ones."""
     path = os.environ.get(TABLE_ENV)
     rows = load_table(path).get(kind, ()) if path else ()
-    return rows if rows and m <= rows[-1][0] else _TUNED[kind]
+    return rows if rows and rows[0][0] <= m <= rows[-1][0] else _TUNED[kind]
 
 
 def choose_config(m: int, n: int, silu: bool, has_res: bool, programs: int) -> MgpuConfig:

@@ -187,13 +187,16 @@ def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, m
 
     from pallas_kernels.gemm_config import TABLE_ENV, choose_config, load_table
 
-    mine = MgpuConfig(tile_m=128, tile_n=64, stages=3, group_m=4)
+    small, mine = MgpuConfig(tile_m=64, tile_n=64), MgpuConfig(tile_m=128, tile_n=64, stages=3, group_m=4)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"configs": {"plain": [[512, dataclasses.asdict(mine)]]}}))
-    committed = choose_config(1024, 4096, False, False, 132)
+    path.write_text(json.dumps({"configs": {"plain": [[256, dataclasses.asdict(small)],
+                                                      [512, dataclasses.asdict(mine)]]}}))
+    committed = {m: choose_config(m, 4096, False, False, 132) for m in (128, 1024)}
     monkeypatch.setenv(TABLE_ENV, str(path))
+    assert choose_config(256, 4096, False, False, 132) == small
     assert choose_config(300, 4096, False, False, 132) == mine
-    assert choose_config(1024, 4096, False, False, 132) == committed
+    for m, cfg in committed.items():  # outside the table's searched range: committed rows
+        assert choose_config(m, 4096, False, False, 132) == cfg
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     load_table.cache_clear()
