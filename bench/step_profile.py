@@ -46,7 +46,8 @@ def decode_batch(cfg: ModelConfig, rows: int, ctx: int, rng: np.random.Generator
         slot_mapping=jnp.asarray(pages[idx, pos // PAGE] * PAGE + pos % PAGE), token_seq=jnp.asarray(idx),
         query_start=jnp.arange(rows + 1, dtype=jnp.int32), query_len=jnp.ones(rows, jnp.int32),
         context_len=jnp.full(rows, ctx + 1, jnp.int32), block_table=jnp.asarray(pages),
-        logits_index=jnp.asarray(idx), num_decode=jnp.asarray(rows, jnp.int32))
+        logits_index=jnp.asarray(idx), num_decode=jnp.asarray(rows, jnp.int32),
+        decode_only=EngineConfig().decode_only_steps)  # as the engine runs a pure-decode batch
     return batch, rows * width + 1
 
 

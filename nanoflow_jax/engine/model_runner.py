@@ -37,22 +37,23 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_decode: Any,
-                 token_ids: Any = None) -> BatchInputs:
+                 token_ids: Any = None, decode_only: bool = False) -> BatchInputs:
     """`BatchInputs` from the packed arrays of `ModelRunner.prepare` (token_ids may be replaced)."""
     return BatchInputs(token_ids=tok[0] if token_ids is None else token_ids, positions=tok[1],
                        slot_mapping=tok[2], token_seq=tok[3], query_start=query_start, query_len=seq_i[0],
                        context_len=seq_i[1], block_table=block_table, logits_index=seq_i[2],
-                       num_decode=num_decode)
+                       num_decode=num_decode, decode_only=decode_only)
 
 
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
-          prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str) -> tuple[jax.Array, KVCache]:
+          prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str,
+          decode_only: bool = False) -> tuple[jax.Array, KVCache]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
     token_ids = jnp.where(gather >= 0, prev_tokens[jnp.maximum(gather, 0)], tok[0])
-    batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids)
+    batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids, decode_only)
     logits, cache = forward_paged(params, cache, batch, cfg, kernels)
     p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
                        top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5])
@@ -119,7 +120,10 @@ class ModelRunner:
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         self.token_buckets = cfg.resolved_token_buckets()
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only"), donate_argnums=(1,))
+        # Pure-decode batches get their own step where that changes the kernels launched
+        # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
+        self.decode_only_steps = cfg.decode_only_steps and resolve_kernels(cfg.kernels) != "xla"
         self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
         self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
         self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
@@ -134,9 +138,9 @@ class ModelRunner:
                 jax.ShapeDtypeStruct((s, w), i32), jax.ShapeDtypeStruct((), i32),
                 jax.ShapeDtypeStruct((self.cfg.max_num_seqs,), i32))
 
-    def _lower(self, cache: Any, t: int, w: int) -> Any:
+    def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
-                                  kernels=resolve_kernels(self.cfg.kernels))
+                                  kernels=resolve_kernels(self.cfg.kernels), decode_only=decode_only)
 
     def _step_temp_bytes(self, num_pages: int) -> int:
         """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""
@@ -150,11 +154,14 @@ class ModelRunner:
         """Compile every (T, W) bucket ahead of time, with a progress bar on stderr."""
         from tqdm import tqdm
 
-        keys = [(t, w) for t in self.token_buckets for w in self.width_buckets]
+        keys = [(t, w, False) for t in self.token_buckets for w in self.width_buckets]
+        if self.decode_only_steps:  # a pure-decode batch has at most max_num_seqs tokens
+            top = next((b for b in self.token_buckets if b >= self.cfg.max_num_seqs), self.token_buckets[-1])
+            keys += [(t, w, True) for t, w, _ in keys if t <= top]
         bar = tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not self.cfg.show_progress)
-        for t, w in bar:
-            bar.set_postfix_str(f"T={t} W={w}")
-            self._compiled[(t, w)] = self._lower(self.cache, t, w).compile()
+        for t, w, dec in bar:
+            bar.set_postfix_str(f"T={t} W={w}" + (" decode" if dec else ""))
+            self._compiled[(t, w, dec)] = self._lower(self.cache, t, w, dec).compile()
 
     def bucket_for(self, batch: ScheduledBatch) -> tuple[int, int]:
         width = max(len(r.seq.block_table) for r in batch.rows)
@@ -209,7 +216,8 @@ class ModelRunner:
 
     def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> jax.Array:
         """Launch one iteration; returns its sampled tokens [max_num_seqs] without waiting."""
-        key, arrays = self.prepare(batch)
+        (t, w), arrays = self.prepare(batch)
         prev = self._zero_tokens if prev_tokens is None else prev_tokens
-        out, self.cache = self._compiled[key](self.params, self.cache, *arrays, prev)
+        decode_only = self.decode_only_steps and batch.num_decode == len(batch.rows)
+        out, self.cache = self._compiled[(t, w, decode_only)](self.params, self.cache, *arrays, prev)
         return out

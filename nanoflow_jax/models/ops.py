@@ -148,7 +148,8 @@ class PallasOps(XlaOps):
                            interpret=self._interpret)
 
     def attention(self, q, k_cache, v_cache, layer, batch, cfg):
-        """Decode rows on the decode kernel, prefill chunks on the prefill kernel."""
+        """Decode rows on the decode kernel, prefill chunks on the prefill kernel (not
+        launched for a `decode_only` batch)."""
         import pallas_kernels as pk
 
         # The kernels see all layers as one pool of L * P pages and this layer's requests
@@ -164,6 +165,8 @@ class PallasOps(XlaOps):
         dec_ctx = jnp.where(rows < batch.num_decode, batch.context_len, 0)
         dec = pk.paged_decode_attention(q[:s], k_all, v_all, tables, dec_ctx, scale=scale,
                                         num_programs=self._np("decode_attention"), interpret=self._interpret)
+        if batch.decode_only:  # no prefill chunk: its kernel and the merge are skipped
+            return dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
         is_dec = jnp.arange(t) < batch.num_decode
         # Decode tokens get position -1 in the prefill kernel: they see no keys there.
         pre = pk.paged_prefill_attention(q, k_all, v_all, batch.token_seq, jnp.where(is_dec, -1, batch.positions),

@@ -58,6 +58,9 @@ class BatchInputs:
     block_table: jax.Array   # [S, W]
     logits_index: jax.Array  # [S]
     num_decode: jax.Array    # []
+    # Static: every row is one decode token (no prefill chunk), so the attention may skip
+    # its prefill kernel. A separate compiled step; False is always correct.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_tokens(self) -> int:

@@ -236,3 +236,23 @@ def test_fused_qkv_engine_matches_dense_reference(prompts16, reference16):
     """EngineConfig.fuse_qkv (one QKV GEMM) serves the same greedy tokens."""
     out = make_llm(fuse_qkv=True).generate(prompts16[:6], GREEDY)
     assert [o.outputs[0].token_ids for o in out] == reference16[:6]
+
+
+def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
+    """With Pallas kernels (interpreted here) pure-decode batches take their own compiled
+    step, which skips the prefill attention kernel, and the greedy tokens still match."""
+    llm = make_llm(kernels="pallas", max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    assert runner.decode_only_steps and any(dec for _, _, dec in runner._compiled)
+    used: list[bool] = []
+    dispatch = runner.dispatch
+
+    def spy(batch, prev):
+        used.append(batch.num_decode == len(batch.rows))
+        return dispatch(batch, prev)
+
+    runner.dispatch = spy
+    out = llm.generate(prompts16[:3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in out] == [r[:4] for r in reference16[:3]]
+    assert any(used) and not all(used)  # both kinds of step ran
+    assert not make_llm(kernels="xla").engine.runner.decode_only_steps  # one XLA path: no extra compile

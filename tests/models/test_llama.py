@@ -1,5 +1,7 @@
 """forward_dense against a float64 NumPy reference; forward_paged against forward_dense."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,28 @@ def test_pallas_kernels_match_xla_on_mixedpack_batch():
     got_logits, got_cache = forward_paged(params, cache, mixed, cfg, kernels="pallas")
     np.testing.assert_allclose(np.asarray(got_logits)[:3], np.asarray(ref_logits)[:3], rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(ref_cache.k), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_only_batch_skips_prefill_kernel_with_the_same_result():
+    """A pure-decode batch flagged decode_only (the Pallas attention then launches only
+    its decode kernel) gives the XLA reference's logits and cache, padding rows included."""
+    cfg = CONFIGS["llama"]
+    params = init_params(cfg, jax.random.key(_seed()))
+    rng = np.random.default_rng(_seed())
+    seqs = [rng.integers(0, cfg.vocab_size, size=n) for n in (7, 12, 3)]
+    ps, W = 4, 5
+    tables = np.split(rng.permutation(np.arange(1, 16)), 3)
+    cache = allocate_kv_cache(cfg, 16, ps)
+    _, cache = forward_paged(params, cache, pack_batch([(s, 0, len(s) - 1, t) for s, t in zip(seqs, tables)],
+                                                       ps, T=32, S=4, W=W), cfg)
+    dec = pack_batch([(s, len(s) - 1, 1, t) for s, t in zip(seqs, tables)], ps, T=8, S=4, W=W)
+    assert int(dec.num_decode) == 3
+    ref_logits, ref_cache = forward_paged(params, cache, dec, cfg, kernels="xla")
+    got_logits, got_cache = forward_paged(params, cache, dataclasses.replace(dec, decode_only=True), cfg,
+                                          kernels="pallas")
+    np.testing.assert_allclose(np.asarray(got_logits)[:3], np.asarray(ref_logits)[:3], rtol=2e-4, atol=2e-4)
+    # Page 0 is the null page, the padding tokens' write sink: its contents are not data.
+    np.testing.assert_allclose(np.asarray(got_cache.k)[:, 1:], np.asarray(ref_cache.k)[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernels", ["xla", "pallas"])
