@@ -27,7 +27,7 @@ import numpy as np
 from bench import cold_copies, device_ms, run_metadata
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models.llama import forward_paged, lm_head
-from nanoflow_jax.models.ops import get_ops
+from nanoflow_jax.models.ops import XlaOps, get_ops
 from nanoflow_jax.models.paged import BatchInputs, allocate_kv_cache
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.models.params import fuse_qkv, init_params
@@ -51,7 +51,8 @@ def decode_batch(cfg: ModelConfig, rows: int, ctx: int, rng: np.random.Generator
     return batch, rows * width + 1
 
 
-def step_ms(params: Any, cache: Any, batch: BatchInputs, cfg: ModelConfig, kernels: str, steps: int) -> float:
+def step_ms(params: Any, cache: Any, batch: BatchInputs, cfg: ModelConfig, kernels: str | XlaOps,
+            steps: int) -> float:
     """ms per decode step, cache donated and threaded through `steps` back-to-back calls."""
     fwd = jax.jit(lambda p, c, b: forward_paged(p, c, b, cfg, kernels), donate_argnums=(1,))
     logits, cache = fwd(params, cache, batch)
@@ -72,7 +73,7 @@ def layer_ops(cfg: ModelConfig, kernels: str, params: Any, cache: Any,
     as forward_paged calls them. Weights are tuples of successive layers' matrices, enough
     to exceed L2 together (bench.cold_copies), which the timing chain rotates through as
     the model does; a single layer's 8-32 MB matrix would stay in the 60 MB L2."""
-    ops = get_ops(kernels)
+    ops, fused = get_ops(kernels), get_ops(kernels, fuse_rope_kv=True)
     stacked = params["layers"]
 
     def per_layer(*names: str) -> tuple[jax.Array, ...]:
@@ -104,6 +105,9 @@ def layer_ops(cfg: ModelConfig, kernels: str, params: Any, cache: Any,
         "rope_q": (lambda a, p: ops.rope(a, p, cfg), (q, batch.positions), ()),
         "rope_k": (lambda a, p: ops.rope(a, p, cfg), (kv, batch.positions), ()),
         "write_kv": (lambda kc, vc, a: ops.write_kv(kc, vc, layer, a, a, slots), (small.k, small.v, kv), ()),
+        # EngineConfig.fuse_rope_kv: rope_k + write_kv in one kernel
+        "write_kv_rope": (lambda kc, vc, a: fused.write_kv_rope(kc, vc, layer, a, a, slots, batch.positions, cfg),
+                          (small.k, small.v, kv), ()),
         "attention": (lambda a, kc, vc: ops.attention(a, kc, vc, layer, batch, cfg), (q, cache.k, cache.v), ()),
         "o_proj_residual": (linear_res, (attn, per_layer("wo"), x), (1,)),
         "rms_norm_mlp": (lambda a, w: ops.rms_norm(a, w, cfg.rms_norm_eps), (x, lp["mlp_norm"]), ()),
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=int(EngineConfig().fuse_qkv),
                     help="one QKV GEMM as the engine runs it by default (0: three)")
+    ap.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=int(EngineConfig().fuse_rope_kv),
+                    help="K's RoPE inside the cache write, as EngineConfig.fuse_rope_kv")
     ap.add_argument("--smoke", action="store_true", help="tiny model, XLA ops, CPU")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = allocate_kv_cache(cfg, pages, PAGE, jnp.dtype(dtype))
     res["ops_ms_per_layer"] = {}
     for name, (fn, args, rotate) in layer_ops(cfg, a.kernels, params, cache, batch).items():
-        thread = 2 if name == "write_kv" else 0
+        thread = 2 if name.startswith("write_kv") else 0
         res["ops_ms_per_layer"][name] = device_ms(fn, *args, reps=2 if a.smoke else 10, thread=thread,
                                                   repeats=1 if a.smoke else 3, rotate=rotate)
         print(name, f"{res['ops_ms_per_layer'][name] * 1e3:.1f} us", flush=True)
@@ -146,10 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     x = jax.random.normal(jax.random.key(2), (a.rows, cfg.hidden_size), jnp.float32).astype(dtype)
     res["lm_head_ms"] = device_ms(lambda h, p: lm_head(p, h, cfg), x, params, reps=2 if a.smoke else 10,
                                   repeats=1 if a.smoke else 3)
-    unused = {"q_proj", "k_proj", "v_proj"} if a.fuse_qkv else {"qkv_fused"}
+    unused = ({"q_proj", "k_proj", "v_proj"} if a.fuse_qkv else {"qkv_fused"}) | \
+        ({"rope_k", "write_kv"} if a.fuse_rope_kv else {"write_kv_rope"})
     per_layer = sum(v for k, v in res["ops_ms_per_layer"].items() if k not in unused)
     res["sum_of_ops_ms"] = cfg.num_layers * per_layer + res["lm_head_ms"]
-    res["step_ms"] = step_ms(fuse_qkv(params) if a.fuse_qkv else params, cache, batch, cfg, a.kernels, a.steps)
+    res["fuse_rope_kv"] = bool(a.fuse_rope_kv)
+    res["step_ms"] = step_ms(fuse_qkv(params) if a.fuse_qkv else params, cache, batch, cfg,
+                             get_ops(a.kernels, fuse_rope_kv=bool(a.fuse_rope_kv)), a.steps)
     print(f"step {res['step_ms']:.2f} ms, sum of ops {res['sum_of_ops_ms']:.2f} ms", flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=1, help="one QKV GEMM instead of three (0: three, the ablation)")
     p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=1,
                    help="pure-decode batches skip the prefill attention kernel (0: the ablation)")
+    p.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=0,
+                   help="Pallas: K's RoPE inside the KV-cache write (EngineConfig.fuse_rope_kv)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               block_size=args.block_size, num_kv_pages=args.num_kv_pages,
               kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels,
               async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
-              decode_only_steps=bool(args.decode_only_steps), seed=args.seed,
+              decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
+              seed=args.seed,
               token_buckets=tuple(int(b) for b in args.token_buckets.split(",")) if args.token_buckets else None)
     vocab = llm.model_config.vocab_size
     rng = np.random.default_rng(args.seed)

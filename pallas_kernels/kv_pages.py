@@ -15,13 +15,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import pad_axis, persistent_loop, pick_block, resolve_programs, triton_params
+from pallas_kernels.reference import rope_inv_freq
+
+F32 = jnp.float32
 
 _CHUNKS = (8192, 4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
-def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, ko_in, vo_in, ko_ref, vo_ref, *,
-                     bt: int, num_tokens: int, num_kv: int) -> None:
-    del ko_in, vo_in  # aliased to ko_ref / vo_ref
+def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, *refs, bt: int, num_tokens: int,
+                     num_kv: int, rope: bool) -> None:
+    pos_ref, f_ref = refs[:2] if rope else (None, None)
+    ko_ref, vo_ref = refs[-2:]  # aliased to the two cache inputs before them
+    d = ko_ref.shape[2]
 
     def item(w):
         tb, kh = w // num_kv, w % num_kv
@@ -29,9 +34,19 @@ def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, ko_in, vo_in, ko_ref, v
         valid = (tok < num_tokens)[:, None]
         rows = (slot_ref[pl.ds(tb * bt, bt)] + row0_ref[0])[:, None]
         # All-array indices (a scatter): the interpreter cannot mix them with slices.
-        cols = jnp.arange(ko_ref.shape[2], dtype=jnp.int32)[None, :]
+        cols = jnp.arange(d, dtype=jnp.int32)[None, :]
         src = pl.ds(tb * bt, bt)
-        pltriton.store(ko_ref.at[rows, kh, cols], kn_ref[src, kh, :].astype(ko_ref.dtype), mask=valid)
+        if rope:  # rotate-half RoPE of K on its way into the cache (one pass, no rope kernel)
+            half = d // 2
+            ang = pos_ref[src].astype(F32)[:, None] * f_ref[...][None, :]
+            cos, sin = jnp.cos(ang), jnp.sin(ang)
+            x1 = kn_ref[src, kh, pl.ds(0, half)].astype(F32)
+            x2 = kn_ref[src, kh, pl.ds(half, half)].astype(F32)
+            lo = jnp.arange(half, dtype=jnp.int32)[None, :]
+            pltriton.store(ko_ref.at[rows, kh, lo], (x1 * cos - x2 * sin).astype(ko_ref.dtype), mask=valid)
+            pltriton.store(ko_ref.at[rows, kh, lo + half], (x2 * cos + x1 * sin).astype(ko_ref.dtype), mask=valid)
+        else:
+            pltriton.store(ko_ref.at[rows, kh, cols], kn_ref[src, kh, :].astype(ko_ref.dtype), mask=valid)
         pltriton.store(vo_ref.at[rows, kh, cols], vn_ref[src, kh, :].astype(vo_ref.dtype), mask=valid)
 
     persistent_loop((kn_ref.shape[0] // bt) * num_kv, item)
@@ -39,12 +54,15 @@ def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, ko_in, vo_in, ko_ref, v
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_new: jax.Array,
              slot_mapping: jax.Array, *, layer: jax.Array | int | None = None,
-             num_programs: int | None = None, interpret: bool = False,
-             block_tokens: int = 16) -> tuple[jax.Array, jax.Array]:
+             rope_positions: jax.Array | None = None, rope_theta: float = 10000.0,
+             rope_scaling: dict | None = None, num_programs: int | None = None,
+             interpret: bool = False, block_tokens: int = 16) -> tuple[jax.Array, jax.Array]:
     """Writes k_new/v_new [T, K, D] to flat slots (page * page_size + offset) -> (k, v).
 
     k_pages/v_pages: one layer [P, ps, K, D], or the whole cache [L, P, ps, K, D] with
     `layer` naming the layer written (may be traced, e.g. inside a scan over layers).
+    With rope_positions [T], K is written rotated (RoPE as `apply_rope` with rope_theta
+    and rope_scaling): the rope kernel for K and its pass over memory are saved.
     Updated in place through input_output_aliases (donate the cache to avoid a copy).
     """
     shape = k_pages.shape
@@ -61,16 +79,20 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_new: ja
     kn, vn = pad_axis(k_new, 0, bt), pad_axis(v_new, 0, bt)
     slots = pad_axis(slot_mapping.astype(jnp.int32), 0, bt)
     progs = resolve_programs(num_programs, (kn.shape[0] // bt) * num_kv)
+    rope = rope_positions is not None
+    extra = (pad_axis(rope_positions.astype(jnp.int32), 0, bt), rope_inv_freq(d, rope_theta, rope_scaling)) \
+        if rope else ()
     kf, vf = flat(k_pages), flat(v_pages)
+    n_in = 4 + len(extra)
     ko, vo = pl.pallas_call(
-        functools.partial(_write_kv_kernel, bt=bt, num_tokens=t, num_kv=num_kv),
+        functools.partial(_write_kv_kernel, bt=bt, num_tokens=t, num_kv=num_kv, rope=rope),
         out_shape=(jax.ShapeDtypeStruct(kf.shape, kf.dtype), jax.ShapeDtypeStruct(vf.shape, vf.dtype)),
         grid=(progs,),
-        input_output_aliases={4: 0, 5: 1},
+        input_output_aliases={n_in: 0, n_in + 1: 1},
         compiler_params=triton_params(4, 1),
         interpret=interpret,
-        name="write_kv",
-    )(kn, vn, slots, row0.reshape(1), kf, vf)
+        name="write_kv_rope" if rope else "write_kv",
+    )(kn, vn, slots, row0.reshape(1), *extra, kf, vf)
     return ko.reshape(shape), vo.reshape(shape)
 
 

@@ -23,7 +23,7 @@ from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
 from nanoflow_jax.engine.scheduler import ScheduledBatch
 from nanoflow_jax.models.llama import forward_paged
-from nanoflow_jax.models.ops import resolve_kernels
+from nanoflow_jax.models.ops import XlaOps, get_ops, resolve_kernels
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 from nanoflow_jax.models.params import fuse_qkv
 
@@ -47,7 +47,7 @@ def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_d
 
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
-          prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str,
+          prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
           decode_only: bool = False) -> tuple[jax.Array, KVCache]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
@@ -124,6 +124,7 @@ class ModelRunner:
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and resolve_kernels(cfg.kernels) != "xla"
+        self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
         self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
         self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
         self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
@@ -140,7 +141,7 @@ class ModelRunner:
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
-                                  kernels=resolve_kernels(self.cfg.kernels), decode_only=decode_only)
+                                  kernels=self.ops, decode_only=decode_only)
 
     def _step_temp_bytes(self, num_pages: int) -> int:
         """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""

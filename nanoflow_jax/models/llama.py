@@ -47,11 +47,12 @@ def lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def _block(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
            attend: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
-    """One decoder block; `attend(q, k, v)` returns the attention output and any new state."""
+    """One decoder block; `attend(q, k, v)` returns the attention output and any new state.
+    q arrives rotated (RoPE), k not: attend rotates it (the paged path in its cache write)."""
     h = ops.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = qkv_projection(ops, lp, h, cfg)
-    q, k = ops.rope(q, positions, cfg), ops.rope(k, positions, cfg)
-    o, state = attend(q, k, v)
+    # K is handed over un-rotated: its only reader is the cache, whose write may rotate it.
+    o, state = attend(ops.rope(q, positions, cfg), k, v)
     x = ops.linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], residual=x)
     h = ops.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     x = ops.linear(ops.gate_up(h, lp["w_gate"], lp["w_up"]), lp["w_down"], residual=x)
@@ -68,7 +69,8 @@ def forward_dense(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Ar
     ops = XlaOps()  # the training path: plain XLA ops, differentiable
 
     def layer(x: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        x, _ = _block(ops, lp, x, positions, cfg, lambda q, k, v: (attention.causal_attention(q, k, v), None))
+        x, _ = _block(ops, lp, x, positions, cfg,
+                      lambda q, k, v: (attention.causal_attention(q, ops.rope(k, positions, cfg), v), None))
         return x, None
 
     x, _ = jax.lax.scan(layer, x, params["layers"])
@@ -95,7 +97,7 @@ def forward_paged(params: Params, cache: KVCache, batch: BatchInputs, cfg: Model
         lp, i = layer_in
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            kc, vc = ops.write_kv(k_cache, v_cache, i, k, v, batch.slot_mapping)
+            kc, vc = ops.write_kv_rope(k_cache, v_cache, i, k, v, batch.slot_mapping, batch.positions, cfg)
             return ops.attention(q, kc, vc, i, batch, cfg), (kc, vc)
 
         x, (k_cache, v_cache) = _block(ops, lp, x, batch.positions, cfg, attend)

@@ -86,6 +86,13 @@ class XlaOps:
         return (k_cache.at[layer, page, off].set(k.astype(k_cache.dtype)),
                 v_cache.at[layer, page, off].set(v.astype(v_cache.dtype)))
 
+    def write_kv_rope(self, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, k: jax.Array,
+                      v: jax.Array, slots: jax.Array, positions: jax.Array,
+                      cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+        """write_kv of RoPE(k) and v: the cache is K's only reader, so its rotation can
+        ride on the write (PallasOps.fuse_rope_kv)."""
+        return self.write_kv(k_cache, v_cache, layer, self.rope(k, positions, cfg), v, slots)
+
     def attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
                   batch: BatchInputs, cfg: ModelConfig) -> jax.Array:
         return attention.paged_attention_xla(q, k_cache[layer], v_cache[layer], batch, cfg)
@@ -103,6 +110,7 @@ class PallasOps(XlaOps):
     name = "pallas"
     programs: tuple[tuple[str, int], ...] = ()
     xla_gemm: bool = False
+    fuse_rope_kv: bool = False  # K's RoPE inside the cache write (one kernel, not two)
 
     def _library_gemm(self) -> bool:
         return self.xla_gemm and self._np("gemm") is None
@@ -147,6 +155,16 @@ class PallasOps(XlaOps):
         return pk.write_kv(k_cache, v_cache, k, v, slots, layer=layer, num_programs=self._np("write_kv"),
                            interpret=self._interpret)
 
+    def write_kv_rope(self, k_cache, v_cache, layer, k, v, slots, positions, cfg):
+        import pallas_kernels as pk
+
+        if not self.fuse_rope_kv:
+            return super().write_kv_rope(k_cache, v_cache, layer, k, v, slots, positions, cfg)
+        rs = None if cfg.rope_scaling is None else dataclasses.asdict(cfg.rope_scaling)
+        return pk.write_kv(k_cache, v_cache, k, v, slots, layer=layer, rope_positions=positions,
+                           rope_theta=cfg.rope_theta, rope_scaling=rs, num_programs=self._np("write_kv"),
+                           interpret=self._interpret)
+
     def attention(self, q, k_cache, v_cache, layer, batch, cfg):
         """Decode rows on the decode kernel, prefill chunks on the prefill kernel (not
         launched for a `decode_only` batch)."""
@@ -183,12 +201,16 @@ def resolve_kernels(kernels: str) -> str:
     return kernels
 
 
-def get_ops(kernels: str | XlaOps, programs: Mapping[str, int] | None = None) -> XlaOps:
+def get_ops(kernels: str | XlaOps, programs: Mapping[str, int] | None = None,
+            fuse_rope_kv: bool = False) -> XlaOps:
+    """The kernel set by name (an instance passes through); fuse_rope_kv only changes the
+    Pallas sets (the XLA ops compute the same rotation either way)."""
     if isinstance(kernels, XlaOps):
         return kernels
     kernels = resolve_kernels(kernels)
     if kernels == "xla":
         return XlaOps()
     if kernels in ("pallas", "hybrid"):
-        return PallasOps(programs=tuple(sorted((programs or {}).items())), xla_gemm=kernels == "hybrid")
+        return PallasOps(programs=tuple(sorted((programs or {}).items())), xla_gemm=kernels == "hybrid",
+                         fuse_rope_kv=fuse_rope_kv)
     raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")

@@ -239,9 +239,11 @@ def test_fused_qkv_engine_matches_dense_reference(prompts16, reference16):
 
 
 def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
-    """With Pallas kernels (interpreted here) pure-decode batches take their own compiled
-    step, which skips the prefill attention kernel, and the greedy tokens still match."""
-    llm = make_llm(kernels="pallas", max_num_batched_tokens=64)
+    """With Pallas kernels (interpreted here; K's RoPE fused into the cache write) pure-decode
+    batches take their own compiled step, which skips the prefill attention kernel, and
+    the greedy tokens still match."""
+    llm = make_llm(kernels="pallas", max_num_batched_tokens=64, fuse_rope_kv=True)
+    assert llm.engine.runner.ops.fuse_rope_kv
     runner = llm.engine.runner
     assert runner.decode_only_steps and any(dec for _, _, dec in runner._compiled)
     used: list[bool] = []

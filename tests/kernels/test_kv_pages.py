@@ -43,6 +43,25 @@ def test_write_kv_whole_cache_at_layer(rng, layer):
     np.testing.assert_array_equal(np.asarray(vo[other]), np.asarray(v[other]))
 
 
+@pytest.mark.parametrize("scaling", [None, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                 high_freq_factor=4.0, original_max_position_embeddings=64)])
+@pytest.mark.parametrize("programs", [1, 5])
+def test_write_kv_rotates_k_on_the_way_in(rng, programs, scaling):
+    """rope_positions: K lands in the cache as apply_rope would leave it (f32 math, the
+    whole cache compared), V untouched; the layer's other pages and layers unchanged."""
+    k, v = rand(rng, L, P, PS, K, D), rand(rng, L, P, PS, K, D)
+    t = 11
+    kn, vn, slots = rand(rng, t, K, D), rand(rng, t, K, D), _slots(rng, t)
+    pos = jnp.asarray(rng.integers(0, 500, t), jnp.int32)
+    ko, vo = write_kv(k, v, kn, vn, slots, layer=jnp.int32(1), rope_positions=pos, rope_theta=5000.0,
+                      rope_scaling=scaling, num_programs=programs, interpret=True)
+    roped = ref.apply_rope(kn, pos, theta=5000.0, scaling=scaling)
+    rk, rv = ref.write_kv(k[1], v[1], roped, vn, slots)
+    np.testing.assert_allclose(np.asarray(ko[1]), np.asarray(rk), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(vo[1]), np.asarray(rv))
+    np.testing.assert_array_equal(np.asarray(ko[0]), np.asarray(k[0]))
+
+
 def test_write_kv_needs_layer_for_whole_cache(rng):
     k = rand(rng, L, P, PS, K, D)
     with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ import pytest
 
 from nanoflow_jax.config import ModelConfig, RopeScaling
 from nanoflow_jax.models.llama import forward_dense, forward_paged
+from nanoflow_jax.models.ops import get_ops
 from nanoflow_jax.models.paged import allocate_kv_cache
 from nanoflow_jax.models.params import fuse_qkv, init_params
 from tests.models import numpy_reference
@@ -81,8 +82,10 @@ def test_bfloat16_tracks_float32():
     assert rel < 3e-2, rel
 
 
-def test_pallas_kernels_match_xla_on_mixedpack_batch():
-    """Decode rows (decode kernel) and a prefill chunk (prefill kernel) in one batch, interpreted on CPU."""
+@pytest.mark.parametrize("fuse_rope_kv", [False, True])
+def test_pallas_kernels_match_xla_on_mixedpack_batch(fuse_rope_kv):
+    """Decode rows (decode kernel) and a prefill chunk (prefill kernel) in one batch,
+    interpreted on CPU; K rotated by the rope kernel or inside the cache write."""
     cfg = CONFIGS["qwen2-bias-tied"]
     params = init_params(cfg, jax.random.key(_seed()))
     rng = np.random.default_rng(_seed())
@@ -97,7 +100,8 @@ def test_pallas_kernels_match_xla_on_mixedpack_batch():
                    ps, T=16, S=4, W=W)
     assert int(mixed.num_decode) == 2
     ref_logits, ref_cache = forward_paged(params, cache, mixed, cfg, kernels="xla")
-    got_logits, got_cache = forward_paged(params, cache, mixed, cfg, kernels="pallas")
+    got_logits, got_cache = forward_paged(params, cache, mixed, cfg,
+                                          kernels=get_ops("pallas", fuse_rope_kv=fuse_rope_kv))
     np.testing.assert_allclose(np.asarray(got_logits)[:3], np.asarray(ref_logits)[:3], rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(ref_cache.k), rtol=1e-5, atol=1e-5)
 
