@@ -49,7 +49,7 @@ def tiles(n: int, silu: bool) -> list[MgpuConfig]:
     """Warpgroup tiles (split, tile_m, tile_n) whose CTA width divides N."""
     shapes = ([("n", 128, 64), ("m", 64, 128), ("n", 64, 64)] if silu else
               [("n", 128, 128), ("m", 64, 256), ("m", 64, 128), ("n", 128, 64), ("m", 64, 192),
-               ("m", 128, 128)])
+               ("m", 128, 128), ("n", 64, 64)])
     out = [MgpuConfig(tile_m=tm, tile_n=tn, wg_split=sp, delay_release=1) for sp, tm, tn in shapes]
     return [c for c in out if n % c.cta_n == 0]
 
@@ -131,6 +131,17 @@ class ShapeTuner:
         if "split" in steps and self.m <= 512 and not self.silu:  # split K: few output tiles
             for cfg in self.ranked()[:2]:
                 for splits in (2, 4, 8) if self.m <= 128 else (2, 4):
+                    if self.k % (cfg.tile_k * splits) == 0:  # no split made of K padding alone
+                        self.time(deepest(dataclasses.replace(cfg, k_splits=splits), self.silu,
+                                          self.k // (cfg.tile_k * splits)))
+            # Every tile with the split that brings its work units closest to one per SM:
+            # wide tiles read the activations once per wider weight panel (less traffic per
+            # weight byte at decode sizes) and split K gives back the parallelism.
+            for cfg in tiles(self.n, self.silu):
+                units = -(-self.m // cfg.cta_m) * (self.n // cfg.cta_n)
+                splits = max((s for s in (2, 4, 8, 16) if units * s <= num_sms()
+                              and self.k % (cfg.tile_k * s) == 0), default=0)
+                if splits:
                     self.time(deepest(dataclasses.replace(cfg, k_splits=splits), self.silu,
                                       self.k // (cfg.tile_k * splits)))
         top = next(iter(self.ranked_rows()), None)

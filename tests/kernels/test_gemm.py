@@ -203,3 +203,11 @@ def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, m
     monkeypatch.setenv(TABLE_ENV, str(bad))
     with pytest.raises(ValueError, match="bench.gemm_tune"):
         choose_config(300, 4096, False, False, 132)
+
+
+def test_mosaic_gemm_pipeline_deeper_than_k(rng):
+    """More pipeline stages than K steps (6 stages, one 64-deep step per split, operands
+    released late) still computes the product."""
+    cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=6, epi_m=32, epi_n=32, k_splits=2, delay_release=1)
+    x, w = rand(rng, 64, 128, dtype=jnp.bfloat16), rand(rng, 128, 128, dtype=jnp.bfloat16)
+    assert_close(gemm_mgpu(x, w, num_programs=3, interpret=True, config=cfg), ref.gemm(x, w))
