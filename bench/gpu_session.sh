@@ -14,7 +14,7 @@ timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee 
 
 throughput() {  # $1: result name; the rest: extra bench.throughput flags
   local name=$1; shift
-  timeout 170 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 \
+  timeout 240 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 \
     --num-prompts 128 --input-len 512 --output-len 256 --max-num-seqs 128 --max-num-batched-tokens 2048 \
     --token-buckets 128,2048 --num-kv-pages 16384 "$@" \
     --out "$OUT/throughput_llama3_8b_${name}.json" 2>&1 | grep -v "^WARNING" | tail -6 | tee -a "$OUT/throughput.log"
