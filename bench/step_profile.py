@@ -35,7 +35,8 @@ from nanoflow_jax.models.params import fuse_qkv, init_params
 PAGE = 16
 
 
-def decode_batch(cfg: ModelConfig, rows: int, ctx: int, rng: np.random.Generator) -> tuple[BatchInputs, int]:
+def decode_batch(cfg: ModelConfig, rows: int, ctx: int, rng: np.random.Generator,
+                 decode_only: bool = False) -> tuple[BatchInputs, int]:
     """`rows` decode rows at position `ctx`, each with its own shuffled pages."""
     width = ctx // PAGE + 1
     pages = rng.permutation(np.arange(1, rows * width + 1)).reshape(rows, width).astype(np.int32)
@@ -47,7 +48,7 @@ def decode_batch(cfg: ModelConfig, rows: int, ctx: int, rng: np.random.Generator
         query_start=jnp.arange(rows + 1, dtype=jnp.int32), query_len=jnp.ones(rows, jnp.int32),
         context_len=jnp.full(rows, ctx + 1, jnp.int32), block_table=jnp.asarray(pages),
         logits_index=jnp.asarray(idx), num_decode=jnp.asarray(rows, jnp.int32),
-        decode_only=EngineConfig().decode_only_steps)  # as the engine runs a pure-decode batch
+        decode_only=decode_only)
     return batch, rows * width + 1
 
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="one QKV GEMM as the engine runs it by default (0: three)")
     ap.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=int(EngineConfig().fuse_rope_kv),
                     help="K's RoPE inside the cache write, as EngineConfig.fuse_rope_kv")
+    ap.add_argument("--decode-only", type=int, choices=[0, 1], default=int(EngineConfig().decode_only_steps),
+                    help="the decode-only step (no prefill attention kernel), as EngineConfig.decode_only_steps")
     ap.add_argument("--smoke", action="store_true", help="tiny model, XLA ops, CPU")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     res: dict[str, Any] = {"meta": run_metadata("bench.step_profile"), "model": a.model, "kernels": a.kernels,
                            "rows": a.rows, "ctx": a.ctx, "fuse_qkv": bool(a.fuse_qkv)}
     params = init_params(cfg, jax.random.key(1), dtype)
-    batch, pages = decode_batch(cfg, a.rows, a.ctx, rng)
+    batch, pages = decode_batch(cfg, a.rows, a.ctx, rng, bool(a.decode_only))
     cache = allocate_kv_cache(cfg, pages, PAGE, jnp.dtype(dtype))
     res["ops_ms_per_layer"] = {}
     for name, (fn, args, rotate) in layer_ops(cfg, a.kernels, params, cache, batch).items():

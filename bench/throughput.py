@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
     p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=1, help="one QKV GEMM instead of three (0: three, the ablation)")
-    p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=1,
-                   help="pure-decode batches skip the prefill attention kernel (0: the ablation)")
+    p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=0,
+                   help="Pallas: pure-decode batches skip the prefill attention kernel (EngineConfig.decode_only_steps)")
     p.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=0,
                    help="Pallas: K's RoPE inside the KV-cache write (EngineConfig.fuse_rope_kv)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,

@@ -29,7 +29,8 @@ class EngineConfig:
     async_scheduling: bool = dataclasses.field(default_factory=_env_async)
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas | hybrid
     fuse_qkv: bool = True               # one QKV GEMM instead of three: +5% tokens/s on an H200 (Llama-3-8B)
-    decode_only_steps: bool = True      # pure-decode batches run a step without the prefill attention kernel
+    decode_only_steps: bool = False     # Pallas: pure-decode batches get a step without the prefill attention
+                                        # kernel (more compiles at start; off until measured on a GPU)
     fuse_rope_kv: bool = False          # Pallas: K's RoPE inside the KV-cache write (off until measured on a GPU)
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile

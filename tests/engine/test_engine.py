@@ -242,7 +242,7 @@ def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
     """With Pallas kernels (interpreted here; K's RoPE fused into the cache write) pure-decode
     batches take their own compiled step, which skips the prefill attention kernel, and
     the greedy tokens still match."""
-    llm = make_llm(kernels="pallas", max_num_batched_tokens=64, fuse_rope_kv=True)
+    llm = make_llm(kernels="pallas", max_num_batched_tokens=64, fuse_rope_kv=True, decode_only_steps=True)
     assert llm.engine.runner.ops.fuse_rope_kv
     runner = llm.engine.runner
     assert runner.decode_only_steps and any(dec for _, _, dec in runner._compiled)
@@ -257,4 +257,5 @@ def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
     out = llm.generate(prompts16[:3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in out] == [r[:4] for r in reference16[:3]]
     assert any(used) and not all(used)  # both kinds of step ran
-    assert not make_llm(kernels="xla").engine.runner.decode_only_steps  # one XLA path: no extra compile
+    # one XLA attention path: no extra compile
+    assert not make_llm(kernels="xla", decode_only_steps=True).engine.runner.decode_only_steps
