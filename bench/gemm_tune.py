@@ -6,10 +6,10 @@ For each dense batch M and each of the model's four GEMMs (QKV, O + residual,
 gate/up + SiLU, down + residual) it times `pallas_kernels.gemm_mgpu` under a set
 of candidate configurations (warpgroup split, tile, pipeline depth, delayed
 release, tile order, residual staging slots, tiles chained in one pipeline, 128-deep K
-steps,
-split K at M <= 512), checks each result against XLA's
-dot, and reports the best next to the faster of XLA's dot and cuBLAS on the same
-shape. `choose_config` in pallas_kernels/gemm_mgpu.py is set from these results.
+steps, split K at M <= 512), with the weights rotated past L2, checks each result
+against XLA's dot, and reports the best next to the faster of XLA's dot and cuBLAS on
+the same shape. `choose_config` (pallas_kernels/gemm_config.py) is set from these
+results; `--table-out` writes them for $NANOFLOW_GEMM_TABLE.
 """
 
 from __future__ import annotations

@@ -260,19 +260,18 @@ class Bench:
         x, wq = self.rand(mm, m["E"]), self.rand(m["E"], m["E"]) / 30
         wg, wu = self.rand(m["E"], m["F"]) / 30, self.rand(m["E"], m["F"]) / 30
         cases = {
-            "gemm_mosaic": (lambda p: (lambda a, b: pk.gemm(a, b, num_programs=p, backend="mosaic", interpret=self.interp)), (x, *self.cold(wq))),
-            "gemm_triton": (lambda p: (lambda a, b: pk.gemm(a, b, num_programs=p, backend="triton", interpret=self.interp)), (x, *self.cold(wq))),
-            "gemm_silu_mosaic": (lambda p: (lambda a, b, c: pk.gemm_silu_mul(a, b, c, num_programs=p, backend="mosaic", interpret=self.interp)), (x, *self.cold(wg, wu))),
+            "gemm_mosaic": (lambda p: (lambda a, b: pk.gemm(a, b, num_programs=p, backend="mosaic", interpret=self.interp)), (x, *self.cold(wq)), (1,)),
+            "gemm_triton": (lambda p: (lambda a, b: pk.gemm(a, b, num_programs=p, backend="triton", interpret=self.interp)), (x, *self.cold(wq)), (1,)),
+            "gemm_silu_mosaic": (lambda p: (lambda a, b, c: pk.gemm_silu_mul(a, b, c, num_programs=p, backend="mosaic", interpret=self.interp)), (x, *self.cold(wg, wu)), (1, 2)),
         }
         mk, args, _ = self.decode_case(64 if not self.smoke else 3, 2048 if not self.smoke else 40)
-        cases["decode_attention"] = (mk, args)
-        cases = {k: (v[0], v[1], 0, (1, 2) if k.startswith("gemm") else ()) for k, v in cases.items()}
+        cases["decode_attention"] = (mk, args, ())
+        cases = {k: (v[0], v[1], 0, v[2]) for k, v in cases.items()}
         cases.update({k: (v[0], v[1], v[3], ()) for k, v in self.memory_cases(mm).items()})
         for name, (mk, args, thread, rotate) in cases.items():
             if time.time() > self.deadline:
                 break
             try:
-                rotate = tuple(i for i in rotate if i < len(args))
                 times = [self.t(mk(p), *args, thread=thread, rotate=rotate) for p in progs]
                 prof[name] = {"programs": progs, "ms": times, "rel_perf": [min(times) / t for t in times]}
             except Exception:  # noqa: BLE001

@@ -26,10 +26,10 @@ import numpy as np
 
 from bench import cold_copies, device_ms, run_metadata
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.models.llama import forward_paged, lm_head
 from nanoflow_jax.models.ops import XlaOps, get_ops
 from nanoflow_jax.models.paged import BatchInputs, allocate_kv_cache
-from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.models.params import fuse_qkv, init_params
 
 PAGE = 16
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg, dtype = ModelConfig.from_name(a.model), "bfloat16"
     rng = np.random.default_rng(int(time.time()))
     res: dict[str, Any] = {"meta": run_metadata("bench.step_profile"), "model": a.model, "kernels": a.kernels,
-                           "rows": a.rows, "ctx": a.ctx, "fuse_qkv": bool(a.fuse_qkv)}
+                           "rows": a.rows, "ctx": a.ctx, "fuse_qkv": bool(a.fuse_qkv),
+                           "fuse_rope_kv": bool(a.fuse_rope_kv), "decode_only": bool(a.decode_only)}
     params = init_params(cfg, jax.random.key(1), dtype)
     batch, pages = decode_batch(cfg, a.rows, a.ctx, rng, bool(a.decode_only))
     cache = allocate_kv_cache(cfg, pages, PAGE, jnp.dtype(dtype))
@@ -159,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
         ({"rope_k", "write_kv"} if a.fuse_rope_kv else {"write_kv_rope"})
     per_layer = sum(v for k, v in res["ops_ms_per_layer"].items() if k not in unused)
     res["sum_of_ops_ms"] = cfg.num_layers * per_layer + res["lm_head_ms"]
-    res["fuse_rope_kv"] = bool(a.fuse_rope_kv)
     res["step_ms"] = step_ms(fuse_qkv(params) if a.fuse_qkv else params, cache, batch, cfg,
                              get_ops(a.kernels, fuse_rope_kv=bool(a.fuse_rope_kv)), a.steps)
     print(f"step {res['step_ms']:.2f} ms, sum of ops {res['sum_of_ops_ms']:.2f} ms", flush=True)

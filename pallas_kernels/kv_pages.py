@@ -15,9 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import pad_axis, persistent_loop, pick_block, resolve_programs, triton_params
+from pallas_kernels.norm_rope import rope_cos_sin, rotate_half
 from pallas_kernels.reference import rope_inv_freq
-
-F32 = jnp.float32
 
 _CHUNKS = (8192, 4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
@@ -38,13 +37,11 @@ def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, *refs, bt: int, num_tok
         src = pl.ds(tb * bt, bt)
         if rope:  # rotate-half RoPE of K on its way into the cache (one pass, no rope kernel)
             half = d // 2
-            ang = pos_ref[src].astype(F32)[:, None] * f_ref[...][None, :]
-            cos, sin = jnp.cos(ang), jnp.sin(ang)
-            x1 = kn_ref[src, kh, pl.ds(0, half)].astype(F32)
-            x2 = kn_ref[src, kh, pl.ds(half, half)].astype(F32)
+            cos, sin = rope_cos_sin(pos_ref[src], f_ref[...])
+            y1, y2 = rotate_half(kn_ref[src, kh, pl.ds(0, half)], kn_ref[src, kh, pl.ds(half, half)], cos, sin)
             lo = jnp.arange(half, dtype=jnp.int32)[None, :]
-            pltriton.store(ko_ref.at[rows, kh, lo], (x1 * cos - x2 * sin).astype(ko_ref.dtype), mask=valid)
-            pltriton.store(ko_ref.at[rows, kh, lo + half], (x2 * cos + x1 * sin).astype(ko_ref.dtype), mask=valid)
+            pltriton.store(ko_ref.at[rows, kh, lo], y1.astype(ko_ref.dtype), mask=valid)
+            pltriton.store(ko_ref.at[rows, kh, lo + half], y2.astype(ko_ref.dtype), mask=valid)
         else:
             pltriton.store(ko_ref.at[rows, kh, cols], kn_ref[src, kh, :].astype(ko_ref.dtype), mask=valid)
         pltriton.store(vo_ref.at[rows, kh, cols], vn_ref[src, kh, :].astype(vo_ref.dtype), mask=valid)

@@ -132,6 +132,18 @@ def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, residual: jax.Array | No
     return outs[:t]
 
 
+def rope_cos_sin(pos: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [rows, D/2] in f32 of positions [rows] (in-kernel; shared by the heads)."""
+    ang = pos.astype(F32)[:, None] * inv_freq[None, :]
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def rotate_half(x1: jax.Array, x2: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rotate-half RoPE of a head's two halves (f32): the new first and second halves."""
+    x1, x2 = x1.astype(F32), x2.astype(F32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
 def _rope_kernel(x_ref, pos_ref, f_ref, o_ref, *, bt: int, hps: int, steps: int, splits: int,
                  half: int) -> None:
     d = 2 * half
@@ -140,17 +152,17 @@ def _rope_kernel(x_ref, pos_ref, f_ref, o_ref, *, bt: int, hps: int, steps: int,
         tb, group = i // splits, i % splits
         rows = pl.ds(tb * bt, bt)
         # cos/sin once per item, shared by its heads (transcendentals are the cost).
-        ang = pos_ref[rows].astype(F32)[:, None] * f_ref[...][None, :]
-        cos, sin = jnp.cos(ang), jnp.sin(ang)
+        cos, sin = rope_cos_sin(pos_ref[rows], f_ref[...])
 
         def step(s, carry):
             h0 = (group * steps + s) * hps
             cols = [(pl.ds((h0 + j) * d, half), pl.ds((h0 + j) * d + half, half)) for j in range(hps)]
             # Every load of the step before any store: independent, so all in flight together.
-            xs = [(x_ref[rows, lo].astype(F32), x_ref[rows, hi].astype(F32)) for lo, hi in cols]
+            xs = [(x_ref[rows, lo], x_ref[rows, hi]) for lo, hi in cols]
             for (lo, hi), (x1, x2) in zip(cols, xs):
-                o_ref[rows, lo] = (x1 * cos - x2 * sin).astype(o_ref.dtype)
-                o_ref[rows, hi] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
+                y1, y2 = rotate_half(x1, x2, cos, sin)
+                o_ref[rows, lo] = y1.astype(o_ref.dtype)
+                o_ref[rows, hi] = y2.astype(o_ref.dtype)
             return carry
 
         lax.fori_loop(0, steps, step, jnp.int32(0))

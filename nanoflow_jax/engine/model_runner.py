@@ -23,7 +23,7 @@ from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
 from nanoflow_jax.engine.scheduler import ScheduledBatch
 from nanoflow_jax.models.llama import forward_paged
-from nanoflow_jax.models.ops import XlaOps, get_ops, resolve_kernels
+from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 from nanoflow_jax.models.params import fuse_qkv
 
@@ -121,10 +121,10 @@ class ModelRunner:
         self.token_buckets = cfg.resolved_token_buckets()
         self.width_buckets = cfg.resolved_width_buckets()
         self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only"), donate_argnums=(1,))
+        self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
-        self.decode_only_steps = cfg.decode_only_steps and resolve_kernels(cfg.kernels) != "xla"
-        self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
+        self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
         self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
         self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
         self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))

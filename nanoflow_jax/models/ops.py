@@ -98,6 +98,11 @@ class XlaOps:
         return attention.paged_attention_xla(q, k_cache[layer], v_cache[layer], batch, cfg)
 
 
+def _scaling_dict(cfg: ModelConfig) -> dict | None:
+    """The RoPE scaling as the kernels take it (Hugging Face's rope_scaling dict)."""
+    return None if cfg.rope_scaling is None else dataclasses.asdict(cfg.rope_scaling)
+
+
 @dataclasses.dataclass(frozen=True)
 class PallasOps(XlaOps):
     """Pallas kernels; `programs` maps op name -> SM budget (missing: the whole GPU).
@@ -145,9 +150,8 @@ class PallasOps(XlaOps):
     def rope(self, x, positions, cfg):
         import pallas_kernels as pk
 
-        rs = None if cfg.rope_scaling is None else dataclasses.asdict(cfg.rope_scaling)
-        return pk.apply_rope(x, positions, theta=cfg.rope_theta, scaling=rs, num_programs=self._np("rope"),
-                             interpret=self._interpret)
+        return pk.apply_rope(x, positions, theta=cfg.rope_theta, scaling=_scaling_dict(cfg),
+                             num_programs=self._np("rope"), interpret=self._interpret)
 
     def write_kv(self, k_cache, v_cache, layer, k, v, slots):
         import pallas_kernels as pk
@@ -160,10 +164,9 @@ class PallasOps(XlaOps):
 
         if not self.fuse_rope_kv:
             return super().write_kv_rope(k_cache, v_cache, layer, k, v, slots, positions, cfg)
-        rs = None if cfg.rope_scaling is None else dataclasses.asdict(cfg.rope_scaling)
         return pk.write_kv(k_cache, v_cache, k, v, slots, layer=layer, rope_positions=positions,
-                           rope_theta=cfg.rope_theta, rope_scaling=rs, num_programs=self._np("write_kv"),
-                           interpret=self._interpret)
+                           rope_theta=cfg.rope_theta, rope_scaling=_scaling_dict(cfg),
+                           num_programs=self._np("write_kv"), interpret=self._interpret)
 
     def attention(self, q, k_cache, v_cache, layer, batch, cfg):
         """Decode rows on the decode kernel, prefill chunks on the prefill kernel (not
