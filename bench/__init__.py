@@ -22,13 +22,27 @@ import jax
 import jax.numpy as jnp
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, iters: int = 20, repeats: int = 5) -> float:
+WARMUP_MS = 100.0  # busy time before sampling, so the GPU is at its working clocks
+
+
+def _warm_up(call: Callable[[], Any], sync: Callable[[Any], Any], warmup_ms: float) -> None:
+    """Calls `call` back to back for about warmup_ms. After an idle spell (a compile) the
+    GPU's clocks ramp up over tens of ms; samples taken at once read the same kernel
+    10-30% slower in one run than in the next."""
+    sync(call())
+    t0 = time.perf_counter()
+    while (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        sync(call())
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, iters: int = 20, repeats: int = 5,
+            warmup_ms: float = WARMUP_MS) -> float:
     """Median over `repeats` of the mean time (ms) of `iters` back-to-back calls.
 
     Back-to-back calls with one sync at the end keep Python dispatch off the
-    critical path; the first call (compilation) is excluded.
+    critical path; the first call (compilation) and a warm-up are excluded.
     """
-    jax.block_until_ready(fn(*args))
+    _warm_up(lambda: fn(*args), jax.block_until_ready, warmup_ms)
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -81,7 +95,7 @@ def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 
     of it (3 runs of a 5-call chain of 40 us kernels would be 0.6 ms, ~10% latency).
     """
     run = chained(fn, reps, thread, rotate)
-    once = time_fn(run, *args, iters=1, repeats=1)
+    once = time_fn(run, *args, iters=1, repeats=1, warmup_ms=0.0)
     iters = max(3, min(200, int(min_sample_ms / max(once, 1e-3)) + 1))
     return time_fn(run, *args, iters=iters, repeats=repeats) / reps
 
@@ -143,8 +157,7 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> dict[str, float]:
 
 
 def _torch_time(torch: Any, fn: Callable[[], Any], iters: int = 20, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
+    _warm_up(fn, lambda _: torch.cuda.synchronize(), WARMUP_MS)
     samples = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

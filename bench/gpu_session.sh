@@ -3,10 +3,10 @@
 # set; then (TUNE_MS) the GEMM configuration search with the weights rotated past L2,
 # whose winners ($OUT/gemm_table.json) get a second Pallas throughput run in the same
 # call through $NANOFLOW_GEMM_TABLE (copy them into _TUNED when they win). Extra runs:
-# FUSE_QKV=0 (three QKV GEMMs), DECODE_ONLY=1 (decode-only steps), FUSE_ROPE_KV=1 (K's
+# FUSE_QKV=0 (three QKV GEMMs), DECODE_ONLY=0 (no decode-only steps), FUSE_ROPE_KV=1 (K's
 # RoPE in the cache write), PROFILE=1 (the decode-step breakdown).
 # Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas hybrid'] [TUNE_MS=256,512|none]
-#   [TUNE_STEPS=tiles,chain,split] [FUSE_QKV=0] [DECODE_ONLY=1] [FUSE_ROPE_KV=1] [PROFILE=1] bash bench/gpu_session.sh
+#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
@@ -22,9 +22,9 @@ throughput() {  # $1: result name; the rest: extra bench.throughput flags
 for k in ${KERNEL_SETS:-pallas}; do throughput "$k" --kernels "$k"; done
 if [ "${FUSE_QKV:-1}" = 0 ]; then throughput pallas_unfused_qkv --kernels pallas --fuse-qkv 0; fi
 if [ "${FUSE_ROPE_KV:-0}" = 1 ]; then throughput pallas_fuse_rope_kv --kernels pallas --fuse-rope-kv 1; fi
-if [ "${DECODE_ONLY:-0}" = 1 ]; then throughput pallas_decode_only --kernels pallas --decode-only-steps 1; fi
+if [ "${DECODE_ONLY:-1}" = 0 ]; then throughput pallas_no_decode_only --kernels pallas --decode-only-steps 0; fi
 if [ "${TUNE_MS:-256,512}" != none ]; then
-  timeout 260 python3 -m bench.gemm_tune --ms "${TUNE_MS:-256,512}" --steps "${TUNE_STEPS:-tiles,chain,split}" \
+  timeout 260 python3 -m bench.gemm_tune --ms "${TUNE_MS:-256,512}" --steps "${TUNE_STEPS:-tiles,chain,cluster,split,confirm}" \
     --budget-s 230 --out "$OUT/gemm_tune.json" --table-out "$OUT/gemm_table.json" 2>&1 | grep "^M=" | tee "$OUT/gemm_tune.log"
   if [ -f "$OUT/gemm_table.json" ]; then
     NANOFLOW_GEMM_TABLE="$OUT/gemm_table.json" throughput pallas_gemm_table --kernels pallas

@@ -25,6 +25,7 @@ import numpy as np
 
 from bench import library_gemm_ms, nanoflow_env, run_metadata
 from nanoflow_jax.config import KERNEL_SETS
+from nanoflow_jax.engine.config import EngineConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
     p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=1, help="one QKV GEMM instead of three (0: three, the ablation)")
-    p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=0,
+    p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=int(EngineConfig().decode_only_steps),
                    help="Pallas: pure-decode batches skip the prefill attention kernel (EngineConfig.decode_only_steps)")
     p.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=0,
                    help="Pallas: K's RoPE inside the KV-cache write (EngineConfig.fuse_rope_kv)")

@@ -35,11 +35,16 @@ class MgpuConfig:
     # while the compute warpgroups run this tile's epilogue. Used where the K steps per
     # tile divide into `stages`; Mosaic's pipeline chaining excludes delayed release.
     chain_tiles: bool = False
+    # CTAs per cluster along M (1 or 2): a pair of CTAs on neighbouring M tiles loads
+    # each weight tile once from L2 and TMA-multicasts it to both, halving weight traffic.
+    cluster_m: int = 1
 
     def __post_init__(self) -> None:
         if self.chain_tiles and self.delay_release:
             raise ValueError("chain_tiles needs delay_release=0 (Mosaic cannot chain "
                              "pipelines that release operands late)")
+        if self.cluster_m not in (1, 2):
+            raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
 
     @property
     def cta_m(self) -> int:
@@ -76,14 +81,22 @@ _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 # rows are `bench.gemm_tune --table-out` winners with the weights rotated past L2
 # (gemm_table_m128_h200.json): split K lifts O + residual from 0.45 to 0.71 and the
 # engine from 15,410 to 16,683 tokens/s in one run (throughput_*_m128table_h200_s7.json).
+# Session 8 (gemm_tune_s8_*_h200.json): at M = 256 split K on 128x128 CTAs lifts O + residual
+# from 0.38-0.52 to 0.80 and down + residual from 0.54-0.57 to 0.85 of the library; CTA
+# pairs sharing weight tiles (cluster_m=2) lift gate/up+SiLU there 0.80-0.86 -> 0.86-0.89
+# and lose at M = 512. At M = 512, 128x192 CTAs give QKV's 6144 columns one wave of 128
+# tiles on 132 SMs: 0.65 -> 0.71 alone, 0.75 in pairs. Elsewhere pairs moved results by
+# less than the 10-30% run-to-run spread.
 _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
     "plain": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)),
               (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
-              (512, MgpuConfig(tile_m=128, tile_n=128, stages=4, delay_release=1)),
+              (512, MgpuConfig(tile_m=64, tile_n=192, stages=4, delay_release=1, wg_split="m", cluster_m=2)),
               (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"))),
-    "silu": ((512, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
+    "silu": ((256, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1, cluster_m=2)),
+             (512, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"))),
     "residual": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=4)),
+                 (256, MgpuConfig(tile_m=128, tile_n=64, stages=5, delay_release=1, k_splits=2)),
                  (512, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
                  (float("inf"), MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True))),
 }

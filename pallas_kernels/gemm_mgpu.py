@@ -42,7 +42,7 @@ def tile_coords(t, m_tiles: int, n_tiles: int, group_m: int):
     return first + r % size, r // size
 
 
-def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
+def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cluster: int,
             has_bias: bool, has_res: bool, silu_mul: bool, interpret: bool) -> None:
     refs = list(refs)
     x_g, w_g = refs.pop(0), refs.pop(0)
@@ -58,19 +58,24 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
     n_epi, m_epi = tn // en, tm // em
     subs = m_epi * n_epi
     slots = min(cfg.out_slots, subs) if has_res else min(2, subs)
+    # No deeper than the K steps: a pipeline deeper than its steps, run again for a
+    # CTA's next tile, trips the interpreter's barrier checks (and buys nothing).
+    stages = min(cfg.stages, k_iters)
+    release = min(cfg.delay_release, stages - 1)  # a 1-step pipeline cannot release late
     specs = [plgpu.BlockSpec((cm, tk), lambda k: (0, k), transforms=in_tf, memory_space=plgpu.SMEM,
-                             delay_release=cfg.delay_release)]
-    for _ in range(2 if silu_mul else 1):
+                             delay_release=release)]
+    for _ in range(2 if silu_mul else 1):  # weight tiles: one multicast load per cluster
         specs.append(plgpu.BlockSpec((tk, cn), lambda k: (k, 0), transforms=in_tf,
-                                     memory_space=plgpu.SMEM, delay_release=cfg.delay_release))
+                                     memory_space=plgpu.SMEM, delay_release=release,
+                                     collective_axes=("cluster",) if cluster > 1 and not interpret else ()))
     groups_per_step = 2 if silu_mul else 1
 
-    chain = cfg.chain_tiles and k_iters % cfg.stages == 0
+    chain = cfg.chain_tiles and k_iters % stages == 0
 
     def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, in_specs=specs, wg_axis="wg",
-            num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=context,
+            num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
             pipeline_state=state)
 
     noop = lambda *_, **__: None
@@ -85,12 +90,15 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
     def _scope(allocs, out_smem, bias_smem, bar):
         wg = lax.axis_index("wg")
+        cta = lax.axis_index("cluster") if cluster > 1 else 0
+        pairs = m_tiles // cluster  # a cluster's CTAs take neighbouring M tiles, one N tile
 
-        @plgpu.nd_loop((m_tiles * n_tiles * cfg.k_splits,), collective_axes="programs")
+        @plgpu.nd_loop((pairs * n_tiles * cfg.k_splits,), collective_axes="programs")
         def _tile(info):
             (t,) = info.index
-            k_split, t = t // (m_tiles * n_tiles), t % (m_tiles * n_tiles)
-            m_idx, n_idx = tile_coords(t, m_tiles, n_tiles, cfg.group_m)
+            k_split, t = t // (pairs * n_tiles), t % (pairs * n_tiles)
+            m_pair, n_idx = tile_coords(t, pairs, n_tiles, cfg.group_m)
+            m_idx = m_pair * cluster + cta
             # With split K each split writes its own [M, N] block of partial sums.
             wg_m0 = (k_split * m_tiles + m_idx) * cm + (wg * tm if split_m else 0)
             wg_n0 = n_idx * cn + (0 if split_m else wg * tn)
@@ -160,7 +168,7 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
                     plgpu.wgmma(acc, a_wg, b_wg[0])
                 # With delayed release the previous step's slots stay valid while this
                 # step's wgmma groups run.
-                plgpu.wgmma_wait(cfg.delay_release * groups_per_step)
+                plgpu.wgmma_wait(release * groups_per_step)
                 return acc
 
             k_sl = pl.ds(k_split * k_iters * tk, k_iters * tk)
@@ -182,6 +190,18 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _launch_axes(clusters: int, cluster: int, interpret: bool) -> dict:
+    """Grid of clusters; a pair's CTAs are told apart by the "cluster" axis. The CPU
+    interpreter (jax 0.10) cannot allocate cluster barriers, so there a pair runs as two
+    ordinary CTAs on a second grid axis, each loading its own weight tiles (the same
+    tiles and output placement; only the multicast is GPU-only)."""
+    if cluster == 1:
+        return dict(grid=(clusters,), grid_names=("programs",))
+    if interpret:
+        return dict(grid=(clusters, cluster), grid_names=("programs", "cluster"))
+    return dict(grid=(clusters,), grid_names=("programs",), cluster=(cluster,), cluster_names=("cluster",))
+
+
 def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
               bias: jax.Array | None = None, residual: jax.Array | None = None,
               num_programs: int | None = None, interpret: bool = False,
@@ -199,6 +219,8 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     if splits > 1 and silu:
         raise ValueError("k_splits > 1 needs the whole sum before SiLU: use it for plain GEMMs")
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
+    # CTA pairs need an even number of M tiles and two SMs; otherwise CTAs run alone.
+    cluster = cfg.cluster_m if budget >= 2 and -(-m // cta_m) % 2 == 0 else 1
     xp = pad_axis(pad_axis(x, 0, cta_m), 1, cfg.tile_k * splits)
     pad_w = lambda a: pad_axis(pad_axis(a, 0, cfg.tile_k * splits), 1, cta_n)
     ins = [xp, pad_w(w)] + ([pad_w(w_up)] if silu else [])
@@ -210,16 +232,18 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     mp, kp = xp.shape
     np_ = ins[1].shape[1]
     m_tiles, n_tiles = mp // cta_m, np_ // cta_n
+    # The budget counts CTAs (SMs); the grid counts clusters.
     progs = resolve_programs(num_programs, m_tiles * n_tiles * splits)
+    clusters = max(1, min(progs // cluster, m_tiles // cluster * n_tiles * splits))
     kernel = functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles,
-                               k_iters=kp // (cfg.tile_k * splits),
+                               k_iters=kp // (cfg.tile_k * splits), cluster=cluster,
                                has_bias=bias is not None and in_kernel,
                                has_res=residual is not None and in_kernel, silu_mul=silu,
                                interpret=interpret)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((splits * mp, np_), x.dtype if in_kernel else F32),
-        grid=(progs,), grid_names=("programs",),
+        **_launch_axes(clusters, cluster, interpret),
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=mosaic_interpret_params() if interpret else False,

@@ -29,9 +29,9 @@ class EngineConfig:
     async_scheduling: bool = dataclasses.field(default_factory=_env_async)
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas | hybrid
     fuse_qkv: bool = True               # one QKV GEMM instead of three: +5% tokens/s on an H200 (Llama-3-8B)
-    decode_only_steps: bool = False     # Pallas: pure-decode batches get a step without the prefill attention
-                                        # kernel (more compiles at start; off until measured on a GPU)
-    fuse_rope_kv: bool = False          # Pallas: K's RoPE inside the KV-cache write (off until measured on a GPU)
+    decode_only_steps: bool = True      # Pallas: pure-decode batches get a step without the prefill attention
+                                        # kernel: +11.7% tokens/s on an H200 (Llama-3-8B), more compiles at start
+    fuse_rope_kv: bool = False          # Pallas: K's RoPE inside the KV-cache write (-4% on an H200, within noise: off)
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
     min_token_bucket: int = 16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
@@ -152,10 +154,15 @@ def test_mosaic_chained_tiles(rng, silu):
     2 N-tiles over 3 programs gives CTAs 4 and 3 tiles; 7 programs leaves some with one
     tile (unchained) and some with two (start + stop); and a residual epilogue between."""
     cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=32, stages=2, epi_m=32, epi_n=32, chain_tiles=True)
-    x = rand(rng, 300, 128, dtype=jnp.bfloat16)
+    _check_silu_or_residual(rng, cfg, 300, silu, (3, 7))
+
+
+def _check_silu_or_residual(rng, cfg: MgpuConfig, m: int, silu: bool, budgets) -> None:
+    """x [m, 128] @ w [128, 256]: silu(x@w) * (x@w2), or + a residual, at each budget."""
+    x = rand(rng, m, 128, dtype=jnp.bfloat16)
     w, w2 = rand(rng, 128, 256, dtype=jnp.bfloat16, scale=0.2), rand(rng, 128, 256, dtype=jnp.bfloat16)
-    r = rand(rng, 300, 256, dtype=jnp.bfloat16)
-    for programs in (3, 7):
+    r = rand(rng, m, 256, dtype=jnp.bfloat16)
+    for programs in budgets:
         if silu:
             out, want = (gemm_mgpu(x, w, w_up=w2, num_programs=programs, interpret=True, config=cfg),
                          ref.gemm_silu_mul(x, w, w2))
@@ -182,7 +189,6 @@ def test_split_k_only_where_tiles_leave_sms_idle():
 def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, monkeypatch):
     """$NANOFLOW_GEMM_TABLE (a `bench.gemm_tune --table-out` file) wins for the M it
     covers; beyond its largest M the committed table applies; a bad file is named."""
-    import dataclasses
     import json
 
     from pallas_kernels.gemm_config import TABLE_ENV, choose_config, load_table
@@ -211,3 +217,24 @@ def test_mosaic_gemm_pipeline_deeper_than_k(rng):
     cfg = MgpuConfig(tile_m=64, tile_n=64, tile_k=64, stages=6, epi_m=32, epi_n=32, k_splits=2, delay_release=1)
     x, w = rand(rng, 64, 128, dtype=jnp.bfloat16), rand(rng, 128, 128, dtype=jnp.bfloat16)
     assert_close(gemm_mgpu(x, w, num_programs=3, interpret=True, config=cfg), ref.gemm(x, w))
+    # One K step, several tiles per CTA: the pipeline shrinks to one stage, released at once.
+    x, w = rand(rng, 256, 64, dtype=jnp.bfloat16), rand(rng, 64, 256, dtype=jnp.bfloat16)
+    cfg = dataclasses.replace(cfg, k_splits=1, wg_split="m")
+    assert_close(gemm_mgpu(x, w, num_programs=2, interpret=True, config=cfg), ref.gemm(x, w))
+
+
+@pytest.mark.parametrize("kind", ["residual", "silu", "chained_split_m", "split_k"])
+def test_mosaic_cta_pairs(rng, kind):
+    """cluster_m=2: CTA pairs on neighbouring M tiles (one weight tile per pair). 4 M-tiles
+    x 4 N-tiles; budgets 1 (pairs off), 3 (one pair, the odd SM idle) and 5 (two pairs);
+    then 3 M-tiles (odd: pairs off, no padding)."""
+    base = dict(tile_m=32, tile_n=32, tile_k=32, stages=2, epi_m=32, epi_n=32, cluster_m=2)
+    cfg = MgpuConfig(**base, **{"chained_split_m": dict(wg_split="m", chain_tiles=True),
+                                "split_k": dict(k_splits=2)}.get(kind, {}))
+    for m in (256, 96) if kind == "residual" else (256,):
+        _check_silu_or_residual(rng, cfg, m, kind == "silu", (1, 3, 5))
+
+
+def test_cluster_m_must_be_one_or_two():
+    with pytest.raises(ValueError, match="cluster_m"):
+        MgpuConfig(cluster_m=4)
