@@ -1,6 +1,9 @@
-"""Decode-attention launch configurations at long contexts, against the device copy ceiling.
+"""Decode-attention launch configurations, against the device copy ceiling.
 
-    python -m bench.decode_sweep --out bench/results/decode_sweep.json
+    python -m bench.decode_sweep --out bench/results/decode_sweep.json [--cases 64x4096,128x640]
+
+Cases are requests x context: long contexts (the kernel target) and the engine
+benchmark's decode steps (128 requests at 512-768 cached tokens).
 
 Picks the block size, warps, pipeline stages and context splits for
 `pallas_kernels.paged_decode_attention` by measurement (Llama-3-8B heads: 32 query,
@@ -22,12 +25,16 @@ import pallas_kernels as pk
 from bench import copy_bandwidth, device_ms, run_metadata
 
 H, K, D, PS = 32, 8, 128, 16
-# (block_k, warps, stages, splits). The first sweep (decode_sweep_h200.json) covered
-# 64/128-key blocks x 4/8 warps x 2/3 stages x splits auto/4: 128 keys, 4 warps, 3 stages
-# and automatic splits won. This one looks past it: longer blocks, deeper pipelines.
-CONFIGS = [(128, 4, 3, None), (128, 4, 4, None), (128, 8, 4, None), (256, 4, 2, None),
-           (256, 4, 3, None), (256, 8, 2, None), (256, 8, 3, None), (256, 8, 4, None),
-           (128, 4, 3, 2), (256, 8, 3, 2), (512, 8, 2, None), (512, 16, 2, None)]
+# (block_k, warps, stages, splits, programs per SM). The first sweep (decode_sweep_h200.json)
+# covered 64/128-key blocks x 4/8 warps x 2/3 stages x splits auto/4; the second
+# (decode_sweep2_h200.json) longer blocks and deeper pipelines: 256 keys, 4 warps, 3
+# stages won at long contexts. The last rows launch several programs per SM, for short
+# contexts where one program per SM waits on memory latency.
+CONFIGS = [(128, 4, 3, None, 1), (128, 4, 4, None, 1), (128, 8, 4, None, 1), (256, 4, 2, None, 1),
+           (256, 4, 3, None, 1), (256, 8, 2, None, 1), (256, 8, 3, None, 1), (256, 8, 4, None, 1),
+           (128, 4, 3, 2, 1), (256, 8, 3, 2, 1), (512, 8, 2, None, 1), (512, 16, 2, None, 1),
+           (256, 4, 3, None, 2), (256, 4, 2, None, 4), (128, 4, 3, None, 2), (128, 4, 2, None, 4),
+           (64, 4, 2, None, 4)]
 
 
 def case(n: int, ctx: int, rng: np.random.Generator) -> tuple:
@@ -45,10 +52,12 @@ def sweep_configs(inputs: tuple, nbytes: int, copy_gbps: float, scale: float,
     """Times paged_decode_attention on `inputs` (q, k, v, block_table, context_len) under
     each of CONFIGS with `timer(fn, *inputs)` (ms); a config that fails is a row too."""
     rows: list[dict[str, Any]] = []
-    for bk, nw, ns, splits in CONFIGS:
-        row: dict[str, Any] = {"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits}
+    for bk, nw, ns, splits, pps in CONFIGS:
+        row: dict[str, Any] = {"block_k": bk, "num_warps": nw, "num_stages": ns, "num_splits": splits,
+                               "programs_per_sm": pps}
         fn = lambda q, k, v, bt, c: pk.paged_decode_attention(  # noqa: E731
-            q, k, v, bt, c, scale=scale, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+            q, k, v, bt, c, scale=scale, block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits,
+            programs_per_sm=pps)
         try:
             ms = timer(fn, *inputs)
         except Exception as e:  # noqa: BLE001 (a config that does not compile is a result too)
@@ -62,18 +71,20 @@ def sweep_configs(inputs: tuple, nbytes: int, copy_gbps: float, scale: float,
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="decode_sweep.json")
+    ap.add_argument("--cases", default="64x4096,256x2048,128x640", help="requests x context, comma-separated")
     args = ap.parse_args(argv)
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     rng = np.random.default_rng()
     res = {"meta": run_metadata("bench.decode_sweep"), "ceilings": copy_bandwidth(), "rows": []}
     copy = res["ceilings"]["copy_gbps"]
     timer = lambda fn, *a: device_ms(fn, *a, reps=10, repeats=3)  # noqa: E731
-    for n, ctx in ((64, 4096), (256, 2048)):
+    for n, ctx in cases:
         rows = sweep_configs(case(n, ctx, rng), 2 * n * ctx * K * D * 2, copy, D ** -0.5, timer)
         res["rows"] += [{"n": n, "ctx": ctx, **r} for r in rows]
         Path(args.out).write_text(json.dumps(res, indent=1))
     ok = [r for r in res["rows"] if "ms" in r]
-    for n in sorted({r["n"] for r in ok}):
-        best = max((r for r in ok if r["n"] == n), key=lambda r: r["vs_copy"])
+    for n, ctx in cases:
+        best = max((r for r in ok if (r["n"], r["ctx"]) == (n, ctx)), key=lambda r: r["vs_copy"], default=None)
         print("best", best)
 
 

@@ -63,7 +63,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_table: jax.Array, context_len: jax.Array, *, scale: float,
                            num_programs: int | None = None, num_splits: int | None = None,
                            interpret: bool = False, block_k: int = 256, num_warps: int = 4,
-                           num_stages: int = 3) -> jax.Array:
+                           num_stages: int = 3, programs_per_sm: int = 1) -> jax.Array:
     """Decode attention on the paged cache -> [N, H, D] in q.dtype.
 
     q [N, H, D]; k_pages, v_pages [P, ps, K, D] (one layer); block_table [N, W] int32;
@@ -73,15 +73,20 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     Defaults (256-key blocks, 4 warps, 3 stages) won two sweeps on an H200
     (bench/results/decode_sweep_h200.json, decode_sweep2_h200.json): 90-91% of copy
     bandwidth, against 77-80% with 128-key blocks and 49-59% with 64-key blocks.
+    programs_per_sm: programs launched per SM of the budget. One program per SM streams
+    one item's blocks at a time, so short contexts (few blocks an item) wait on memory
+    latency; several resident programs keep more loads in flight (`bench.decode_sweep`).
     """
+    if programs_per_sm < 1:
+        raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
     n, h, d = q.shape
     ps, num_kv = k_pages.shape[1], k_pages.shape[2]
     qg, gp = group_queries(q, num_kv, min_rows=16)
-    progs_budget = num_programs if num_programs is not None else num_sms()
+    progs_budget = (num_programs if num_programs is not None else num_sms()) * programs_per_sm
     if num_splits is None:
         num_splits = default_splits(n, num_kv, block_table.shape[1] * ps, progs_budget, block_k)
     num_items = n * num_kv * num_splits
-    progs = resolve_programs(num_programs, num_items)
+    progs = resolve_programs(progs_budget, num_items)
     kernel = functools.partial(_decode_kernel, num_kv=num_kv, num_splits=num_splits, bk=block_k,
                                page_size=ps, scale=float(scale))
     part = (n, num_kv, num_splits, gp)

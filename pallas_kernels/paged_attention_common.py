@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as pltriton
 
 F32 = jnp.float32
 NEG_INF = float("-inf")
@@ -30,6 +31,7 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
     """
     r, d = q.shape
     width = bt_ref.shape[1]
+    cols = jnp.arange(d, dtype=jnp.int32)[None, :]  # all-array indices: a gather the interpreter takes
     trips = jnp.maximum((key_hi - key_lo + bk - 1) // bk, 0)
 
     def step(j, carry):
@@ -37,9 +39,12 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
         key = key_lo + j * bk + jnp.arange(bk, dtype=jnp.int32)
         # Clamped so a block that runs past the table still reads a real (null) page.
         page = bt_ref[seq, jnp.minimum(key // page_size, width - 1)]
-        rows = page * page_size + key % page_size
-        k = k_ref[rows, kh, :]
-        v = v_ref[rows, kh, :]
+        rows = (page * page_size + key % page_size)[:, None]
+        # The ragged last block loads only keys below key_hi: masked lanes move no bytes
+        # (a 640-key context in 256-key blocks would otherwise read 768 keys).
+        live = (key < key_hi)[:, None]
+        k = pltriton.load(k_ref.at[rows, kh, cols], mask=live, other=0)
+        v = pltriton.load(v_ref.at[rows, kh, cols], mask=live, other=0)
         s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         ok = (key[None, :] <= row_limit[:, None]) & (key[None, :] < key_hi)
         s = jnp.where(ok, s, NEG_INF)

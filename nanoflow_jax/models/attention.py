@@ -47,5 +47,8 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     vals = v_pages[tables].reshape(t, w * ps, *v_pages.shape[2:])
     key_pos = jnp.arange(w * ps)
     mask = key_pos[None, :] <= batch.positions[:, None]    # [T, W*ps]
+    # Slots a token may not see can hold anything (a freed page's old K/V, NaN included):
+    # its zero probability times NaN would still be NaN, so they are zeroed first.
+    vals = jnp.where(mask[:, :, None, None], vals, jnp.zeros((), vals.dtype))
     out = _grouped_softmax_attention(q[:, None], keys, vals, mask[:, None, :])
     return out[:, 0]

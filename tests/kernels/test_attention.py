@@ -39,6 +39,30 @@ def test_decode(rng, programs, splits, heads, kv_heads, block_k):
     assert np.all(np.asarray(out[3]) == 0), "a context-0 (padding) row must give zeros"
 
 
+def test_decode_reads_no_key_past_the_context(rng):
+    """Keys past a request's context in its ragged last block are never loaded: NaN there
+    (stale or freed cache slots) cannot reach the output (p * V would be 0 * NaN). Also
+    several programs per SM of the budget."""
+    d, w, kv_heads = 32, 5, 2
+    ctx = np.array([3, 17, 40, 80])  # 80 fills the table; the others end mid-block
+    n = len(ctx)
+    k, v = _cache(rng, n * w + 1, kv_heads, d, jnp.float32)
+    bt = shuffled_pages(rng, n, w, n * w + 1)
+    table = np.asarray(bt)
+    for i, c in enumerate(ctx):
+        for p in range(c, w * PS):
+            k = k.at[table[i, p // PS], p % PS].set(jnp.nan)
+            v = v.at[table[i, p // PS], p % PS].set(jnp.nan)
+    q = rand(rng, n, 8, d)
+    ctx = jnp.asarray(ctx, jnp.int32)
+    for block_k, programs_per_sm in ((64, 1), (32, 3)):
+        out = paged_decode_attention(q, k, v, bt, ctx, scale=d ** -0.5, num_programs=2, interpret=True,
+                                     block_k=block_k, programs_per_sm=programs_per_sm)
+        assert np.isfinite(np.asarray(out)).all()
+        assert_close(out, ref.paged_decode_attention(q, jnp.nan_to_num(k), jnp.nan_to_num(v), bt, ctx,
+                                                     scale=d ** -0.5))
+
+
 def test_decode_bf16_long_context(rng):
     n, heads, kv_heads, d, w = 3, 4, 1, 64, 20
     k, v = _cache(rng, n * w + 1, kv_heads, d, jnp.bfloat16)

@@ -63,6 +63,24 @@ def test_paged_chunked_mixed_batches_match_dense():
             np.testing.assert_allclose(np.asarray(logits[row]), refs[i][start + n - 1], atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+def test_paged_ignores_nan_in_slots_past_the_context(kernels):
+    """A request's pages past its context may hold anything (a freed page's old K/V, NaN
+    from a request that overflowed): a 7-token prefill then a decode step, with every
+    cache slot NaN beforehand, match the dense forward (the Pallas kernels interpreted)."""
+    cfg = CONFIGS["llama"]
+    params = init_params(cfg, jax.random.key(_seed()))
+    seq = np.random.default_rng(_seed()).integers(0, cfg.vocab_size, size=8)
+    ps, table = 4, [3, 5, 6]
+    cache = allocate_kv_cache(cfg, 8, ps)
+    cache.k, cache.v = jnp.full_like(cache.k, jnp.nan), jnp.full_like(cache.v, jnp.nan)
+    ref = np.asarray(forward_dense(params, jnp.asarray(seq[None]), cfg)[0])
+    for start, n in ((0, 7), (7, 1)):
+        batch = pack_batch([(seq, start, n, table)], ps, T=8, S=1, W=len(table))
+        logits, cache = forward_paged(params, cache, batch, cfg, kernels=kernels)
+        np.testing.assert_allclose(np.asarray(logits[0]), ref[start + n - 1], atol=2e-4, rtol=2e-4)
+
+
 def test_paged_rejects_unknown_backend():
     cfg = CONFIGS["llama"]
     with pytest.raises(ValueError, match="kernels must be one of \\('auto', 'xla', 'pallas', 'hybrid'\\)"):

@@ -1,0 +1,110 @@
+"""Every kernel, and every committed GEMM configuration, lowers for CUDA on this CPU machine.
+
+`jax.export` with platforms=["cuda"] runs the real GPU lowering (Pallas -> Triton IR,
+Pallas -> Mosaic GPU including its shared-memory check) without a GPU, so a kernel or a
+`_TUNED` row that a GPU would reject at compile time fails here, in CI, instead of in
+a device session. (Triton's own PTX compile still happens only on the GPU.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import pallas_kernels as pk
+from pallas_kernels.gemm_config import _TUNED, MgpuConfig
+from pallas_kernels.gemm_mgpu import gemm_mgpu
+
+S = jax.ShapeDtypeStruct
+BF16 = jnp.bfloat16
+GPU_CALLS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
+H, KV, D, PS = 32, 8, 128, 16  # Llama-3-8B attention
+
+
+def lower_for_cuda(fn, *shapes) -> set[str]:
+    """The GPU custom calls in fn's CUDA lowering (raises what the GPU lowering raises)."""
+    checks = [export.DisabledSafetyCheck.custom_call(name) for name in GPU_CALLS]
+    text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*shapes).mlir_module()
+    return set(re.findall(r"custom_call @([\w$.]+)", text)) & set(GPU_CALLS)
+
+
+def _tuned_cases():
+    """(kind, row bound, config, M) for each committed row, at Llama-3-8B's N and K."""
+    for kind, rows in _TUNED.items():
+        for bound, cfg in rows:
+            m = 2048 if bound == float("inf") else int(bound)
+            yield pytest.param(kind, cfg, m, id=f"{kind}-m{m}")
+
+
+@pytest.mark.parametrize("kind,cfg,m", list(_tuned_cases()))
+def test_committed_gemm_configs_lower_for_cuda(kind, cfg: MgpuConfig, m):
+    """Each `_TUNED` row fits the H100/H200 shared memory and lowers (CTA pairs, chained
+    tiles and split K included) on the shapes it was chosen for."""
+    n, k = {"plain": (6144, 4096), "silu": (14336, 4096), "residual": (4096, 14336)}[kind]
+    x, w = S((m, k), BF16), S((k, n), BF16)
+    if kind == "silu":
+        calls = lower_for_cuda(lambda a, b, c: gemm_mgpu(a, b, w_up=c, config=cfg, num_programs=132), x, w, w)
+    elif kind == "residual":
+        calls = lower_for_cuda(lambda a, b, r: gemm_mgpu(a, b, residual=r, config=cfg, num_programs=132),
+                               x, w, S((m, n), BF16))
+    else:
+        calls = lower_for_cuda(lambda a, b: gemm_mgpu(a, b, config=cfg, num_programs=132), x, w)
+    assert calls & {"mosaic_gpu", "mosaic_gpu_v2"}
+
+
+def test_a_config_over_shared_memory_is_refused_on_cpu():
+    """The check is real: 9 stages of 128x256x64 tiles need ~475 KB of shared memory."""
+    with pytest.raises(ValueError, match="shared memory"):
+        lower_for_cuda(lambda a, b: gemm_mgpu(a, b, config=MgpuConfig(stages=9), num_programs=132),
+                       S((512, 1024), BF16), S((1024, 1024), BF16))
+
+
+def test_memory_bound_and_attention_kernels_lower_for_cuda():
+    t, n, w = 256, 64, 48
+    pages = S((n * w + 1, PS, KV, D), BF16)
+    cases = {
+        "decode": (lambda q, k, v, bt, c: pk.paged_decode_attention(q, k, v, bt, c, scale=0.088),
+                   (S((n, H, D), BF16), pages, pages, S((n, w), jnp.int32), S((n,), jnp.int32))),
+        "prefill": (lambda q, k, v, seq, pos, bt, c: pk.paged_prefill_attention(q, k, v, seq, pos, bt, c, scale=0.088),
+                    (S((t, H, D), BF16), pages, pages, S((t,), jnp.int32), S((t,), jnp.int32),
+                     S((4, w), jnp.int32), S((4,), jnp.int32))),
+        "rms_norm_res": (lambda x, r, g: pk.rms_norm(x, g, eps=1e-5, residual=r),
+                         (S((t, 4096), BF16), S((t, 4096), BF16), S((4096,), BF16))),
+        "rope_llama3": (lambda x, p: pk.apply_rope(x, p, theta=5e5, scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192)), (S((t, H, D), BF16), S((t,), jnp.int32))),
+        "write_kv_rope": (lambda kc, vc, k, v, s, p: pk.write_kv(kc, vc, k, v, s, rope_positions=p, rope_theta=5e5),
+                          (pages, pages, S((t, KV, D), BF16), S((t, KV, D), BF16), S((t,), jnp.int32),
+                           S((t,), jnp.int32))),
+        "gather_pages": (lambda p, i: pk.gather_pages(p, i), (S((2, 64, PS, KV, D), BF16), S((8,), jnp.int32))),
+    }
+    for name, (fn, shapes) in cases.items():
+        assert lower_for_cuda(fn, *shapes), name
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_paged_forward_with_pallas_kernels_lowers_for_cuda(monkeypatch, decode_only):
+    """The engine's whole step (forward_paged, Pallas kernel set, fused QKV, both the
+    mixed and the decode-only variant) lowers for CUDA: the glue between the kernels too."""
+    from nanoflow_jax.config import ModelConfig
+    from nanoflow_jax.models.llama import forward_paged
+    from nanoflow_jax.models.ops import PallasOps
+    from nanoflow_jax.models.paged import BatchInputs, allocate_kv_cache
+    from nanoflow_jax.models.params import fuse_qkv, init_params
+
+    monkeypatch.setattr(PallasOps, "_interpret", property(lambda self: False))
+    cfg = ModelConfig(architecture="llama", vocab_size=4096, hidden_size=1024, intermediate_size=2816,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=128)
+    params = jax.eval_shape(lambda: fuse_qkv(init_params(cfg, jax.random.key(0), "bfloat16")))
+    cache = jax.eval_shape(lambda: allocate_kv_cache(cfg, 257, PS, BF16))
+    t, s, w = 128, 32, 16
+    i32 = lambda *shape: S(shape, jnp.int32)  # noqa: E731
+    batch = BatchInputs(token_ids=i32(t), positions=i32(t), slot_mapping=i32(t), token_seq=i32(t),
+                        query_start=i32(s + 1), query_len=i32(s), context_len=i32(s), block_table=i32(s, w),
+                        logits_index=i32(s), num_decode=i32(), decode_only=decode_only)
+    calls = lower_for_cuda(lambda p, c, b: forward_paged(p, c, b, cfg, PallasOps()), params, cache, batch)
+    assert calls >= {"__gpu$xla.gpu.triton"} and calls & {"mosaic_gpu", "mosaic_gpu_v2"}
