@@ -4,12 +4,15 @@
 # whose winners ($OUT/gemm_table.json) get a second Pallas throughput run in the same
 # call through $NANOFLOW_GEMM_TABLE (copy them into _TUNED when they win). Extra runs:
 # FUSE_QKV=0 (three QKV GEMMs), DECODE_ONLY=0 (no decode-only steps), FUSE_ROPE_KV=1 (K's
-# RoPE in the cache write), PROFILE=1 (the decode-step breakdown).
+# RoPE in the cache write), PROFILE=1 (the decode-step breakdown), SWEEP=1 (decode-attention
+# launch sweep at the engine's 128 x 640 and at 64 x 4096).
 # Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas hybrid'] [TUNE_MS=256,512|none]
-#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] bash bench/gpu_session.sh
+#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] [SWEEP=1] bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+# Kernel profilers, if the machine has them (a per-kernel timeline would settle the GEMM gap).
+for tool in ncu nsys; do command -v "$tool" >/dev/null && echo "profiler: $tool" | tee -a "$OUT/nvidia_smi.txt"; done
 timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 
 throughput() {  # $1: result name; the rest: extra bench.throughput flags
@@ -29,6 +32,9 @@ if [ "${TUNE_MS:-256,512}" != none ]; then
   if [ -f "$OUT/gemm_table.json" ]; then
     NANOFLOW_GEMM_TABLE="$OUT/gemm_table.json" throughput pallas_gemm_table --kernels pallas
   fi
+fi
+if [ "${SWEEP:-0}" = 1 ]; then
+  timeout 200 python3 -m bench.decode_sweep --cases 128x640,64x4096 --out "$OUT/decode_sweep.json" 2>&1 | grep "^best" | tee "$OUT/decode_sweep.log"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 200 python3 -m bench.step_profile --out "$OUT/step_profile.json" 2>&1 | grep -v "^WARNING" | tail -16
