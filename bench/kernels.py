@@ -27,9 +27,15 @@ BF = jnp.bfloat16
 LLAMA8B = dict(E=4096, H=32, K=8, D=128, F=14336)
 
 
+SECTIONS = ("correctness", "ceilings", "gemm", "decode_attention", "memory_bound", "prefill_attention",
+            "sm_profile", "decode_configs")
+
+
 class Bench:
-    def __init__(self, smoke: bool, budget_s: float, out_path: str) -> None:
+    def __init__(self, smoke: bool, budget_s: float, out_path: str,
+                 sections: tuple[str, ...] = SECTIONS) -> None:
         self.smoke, self.interp = smoke, smoke
+        self.sections = sections
         self.deadline = time.time() + budget_s
         self.out_path = out_path
         self.res: dict[str, Any] = {"meta": run_metadata(), "errors": {}}
@@ -50,6 +56,8 @@ class Bench:
             json.dump(self.res, f, indent=1, default=float)
 
     def section(self, name: str, fn: Callable[[], Any]) -> None:
+        if name not in self.sections:
+            return
         if time.time() > self.deadline:
             self.res["errors"][name] = "skipped: time budget spent"
             return
@@ -300,11 +308,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
     ap.add_argument("--plot", metavar="JSON", help="only draw JSON's SM profile to --png")
     ap.add_argument("--png", default="kernels_sm_profile.png")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="sections to run (comma-separated), of " + ",".join(SECTIONS))
     a = ap.parse_args(argv)
     if a.plot:
         plot_sm_profile(a.plot, a.png)
         return
-    Bench(a.smoke, a.budget_s, a.out).run()
+    sections = tuple(a.sections.split(","))
+    if {"decode_attention", "memory_bound", "decode_configs"} & set(sections):
+        sections += ("ceilings",)  # their ratios are to the copy bandwidth measured here
+    if unknown := set(sections) - set(SECTIONS):
+        ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    Bench(a.smoke, a.budget_s, a.out, sections).run()
 
 
 if __name__ == "__main__":
