@@ -18,3 +18,10 @@ def test_throughput_cli_writes_a_consistent_result(tmp_path, capsys):
     assert abs(r["optimal_tokens_per_s"] - optimal) < 1e-6 * optimal
     assert abs(r["fraction_of_optimal"] - r["total_tokens_per_s"] / optimal) < 1e-9
     assert json.loads(capsys.readouterr().out) == r
+
+
+def test_spec_peak_by_device_name():
+    assert throughput.spec_peak_tflops("NVIDIA H200") == 989.4
+    assert throughput.spec_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert throughput.spec_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert throughput.spec_peak_tflops("cpu") is None
