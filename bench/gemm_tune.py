@@ -9,8 +9,9 @@ release, tile order, residual staging slots, tiles chained in one pipeline, 128-
 steps, CTA pairs sharing weight tiles, split K at M <= 512), with the weights rotated
 past L2, checks each result against XLA's dot, and reports the best next to the faster
 of XLA's dot and cuBLAS on the same shape. The `confirm` step re-times the leaders and
-the committed choice, interleaved with the library, and ranks by medians. `choose_config` (pallas_kernels/gemm_config.py) is set from these
-results; `--table-out` writes them for $NANOFLOW_GEMM_TABLE.
+the committed choice, interleaved with the library, and ranks by medians.
+`choose_config` (pallas_kernels/gemm_config.py) is set from these results;
+`--table-out` writes them for $NANOFLOW_GEMM_TABLE.
 """
 
 from __future__ import annotations

@@ -46,10 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas, but XLA's GEMMs")
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
-    p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=1, help="one QKV GEMM instead of three (0: three, the ablation)")
-    p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=int(EngineConfig().decode_only_steps),
+    defaults = EngineConfig()
+    p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=int(defaults.fuse_qkv),
+                   help="one QKV GEMM instead of three (0: three, the ablation)")
+    p.add_argument("--decode-only-steps", type=int, choices=[0, 1], default=int(defaults.decode_only_steps),
                    help="Pallas: pure-decode batches skip the prefill attention kernel (EngineConfig.decode_only_steps)")
-    p.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=0,
+    p.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=int(defaults.fuse_rope_kv),
                    help="Pallas: K's RoPE inside the KV-cache write (EngineConfig.fuse_rope_kv)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
