@@ -1,4 +1,5 @@
-"""Benchmark helpers: timing, run metadata and the ceilings kernels are compared with.
+"""Benchmark helpers: run metadata and the ceilings kernels are compared with (timing
+lives in bench/timing.py and is re-exported here).
 
 Ceilings are measured in the same run as the kernels: a device copy (GB/s counting
 bytes read plus written, best of XLA and PyTorch) and the best library GEMM (XLA's
@@ -12,92 +13,14 @@ import itertools
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-
-WARMUP_MS = 100.0  # busy time before sampling, so the GPU is at its working clocks
-
-
-def _warm_up(call: Callable[[], Any], sync: Callable[[Any], Any], warmup_ms: float) -> None:
-    """Calls `call` back to back for about warmup_ms. After an idle spell (a compile) the
-    GPU's clocks ramp up over tens of ms; samples taken at once read the same kernel
-    10-30% slower in one run than in the next."""
-    sync(call())
-    t0 = time.perf_counter()
-    while (time.perf_counter() - t0) * 1e3 < warmup_ms:
-        sync(call())
-
-
-def time_fn(fn: Callable[..., Any], *args: Any, iters: int = 20, repeats: int = 5,
-            warmup_ms: float = WARMUP_MS) -> float:
-    """Median over `repeats` of the mean time (ms) of `iters` back-to-back calls.
-
-    Back-to-back calls with one sync at the end keep Python dispatch off the
-    critical path; the first call (compilation) and a warm-up are excluded.
-    """
-    _warm_up(lambda: fn(*args), jax.block_until_ready, warmup_ms)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) * 1e3 / iters)
-    return statistics.median(samples)
-
-
-def chained(fn: Callable[..., Any], reps: int, thread: int = 0,
-            rotate: tuple[int, ...] = ()) -> Callable[..., Any]:
-    """One jitted program of `reps` dependent calls of fn, to time device work alone.
-
-    Back-to-back jitted calls of a ~20 us kernel measure Python dispatch, not the GPU.
-    thread=0: each call's first argument gets one element of the previous output
-    patched in (a data dependency, so XLA can neither hoist nor merge the calls);
-    thread=k: the k outputs replace the first k arguments (in-place cache kernels).
-    rotate: positions of arguments passed as a tuple of copies; call i takes copy
-    i % len, so operands smaller than the L2 cache are not re-read from it (in a model
-    each layer's weights come from HBM).
-    """
-    def run(*args: Any) -> Any:
-        args = list(args)
-        copies = {i: args[i] for i in rotate}
-        out = None
-        for rep in range(reps):
-            for i, c in copies.items():
-                args[i] = c[rep % len(c)]
-            out = fn(*args)
-            if thread:
-                args[:thread] = list(out) if thread > 1 else [out]
-            else:
-                leaf = jax.tree.leaves(out)[0].reshape(-1)[:1]
-                a0 = args[0]
-                patch = leaf.astype(a0.dtype).reshape((1,) * a0.ndim)
-                args[0] = jax.lax.dynamic_update_slice(a0, patch, (0,) * a0.ndim)
-        return out
-
-    return jax.jit(run)
-
-
-def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 0,
-              repeats: int = 5, min_sample_ms: float = 3.0, rotate: tuple[int, ...] = ()) -> float:
-    """Per-call device time (ms) of fn from a chain of `reps` dependent calls.
-
-    Each sample runs the chained program enough times back to back to last at least
-    `min_sample_ms`, so the one dispatch latency a sample cannot hide is a small share
-    of it (3 runs of a 5-call chain of 40 us kernels would be 0.6 ms, ~10% latency).
-    """
-    run = chained(fn, reps, thread, rotate)
-    once = time_fn(run, *args, iters=1, repeats=1, warmup_ms=0.0)
-    iters = max(3, min(200, int(min_sample_ms / max(once, 1e-3)) + 1))
-    return time_fn(run, *args, iters=iters, repeats=repeats) / reps
+from bench.timing import cold_copies, device_ms, time_fn, timing_mode, torch_time
 
 
 def nanoflow_env() -> dict[str, str]:
@@ -123,6 +46,7 @@ def run_metadata(module: str = "bench.kernels") -> dict[str, Any]:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "env": nanoflow_env(),
+        "timing": timing_mode(),
     }
 
 
@@ -149,39 +73,11 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> dict[str, float]:
     if torch is not None:
         a = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
         b = torch.empty_like(a)
-        out["torch_copy_gbps"] = 2 * nbytes / _torch_time(torch, lambda: b.copy_(a)) / 1e6
+        out["torch_copy_gbps"] = 2 * nbytes / torch_time(torch, lambda: b.copy_(a)) / 1e6
         del a, b
         torch.cuda.empty_cache()
     out["copy_gbps"] = max(out.values())
     return out
-
-
-def _torch_time(torch: Any, fn: Callable[[], Any], iters: int = 20, repeats: int = 5) -> float:
-    _warm_up(fn, lambda _: torch.cuda.synchronize(), WARMUP_MS)
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
-    return statistics.median(samples)
-
-
-L2_BYTES = 60 << 20  # H100/H200 L2 cache (50 MB on the H100 SXM, 60 MB on the H200)
-
-
-def cold_copies(nbytes: int) -> int:
-    """Copies of an operand of nbytes to rotate through so that successive calls never
-    find it in L2: together at least twice the L2 size (at most 8)."""
-    return max(1, min(8, -(-2 * L2_BYTES // max(nbytes, 1))))
-
-
-def copies_of(a: jax.Array, n: int) -> tuple[jax.Array, ...]:
-    """a and n - 1 copies of it in their own buffers (for `rotate`)."""
-    return (a,) + tuple(jnp.array(a, copy=True) for _ in range(n - 1))
 
 
 def library_gemm_ms(m: int, n: int, k: int) -> dict[str, float]:
@@ -197,7 +93,7 @@ def library_gemm_ms(m: int, n: int, k: int) -> dict[str, float]:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bs = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         calls = itertools.count()
-        res["cublas_ms"] = _torch_time(torch, lambda: a @ bs[next(calls) % copies])
+        res["cublas_ms"] = torch_time(torch, lambda: a @ bs[next(calls) % copies])
         del bs
     res["best_ms"] = min(res.values())
     return res

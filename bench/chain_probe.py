@@ -1,12 +1,13 @@
-"""Why a GEMM times slower in a chained benchmark than alone: the same kernels timed three ways.
+"""Why a GEMM times slower in a chained benchmark than alone: the same kernels timed several ways.
 
     python3 -m bench.chain_probe --mode time --out probe.json
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
         python3 -m bench.chain_probe --mode profile --out order.json > kernels.csv
 
-`time`: our committed GEMM and XLA's dot per case, as `bench.device_ms` times them (a chain
-of dependent calls, weights rotated past L2), the same chain with one weight copy, and
-back-to-back single calls. `profile`: one run of each chained program between
+`time`: our committed GEMM and XLA's dot per case, timed by `bench.timing.device_ms` in
+each of its modes (patched, also with one weight copy; ordered; slope; weights rotated
+past L2) and as back-to-back single calls. Run it again with XLA_FLAGS=--xla_gpu_enable_command_buffer=
+to see what XLA's CUDA graphs add. `profile`: one run of each chained program between
 cudaProfilerStart/Stop, so Nsight Compute lists every kernel a chain launches.
 """
 
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from bench import chained, cold_copies, copies_of, device_ms, run_metadata, time_fn, torch_module
+from bench import run_metadata, torch_module
 from bench.gemm_tune import SHAPES
+from bench.timing import chained, cold_copies, copies_of, device_ms, time_fn
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 REPS = 4
@@ -59,8 +62,12 @@ def main() -> None:
             if args.mode == "time":
                 rows.append({
                     "case": case, "fn": name, "copies": copies,
-                    "chain_rotated_ms": device_ms(fn, x, ws, r, reps=max(5, copies), rotate=(1,)),
-                    "chain_one_copy_ms": device_ms(fn, x, w, r, reps=max(5, copies)),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "chain_rotated_ms": device_ms(fn, x, ws, r, reps=max(5, copies), rotate=(1,),
+                                                  mode="patched"),
+                    "chain_one_copy_ms": device_ms(fn, x, w, r, reps=max(5, copies), mode="patched"),
+                    "ordered_ms": device_ms(fn, x, ws, r, reps=max(5, copies), rotate=(1,), mode="ordered"),
+                    "slope_ms": device_ms(fn, x, ws, r, reps=max(5, copies), rotate=(1,), mode="slope"),
                     "single_calls_ms": time_fn(jax.jit(fn), x, w, r, iters=50),
                 })
                 print(rows[-1], flush=True)
@@ -72,7 +79,7 @@ def main() -> None:
         torch.cuda.profiler.start()
         for case, name, run, a in runs:
             jax.block_until_ready(run(*a))
-            order.append({"case": case, "fn": name, "reps": REPS})
+            order += [{"case": case, "fn": name, "call": i} for i in range(REPS)]  # one per kernel
         torch.cuda.profiler.stop()
     Path(args.out).write_text(json.dumps(dict(run_metadata("bench.chain_probe"), rows=rows,
                                               profiled_in_order=order), indent=1))

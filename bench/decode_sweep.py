@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from bench import copy_bandwidth, device_ms, run_metadata
+from bench import copy_bandwidth, run_metadata
+from bench.timing import device_ms
 
 H, K, D, PS = 32, 8, 128, 16
 # (block_k, warps, stages, splits, programs per SM). The first sweep (decode_sweep_h200.json)

@@ -27,7 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench import cold_copies, copies_of, device_ms, library_gemm_ms, rel_err, run_metadata
+from bench import library_gemm_ms, rel_err, run_metadata
+from bench.timing import cold_copies, copies_of, device_ms
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
 from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config

@@ -21,7 +21,8 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
-from bench import cold_copies, copies_of, copy_bandwidth, device_ms, library_gemm_ms, plot_sm_profile, rel_err, run_metadata
+from bench import copy_bandwidth, library_gemm_ms, plot_sm_profile, rel_err, run_metadata
+from bench.timing import cold_copies, copies_of, device_ms
 
 BF = jnp.bfloat16
 LLAMA8B = dict(E=4096, H=32, K=8, D=128, F=14336)
@@ -36,6 +37,7 @@ class Bench:
                  sections: tuple[str, ...] = SECTIONS) -> None:
         self.smoke, self.interp = smoke, smoke
         self.sections = sections
+        self.gemm_ms: tuple[int, ...] = (128, 256, 512, 1024, 2048)
         self.deadline = time.time() + budget_s
         self.out_path = out_path
         self.res: dict[str, Any] = {"meta": run_metadata(), "errors": {}}
@@ -292,7 +294,7 @@ class Bench:
         if not self.smoke:
             self.section("ceilings", copy_bandwidth)
         copy = self.res.get("ceilings", {}).get("copy_gbps", float("nan"))
-        self.section("gemm", lambda: self.gemms((128, 256, 512, 1024, 2048) if not self.smoke else (24,)))
+        self.section("gemm", lambda: self.gemms(self.gemm_ms if not self.smoke else (24,)))
         self.section("decode_attention", lambda: self.decode(copy))
         self.section("memory_bound", lambda: self.memory(copy))
         self.section("prefill_attention", self.prefill)
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
     ap.add_argument("--plot", metavar="JSON", help="only draw JSON's SM profile to --png")
     ap.add_argument("--png", default="kernels_sm_profile.png")
+    ap.add_argument("--gemm-ms", default="128,256,512,1024,2048",
+                    help="dense batch sizes M of the gemm section (comma-separated)")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="sections to run (comma-separated), of " + ",".join(SECTIONS))
     a = ap.parse_args(argv)
@@ -319,7 +323,9 @@ def main(argv: list[str] | None = None) -> None:
         sections += ("ceilings",)  # their ratios are to the copy bandwidth measured here
     if unknown := set(sections) - set(SECTIONS):
         ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    Bench(a.smoke, a.budget_s, a.out, sections).run()
+    bench = Bench(a.smoke, a.budget_s, a.out, sections)
+    bench.gemm_ms = tuple(int(m) for m in a.gemm_ms.split(","))
+    bench.run()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench import device_ms, library_gemm_ms, run_metadata
+from bench import library_gemm_ms, run_metadata
+from bench.timing import device_ms
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 

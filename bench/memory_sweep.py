@@ -3,7 +3,7 @@
     python -m bench.memory_sweep --out bench/results/memory_sweep.json [--smoke]
 
 Llama-3-8B sizes (E=4096, 32 query / 8 KV heads of 128, bf16) at T in TOKENS. Each
-kernel is timed with bench.device_ms (a chain of dependent calls in one jit) and
+kernel is timed with bench.timing.device_ms (many calls in one jit program) and
 compared with a copy of the same number of bytes timed the same way, and with the
 large-buffer copy ceiling. --smoke: tiny shapes, interpreted on CPU, a few configs.
 """
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 import pallas_kernels as pk
-from bench import copy_bandwidth, device_ms, rel_err, run_metadata
+from bench import copy_bandwidth, rel_err, run_metadata
+from bench.timing import device_ms, timed_program, timing_mode
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
 from pallas_kernels.norm_rope import default_block_rows, rope_blocks
@@ -66,13 +67,14 @@ def copy_step(a: jax.Array) -> jax.Array:
 def chain_kernels(n: int, reps: int) -> int:
     """Kernels in the compiled copy chain that add over all n elements (want: reps).
 
-    A kernel is a fusion calling a computation with a full-size add whose root is not the
-    one-element dependency patch (a dynamic-update-slice, computing only the element it
-    needs); counted wherever called (GPU command buffers wrap fusions). Plus unfused adds.
+    The program is the one device_ms times (its timing mode). A kernel is a fusion
+    calling a computation with a full-size add whose root is not a one-element dependency
+    patch (a dynamic-update-slice, computing only the element it needs); counted wherever
+    called (GPU command buffers wrap fusions). Plus unfused adds.
     """
-    from bench import chained
-
-    hlo = chained(copy_step, reps).lower(jnp.zeros((n,), BF16)).compile().as_text()
+    mode = "patched" if timing_mode() == "patched" else "ordered"
+    run, args = timed_program(copy_step, (jnp.zeros((n,), BF16),), reps, mode=mode)
+    hlo = run.lower(*args).compile().as_text()
     full_add = re.compile(rf"\[{n}\]\{{[^}}]*\}} add\(")
     comps = re.split(r"\n(?=\S)", hlo)  # computations start at column 0
     adders = {c.split()[0].lstrip("%") for c in comps

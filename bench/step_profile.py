@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import cold_copies, device_ms, run_metadata
+from bench import run_metadata
+from bench.timing import cold_copies, device_ms
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.models.llama import forward_paged, lm_head
