@@ -5,9 +5,10 @@
 # call through $NANOFLOW_GEMM_TABLE (copy them into _TUNED when they win). Extra runs:
 # FUSE_QKV=0 (three QKV GEMMs), DECODE_ONLY=0 (no decode-only steps), FUSE_ROPE_KV=1 (K's
 # RoPE in the cache write), PROFILE=1 (the decode-step breakdown), SWEEP=1 (decode-attention
-# launch sweep at the engine's 128 x 640 and at 64 x 4096).
+# launch sweep at the engine's 128 x 640 and at 64 x 4096), KERNELS=1 (bench.kernels' GEMM,
+# attention and memory-bound tables, Mosaic GEMMs only, slope timing).
 # Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas hybrid'] [TUNE_MS=256,512|none]
-#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] [SWEEP=1] bash bench/gpu_session.sh
+#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] [SWEEP=1] [KERNELS=1] bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
@@ -35,6 +36,10 @@ if [ "${TUNE_MS:-256,512}" != none ]; then
 fi
 if [ "${SWEEP:-0}" = 1 ]; then
   timeout 200 python3 -m bench.decode_sweep --cases 128x640,64x4096 --out "$OUT/decode_sweep.json" 2>&1 | grep "^best" | tee "$OUT/decode_sweep.log"
+fi
+if [ "${KERNELS:-0}" = 1 ]; then
+  timeout 360 python3 -m bench.kernels --sections gemm,decode_attention,memory_bound,prefill_attention \
+    --gemm-backends mosaic --budget-s 330 --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; grep "^\[" "$OUT/kernels.log"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 200 python3 -m bench.step_profile --out "$OUT/step_profile.json" 2>&1 | grep -v "^WARNING" | tail -16

@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
     ap.add_argument("--plot", metavar="JSON", help="only draw JSON's SM profile to --png")
     ap.add_argument("--png", default="kernels_sm_profile.png")
+    ap.add_argument("--gemm-backends", default="mosaic,triton",
+                    help="GEMM backends to time (comma-separated; smoke runs time triton only)")
     ap.add_argument("--gemm-ms", default="128,256,512,1024,2048",
                     help="dense batch sizes M of the gemm section (comma-separated)")
     ap.add_argument("--sections", default=",".join(SECTIONS),
@@ -325,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     bench = Bench(a.smoke, a.budget_s, a.out, sections)
     bench.gemm_ms = tuple(int(m) for m in a.gemm_ms.split(","))
+    if not a.smoke:
+        bench.backends = tuple(a.gemm_backends.split(","))
     bench.run()
 
 
