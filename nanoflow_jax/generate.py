@@ -22,9 +22,11 @@ EXIT_REQUEST_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nanoflow_jax.generate",
+    # No abbreviations: "--prompt X" must not silently mean "--prompt-file X".
+    p = argparse.ArgumentParser(prog="python -m nanoflow_jax.generate", allow_abbrev=False,
                                 description="Generate text with a Llama-family model (default: SmolLM2-135M-Instruct).")
     p.add_argument("prompt", nargs="?", help="the prompt; '-' reads prompts from stdin, one per line")
+    p.add_argument("--prompt", dest="prompt_flag", metavar="PROMPT", help="the prompt, as a flag (same as PROMPT)")
     p.add_argument("--prompt-file", help="a file of prompts, one per line")
     p.add_argument("--model", default=None,
                    help="a .gguf file, a Hugging Face folder, an Orbax folder, or a config name with --weights random "
@@ -48,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
+    flag = getattr(args, "prompt_flag", None)
+    if flag is not None:
+        if args.prompt is not None:
+            raise ValueError("give the prompt once: as PROMPT or as --prompt, not both")
+        args.prompt = flag
     if args.prompt_file and args.prompt is not None:
         raise ValueError("give either a PROMPT argument or --prompt-file, not both")
     if args.prompt_file:

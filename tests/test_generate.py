@@ -24,6 +24,7 @@ def _main(argv, monkeypatch, stdin_text=None):
     (["Hi", "--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["   "], "the prompt is empty"),
     (["Hi", "--prompt-file", "x.txt"], "either a PROMPT argument or --prompt-file"),
+    (["Hi", "--prompt", "Hello"], "give the prompt once"),
     (["Hi", "--model", "/no/such/model.gguf"], "not found"),
     (["Hi", "--model", "llama-3-8b"], "--weights random"),
 ])
@@ -47,6 +48,17 @@ def test_prompt_longer_than_context_fails_that_prompt(default_gguf_path, monkeyp
     assert code == generate.EXIT_REQUEST_FAILED
     assert "prompt 1" in err and "max_model_len" in err
     assert out.strip()  # the second prompt still completed
+
+
+def test_prompt_flag_is_the_prompt_and_never_a_prompt_file(tmp_path):
+    parser = generate.build_parser()
+    args = parser.parse_args(["--prompt", "Write a haiku about GPUs."])
+    assert generate.read_prompts(args, io.StringIO()) == ["Write a haiku about GPUs."]
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    args = parser.parse_args(["--prompt-file", str(tmp_path / "p.txt")])
+    assert generate.read_prompts(args, io.StringIO()) == ["one", "two"]
+    with pytest.raises(SystemExit):  # abbreviations are off: --prompt-f is not --prompt-file
+        parser.parse_args(["--prompt-f", str(tmp_path / "p.txt")])
 
 
 def test_module_entry_point_help():

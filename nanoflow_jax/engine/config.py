@@ -34,7 +34,10 @@ class EngineConfig:
     fuse_rope_kv: bool = False          # Pallas: K's RoPE inside the KV-cache write (-4% on an H200, within noise: off)
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
-    min_token_bucket: int = 16
+    min_token_bucket: int | None = None  # smallest T bucket (None: 16; 1 for XLA ops on CPU, whose
+                                         # attention gathers pages per token, so padding costs)
+    precompile: bool | None = None      # compile every bucket at start-up (None: on a GPU; on CPU a
+                                        # bucket compiles when a batch first needs it)
     compilation_cache_dir: str | None = None  # None: $NANOFLOW_COMPILATION_CACHE or ~/.cache/nanoflow_jax/xla
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
 
@@ -52,6 +55,8 @@ class EngineConfig:
             raise ValueError("give num_kv_pages or kv_memory_fraction, not both")
         if self.kernels not in KERNEL_SETS:
             raise ValueError(f"EngineConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
+        if self.min_token_bucket is not None and self.min_token_bucket < 1:
+            raise ValueError(f"EngineConfig.min_token_bucket must be >= 1, got {self.min_token_bucket}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens
@@ -60,12 +65,14 @@ class EngineConfig:
     def max_pages_per_seq(self) -> int:
         return _cdiv(self.max_model_len, self.block_size)
 
-    def resolved_token_buckets(self) -> tuple[int, ...]:
+    def resolved_token_buckets(self, small: bool = False) -> tuple[int, ...]:
+        """T buckets; `small`: start at 1 when min_token_bucket is unset (XLA ops on CPU)."""
         cap = self.max_num_batched_tokens
         if self.token_buckets is not None:
             buckets = sorted({int(b) for b in self.token_buckets if 0 < int(b) <= cap} | {cap})
             return tuple(buckets)
-        buckets, b = [], min(self.min_token_bucket, cap)
+        least = self.min_token_bucket if self.min_token_bucket is not None else 1 if small else 16
+        buckets, b = [], min(least, cap)
         while b < cap:
             buckets.append(b)
             b *= 2

@@ -118,18 +118,23 @@ class ModelRunner:
         self.params = fuse_qkv(params) if cfg.fuse_qkv else params
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.token_buckets = cfg.resolved_token_buckets()
+        on_cpu = jax.default_backend() == "cpu"
+        self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
+        # XLA's paged attention gathers every token's pages, so a single decode padded to
+        # 16 tokens costs 16x: on CPU small buckets, compiled as batches first need them.
+        self.token_buckets = cfg.resolved_token_buckets(small=on_cpu and not isinstance(self.ops, PallasOps))
+        self.precompile = cfg.precompile if cfg.precompile is not None else not on_cpu
         self.width_buckets = cfg.resolved_width_buckets()
         self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only"), donate_argnums=(1,))
-        self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
         self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
         self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
         self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
-        self._compiled: dict[tuple[int, int], Any] = {}
-        self.compile_all()
+        self._compiled: dict[tuple[int, int, bool], Any] = {}
+        if self.precompile:
+            self.compile_all()
 
     def _shapes(self, t: int, w: int) -> tuple[jax.ShapeDtypeStruct, ...]:
         s = self.cfg.seqs_for(t)
@@ -163,6 +168,14 @@ class ModelRunner:
         for t, w, dec in bar:
             bar.set_postfix_str(f"T={t} W={w}" + (" decode" if dec else ""))
             self._compiled[(t, w, dec)] = self._lower(self.cache, t, w, dec).compile()
+
+    def executable(self, t: int, w: int, decode_only: bool) -> Any:
+        """The compiled step of one bucket (compiled now if start-up did not)."""
+        key = (t, w, decode_only)
+        if key not in self._compiled:
+            log.info("compiling the step for T=%d W=%d%s", t, w, " (decode only)" if decode_only else "")
+            self._compiled[key] = self._lower(self.cache, t, w, decode_only).compile()
+        return self._compiled[key]
 
     def bucket_for(self, batch: ScheduledBatch) -> tuple[int, int]:
         width = max(len(r.seq.block_table) for r in batch.rows)
@@ -220,5 +233,5 @@ class ModelRunner:
         (t, w), arrays = self.prepare(batch)
         prev = self._zero_tokens if prev_tokens is None else prev_tokens
         decode_only = self.decode_only_steps and batch.num_decode == len(batch.rows)
-        out, self.cache = self._compiled[(t, w, decode_only)](self.params, self.cache, *arrays, prev)
+        out, self.cache = self.executable(t, w, decode_only)(self.params, self.cache, *arrays, prev)
         return out

@@ -58,7 +58,7 @@ def test_async_switch_follows_environment(monkeypatch):
 
 
 def test_no_compilation_during_serving():
-    llm = make_llm(params=tiny_params(), async_scheduling=True)
+    llm = make_llm(params=tiny_params(), async_scheduling=True, precompile=True)
     prompts = random_prompts(12, [1, 2, 31, 32, 33, 64, 100, 5, 70, 9, 3, 20], seed=5)
     mixed = [SamplingParams(temperature=0.0 if i % 2 else 0.8, top_k=5 * (i % 3), top_p=0.9,
                             max_tokens=20, seed=i) for i in range(12)]
@@ -69,6 +69,19 @@ def test_no_compilation_during_serving():
     with count_compiles() as events:   # the counter itself sees a fresh compile
         jax.jit(lambda x: x * 3 + 1)(jnp.arange(7))
     assert events
+
+
+def test_cpu_compiles_buckets_on_first_use_down_to_one_token(prompts16, reference16):
+    """On CPU (XLA ops) nothing compiles at start-up and a lone decode runs in a 1-token
+    bucket, not one padded to 16; the greedy tokens still match the dense reference."""
+    llm = make_llm(params=tiny_params())
+    runner = llm.engine.runner
+    assert runner._compiled == {} and runner.token_buckets[0] == 1
+    out = llm.generate(prompts16[:1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == reference16[0][:6]
+    assert (1, runner.width_buckets[0], False) in runner._compiled  # the decode steps
+    assert len(runner._compiled) < len(runner.token_buckets) * len(runner.width_buckets)
+    assert make_llm(precompile=True, min_token_bucket=16).engine.runner.token_buckets[0] == 16
 
 
 def test_stop_token_ids_max_tokens_and_eos(prompts16):
@@ -245,7 +258,7 @@ def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
     llm = make_llm(kernels="pallas", max_num_batched_tokens=64, fuse_rope_kv=True, decode_only_steps=True)
     assert llm.engine.runner.ops.fuse_rope_kv
     runner = llm.engine.runner
-    assert runner.decode_only_steps and any(dec for _, _, dec in runner._compiled)
+    assert runner.decode_only_steps
     used: list[bool] = []
     dispatch = runner.dispatch
 
@@ -257,5 +270,6 @@ def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
     out = llm.generate(prompts16[:3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in out] == [r[:4] for r in reference16[:3]]
     assert any(used) and not all(used)  # both kinds of step ran
+    assert any(dec for _, _, dec in runner._compiled) and not all(dec for _, _, dec in runner._compiled)
     # one XLA attention path: no extra compile
     assert not make_llm(kernels="xla", decode_only_steps=True).engine.runner.decode_only_steps
