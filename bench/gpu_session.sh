@@ -5,8 +5,8 @@
 # call through $NANOFLOW_GEMM_TABLE (copy them into _TUNED when they win). Extra runs:
 # FUSE_QKV=0 (three QKV GEMMs), DECODE_ONLY=0 (no decode-only steps), FUSE_ROPE_KV=1 (K's
 # RoPE in the cache write), PROFILE=1 (the decode-step breakdown), SWEEP=1 (decode-attention
-# launch sweep at the engine's 128 x 640 and at 64 x 4096), KERNELS=1 (bench.kernels' GEMM,
-# attention and memory-bound tables, Mosaic GEMMs only, slope timing).
+# launch sweep at the engine's 128 x 640 and at 64 x 4096), KERNELS=1 (bench.kernels' GEMM
+# (Mosaic only, M in KERNEL_MS), attention and memory-bound tables, slope timing).
 # Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas hybrid'] [TUNE_MS=256,512|none]
 #   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] [SWEEP=1] [KERNELS=1] bash bench/gpu_session.sh
 set -u
@@ -38,8 +38,11 @@ if [ "${SWEEP:-0}" = 1 ]; then
   timeout 200 python3 -m bench.decode_sweep --cases 128x640,64x4096 --out "$OUT/decode_sweep.json" 2>&1 | grep "^best" | tee "$OUT/decode_sweep.log"
 fi
 if [ "${KERNELS:-0}" = 1 ]; then
-  timeout 360 python3 -m bench.kernels --sections gemm,decode_attention,memory_bound,prefill_attention \
-    --gemm-backends mosaic --budget-s 330 --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; grep "^\[" "$OUT/kernels.log"
+  # The short sections first, so a GEMM table cut by its budget loses none of them.
+  timeout 150 python3 -m bench.kernels --sections decode_attention,memory_bound,prefill_attention \
+    --budget-s 130 --out "$OUT/kernels_memory.json" > "$OUT/kernels.log" 2>&1
+  timeout 360 python3 -m bench.kernels --sections gemm --gemm-backends mosaic --gemm-ms "${KERNEL_MS:-128,256,512,1024,2048}" \
+    --budget-s 330 --out "$OUT/kernels_gemm.json" >> "$OUT/kernels.log" 2>&1; grep "^\[" "$OUT/kernels.log"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 200 python3 -m bench.step_profile --out "$OUT/step_profile.json" 2>&1 | grep -v "^WARNING" | tail -16
