@@ -57,7 +57,9 @@ class LLM:
         else:
             if dtype == "auto":
                 dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-            loaded = load_model(model, weights=weights, dtype=dtype)
+            # show_progress=False silences the weight loader's bar too.
+            loaded = load_model(model, weights=weights, dtype=dtype,
+                                progress=engine_kwargs.get("show_progress", True) is not False)
             if tokenizer is not None:
                 loaded.tokenizer = tokenizer
         mc = loaded.config

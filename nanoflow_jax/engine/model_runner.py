@@ -120,10 +120,11 @@ class ModelRunner:
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         on_cpu = jax.default_backend() == "cpu"
         self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
-        # XLA's paged attention gathers every token's pages, so a single decode padded to
-        # 16 tokens costs 16x: on CPU small buckets, compiled as batches first need them.
-        self.token_buckets = cfg.resolved_token_buckets(small=on_cpu and not isinstance(self.ops, PallasOps))
+        # XLA's paged attention gathers every token's pages, so a lone decode padded to 16
+        # tokens costs 16x: on CPU small T buckets, each compiled when first needed.
         self.precompile = cfg.precompile if cfg.precompile is not None else not on_cpu
+        small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
+        self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
         self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only"), donate_argnums=(1,))
         # Pure-decode batches get their own step where that changes the kernels launched

@@ -79,7 +79,7 @@ def test_cpu_compiles_buckets_on_first_use_down_to_one_token(prompts16, referenc
     assert runner._compiled == {} and runner.token_buckets[0] == 1
     out = llm.generate(prompts16[:1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     assert out[0].outputs[0].token_ids == reference16[0][:6]
-    assert (1, runner.width_buckets[0], False) in runner._compiled  # the decode steps
+    assert any(t == 1 for t, _, _ in runner._compiled)  # the decode steps
     assert len(runner._compiled) < len(runner.token_buckets) * len(runner.width_buckets)
     assert make_llm(precompile=True, min_token_bucket=16).engine.runner.token_buckets[0] == 16
 
