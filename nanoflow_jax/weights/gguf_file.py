@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from nanoflow_jax.weights import gguf_quants
 from nanoflow_jax.weights.errors import WeightLoadError
 
 # GGUF value type -> struct format (scalars) or numpy dtype (arrays); 8 = string, 9 = array.
@@ -158,5 +159,7 @@ class GGUFFile:
         import gguf
 
         info = self.tensors[name]
+        if info.qtype_name in gguf_quants.fast_qtypes():  # one numpy pass, not gguf's row groups
+            return gguf_quants.dequantize(self.raw(name), info.qtype_name).reshape(info.shape)
         arr = gguf.quants.dequantize(self.raw(name), gguf.GGMLQuantizationType(info.qtype))
         return np.asarray(arr, dtype=np.float32).reshape(info.shape)
