@@ -27,11 +27,15 @@ METRICS = {
 RULE_WORDS = ("pipeline", "bank conflict", "stalled")  # rule texts worth keeping
 
 
-def _number(text: str) -> float | str:
+_TIME_UNITS = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
+
+
+def _number(text: str, unit: str = "") -> float | str:
     try:
-        return float(text.replace(",", ""))
+        value = float(text.replace(",", ""))
     except ValueError:
         return text
+    return value * _TIME_UNITS.get(unit, 1.0)  # durations in ns whatever unit ncu printed
 
 
 def summarize(csv_text: str, labels: list[Any] | None = None) -> list[dict[str, Any]]:
@@ -44,7 +48,7 @@ def summarize(csv_text: str, labels: list[Any] | None = None) -> list[dict[str, 
                                          "block": r["Block Size"], "rules": []})
         key = METRICS.get(r.get("Metric Name") or "")
         if key:
-            k[key] = _number(r["Metric Value"])
+            k[key] = _number(r["Metric Value"], (r.get("Metric Unit") or "") if key == "duration_ns" else "")
         text = r.get("Rule Description") or ""
         if any(w in text for w in RULE_WORDS):
             k["rules"].append(text[:300])

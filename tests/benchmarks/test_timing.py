@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import pytest
 
 from bench import timing
-from bench.ncu_summary import summarize
 
 
 def _rand(key: int, *shape: int) -> jax.Array:
@@ -72,21 +71,3 @@ def test_device_ms_times_each_mode_on_cpu():
     for mode in timing.TIMING_MODES:
         ms = timing.device_ms(jnp.dot, x, w, reps=2, repeats=1, min_sample_ms=0.1, mode=mode)
         assert 0 < ms < 1e3, mode
-
-
-def test_ncu_summary_reads_kernels_metrics_and_labels():
-    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
-            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value",'
-            '"Rule Name","Rule Type","Rule Description"')
-    row = ('"{id}","1","py","h","{name}","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","S","{metric}",'
-           '"u","{value}","","",""')
-    rule = ('"1","1","py","h","k2","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","S","","","","R","OPT",'
-            '"a 6.6 - way bank conflict across loads"')
-    text = "\n".join(["==PROF== noise", head,
-                      row.format(id=0, name="k1", metric="Duration", value="48,224"),
-                      row.format(id=0, name="k1", metric="L2 Hit Rate", value="65.26"),
-                      row.format(id=1, name="k2", metric="Duration", value="1,000"), rule])
-    rows = summarize(text, ["ours", "library"])
-    assert [r["kernel"] for r in rows] == ["k1", "k2"]
-    assert rows[0]["duration_ns"] == 48224.0 and rows[0]["l2_hit_pct"] == 65.26
-    assert rows[1]["call"] == "library" and "bank conflict" in rows[1]["rules"][0]
