@@ -32,19 +32,23 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
     r, d = q.shape
     width = bt_ref.shape[1]
     cols = jnp.arange(d, dtype=jnp.int32)[None, :]  # all-array indices: a gather the interpreter takes
-    trips = jnp.maximum((key_hi - key_lo + bk - 1) // bk, 0)
+    span = jnp.maximum(key_hi - key_lo, 0)
+    full, trips = span // bk, (span + bk - 1) // bk
 
-    def step(j, carry):
+    def step(j, carry, masked: bool):
         acc, m, l = carry
         key = key_lo + j * bk + jnp.arange(bk, dtype=jnp.int32)
         # Clamped so a block that runs past the table still reads a real (null) page.
         page = bt_ref[seq, jnp.minimum(key // page_size, width - 1)]
         rows = (page * page_size + key % page_size)[:, None]
-        # The ragged last block loads only keys below key_hi: masked lanes move no bytes
-        # (a 640-key context in 256-key blocks would otherwise read 768 keys).
-        live = (key < key_hi)[:, None]
-        k = pltriton.load(k_ref.at[rows, kh, cols], mask=live, other=0)
-        v = pltriton.load(v_ref.at[rows, kh, cols], mask=live, other=0)
+        if masked:
+            # The ragged last block loads only keys below key_hi: masked lanes move no
+            # bytes (a 640-key context in 256-key blocks would otherwise read 768 keys).
+            live = (key < key_hi)[:, None]
+            k = pltriton.load(k_ref.at[rows, kh, cols], mask=live, other=0)
+            v = pltriton.load(v_ref.at[rows, kh, cols], mask=live, other=0)
+        else:  # whole blocks: plain loads, no per-lane predicate
+            k, v = k_ref[rows, kh, cols], v_ref[rows, kh, cols]
         s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         ok = (key[None, :] <= row_limit[:, None]) & (key[None, :] < key_hi)
         s = jnp.where(ok, s, NEG_INF)
@@ -58,7 +62,8 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
         return acc, m_new, l
 
     init = (jnp.zeros((r, d), F32), jnp.full((r,), NEG_INF, F32), jnp.zeros((r,), F32))
-    return lax.fori_loop(0, trips, step, init)
+    carry = lax.fori_loop(0, full, lambda j, c: step(j, c, masked=False), init)
+    return lax.fori_loop(full, trips, lambda j, c: step(j, c, masked=True), carry)  # 0 or 1 trip
 
 
 def finish(acc: jax.Array, l: jax.Array) -> jax.Array:
