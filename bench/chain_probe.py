@@ -1,13 +1,13 @@
 """Why a GEMM times slower in a chained benchmark than alone: the same kernels timed several ways.
 
     python3 -m bench.chain_probe --mode time --out probe.json
-    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv
         python3 -m bench.chain_probe --mode profile --out order.json > kernels.csv
 
 `time`: our committed GEMM and XLA's dot per case, timed by `bench.timing.device_ms` in
 each of its modes (patched, also with one weight copy; ordered; slope; weights rotated
-past L2) and as back-to-back single calls. Run it again with XLA_FLAGS=--xla_gpu_enable_command_buffer=
-to see what XLA's CUDA graphs add. `profile`: one run of each chained program between
+past L2) and as back-to-back single calls. Run it again with
+XLA_FLAGS=--xla_gpu_enable_command_buffer= to see what XLA's CUDA graphs add. `profile`: one run of each chained program between
 cudaProfilerStart/Stop, so Nsight Compute lists every kernel a chain launches.
 """
 

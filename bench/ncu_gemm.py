@@ -1,6 +1,6 @@
 """GPU time of our GEMMs against the library's on the same shapes, from Nsight Compute.
 
-    ncu --profile-from-start off --clock-control none --csv --page details \
+    ncu --profile-from-start off --clock-control none --csv --page details --print-units base
         --metrics gpu__time_duration.sum python3 -m bench.ncu_gemm --out meta.json > ncu.csv
     python -m bench.ncu_gemm --report ncu.csv --meta meta.json --out table.json
 
