@@ -1,5 +1,5 @@
 """Benchmark helpers: run metadata and the ceilings kernels are compared with (timing
-lives in bench/timing.py and is re-exported here).
+lives in bench/timing.py).
 
 Ceilings are measured in the same run as the kernels: a device copy (GB/s counting
 bytes read plus written, best of XLA and PyTorch) and the best library GEMM (XLA's

@@ -30,14 +30,15 @@ LLAMA8B = dict(E=4096, H=32, K=8, D=128, F=14336)
 
 SECTIONS = ("correctness", "ceilings", "gemm", "decode_attention", "memory_bound", "prefill_attention",
             "sm_profile", "decode_configs")
+GEMM_MS = (128, 256, 512, 1024, 2048)  # dense batch sizes of the gemm section
 
 
 class Bench:
-    def __init__(self, smoke: bool, budget_s: float, out_path: str,
-                 sections: tuple[str, ...] = SECTIONS) -> None:
+    def __init__(self, smoke: bool, budget_s: float, out_path: str, sections: tuple[str, ...] = SECTIONS,
+                 gemm_ms: tuple[int, ...] = GEMM_MS, gemm_backends: tuple[str, ...] = ("mosaic", "triton")) -> None:
         self.smoke, self.interp = smoke, smoke
         self.sections = sections
-        self.gemm_ms: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+        self.gemm_ms = gemm_ms
         self.deadline = time.time() + budget_s
         self.out_path = out_path
         self.res: dict[str, Any] = {"meta": run_metadata(), "errors": {}}
@@ -46,7 +47,7 @@ class Bench:
         self.res["meta"]["seed"] = seed
         self.sms = pk._common.num_sms() if not smoke else 8
         # Smoke runs leave Mosaic GPU to the unit tests: its CPU interpreter is slow.
-        self.backends = ("triton",) if smoke else ("mosaic", "triton")
+        self.backends = ("triton",) if smoke else gemm_backends
         self.m = dict(E=64, H=4, K=2, D=32, F=128) if smoke else LLAMA8B
 
     def rand(self, *shape: int, dtype=BF) -> jax.Array:
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png", default="kernels_sm_profile.png")
     ap.add_argument("--gemm-backends", default="mosaic,triton",
                     help="GEMM backends to time (comma-separated; smoke runs time triton only)")
-    ap.add_argument("--gemm-ms", default="128,256,512,1024,2048",
+    ap.add_argument("--gemm-ms", default=",".join(map(str, GEMM_MS)),
                     help="dense batch sizes M of the gemm section (comma-separated)")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="sections to run (comma-separated), of " + ",".join(SECTIONS))
@@ -325,11 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         sections += ("ceilings",)  # their ratios are to the copy bandwidth measured here
     if unknown := set(sections) - set(SECTIONS):
         ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    bench = Bench(a.smoke, a.budget_s, a.out, sections)
-    bench.gemm_ms = tuple(int(m) for m in a.gemm_ms.split(","))
-    if not a.smoke:
-        bench.backends = tuple(a.gemm_backends.split(","))
-    bench.run()
+    Bench(a.smoke, a.budget_s, a.out, sections, gemm_ms=tuple(int(m) for m in a.gemm_ms.split(",")),
+          gemm_backends=tuple(a.gemm_backends.split(","))).run()
 
 
 if __name__ == "__main__":

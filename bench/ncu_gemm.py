@@ -36,8 +36,9 @@ MARKER = "ncu_call_marker"
 LIBRARY = ("xla_dot", "torch_cublas")
 
 
-def variants(op: str, m: int) -> list[tuple[str, Callable[[], Any]]]:
-    """(name, zero-argument call): XLA's dot, our GEMM as the engine calls it, cuBLAS."""
+def variants(op: str, m: int) -> tuple[list[tuple[str, Callable[[], Any]]], list[str]]:
+    """(name, zero-argument call): XLA's dot, our GEMM as the engine calls it, cuBLAS;
+    and the lines of XLA's optimized HLO that say how it runs the dot."""
     k, n = SHAPES[op]
     silu, res = op == "gate_up_silu", op.endswith("_res")
     keys = jax.random.split(jax.random.key(m), 4)
@@ -46,7 +47,7 @@ def variants(op: str, m: int) -> list[tuple[str, Callable[[], Any]]]:
     up = jax.random.normal(keys[2], (k, n), jnp.bfloat16) * 0.03
     r = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
     wide = jnp.concatenate([w, up], axis=1) if silu else w
-    dot = jax.jit(lambda a, b: jnp.dot(a, b))
+    dot = jax.jit(jnp.dot).lower(x, wide).compile()  # compiled once: called, and its HLO read
     ours = jax.jit(lambda a, b, c, u: gemm_mgpu(a, b, w_up=u if silu else None, residual=c if res else None))
     out: list[tuple[str, Callable[[], Any]]] = [("xla_dot", lambda: dot(x, wide)),
                                                 ("ours", lambda: ours(x, w, r, up))]
@@ -55,7 +56,9 @@ def variants(op: str, m: int) -> list[tuple[str, Callable[[], Any]]]:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, n * (2 if silu else 1), device="cuda", dtype=torch.bfloat16)
         out.append(("torch_cublas", lambda: a @ b))
-    return out
+    hlo = [ln.strip()[:600] for ln in dot.as_text().splitlines()
+           if re.search(r"custom_call_target|__triton|block_m|tile|cublas|fusion_backend", ln)]
+    return out, hlo
 
 
 def marker() -> Callable[[], Any]:
@@ -66,16 +69,6 @@ def marker() -> Callable[[], Any]:
     x = jnp.zeros((128,), jnp.float32)  # a whole warpgroup's copy (Mosaic GPU's minimum)
     call = jax.jit(pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((128,), jnp.float32), name=MARKER))
     return lambda: jax.block_until_ready(call(x))
-
-
-def xla_choice(op: str, m: int) -> list[str]:
-    """The lines of XLA's optimized HLO that say how it runs the dot."""
-    k, n = SHAPES[op]
-    n *= 2 if op == "gate_up_silu" else 1
-    a, b = jnp.zeros((m, k), jnp.bfloat16), jnp.zeros((k, n), jnp.bfloat16)
-    text = jax.jit(lambda a, b: jnp.dot(a, b)).lower(a, b).compile().as_text()
-    return [ln.strip()[:600] for ln in text.splitlines()
-            if re.search(r"custom_call_target|__triton|block_m|tile|cublas|fusion_backend", ln)]
 
 
 def per_call(kernels: list[dict[str, Any]], order: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,8 +114,8 @@ def profile(cases: str, out_path: str) -> None:
     order, hlo, calls = [], {}, []
     for case in cases.split(","):
         op, m = case.split(":")
-        hlo[case] = xla_choice(op, int(m))
-        for name, call in variants(op, int(m)):
+        runs, hlo[case] = variants(op, int(m))
+        for name, call in runs:
             for _ in range(3):  # compile and warm outside the profiled region
                 res = call()
             (torch.cuda.synchronize() if name == "torch_cublas" else jax.block_until_ready(res))

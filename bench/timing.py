@@ -129,10 +129,16 @@ def timed_program(fn: Callable[..., Any], args: tuple[Any, ...], reps: int, thre
     compiler drops the barriers before)."""
     if thread or mode == "patched":
         return chained(fn, reps, thread, rotate), tuple(args)
+    args, rotate = _distinct_firsts(args, rotate, reps)
+    return chained(fn, reps, rotate=rotate, ordered=True), args
+
+
+def _distinct_firsts(args: tuple[Any, ...], rotate: tuple[int, ...],
+                     n: int) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """args with n copies of the first argument, rotated through by the calls."""
     if 0 in rotate:
         raise ValueError("the first argument is rotated by device_ms itself: rotate others")
-    firsts = copies_of(args[0], reps)
-    return chained(fn, reps, rotate=(0,) + tuple(rotate), ordered=True), (firsts,) + tuple(args[1:])
+    return (copies_of(args[0], n),) + tuple(args[1:]), (0,) + tuple(rotate)
 
 
 def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 0,
@@ -149,7 +155,9 @@ def device_ms(fn: Callable[..., Any], *args: Any, reps: int = 10, thread: int = 
     if mode != "slope" or thread:
         run, a = timed_program(fn, args, reps, thread, rotate, mode)
         return _program_ms(run, a, min_sample_ms, repeats) / reps
-    short, long_ = (_program_ms(*timed_program(fn, args, n, 0, rotate), min_sample_ms, repeats)
+    # One set of copies for both programs: the short one takes the first reps.
+    args, rotate = _distinct_firsts(args, rotate, 2 * reps)
+    short, long_ = (_program_ms(chained(fn, n, rotate=rotate, ordered=True), args, min_sample_ms, repeats)
                     for n in (reps, 2 * reps))
     # Noise can swamp the difference for kernels of a few us; the longer program's mean
     # (which still carries its launch cost) is then the honest upper bound.

@@ -40,15 +40,15 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
         key = key_lo + j * bk + jnp.arange(bk, dtype=jnp.int32)
         # Clamped so a block that runs past the table still reads a real (null) page.
         page = bt_ref[seq, jnp.minimum(key // page_size, width - 1)]
-        rows = (page * page_size + key % page_size)[:, None]
+        rows = page * page_size + key % page_size
         if masked:
             # The ragged last block loads only keys below key_hi: masked lanes move no
             # bytes (a 640-key context in 256-key blocks would otherwise read 768 keys).
             live = (key < key_hi)[:, None]
-            k = pltriton.load(k_ref.at[rows, kh, cols], mask=live, other=0)
-            v = pltriton.load(v_ref.at[rows, kh, cols], mask=live, other=0)
-        else:  # whole blocks: plain loads, no per-lane predicate
-            k, v = k_ref[rows, kh, cols], v_ref[rows, kh, cols]
+            k = pltriton.load(k_ref.at[rows[:, None], kh, cols], mask=live, other=0)
+            v = pltriton.load(v_ref.at[rows[:, None], kh, cols], mask=live, other=0)
+        else:  # whole blocks: the plain row gather measured before session 8
+            k, v = k_ref[rows, kh, :], v_ref[rows, kh, :]
         s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         ok = (key[None, :] <= row_limit[:, None]) & (key[None, :] < key_hi)
         s = jnp.where(ok, s, NEG_INF)

@@ -168,15 +168,18 @@ class ModelRunner:
         bar = tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not self.cfg.show_progress)
         for t, w, dec in bar:
             bar.set_postfix_str(f"T={t} W={w}" + (" decode" if dec else ""))
-            self._compiled[(t, w, dec)] = self._lower(self.cache, t, w, dec).compile()
+            self._compile(t, w, dec)
+
+    def _compile(self, t: int, w: int, decode_only: bool) -> Any:
+        self._compiled[(t, w, decode_only)] = self._lower(self.cache, t, w, decode_only).compile()
+        return self._compiled[(t, w, decode_only)]
 
     def executable(self, t: int, w: int, decode_only: bool) -> Any:
         """The compiled step of one bucket (compiled now if start-up did not)."""
-        key = (t, w, decode_only)
-        if key not in self._compiled:
-            log.info("compiling the step for T=%d W=%d%s", t, w, " (decode only)" if decode_only else "")
-            self._compiled[key] = self._lower(self.cache, t, w, decode_only).compile()
-        return self._compiled[key]
+        if (t, w, decode_only) in self._compiled:
+            return self._compiled[(t, w, decode_only)]
+        log.info("compiling the step for T=%d W=%d%s", t, w, " (decode only)" if decode_only else "")
+        return self._compile(t, w, decode_only)
 
     def bucket_for(self, batch: ScheduledBatch) -> tuple[int, int]:
         width = max(len(r.seq.block_table) for r in batch.rows)
