@@ -73,7 +73,7 @@ class Bench:
         self.save()
 
     def t(self, fn: Callable[..., Any], *args: Any, thread: int = 0, rotate: tuple[int, ...] = ()) -> float:
-        """Device ms per call (see bench.chained); fn is a plain, un-jitted function."""
+        """Device ms per call (see bench.timing.device_ms); fn is a plain, un-jitted function."""
         return device_ms(fn, *args, reps=2 if self.smoke else 10, thread=thread,
                          repeats=1 if self.smoke else 5, rotate=rotate)
 

@@ -2,7 +2,7 @@
 
     python -m bench.launch_probe --out launch_probe.json
 
-Times (chains of dependent calls, `bench.device_ms`) a one-tile GEMM through the Mosaic
+Times (many calls in one program, `bench.timing.device_ms`) a one-tile GEMM through the Mosaic
 kernel and through XLA, then M=128, N=4096 at growing K through both: a per-launch cost
 shows as a gap at the smallest sizes that does not grow with K.
 """

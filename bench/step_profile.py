@@ -4,7 +4,7 @@
 
 One decode iteration (every row one new token after `ctx` cached ones) of forward_paged
 with the given kernel set, timed as a chain of steps with the cache donated (as the
-engine runs it); then each op of one layer timed alone on the same shapes (bench.device_ms,
+engine runs it); then each op of one layer timed alone on the same shapes (bench.timing.device_ms,
 weights rotated over successive layers so they come from HBM as in the step) and
 multiplied by the layer count. The gap between the two is launch gaps, glue ops
 (reshapes, the embedding gather, the LM head, the sampler's inputs) and what the ops
