@@ -31,14 +31,20 @@ LLAMA8B = dict(E=4096, H=32, K=8, D=128, F=14336)
 SECTIONS = ("correctness", "ceilings", "gemm", "decode_attention", "memory_bound", "prefill_attention",
             "sm_profile", "decode_configs")
 GEMM_MS = (128, 256, 512, 1024, 2048)  # dense batch sizes of the gemm section
+# Tokens of the memory-bound section: the engine's dense batches, then sizes where a
+# copy of the same bytes streams at close to the bulk copy bandwidth (below ~64 MB both
+# the kernels and the copy are launch-bound: bench.memory_sweep).
+MEMORY_TS = (256, 512, 1024, 2048, 8192, 16384)
 
 
 class Bench:
     def __init__(self, smoke: bool, budget_s: float, out_path: str, sections: tuple[str, ...] = SECTIONS,
-                 gemm_ms: tuple[int, ...] = GEMM_MS, gemm_backends: tuple[str, ...] = ("mosaic", "triton")) -> None:
+                 gemm_ms: tuple[int, ...] = GEMM_MS, gemm_backends: tuple[str, ...] = ("mosaic", "triton"),
+                 memory_ts: tuple[int, ...] = MEMORY_TS) -> None:
         self.smoke, self.interp = smoke, smoke
         self.sections = sections
         self.gemm_ms = gemm_ms
+        self.memory_ts = memory_ts
         self.deadline = time.time() + budget_s
         self.out_path = out_path
         self.res: dict[str, Any] = {"meta": run_metadata(), "errors": {}}
@@ -170,7 +176,25 @@ class Bench:
                 row["library"]["tflops"] = flops / lib["best_ms"] / 1e9
                 rows.append(row)
                 print(row, flush=True)
+        if not self.smoke and "mosaic" in self.backends and rows:
+            self.gemm_timeline(rows)
         return rows
+
+    def gemm_timeline(self, rows: list[dict[str, Any]]) -> None:
+        """Adds each shape's GPU time per call from CUPTI's kernel records (bench.timeline:
+        working clocks, every variant's programs traced back to back) to its Mosaic row.
+        Slope timing runs the library first and ours later, minutes apart; at 0.3-0.7 ms
+        a call the GPU's clocks had drifted 10-20% between them (gate/up at M = 2048:
+        754 us slope against 618 us traced, bench/results/kernels_gemm_s10_h200.json)."""
+        from bench import timeline  # noqa: PLC0415
+
+        cases = [(r["op"], r["m"]) for r in rows]
+        table = timeline.table(timeline.measure(cases, reps=20, runs=3))
+        for r in rows:
+            t = table[f"{r['op']}:{r['m']}"]
+            r["mosaic"]["timeline"] = t
+            print(f"[timeline] {r['op']}:{r['m']} ours {t['ours_span_us']:.1f} us/call, "
+                  f"library/ours span {t['span_vs_library']:.3f} busy {t['busy_vs_library']:.3f}", flush=True)
 
     def decode_case(self, n: int, ctx: int) -> tuple[Callable[..., Any], tuple, int]:
         g, m = self.paged(n, ctx), self.m
@@ -225,7 +249,7 @@ class Bench:
 
         rows = []
         timing = dict(reps=2 if self.smoke else 10, repeats=1 if self.smoke else 5)
-        for t in ((256, 512, 1024, 2048) if not self.smoke else (32,)):
+        for t in (self.memory_ts if not self.smoke else (32,)):
             for name, (mk, args, nbytes, thread) in self.memory_cases(t).items():
                 ms_ = self.t(mk(None), *args, thread=thread)
                 same = copy_ceiling(nbytes, timing)
@@ -315,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="GEMM backends to time (comma-separated; smoke runs time triton only)")
     ap.add_argument("--gemm-ms", default=",".join(map(str, GEMM_MS)),
                     help="dense batch sizes M of the gemm section (comma-separated)")
+    ap.add_argument("--memory-ts", default=",".join(map(str, MEMORY_TS)),
+                    help="token counts T of the memory_bound section (comma-separated)")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="sections to run (comma-separated), of " + ",".join(SECTIONS))
     a = ap.parse_args(argv)
@@ -327,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(sections) - set(SECTIONS):
         ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     Bench(a.smoke, a.budget_s, a.out, sections, gemm_ms=tuple(int(m) for m in a.gemm_ms.split(",")),
-          gemm_backends=tuple(a.gemm_backends.split(","))).run()
+          gemm_backends=tuple(a.gemm_backends.split(",")),
+          memory_ts=tuple(int(t) for t in a.memory_ts.split(","))).run()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from bench import copy_bandwidth, rel_err, run_metadata
 from bench.timing import device_ms, timed_program, timing_mode
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
-from pallas_kernels.norm_rope import default_block_rows, rope_blocks
+from pallas_kernels.norm_rope import default_block_rows, rope_blocks, rope_defaults
 
 FULL = dict(tokens=(256, 512, 1024, 2048), e=4096, hq=32, hk=8, d=128, reps=10, repeats=3)
 SMOKE = dict(tokens=(13,), e=128, hq=4, hk=2, d=32, reps=2, repeats=1)
@@ -55,7 +55,10 @@ def rope_configs() -> list[dict]:
     grid = [dict(block_tokens=bt, heads_per_step=h, num_warps=nw)
             for bt, h, nw in itertools.product((8, 16, 32), (2, 4, 8), (4, 8))
             if 32 <= bt * h <= 128 and (nw == 4 or bt * h == 128)]
-    return [{}, dict(num_warps=8), dict(heads_per_step=1, head_splits=1)] + grid
+    # Bigger steps on 8 warps (same values a thread as 128 on 4): for T in the thousands,
+    # where every program has many items and bytes in flight are what is left to win.
+    big = [dict(block_tokens=bt, heads_per_step=h, num_warps=8) for bt, h in ((32, 8), (64, 4), (64, 2))]
+    return [{}, dict(num_warps=8), dict(heads_per_step=1, head_splits=1)] + grid + big
 
 
 def copy_step(a: jax.Array) -> jax.Array:
@@ -120,8 +123,9 @@ def resolved(kernel: str, t: int, c: dict, cfg: dict) -> dict:
         br = c.get("block_rows") or default_block_rows(t, cfg["e"], 2, True, num_sms())
         return {"block_rows": br}
     h = cfg["hq"] if kernel == "rope_q" else cfg["hk"]
-    bt, hps, splits = rope_blocks(t, h, cfg["d"], num_sms(), c.get("block_tokens"), c.get("heads_per_step", 8),
-                                  c.get("head_splits"))
+    d_bt, d_hps, _ = rope_defaults(t, num_sms())
+    bt, hps, splits = rope_blocks(t, h, cfg["d"], num_sms(), c.get("block_tokens", d_bt),
+                                  c.get("heads_per_step", d_hps), c.get("head_splits"))
     return {"block_tokens": bt, "heads_per_step": hps, "head_splits": splits}
 
 
@@ -162,13 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="memory_sweep.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, 2 configs a kernel")
+    ap.add_argument("--tokens", help="comma-separated T (default: 256,512,1024,2048; smoke: 13)")
+    ap.add_argument("--kernels", default="rms_norm_res,rope_q,rope_k", help="comma-separated subset to sweep")
     args = ap.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL, interpret=args.smoke)
+    if args.tokens:
+        cfg["tokens"] = tuple(int(t) for t in args.tokens.split(","))
     seed = time.time_ns() % (2**31)
     res: dict[str, Any] = {"meta": run_metadata("bench.memory_sweep") | {"seed": seed, "smoke": args.smoke},
                            "ceilings": {"large": copy_bandwidth(1 << 22 if args.smoke else 2 << 30), "same_size": {}},
                            "rows": [], "best": []}
-    all_cases = cases(cfg, jax.random.key(seed))
+    keep = set(args.kernels.split(","))
+    all_cases = {k: v for k, v in cases(cfg, jax.random.key(seed)).items() if k[0] in keep}
     for (kernel, t), case in all_cases.items():
         res["ceilings"]["same_size"][f"{kernel}/{t}"] = copy_ceiling(case[3], cfg)
     checked: dict[str, float] = {}

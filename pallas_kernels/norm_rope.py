@@ -28,6 +28,10 @@ _CHUNKS = (2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 _ONE_PASS_PER_THREAD = 64  # f32 values of a row block a thread may hold without spilling
 _ITEM_BYTES = 64 << 10  # default RMSNorm item: >= 64 KB read, enough in flight per program
 _ROPE_STEP_ELEMS = 16384  # default RoPE step: at most this many elements loaded at once
+# From this many tokens a program, RoPE takes bigger token blocks, 4 heads a step on 8
+# warps: at T = 8192 / 16384 (Llama-3-8B q, H200) 63.5 -> 44.7 us and 95.0 -> 71.7 us,
+# 0.49 -> 0.70 and 0.66 -> 0.87 of the bulk copy (bench/results/memory_sweep_rope_s10_h200.json).
+_ROPE_LONG_TOKENS = 32
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -170,6 +174,15 @@ def _rope_kernel(x_ref, pos_ref, f_ref, o_ref, *, bt: int, hps: int, steps: int,
     persistent_loop(x_ref.shape[0] // bt * splits, item)
 
 
+def rope_defaults(t: int, budget: int) -> tuple[int | None, int, int]:
+    """(block_tokens, heads_per_step, num_warps) apply_rope uses for T tokens on `budget`
+    programs (block_tokens None: rope_blocks' own choice)."""
+    per_program = t // max(1, budget)
+    if per_program >= _ROPE_LONG_TOKENS:
+        return min(64, next_pow2(per_program + 1) // 2), 4, 8  # the power of two <= per_program
+    return None, 8, 4
+
+
 def rope_blocks(t: int, heads: int, d: int, budget: int, block_tokens: int | None = None,
                 heads_per_step: int = 8, head_splits: int | None = None) -> tuple[int, int, int]:
     """(block_tokens, heads_per_step, head_splits) that apply_rope launches with.
@@ -194,8 +207,8 @@ def rope_blocks(t: int, heads: int, d: int, budget: int, block_tokens: int | Non
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: dict | None = None,
                num_programs: int | None = None, interpret: bool = False,
-               block_tokens: int | None = None, num_warps: int = 4, heads_per_step: int = 8,
-               head_splits: int | None = None) -> jax.Array:
+               block_tokens: int | None = None, num_warps: int | None = None,
+               heads_per_step: int | None = None, head_splits: int | None = None) -> jax.Array:
     """Rotate-half (Hugging Face) RoPE of x [T, heads, D] at positions [T] -> x.dtype.
 
     `scaling`: None or an HF rope_scaling dict of type llama3 (factor, low_freq_factor,
@@ -203,9 +216,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: dic
     in the kernel from the [D/2] inverse frequencies (no cos/sin table in memory).
     Work item = a block of tokens x 1/head_splits of the heads, rotated heads_per_step
     heads a loop step (see rope_blocks; heads_per_step=1, head_splits=1 was the old kernel).
+    Knobs left None take rope_defaults' values.
     """
     t, heads, d = x.shape
     budget = num_programs if num_programs is not None else num_sms()
+    d_bt, d_hps, d_nw = rope_defaults(t, budget)
+    block_tokens = block_tokens if block_tokens is not None else d_bt
+    heads_per_step = heads_per_step if heads_per_step is not None else d_hps
+    num_warps = num_warps if num_warps is not None else d_nw
     bt, hps, splits = rope_blocks(t, heads, d, budget, block_tokens, heads_per_step, head_splits)
     xp = pad_axis(x.reshape(t, heads * d), 0, bt)
     pos = pad_axis(positions.astype(jnp.int32), 0, bt)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import apply_rope, reference as ref, rms_norm
-from pallas_kernels.norm_rope import default_block_rows, rope_blocks
+from pallas_kernels.norm_rope import default_block_rows, rope_blocks, rope_defaults
 
 from kernel_testing import assert_close, rand
 
@@ -86,6 +86,23 @@ def test_rope_blocks_round_to_divisors():
     assert rope_blocks(2048, 32, 128, 132) == (16, 8, 2)  # step of 16 x 8 x 128 elements
     assert rope_blocks(256, 8, 128, 132, block_tokens=32, heads_per_step=4) == (32, 4, 2)
     assert rope_blocks(5, 9, 64, 4, heads_per_step=8, head_splits=2) == (8, 3, 1)
+
+
+def test_rope_defaults_switch_to_long_blocks_at_32_tokens_a_program():
+    assert rope_defaults(2048, 132) == (None, 8, 4)  # the engine's batches: unchanged
+    assert rope_defaults(32 * 132 - 1, 132) == (None, 8, 4)
+    assert rope_defaults(32 * 132, 132) == (32, 4, 8)
+    assert rope_defaults(16384, 132) == (64, 4, 8)  # 124 tokens a program -> 64 (capped)
+    assert rope_defaults(100, 2) == (32, 4, 8)  # 50 -> the power of two below
+
+
+@pytest.mark.parametrize("t", [64, 101])  # whole blocks; a padded last block
+def test_rope_long_batch_defaults(rng, t):
+    heads, d = 6, 32
+    x = rand(rng, t, heads, d, dtype=jnp.bfloat16)
+    pos = jnp.asarray(rng.integers(0, 20000, t), jnp.int32)
+    out = apply_rope(x, pos, theta=500000.0, scaling=LLAMA3, num_programs=2, interpret=True)
+    assert_close(out, ref.apply_rope(x, pos, theta=500000.0, scaling=LLAMA3))
 
 
 def test_rope_bf16_and_position_zero_is_identity(rng):

@@ -1,0 +1,218 @@
+"""GPU time per call of our GEMMs and the library's, from a kernel timeline at working clocks.
+
+    python3 -m bench.timeline --out timeline.json [--cases o_res:1024,...] [--reps 20]
+
+Nsight Compute (bench/ncu_gemm.py) times one kernel at a time at profiling clocks, and
+`bench.timing.device_ms` sees only whole programs. This reads CUPTI's kernel records
+(jax.profiler for JAX programs, torch.profiler for cuBLAS): each program of `reps` ordered
+calls (weights rotated past L2, as in `device_ms`) runs `runs` times, 1 ms apart, and a
+run's calls cost its span (first kernel start to last kernel end) / reps, gaps between
+kernels included, its launch excluded. `busy` counts kernel time alone. Run it under
+XLA_FLAGS=--xla_gpu_enable_command_buffer= to see what XLA's CUDA graphs change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from bench import run_metadata, torch_module
+from bench.gemm_tune import SHAPES
+from bench.timing import chained, cold_copies, copies_of, warm_up
+from pallas_kernels.gemm_mgpu import gemm_mgpu
+
+Event = tuple[str, float, float]  # (kernel name, start us, duration us)
+DEFAULT_CASES = ",".join(f"{op}:{m}" for m in (256, 512, 1024, 2048) for op in SHAPES)
+RUN_PAUSE_S = 1e-3  # between runs: far longer than any gap inside one
+
+
+def gpu_kernel_events(trace: dict[str, Any]) -> list[Event]:
+    """Kernel records of a Chrome/Perfetto trace (jax.profiler's perfetto_trace.json or
+    torch.profiler's export): XLA's GPU streams ("Stream #N" threads of a /device:GPU
+    process) or events torch files under cat "kernel". Sorted by start."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids, threads = set(), {}
+    for e in events:
+        if e.get("ph") != "M":
+            continue
+        name = str(e.get("args", {}).get("name", ""))
+        if e.get("name") == "process_name" and "GPU" in name:
+            gpu_pids.add(e["pid"])
+        elif e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = name
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        torch_kernel = e.get("cat") == "kernel"
+        xla_stream = e.get("pid") in gpu_pids and "Stream" in threads.get((e["pid"], e.get("tid")), "")
+        if torch_kernel or xla_stream:
+            out.append((str(e["name"]), float(e["ts"]), float(e["dur"])))
+    return sorted(out, key=lambda ev: ev[1])
+
+
+def split_runs(events: list[Event], runs: int) -> list[list[Event]]:
+    """Kernel records of `runs` programs run RUN_PAUSE_S apart -> one list per run, cut at
+    the runs - 1 widest gaps."""
+    if len(events) < runs:
+        raise ValueError(f"{len(events)} kernels recorded for {runs} runs: was the GPU traced?")
+    gaps = [(events[i + 1][1] - (events[i][1] + events[i][2]), i) for i in range(len(events) - 1)]
+    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[:runs - 1])
+    bounds = [0] + [i + 1 for i in cuts] + [len(events)]
+    return [events[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def run_stats(run: list[Event], calls: int) -> dict[str, Any]:
+    """Per-call span and busy time (us) of one run, its kernel gaps and names."""
+    span = run[-1][1] + run[-1][2] - run[0][1]
+    gaps = [b[1] - (a[1] + a[2]) for a, b in zip(run, run[1:])]
+    return {"span_us": span / calls, "busy_us": sum(e[2] for e in run) / calls,
+            "kernels_per_call": len(run) / calls, "gap_us": statistics.median(gaps) if gaps else 0.0,
+            "max_gap_us": max(gaps, default=0.0), "kernels": sorted({e[0][:80] for e in run})}
+
+
+def summarize(runs: list[list[Event]], calls: int) -> dict[str, Any]:
+    """Median over runs of each run's stats."""
+    stats = [run_stats(r, calls) for r in runs]
+    out = {k: statistics.median(s[k] for s in stats) for k in ("span_us", "busy_us", "kernels_per_call",
+                                                                 "gap_us", "max_gap_us")}
+    out["kernels"] = stats[0]["kernels"]
+    return out
+
+
+def jax_programs(op: str, m: int, reps: int) -> dict[str, Callable[[], Any]]:
+    """Zero-argument runs of an ordered program of `reps` calls: ours and XLA's dot (on
+    gate and up side by side for gate_up_silu), every operand but the residual rotated."""
+    k, n = SHAPES[op]
+    silu, res = op == "gate_up_silu", op.endswith("_res")
+    keys = jax.random.split(jax.random.key(m), 4)
+    xs = copies_of(jax.random.normal(keys[0], (m, k), jnp.bfloat16), reps)
+    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16) * 0.03
+    up = jax.random.normal(keys[2], (k, n), jnp.bfloat16) * 0.03
+    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
+    copies = cold_copies(w.size * 2 * (2 if silu else 1))
+    ws, ups = copies_of(w, copies), copies_of(up, copies)
+    wides = copies_of(jnp.concatenate([w, up], axis=1), copies) if silu else ws
+    ours = chained(lambda a, b, u, c: gemm_mgpu(a, b, w_up=u if silu else None, residual=c if res else None),
+                   reps, rotate=(0, 1, 2), ordered=True)
+    dot = chained(jnp.dot, reps, rotate=(0, 1), ordered=True)
+    return {"ours": lambda: ours(xs, ws, ups, r), "xla_dot": lambda: dot(xs, wides)}
+
+
+def torch_program(torch: Any, op: str, m: int, reps: int) -> Callable[[], Any]:
+    """cuBLAS through PyTorch: `reps` back-to-back matmuls, weights rotated past L2."""
+    k, n = SHAPES[op]
+    n *= 2 if op == "gate_up_silu" else 1
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bs = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in range(cold_copies(k * n * 2))]
+
+    def run():
+        for i in range(reps):
+            out = a @ bs[i % len(bs)]
+        return out
+    return run
+
+
+def traced_jax(calls: list[Callable[[], Any]], runs: int) -> list[Event]:
+    with tempfile.TemporaryDirectory() as d:
+        # No Python tracer: it records every Python call, and the trace is converted on stop.
+        opts = jax.profiler.ProfileOptions()
+        opts.python_tracer_level = 0
+        with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=opts):
+            for call in calls:
+                for _ in range(runs):
+                    jax.block_until_ready(call())
+                    time.sleep(RUN_PAUSE_S)
+        path = next(Path(d).rglob("perfetto_trace.json.gz"))
+        return gpu_kernel_events(json.load(gzip.open(path)))
+
+
+def traced_torch(torch: Any, calls: list[Callable[[], Any]], runs: int) -> list[Event]:
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for call in calls:
+            for _ in range(runs):
+                call()
+                torch.cuda.synchronize()
+                time.sleep(RUN_PAUSE_S)
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/t.json")
+        return gpu_kernel_events(json.loads(Path(f"{d}/t.json").read_text()))
+
+
+def measure(cases: list[tuple[str, int]], reps: int, runs: int) -> list[dict[str, Any]]:
+    order, calls = [], []
+    for op, m in cases:
+        t0 = time.perf_counter()
+        for name, call in jax_programs(op, m, reps).items():
+            warm_up(call, jax.block_until_ready, 100.0)  # compiled, and clocks up
+            order.append((f"{op}:{m}", name))
+            calls.append(call)
+        print(f"{op}:{m} compiled and warm in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    per_run = split_runs(traced_jax(calls, runs), runs * len(calls))
+    for i, (case, name) in enumerate(order):
+        rows.append(dict(case=case, variant=name, **summarize(per_run[i * runs:(i + 1) * runs], reps)))
+    torch = torch_module()
+    if torch is None:
+        return rows
+    tcalls = [torch_program(torch, op, m, reps) for op, m in cases]
+    for c in tcalls:
+        warm_up(c, lambda _: torch.cuda.synchronize(), 100.0)
+    try:  # a second CUPTI client in one process: keep the JAX rows if it fails
+        per_run = split_runs(traced_torch(torch, tcalls, runs), runs * len(tcalls))
+    except Exception as exc:  # noqa: BLE001
+        print(f"torch.profiler failed, no cuBLAS rows: {exc!r}", flush=True)
+        return rows
+    for i, (op, m) in enumerate(cases):
+        rows.append(dict(case=f"{op}:{m}", variant="torch_cublas", **summarize(per_run[i * runs:(i + 1) * runs], reps)))
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per case: library / ours for span and busy time (>= 1: ours is faster)."""
+    out: dict[str, dict[str, float]] = {}
+    by_case: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["variant"]] = r
+    for case, v in by_case.items():
+        libs = {x: v[x] for x in ("xla_dot", "torch_cublas") if x in v}
+        span_lib = min(libs, key=lambda x: libs[x]["span_us"])
+        out[case] = {"ours_span_us": v["ours"]["span_us"], "ours_busy_us": v["ours"]["busy_us"],
+                     "ours_gap_us": v["ours"]["gap_us"], "library": span_lib,
+                     "library_span_us": libs[span_lib]["span_us"],
+                     "library_busy_us": min(x["busy_us"] for x in libs.values()),
+                     "span_vs_library": libs[span_lib]["span_us"] / v["ours"]["span_us"],
+                     "busy_vs_library": min(x["busy_us"] for x in libs.values()) / v["ours"]["busy_us"]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=DEFAULT_CASES, help="op:M,... (ops: " + ",".join(SHAPES) + ")")
+    p.add_argument("--reps", type=int, default=20, help="calls per program")
+    p.add_argument("--runs", type=int, default=3, help="runs of each program (median)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
+    rows = measure(cases, a.reps, a.runs)
+    tab = table(rows)
+    for case, t in tab.items():
+        print(f"{case:>18}  ours {t['ours_span_us']:7.1f} us/call (gap {t['ours_gap_us']:.1f})  "
+              f"library/ours span {t['span_vs_library']:.3f} busy {t['busy_vs_library']:.3f}", flush=True)
+    meta = dict(run_metadata("bench.timeline"), xla_flags=os.environ.get("XLA_FLAGS", ""), reps=a.reps, runs=a.runs)
+    Path(a.out).write_text(json.dumps(dict(meta=meta, rows=rows, table=tab), indent=1))
+
+
+if __name__ == "__main__":
+    main()

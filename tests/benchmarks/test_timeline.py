@@ -1,0 +1,67 @@
+"""bench.timeline: kernel records of a trace -> runs -> per-call span, busy time and gaps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench import timeline
+
+
+def _xla_trace(kernels: list[tuple[str, float, float]]) -> dict:
+    """A jax.profiler-style trace: kernels on a GPU stream thread, plus host events and
+    XLA's derived "XLA Ops" line on the same device, which must not count twice."""
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    host = [{"ph": "X", "pid": 1, "tid": 3, "ts": 0.0, "dur": 5.0, "name": "PjitFunction(run)"}]
+    stream = [{"ph": "X", "pid": 2, "tid": 7, "ts": ts, "dur": d, "name": n} for n, ts, d in kernels]
+    derived = [{"ph": "X", "pid": 2, "tid": 9, "ts": ts, "dur": d, "name": "fusion"} for _, ts, d in kernels]
+    events = meta + host + stream + derived
+    random.shuffle(events)
+    return {"traceEvents": events}
+
+
+def _program(start: float, calls: int, dur: float, gap: float, name: str = "k") -> list[tuple[str, float, float]]:
+    return [(name, start + i * (dur + gap), dur) for i in range(calls)]
+
+
+def test_reads_only_gpu_stream_kernels_in_start_order():
+    kernels = _program(100.0, 4, 10.0, 2.0)
+    events = timeline.gpu_kernel_events(_xla_trace(kernels))
+    assert events == kernels
+
+
+def test_reads_torch_kernel_records():
+    trace = [{"ph": "X", "cat": "kernel", "ts": 5.0, "dur": 3.0, "name": "nvjet"},
+             {"ph": "X", "cat": "cpu_op", "ts": 1.0, "dur": 9.0, "name": "aten::mm"}]
+    assert timeline.gpu_kernel_events(trace) == [("nvjet", 5.0, 3.0)]
+
+
+def test_runs_split_at_the_pauses_and_stats_per_call():
+    calls, dur, gap = 5, 40.0 + random.random(), 1.0 + random.random()
+    runs = [_program(s, calls, dur, gap) for s in (0.0, 2000.0, 4500.0)]
+    split = timeline.split_runs([e for r in runs for e in r], 3)
+    assert split == runs
+    stats = timeline.summarize(split, calls)
+    # span: 5 kernels and 4 gaps over 5 calls.
+    assert stats["span_us"] == pytest.approx((calls * dur + (calls - 1) * gap) / calls)
+    assert stats["busy_us"] == pytest.approx(dur) and stats["gap_us"] == pytest.approx(gap)
+    assert stats["kernels_per_call"] == 1 and stats["kernels"] == ["k"]
+
+
+def test_too_few_kernels_for_the_runs_is_an_error():
+    with pytest.raises(ValueError, match="was the GPU traced"):
+        timeline.split_runs([("k", 0.0, 1.0)], 2)
+
+
+def test_table_compares_with_the_faster_library():
+    rows = [dict(case="o_res:1024", variant="ours", span_us=50.0, busy_us=48.0, gap_us=2.0),
+            dict(case="o_res:1024", variant="xla_dot", span_us=55.0, busy_us=47.0, gap_us=8.0),
+            dict(case="o_res:1024", variant="torch_cublas", span_us=47.5, busy_us=46.0, gap_us=1.5)]
+    t = timeline.table(rows)["o_res:1024"]
+    assert t["span_vs_library"] == pytest.approx(47.5 / 50.0)
+    assert t["busy_vs_library"] == pytest.approx(46.0 / 48.0)
+    assert t["library"] == "torch_cublas" and t["library_span_us"] == 47.5
