@@ -14,6 +14,7 @@ XLA_FLAGS=--xla_gpu_enable_command_buffer= to see what XLA's CUDA graphs change.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from bench import run_metadata, torch_module
 from bench.gemm_tune import SHAPES
 from bench.timing import chained, cold_copies, copies_of, warm_up
+from pallas_kernels.gemm_config import MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 Event = tuple[str, float, float]  # (kernel name, start us, duration us)
@@ -90,9 +92,12 @@ def summarize(runs: list[list[Event]], calls: int) -> dict[str, Any]:
     return out
 
 
-def jax_programs(op: str, m: int, reps: int) -> dict[str, Callable[[], Any]]:
-    """Zero-argument runs of an ordered program of `reps` calls: ours and XLA's dot (on
-    gate and up side by side for gate_up_silu), every operand but the residual rotated."""
+def jax_programs(op: str, m: int, reps: int,
+                 configs: dict[str, MgpuConfig | None] | None = None) -> dict[str, Callable[[], Any]]:
+    """Zero-argument runs of an ordered program of `reps` calls: ours (one per entry of
+    `configs`, name -> launch configuration, None: the committed choice; default
+    {"ours": None}) and XLA's dot (on gate and up side by side for gate_up_silu), every
+    operand but the residual rotated."""
     k, n = SHAPES[op]
     silu, res = op == "gate_up_silu", op.endswith("_res")
     keys = jax.random.split(jax.random.key(m), 4)
@@ -103,10 +108,17 @@ def jax_programs(op: str, m: int, reps: int) -> dict[str, Callable[[], Any]]:
     copies = cold_copies(w.size * 2 * (2 if silu else 1))
     ws, ups = copies_of(w, copies), copies_of(up, copies)
     wides = copies_of(jnp.concatenate([w, up], axis=1), copies) if silu else ws
-    ours = chained(lambda a, b, u, c: gemm_mgpu(a, b, w_up=u if silu else None, residual=c if res else None),
-                   reps, rotate=(0, 1, 2), ordered=True)
+    progs: dict[str, Callable[[], Any]] = {}
+    for name, cfg in (configs or {"ours": None}).items():
+        run = chained(functools.partial(_ours, silu=silu, res=res, config=cfg), reps, rotate=(0, 1, 2), ordered=True)
+        progs[name] = functools.partial(run, xs, ws, ups, r)
     dot = chained(jnp.dot, reps, rotate=(0, 1), ordered=True)
-    return {"ours": lambda: ours(xs, ws, ups, r), "xla_dot": lambda: dot(xs, wides)}
+    return progs | {"xla_dot": lambda: dot(xs, wides)}
+
+
+def _ours(a: jax.Array, b: jax.Array, u: jax.Array, c: jax.Array, *, silu: bool, res: bool,
+          config: MgpuConfig | None) -> jax.Array:
+    return gemm_mgpu(a, b, w_up=u if silu else None, residual=c if res else None, config=config)
 
 
 def torch_program(torch: Any, op: str, m: int, reps: int) -> Callable[[], Any]:
@@ -150,11 +162,14 @@ def traced_torch(torch: Any, calls: list[Callable[[], Any]], runs: int) -> list[
         return gpu_kernel_events(json.loads(Path(f"{d}/t.json").read_text()))
 
 
-def measure(cases: list[tuple[str, int]], reps: int, runs: int) -> list[dict[str, Any]]:
+def measure(cases: list[tuple[str, int]], reps: int, runs: int,
+            configs: dict[tuple[str, int], dict[str, MgpuConfig | None]] | None = None) -> list[dict[str, Any]]:
+    """Rows of (case, variant) timeline stats; `configs`: per case, our variants to time
+    (see jax_programs)."""
     order, calls = [], []
     for op, m in cases:
         t0 = time.perf_counter()
-        for name, call in jax_programs(op, m, reps).items():
+        for name, call in jax_programs(op, m, reps, (configs or {}).get((op, m))).items():
             warm_up(call, jax.block_until_ready, 100.0)  # compiled, and clocks up
             order.append((f"{op}:{m}", name))
             calls.append(call)

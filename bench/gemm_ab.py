@@ -1,0 +1,148 @@
+"""A/B of GEMM launch configurations on one CUPTI timeline; the winners as a GEMM table.
+
+    python3 -m bench.gemm_ab --out ab.json --table-out table.json [--reps 20] [--runs 3]
+    NANOFLOW_GEMM_TABLE=table.json python3 -m bench.kernels --sections gemm ...
+
+`bench.gemm_tune` ranks configurations by slope timing, which drifts by a few percent
+between programs timed seconds apart. Here the committed choice, each candidate and the
+library run in one trace (bench.timeline), so they are compared at the same clocks. For
+each (kind of GEMM, M) in CANDIDATES every op of that kind is timed; a candidate wins if
+its worst span ratio to the library, over those ops, beats the committed choice's by at
+least MIN_GAIN. The table keeps the committed rows (gemm_config._TUNED) and swaps in the
+winners, so `$NANOFLOW_GEMM_TABLE` changes only what was won here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bench import rel_err, run_metadata
+from bench.gemm_tune import SHAPES
+from bench.timeline import measure
+from pallas_kernels.gemm_config import _TUNED, MgpuConfig
+from pallas_kernels.gemm_mgpu import gemm_mgpu
+
+OPS = {"plain": ("qkv",), "silu": ("gate_up_silu",), "residual": ("o_res", "down_res")}
+MIN_GAIN = 0.01
+BASE = "committed"
+
+
+def _c(**kw: Any) -> MgpuConfig:
+    return MgpuConfig(**kw)
+
+
+# Candidates where session 10's timelines left the committed choice under 0.95 of the
+# library (bench/results/kernels_gemm_s10*_h200.json): gate/up + SiLU at M = 256 / 512
+# (0.94-0.97), the residual GEMMs at M = 256 (O + residual 0.89-0.95).
+CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
+    ("silu", 256): {
+        "128x64_pairs_off": _c(tile_m=128, tile_n=64, stages=4, delay_release=1),
+        "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
+        "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
+    },
+    ("silu", 512): {
+        "128x64_pairs": _c(tile_m=128, tile_n=64, stages=4, delay_release=1, cluster_m=2),
+        "128x64_chained": _c(tile_m=128, tile_n=64, stages=4, chain_tiles=True),
+        "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
+        "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
+        "m64x128_chained": _c(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
+    },
+    ("residual", 256): {
+        "128x64_k2_pairs": _c(tile_m=128, tile_n=64, stages=5, delay_release=1, k_splits=2, cluster_m=2),
+        "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
+        # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.
+        "64x64_fused": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
+        "64x64_fused_pairs": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, cluster_m=2),
+    },
+}
+
+
+def committed(kind: str, m: int) -> MgpuConfig:
+    """The committed row for this kind at M (ignoring any $NANOFLOW_GEMM_TABLE)."""
+    return next(cfg for bound, cfg in _TUNED[kind] if m <= bound)
+
+
+def check(op: str, m: int, cfg: MgpuConfig) -> float:
+    """Relative error of our GEMM with cfg against an f32 XLA reference (fresh inputs)."""
+    k, n = SHAPES[op]
+    keys = jax.random.split(jax.random.key(m + n), 4)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w, up = (jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.03 for kk in keys[1:3])
+    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16) if op.endswith("_res") else None
+    silu = op == "gate_up_silu"
+    got = gemm_mgpu(x, w, w_up=up if silu else None, residual=r, config=cfg)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    want = f32(x) @ f32(w)
+    if silu:
+        want = jax.nn.silu(want) * (f32(x) @ f32(up))
+    if r is not None:
+        want = want + f32(r)
+    return rel_err(got, want)
+
+
+def decide(rows: list[dict[str, Any]], kind: str, m: int, names: list[str]) -> dict[str, Any]:
+    """Worst span ratio (library / ours) over the kind's ops, per variant; the winner."""
+    span = {(r["case"], r["variant"]): r["span_us"] for r in rows}
+    worst = {}
+    for name in [BASE] + names:
+        ratios = []
+        for op in OPS[kind]:
+            case = f"{op}:{m}"
+            lib = min(span[case, v] for v in ("xla_dot", "torch_cublas") if (case, v) in span)
+            ratios.append(lib / span[case, name])
+        worst[name] = min(ratios)
+    best = max(names, key=worst.get)
+    won = worst[best] >= worst[BASE] + MIN_GAIN
+    return {"kind": kind, "m": m, "worst_ratio": worst, "winner": best if won else BASE}
+
+
+def table(decisions: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:
+    """The committed rows with each winner in the row its M falls in, in gemm_tune's
+    --table-out format."""
+    out = {kind: [[bound, cfg] for bound, cfg in rows] for kind, rows in _TUNED.items()}
+    for d in decisions:
+        if d["winner"] != BASE:
+            row = next(r for r in out[d["kind"]] if d["m"] <= r[0])
+            row[1] = CANDIDATES[d["kind"], d["m"]][d["winner"]]
+    return {kind: [[b, dataclasses.asdict(c)] for b, c in rows] for kind, rows in out.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--table-out", required=True)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--runs", type=int, default=3)
+    a = p.parse_args()
+    cases, configs = [], {}
+    errors = {}
+    for (kind, m), cands in CANDIDATES.items():
+        for op in OPS[kind]:
+            cases.append((op, m))
+            configs[op, m] = {BASE: None} | dict(cands)
+            for name, cfg in cands.items():
+                errors[f"{op}:{m}:{name}"] = err = check(op, m, cfg)
+                if not err < 1e-2:
+                    raise SystemExit(f"{name} computes {op} at M={m} wrong (rel err {err:.3g}): fix CANDIDATES")
+    rows = measure(cases, a.reps, a.runs, configs)
+    decisions = [decide(rows, kind, m, list(c)) for (kind, m), c in CANDIDATES.items()]
+    for d in decisions:
+        print(f"{d['kind']:>8} M={d['m']:<5} winner {d['winner']:>20}  worst library/ours: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in d["worst_ratio"].items()), flush=True)
+    meta = run_metadata("bench.gemm_ab")
+    candidates = {f"{k}:{m}": {n: dataclasses.asdict(c) for n, c in cs.items()} for (k, m), cs in CANDIDATES.items()}
+    Path(a.out).write_text(json.dumps(dict(meta=meta, candidates=candidates, rel_err=errors, rows=rows,
+                                           decisions=decisions), indent=1))
+    tab = table(decisions)
+    Path(a.table_out).write_text(json.dumps(dict(meta=meta, configs=tab), indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

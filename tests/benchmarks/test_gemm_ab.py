@@ -1,0 +1,57 @@
+"""bench.gemm_ab: candidates are launchable, winners need a margin, the table swaps in only winners."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from bench import gemm_ab
+from pallas_kernels import gemm_config
+from pallas_kernels.gemm_config import SMEM_BYTES
+
+
+@pytest.mark.parametrize("key", list(gemm_ab.CANDIDATES))
+def test_candidates_fit_a_hopper_sm(key):
+    silu = key[0] == "silu"
+    for cfg in gemm_ab.CANDIDATES[key].values():
+        assert cfg.tile_n % 64 == 0 and cfg.tile_m % 64 == 0, cfg
+        assert cfg.smem_bytes(silu) <= SMEM_BYTES, cfg
+        assert not (silu and cfg.k_splits > 1), cfg
+
+
+def _rows(m: int, spans: dict[str, dict[str, float]]) -> list[dict]:
+    """spans: op -> variant -> us."""
+    return [dict(case=f"{op}:{m}", variant=v, span_us=us) for op, vs in spans.items() for v, us in vs.items()]
+
+
+def test_a_winner_must_beat_the_committed_choice_on_every_op_of_its_kind():
+    lib = 40.0 + random.random()
+    names = ["a", "b"]
+    # a: far faster on o_res, slower on down_res (worst ratio lower); b: 2% better on both.
+    rows = _rows(256, {"o_res": {"committed": 50.0, "a": 41.0, "b": 49.0, "torch_cublas": lib},
+                       "down_res": {"committed": 50.0, "a": 56.0, "b": 49.0, "xla_dot": lib}})
+    d = gemm_ab.decide(rows, "residual", 256, names)
+    assert d["winner"] == "b"
+    assert d["worst_ratio"]["a"] == pytest.approx(lib / 56.0)
+    # Within MIN_GAIN of the committed choice: keep it.
+    rows = _rows(256, {"o_res": {"committed": 50.0, "a": 49.9, "b": 60.0, "xla_dot": lib},
+                       "down_res": {"committed": 50.0, "a": 49.9, "b": 60.0, "xla_dot": lib}})
+    assert gemm_ab.decide(rows, "residual", 256, names)["winner"] == "committed"
+
+
+def test_table_swaps_in_only_the_winners(tmp_path, monkeypatch):
+    name, cfg = next(iter(gemm_ab.CANDIDATES["silu", 512].items()))
+    decisions = [{"kind": "silu", "m": 512, "winner": name}, {"kind": "residual", "m": 256, "winner": "committed"}]
+    tab = gemm_ab.table(decisions)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"configs": tab}))
+    loaded = gemm_config.load_table(str(path))
+    for kind, rows in gemm_config._TUNED.items():
+        assert [b for b, _ in loaded[kind]] == [b for b, _ in rows]
+        for (bound, got), (_, was) in zip(loaded[kind], rows):
+            assert got == (cfg if (kind, bound) == ("silu", 512) else was)
+    monkeypatch.setenv(gemm_config.TABLE_ENV, str(path))
+    assert gemm_config.choose_config(512, 14336, True, False, 132) == cfg
+    assert gemm_config.choose_config(1024, 14336, True, False, 132) == gemm_ab.committed("silu", 1024)
