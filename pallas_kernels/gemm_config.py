@@ -87,16 +87,20 @@ _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 # and lose at M = 512. At M = 512, 128x192 CTAs give QKV's 6144 columns one wave of 128
 # tiles on 132 SMs: 0.65 -> 0.71 alone, 0.75 in pairs. Elsewhere pairs moved results by
 # less than the 10-30% run-to-run spread.
+# Session 10 (bench.gemm_ab on one CUPTI timeline, gemm_ab_s10_h200.json): warpgroups split
+# along M (64 x 128 each) win gate/up + SiLU at M = 256 (worst ratio to the library 0.921 ->
+# 0.938) and, with tiles chained, at M = 512 (0.944 -> 0.956), and the residual GEMMs at
+# M = 256 with split K (0.917 -> 0.942).
 _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
     "plain": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)),
               (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
               (512, MgpuConfig(tile_m=64, tile_n=192, stages=4, delay_release=1, wg_split="m", cluster_m=2)),
               (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"))),
-    "silu": ((256, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1, cluster_m=2)),
-             (512, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
+    "silu": ((256, MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m")),
+             (512, MgpuConfig(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True)),
              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"))),
     "residual": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=4)),
-                 (256, MgpuConfig(tile_m=128, tile_n=64, stages=5, delay_release=1, k_splits=2)),
+                 (256, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)),
                  (512, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
                  (float("inf"), MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True))),
 }

@@ -65,3 +65,8 @@ def test_table_compares_with_the_faster_library():
     assert t["span_vs_library"] == pytest.approx(47.5 / 50.0)
     assert t["busy_vs_library"] == pytest.approx(46.0 / 48.0)
     assert t["library"] == "torch_cublas" and t["library_span_us"] == 47.5
+    # cuBLAS replayed as a CUDA graph has a span but no kernel records: it counts for span only.
+    rows.append(dict(case="o_res:1024", variant="torch_cublas_graph", span_us=46.5, busy_us=None))
+    t = timeline.table(rows)["o_res:1024"]
+    assert t["library"] == "torch_cublas_graph" and t["span_vs_library"] == pytest.approx(46.5 / 50.0)
+    assert t["busy_vs_library"] == pytest.approx(46.0 / 48.0)
