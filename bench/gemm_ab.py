@@ -6,10 +6,12 @@
 `bench.gemm_tune` ranks configurations by slope timing, which drifts by a few percent
 between programs timed seconds apart. Here the committed choice, each candidate and the
 library run in one trace (bench.timeline), so they are compared at the same clocks. For
-each (kind of GEMM, M) in CANDIDATES every op of that kind is timed; a candidate wins if
-its worst span ratio to the library, over those ops, beats the committed choice's by at
-least MIN_GAIN. The table keeps the committed rows (gemm_config._TUNED) and swaps in the
-winners, so `$NANOFLOW_GEMM_TABLE` changes only what was won here.
+each (kind of GEMM, M) in CANDIDATES every op of that kind is timed at every M of
+BENCH_MS that M's committed row serves (`--only kind:M,...` picks keys); a candidate wins
+if its worst span ratio to the library, over those cases, beats the committed choice's by
+at least MIN_GAIN. Candidates that fail to build or compute wrong results drop out.
+The table keeps the committed rows (gemm_config._TUNED) and swaps in the winners, so
+`$NANOFLOW_GEMM_TABLE` changes only what was won here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pallas_kernels.gemm_config import _TUNED, MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 OPS = {"plain": ("qkv",), "silu": ("gate_up_silu",), "residual": ("o_res", "down_res")}
+BENCH_MS = (256, 512, 1024, 2048)  # bench.kernels' dense batches
 MIN_GAIN = 0.01
 BASE = "committed"
 
@@ -61,6 +64,20 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.
         "64x64_fused": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
         "64x64_fused_pairs": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, cluster_m=2),
+        "m64x128_k2_pairs": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2,
+                               cluster_m=2),
+    },
+    # Not yet run: the rows for M > 512, timed at M = 1024 and 2048 (QKV at 2048: 0.94-0.96).
+    ("plain", 2048): {
+        "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m", cluster_m=2),
+        "m64x128_group8": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m", group_m=8),
+        "n128x128_chained": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True),
+        "m128x128_chained": _c(tile_m=128, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
+    },
+    ("residual", 2048): {
+        "n128x128_chained_pairs": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True, cluster_m=2),
+        "n128x128_chained_group8": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True, group_m=8),
+        "m64x128": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"),
     },
 }
 
@@ -68,6 +85,12 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
 def committed(kind: str, m: int) -> MgpuConfig:
     """The committed row for this kind at M (ignoring any $NANOFLOW_GEMM_TABLE)."""
     return next(cfg for bound, cfg in _TUNED[kind] if m <= bound)
+
+
+def row_ms(kind: str, m: int) -> list[int]:
+    """M and every BENCH_MS that the same committed row serves: a row's winner must hold
+    on all of them."""
+    return sorted({m} | {mm for mm in BENCH_MS if committed(kind, mm) is committed(kind, m)})
 
 
 def check(op: str, m: int, cfg: MgpuConfig) -> float:
@@ -89,15 +112,17 @@ def check(op: str, m: int, cfg: MgpuConfig) -> float:
 
 
 def decide(rows: list[dict[str, Any]], kind: str, m: int, names: list[str]) -> dict[str, Any]:
-    """Worst span ratio (library / ours) over the kind's ops, per variant; the winner."""
+    """Worst span ratio (library / ours) over the kind's ops and the Ms its row serves, per
+    variant (those missing from rows dropped out); the winner."""
     span = {(r["case"], r["variant"]): r["span_us"] for r in rows}
     worst = {}
     for name in [BASE] + names:
         ratios = []
         for op in OPS[kind]:
-            case = f"{op}:{m}"
-            lib = min(span[case, v] for v in LIBRARY if (case, v) in span)
-            ratios.append(lib / span[case, name])
+            for mm in row_ms(kind, m):
+                case = f"{op}:{mm}"
+                lib = min(span[case, v] for v in LIBRARY if (case, v) in span)
+                ratios.append(lib / span[case, name] if (case, name) in span else 0.0)
         worst[name] = min(ratios)
     best = max(names, key=worst.get)
     won = worst[best] >= worst[BASE] + MIN_GAIN
@@ -121,19 +146,28 @@ def main() -> None:
     p.add_argument("--table-out", required=True)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--only", help="kind:M,... of CANDIDATES to run (default: all)")
     a = p.parse_args()
-    cases, configs = [], {}
-    errors = {}
-    for (kind, m), cands in CANDIDATES.items():
+    keys = [k for k in CANDIDATES if not a.only or f"{k[0]}:{k[1]}" in a.only.split(",")]
+    cases, configs, errors = [], {}, {}
+    for kind, m in keys:
         for op in OPS[kind]:
-            cases.append((op, m))
-            configs[op, m] = {BASE: None} | dict(cands)
-            for name, cfg in cands.items():
-                errors[f"{op}:{m}:{name}"] = err = check(op, m, cfg)
-                if not err < 1e-2:
-                    raise SystemExit(f"{name} computes {op} at M={m} wrong (rel err {err:.3g}): fix CANDIDATES")
+            for mm in row_ms(kind, m):
+                if (op, mm) not in configs:
+                    cases.append((op, mm))
+                configs.setdefault((op, mm), {BASE: None})
+                for name, cfg in CANDIDATES[kind, m].items():
+                    try:
+                        err = check(op, mm, cfg)
+                    except Exception as exc:  # noqa: BLE001 - a candidate that fails to build drops out
+                        err = repr(exc)[:300]
+                    errors[f"{op}:{mm}:{name}"] = err
+                    if isinstance(err, float) and err < 1e-2:
+                        configs[op, mm][name] = cfg
+                    else:
+                        print(f"dropped {name} for {op} at M={mm}: {err}", flush=True)
     rows = measure(cases, a.reps, a.runs, configs)
-    decisions = [decide(rows, kind, m, list(c)) for (kind, m), c in CANDIDATES.items()]
+    decisions = [decide(rows, kind, m, list(CANDIDATES[kind, m])) for kind, m in keys]
     for d in decisions:
         print(f"{d['kind']:>8} M={d['m']:<5} winner {d['winner']:>20}  worst library/ours: "
               + ", ".join(f"{k} {v:.3f}" for k, v in d["worst_ratio"].items()), flush=True)

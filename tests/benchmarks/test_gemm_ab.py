@@ -41,6 +41,18 @@ def test_a_winner_must_beat_the_committed_choice_on_every_op_of_its_kind():
     assert gemm_ab.decide(rows, "residual", 256, names)["winner"] == "committed"
 
 
+def test_a_rows_winner_must_hold_at_every_m_the_row_serves():
+    assert gemm_ab.row_ms("plain", 2048) == [1024, 2048]  # the M > 512 row
+    assert gemm_ab.row_ms("silu", 512) == [512] and gemm_ab.row_ms("residual", 256) == [256]
+    lib = 100.0
+    # "a" wins at 2048 but loses at 1024; "b" was dropped (no rows) at 1024.
+    rows = (_rows(1024, {"qkv": {"committed": 101.0, "a": 120.0, "xla_dot": lib}})
+            + _rows(2048, {"qkv": {"committed": 110.0, "a": 100.0, "b": 90.0, "xla_dot": lib}}))
+    d = gemm_ab.decide(rows, "plain", 2048, ["a", "b"])
+    assert d["worst_ratio"]["a"] == pytest.approx(lib / 120.0) and d["worst_ratio"]["b"] == 0.0
+    assert d["winner"] == "committed"
+
+
 def test_table_swaps_in_only_the_winners(tmp_path, monkeypatch):
     name, cfg = next(iter(gemm_ab.CANDIDATES["silu", 512].items()))
     decisions = [{"kind": "silu", "m": 512, "winner": name}, {"kind": "residual", "m": 256, "winner": "committed"}]
