@@ -96,7 +96,9 @@ _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
               (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
               (512, MgpuConfig(tile_m=64, tile_n=192, stages=4, delay_release=1, wg_split="m", cluster_m=2)),
               (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"))),
-    "silu": ((256, MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m")),
+    # M = 128 (decode) keeps the configuration the engine's throughput runs measured.
+    "silu": ((128, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
+             (256, MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m")),
              (512, MgpuConfig(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True)),
              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"))),
     "residual": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=4)),
