@@ -21,7 +21,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
-from bench import copy_bandwidth, library_gemm_ms, plot_sm_profile, rel_err, run_metadata
+from bench import copy_bandwidth, library_gemm_ms, plot_sm_profile, rel_err, run_metadata, targets
 from bench.timing import cold_copies, copies_of, device_ms
 
 BF = jnp.bfloat16
@@ -326,6 +326,10 @@ class Bench:
         self.section("sm_profile", self.sweep)
         if not self.smoke:
             self.section("decode_configs", lambda: self.decode_configs(copy))
+            self.res["targets"] = targets.check([self.res])  # issue #4's targets, pass or fail
+            for line in targets.report(self.res["targets"]):
+                print(line, flush=True)
+            self.save()
 
 
 def main(argv: list[str] | None = None) -> None:

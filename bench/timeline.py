@@ -243,13 +243,57 @@ def table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def ratio_table(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The case -> ratios table of a bench.timeline JSON, or of a bench.kernels JSON whose
+    Mosaic GEMM rows carry a timeline."""
+    if "table" in res:
+        return res["table"]
+    return {f"{r['op']}:{r['m']}": r["mosaic"]["timeline"] for r in res.get("gemm", [])
+            if "timeline" in r.get("mosaic", {})}
+
+
+def plot(json_path: str, png_path: str, target: float = 0.95) -> None:
+    """Bars of library / ours per GEMM shape (span and kernel time alone) against the target."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    res = json.loads(Path(json_path).read_text())
+    tab = ratio_table(res)
+    if not tab:
+        raise SystemExit(f"{json_path} has no GEMM timeline table (bench.timeline or bench.kernels output)")
+    cases = sorted(tab, key=lambda c: (int(c.split(":")[1]), c))
+    xs = range(len(cases))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(cases)), 4.5))
+    ax.bar([x - 0.2 for x in xs], [tab[c]["span_vs_library"] for c in cases], 0.4, label="GPU time per call (span)")
+    ax.bar([x + 0.2 for x in xs], [tab[c]["busy_vs_library"] for c in cases], 0.4, label="kernel time alone (busy)")
+    ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target}")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.set_xticks(list(xs), cases, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0.7, 1.15)
+    ax.set_ylabel("library / ours (>= 1: ours faster)")
+    ax.set_title(f"Mosaic GEMMs vs the faster of XLA's dot and cuBLAS ({res['meta'].get('jax_device', '?')})")
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plot", metavar="JSON", help="only draw JSON's ratios (timeline or bench.kernels) to --png")
+    p.add_argument("--png", default="gemm_timeline.png")
     p.add_argument("--cases", default=DEFAULT_CASES, help="op:M,... (ops: " + ",".join(SHAPES) + ")")
     p.add_argument("--reps", type=int, default=20, help="calls per program")
     p.add_argument("--runs", type=int, default=3, help="runs of each program (median)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="results JSON (required unless --plot)")
     a = p.parse_args()
+    if a.plot:
+        plot(a.plot, a.png)
+        return
+    if not a.out:
+        p.error("--out is required")
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
     rows = measure(cases, a.reps, a.runs)
     tab = table(rows)

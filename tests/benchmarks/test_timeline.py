@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -70,3 +71,13 @@ def test_table_compares_with_the_faster_library():
     t = timeline.table(rows)["o_res:1024"]
     assert t["library"] == "torch_cublas_graph" and t["span_vs_library"] == pytest.approx(46.5 / 50.0)
     assert t["busy_vs_library"] == pytest.approx(46.0 / 48.0)
+
+
+def test_plot_draws_a_timeline_or_kernels_json(tmp_path):
+    tab = {f"qkv:{m}": dict(span_vs_library=0.9 + random.random() / 10, busy_vs_library=0.9) for m in (256, 512)}
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps({"meta": {"jax_device": "test"}, "table": tab}))
+    timeline.plot(str(src), str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    rows = [{"op": "qkv", "m": 256, "mosaic": {"timeline": tab["qkv:256"]}}, {"op": "o_res", "m": 256, "mosaic": {}}]
+    assert timeline.ratio_table({"meta": {}, "gemm": rows}) == {"qkv:256": tab["qkv:256"]}
