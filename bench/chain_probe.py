@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import run_metadata, torch_module
-from bench.gemm_tune import SHAPES
+from bench.gemm_tune import gemm_operands
 from bench.timing import chained, cold_copies, copies_of, device_ms, time_fn
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
@@ -32,14 +32,10 @@ REPS = 4
 
 def case_fns(op: str, m: int) -> tuple[dict[str, Callable[..., Any]], tuple[Any, ...]]:
     """{name: fn(x, w, r)} for our kernel and the library dot, and the arguments."""
-    k, n = SHAPES[op]
     if op == "gate_up_silu":
         raise ValueError("chain_probe covers the single-weight GEMMs (qkv, o_res, down_res)")
     res = op.endswith("_res")
-    keys = jax.random.split(jax.random.key(m), 3)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16) * 0.03
-    r = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
+    x, w, _, r = gemm_operands(op, m)
     ours = lambda a, b, c: gemm_mgpu(a, b, residual=c if res else None)  # noqa: E731
     lib = lambda a, b, c: jnp.dot(a, b)  # noqa: E731
     return {"ours": ours, "xla_dot": lib}, (x, w, r)

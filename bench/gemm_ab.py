@@ -22,12 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from bench import rel_err, run_metadata
-from bench.gemm_tune import SHAPES
+from bench.gemm_tune import gemm_operands
 from bench.timeline import LIBRARY, measure
+from pallas_kernels import reference as ref
 from pallas_kernels.gemm_config import _TUNED, MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
@@ -94,21 +92,12 @@ def row_ms(kind: str, m: int) -> list[int]:
 
 
 def check(op: str, m: int, cfg: MgpuConfig) -> float:
-    """Relative error of our GEMM with cfg against an f32 XLA reference (fresh inputs)."""
-    k, n = SHAPES[op]
-    keys = jax.random.split(jax.random.key(m + n), 4)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    w, up = (jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.03 for kk in keys[1:3])
-    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16) if op.endswith("_res") else None
-    silu = op == "gate_up_silu"
-    got = gemm_mgpu(x, w, w_up=up if silu else None, residual=r, config=cfg)
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    want = f32(x) @ f32(w)
-    if silu:
-        want = jax.nn.silu(want) * (f32(x) @ f32(up))
-    if r is not None:
-        want = want + f32(r)
-    return rel_err(got, want)
+    """Relative error of our GEMM with cfg against the f32-accumulating reference."""
+    x, w, up, r = gemm_operands(op, m)
+    if op == "gate_up_silu":
+        return rel_err(gemm_mgpu(x, w, w_up=up, config=cfg), ref.gemm_silu_mul(x, w, up))
+    r = r if op.endswith("_res") else None
+    return rel_err(gemm_mgpu(x, w, residual=r, config=cfg), ref.gemm(x, w, residual=r))
 
 
 def decide(rows: list[dict[str, Any]], kind: str, m: int, names: list[str]) -> dict[str, Any]:

@@ -41,6 +41,18 @@ CONFIRM_ROUNDS = 3  # re-timings of the leaders, interleaved with the library
 SMOKE_SHAPES = {"qkv": (64, 384), "o_res": (64, 256), "gate_up_silu": (64, 128), "down_res": (128, 256)}
 
 
+def gemm_operands(op: str, m: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """x [m, K], w and w_up [K, N] (scaled like a layer's weights) and residual [m, N] in
+    bf16 for one of SHAPES (the timeline, A/B and Nsight benchmarks share them)."""
+    k, n = SHAPES[op]
+    keys = jax.random.split(jax.random.key(m), 4)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16) * 0.03
+    up = jax.random.normal(keys[2], (k, n), jnp.bfloat16) * 0.03
+    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
+    return x, w, up, r
+
+
 def deepest(cfg: MgpuConfig, silu: bool, k_iters: int = 0) -> MgpuConfig | None:
     """cfg with the deepest TMA pipeline that fits in shared memory (None: none fits);
     chained tiles also need the K steps per tile (k_iters) to divide into stages."""

@@ -185,7 +185,8 @@ class Bench:
         working clocks, every variant's programs traced back to back) to its Mosaic row.
         Slope timing runs the library first and ours later, minutes apart; at 0.3-0.7 ms
         a call the GPU's clocks had drifted 10-20% between them (gate/up at M = 2048:
-        754 us slope against 618 us traced, bench/results/kernels_gemm_s10_h200.json)."""
+        754 us slope against 618 us traced: bench/results/kernels_gemm_s10a_h200.json and
+        timeline_s10_h200.json)."""
         from bench import timeline  # noqa: PLC0415
 
         cases = [(r["op"], r["m"]) for r in rows]

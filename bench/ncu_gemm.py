@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from bench import run_metadata, torch_module
-from bench.gemm_tune import SHAPES
+from bench.gemm_tune import SHAPES, gemm_operands
 from bench.ncu_summary import summarize
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
@@ -41,11 +41,7 @@ def variants(op: str, m: int) -> tuple[list[tuple[str, Callable[[], Any]]], list
     and the lines of XLA's optimized HLO that say how it runs the dot."""
     k, n = SHAPES[op]
     silu, res = op == "gate_up_silu", op.endswith("_res")
-    keys = jax.random.split(jax.random.key(m), 4)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16) * 0.03
-    up = jax.random.normal(keys[2], (k, n), jnp.bfloat16) * 0.03
-    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
+    x, w, up, r = gemm_operands(op, m)
     wide = jnp.concatenate([w, up], axis=1) if silu else w
     dot = jax.jit(jnp.dot).lower(x, wide).compile()  # compiled once: called, and its HLO read
     ours = jax.jit(lambda a, b, c, u: gemm_mgpu(a, b, w_up=u if silu else None, residual=c if res else None))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import run_metadata, torch_module
-from bench.gemm_tune import SHAPES
+from bench.gemm_tune import SHAPES, gemm_operands
 from bench.timing import chained, cold_copies, copies_of, warm_up
 from pallas_kernels.gemm_config import MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
@@ -102,13 +102,9 @@ def jax_programs(op: str, m: int, reps: int,
     `configs`, name -> launch configuration, None: the committed choice; default
     {"ours": None}) and XLA's dot (on gate and up side by side for gate_up_silu), every
     operand but the residual rotated."""
-    k, n = SHAPES[op]
     silu, res = op == "gate_up_silu", op.endswith("_res")
-    keys = jax.random.split(jax.random.key(m), 4)
-    xs = copies_of(jax.random.normal(keys[0], (m, k), jnp.bfloat16), reps)
-    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16) * 0.03
-    up = jax.random.normal(keys[2], (k, n), jnp.bfloat16) * 0.03
-    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
+    x, w, up, r = gemm_operands(op, m)
+    xs = copies_of(x, reps)
     copies = cold_copies(w.size * 2 * (2 if silu else 1))
     ws, ups = copies_of(w, copies), copies_of(up, copies)
     wides = copies_of(jnp.concatenate([w, up], axis=1), copies) if silu else ws
