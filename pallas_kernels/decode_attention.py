@@ -22,7 +22,8 @@ F32 = jnp.float32
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
-                   num_kv: int, num_splits: int, bk: int, page_size: int, scale: float) -> None:
+                   num_kv: int, num_splits: int, bk: int, page_size: int, scale: float,
+                   mask_tail: bool) -> None:
     def item(w):
         n = w // (num_kv * num_splits)
         kh = (w // num_splits) % num_kv
@@ -35,7 +36,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
         q = q_ref[n, kh, :, :]
         limit = jnp.full((q.shape[0],), ctx - 1, jnp.int32)
         acc, m, l = attend_paged(q, limit, k_ref, v_ref, bt_ref, n, kh, lo, hi, bk=bk,
-                                 page_size=page_size, scale=scale)
+                                 page_size=page_size, scale=scale, mask_tail=mask_tail)
         o_ref[n, kh, sp, :, :] = acc
         m_ref[n, kh, sp, :] = m
         l_ref[n, kh, sp, :] = l
@@ -63,7 +64,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_table: jax.Array, context_len: jax.Array, *, scale: float,
                            num_programs: int | None = None, num_splits: int | None = None,
                            interpret: bool = False, block_k: int = 256, num_warps: int = 4,
-                           num_stages: int = 3, programs_per_sm: int = 1) -> jax.Array:
+                           num_stages: int = 3, programs_per_sm: int = 1,
+                           mask_tail: bool = True) -> jax.Array:
     """Decode attention on the paged cache -> [N, H, D] in q.dtype.
 
     q [N, H, D]; k_pages, v_pages [P, ps, K, D] (one layer); block_table [N, W] int32;
@@ -76,6 +78,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     programs_per_sm: programs launched per SM of the budget. One program per SM streams
     one item's blocks at a time, so short contexts (few blocks an item) wait on memory
     latency; several resident programs keep more loads in flight (`bench.decode_sweep`).
+    mask_tail: a split's ragged last key block loads only its live keys (False: whole,
+    as before session 9; `bench.decode_sweep` times both).
     """
     if programs_per_sm < 1:
         raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
@@ -88,7 +92,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_items = n * num_kv * num_splits
     progs = resolve_programs(progs_budget, num_items)
     kernel = functools.partial(_decode_kernel, num_kv=num_kv, num_splits=num_splits, bk=block_k,
-                               page_size=ps, scale=float(scale))
+                               page_size=ps, scale=float(scale), mask_tail=mask_tail)
     part = (n, num_kv, num_splits, gp)
     acc, m, l = pl.pallas_call(
         kernel,

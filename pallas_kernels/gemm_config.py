@@ -90,12 +90,14 @@ _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 # Session 10 (bench.gemm_ab on one CUPTI timeline, gemm_ab_s10_h200.json): warpgroups split
 # along M (64 x 128 each) win gate/up + SiLU at M = 256 (worst ratio to the library 0.921 ->
 # 0.938) and, with tiles chained, at M = 512 (0.944 -> 0.956), and the residual GEMMs at
-# M = 256 with split K (0.917 -> 0.942).
+# M = 256 with split K (0.917 -> 0.942). Session 11 (gemm_ab_s11_h200.json): QKV at M > 512
+# walks groups of 8 M tiles (group_m=8: 0.893 -> 0.961 at M = 1024/2048).
 _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
     "plain": ((128, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)),
               (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
               (512, MgpuConfig(tile_m=64, tile_n=192, stages=4, delay_release=1, wg_split="m", cluster_m=2)),
-              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"))),
+              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m",
+                                        group_m=8))),
     # M = 128 (decode) keeps the configuration the engine's throughput runs measured.
     "silu": ((128, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
              (256, MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m")),
