@@ -22,8 +22,7 @@ F32 = jnp.float32
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
-                   num_kv: int, num_splits: int, bk: int, page_size: int, scale: float,
-                   mask_tail: bool) -> None:
+                   num_kv: int, num_splits: int, bk: int, page_size: int, scale: float) -> None:
     def item(w):
         n = w // (num_kv * num_splits)
         kh = (w // num_splits) % num_kv
@@ -36,7 +35,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
         q = q_ref[n, kh, :, :]
         limit = jnp.full((q.shape[0],), ctx - 1, jnp.int32)
         acc, m, l = attend_paged(q, limit, k_ref, v_ref, bt_ref, n, kh, lo, hi, bk=bk,
-                                 page_size=page_size, scale=scale, mask_tail=mask_tail)
+                                 page_size=page_size, scale=scale)
         o_ref[n, kh, sp, :, :] = acc
         m_ref[n, kh, sp, :] = m
         l_ref[n, kh, sp, :] = l
@@ -63,23 +62,22 @@ def default_splits(n: int, num_kv: int, max_keys: int, programs: int, bk: int) -
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_table: jax.Array, context_len: jax.Array, *, scale: float,
                            num_programs: int | None = None, num_splits: int | None = None,
-                           interpret: bool = False, block_k: int = 256, num_warps: int = 4,
-                           num_stages: int = 3, programs_per_sm: int = 1,
-                           mask_tail: bool = True) -> jax.Array:
+                           interpret: bool = False, block_k: int = 64, num_warps: int = 4,
+                           num_stages: int = 2, programs_per_sm: int = 4) -> jax.Array:
     """Decode attention on the paged cache -> [N, H, D] in q.dtype.
 
     q [N, H, D]; k_pages, v_pages [P, ps, K, D] (one layer); block_table [N, W] int32;
     context_len [N] int32 (keys 0..context_len-1 are attended; 0 marks a padding row,
     whose output is zeros). `num_programs` caps the SMs used (any value >= 1);
     `num_splits` (default: about two work items per program) splits each context.
-    Defaults (256-key blocks, 4 warps, 3 stages) won two sweeps on an H200
-    (bench/results/decode_sweep_h200.json, decode_sweep2_h200.json): 90-91% of copy
-    bandwidth, against 77-80% with 128-key blocks and 49-59% with 64-key blocks.
     programs_per_sm: programs launched per SM of the budget. One program per SM streams
     one item's blocks at a time, so short contexts (few blocks an item) wait on memory
-    latency; several resident programs keep more loads in flight (`bench.decode_sweep`).
-    mask_tail: a split's ragged last key block loads only its live keys (False: whole,
-    as before session 9; `bench.decode_sweep` times both).
+    latency; several resident programs keep more loads in flight.
+    Defaults (64-key blocks, 4 warps, 2 stages, 4 programs per SM) won the session-11
+    sweep on an H200 (bench/results/decode_sweep_s11_h200.json): 0.71 of copy bandwidth
+    at the engine's 128 x 640 (256-key blocks, 3 stages, 1 program per SM: 0.55) and
+    0.91 at 64 x 4096 (0.89). With one program per SM, 256-key blocks had won
+    (decode_sweep_h200.json, decode_sweep2_h200.json; 64-key blocks 0.49-0.59).
     """
     if programs_per_sm < 1:
         raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
@@ -92,7 +90,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_items = n * num_kv * num_splits
     progs = resolve_programs(progs_budget, num_items)
     kernel = functools.partial(_decode_kernel, num_kv=num_kv, num_splits=num_splits, bk=block_k,
-                               page_size=ps, scale=float(scale), mask_tail=mask_tail)
+                               page_size=ps, scale=float(scale))
     part = (n, num_kv, num_splits, gp)
     acc, m, l = pl.pallas_call(
         kernel,

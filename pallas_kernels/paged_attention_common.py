@@ -22,14 +22,12 @@ NEG_INF = float("-inf")
 
 def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_ref: Any,
                  seq: Any, kh: Any, key_lo: Any, key_hi: Any, *, bk: int, page_size: int,
-                 scale: float, mask_tail: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attends q [R, D] to keys [key_lo, key_hi) of request `seq`, KV head `kh`.
 
     Row r only sees keys <= row_limit[r]. Returns the unnormalised output acc [R, D]
     and the running max m [R] and denominator l [R] (f32), for a later combine.
     Rows that see no key keep m = -inf, l = 0, acc = 0.
-    mask_tail: the ragged last block loads only its live keys (masked loads); False
-    loads it whole with the plain row gather and zeroes the dead rows' values.
     """
     r, d = q.shape
     width = bt_ref.shape[1]
@@ -51,8 +49,6 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
             v = pltriton.load(v_ref.at[rows[:, None], kh, cols], mask=live, other=0)
         else:  # whole blocks: the plain row gather measured before session 8
             k, v = k_ref[rows, kh, :], v_ref[rows, kh, :]
-            if not mask_tail:  # dead rows (another request's K/V, NaN included) must not reach acc
-                v = jnp.where((key < key_hi)[:, None], v, jnp.zeros((), v.dtype))
         s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         ok = (key[None, :] <= row_limit[:, None]) & (key[None, :] < key_hi)
         s = jnp.where(ok, s, NEG_INF)
@@ -66,8 +62,6 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
         return acc, m_new, l
 
     init = (jnp.zeros((r, d), F32), jnp.full((r,), NEG_INF, F32), jnp.zeros((r,), F32))
-    if not mask_tail:
-        return lax.fori_loop(0, trips, lambda j, c: step(j, c, masked=False), init)
     carry = lax.fori_loop(0, full, lambda j, c: step(j, c, masked=False), init)
     return lax.fori_loop(full, trips, lambda j, c: step(j, c, masked=True), carry)  # 0 or 1 trip
 
