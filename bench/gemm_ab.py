@@ -39,31 +39,29 @@ def _c(**kw: Any) -> MgpuConfig:
     return MgpuConfig(**kw)
 
 
-# Candidates where session 10's timelines left the committed choice under 0.95 of the
-# library (bench/results/kernels_gemm_s10*_h200.json): gate/up + SiLU at M = 256 / 512
-# (0.94-0.97), the residual GEMMs at M = 256 (O + residual 0.89-0.95). The winners
-# (gemm_ab_s10_h200.json) are committed now; a rerun times them against the others.
+# Candidates where the timelines left the committed choice under 0.95 of the library
+# (bench/results/kernels_gemm_s10*_h200.json, kernels_gemm_*s11_h200.json). Session 10's
+# winners (gemm_ab_s10_h200.json) are committed; its losers are gone except one
+# reference each. Session 11 adds smaller CTAs that fill more SMs in one wave (the
+# residual fused at M = 256, gate/up at M = 512: 896 tiles, 6.8 waves, not 448 in 3.4)
+# and other 128 x 256 / 256 x 128 CTAs for the residual GEMMs at M > 512.
 CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     ("silu", 256): {
         "128x64_pairs_off": _c(tile_m=128, tile_n=64, stages=4, delay_release=1),
-        "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
         "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
     },
     ("silu", 512): {
-        "128x64_pairs": _c(tile_m=128, tile_n=64, stages=4, delay_release=1, cluster_m=2),
-        "128x64_chained": _c(tile_m=128, tile_n=64, stages=4, chain_tiles=True),
         "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
-        "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
-        "m64x128_chained": _c(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
+        "n64x64": _c(tile_m=64, tile_n=64, stages=4, delay_release=1),
+        "n64x64_chained": _c(tile_m=64, tile_n=64, stages=4, chain_tiles=True),
     },
     ("residual", 256): {
-        "128x64_k2_pairs": _c(tile_m=128, tile_n=64, stages=5, delay_release=1, k_splits=2, cluster_m=2),
-        "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
         # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.
         "64x64_fused": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
-        "64x64_fused_pairs": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, cluster_m=2),
-        "m64x128_k2_pairs": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2,
-                               cluster_m=2),
+        # 128 x 64 CTAs (warpgroups split along M): the same 128 tiles, each weight tile
+        # loaded by one CTA only.
+        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
+        "m64x64_fused_st6": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m"),
     },
     # The rows for M > 512, timed at M = 1024 and 2048 (gemm_ab_s11_h200.json, worst ratio):
     # QKV's winner, 64 x 128 warpgroups walking groups of 8 M tiles (0.893 -> 0.961), is now
@@ -71,13 +69,14 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     ("plain", 2048): {
         "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m", cluster_m=2),
         "m64x128_group16": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m", group_m=16),
-        "n128x128_chained": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True),
-        "m128x128_chained": _c(tile_m=128, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
     },
     ("residual", 2048): {
-        "n128x128_chained_pairs": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True, cluster_m=2),
         "n128x128_chained_group8": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True, group_m=8),
-        "m64x128": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m"),
+        # The committed row's 128 x 256 CTAs with late release instead of chained tiles,
+        # and 256 x 128 CTAs (warpgroups split along M: each weight tile feeds 256 rows).
+        "n128x128_dr1": _c(tile_m=128, tile_n=128, stages=4, delay_release=1),
+        "m128x128_chained": _c(tile_m=128, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
+        "m128x128_dr1": _c(tile_m=128, tile_n=128, stages=4, delay_release=1, wg_split="m"),
     },
 }
 

@@ -69,9 +69,11 @@ def test_table_swaps_in_only_the_winners(tmp_path, monkeypatch):
     assert gemm_config.choose_config(1024, 14336, True, False, 132) == gemm_ab.committed("silu", 1024)
 
 
-# Keys whose candidates have not yet run on a GPU (where gemm_ab checks each one's output):
+# Candidates that have not yet run on a GPU (where gemm_ab checks each one's output):
 # check them in the Mosaic GPU interpreter first, on two tiles a dimension.
-UNRUN = [(key, name) for key in (("plain", 2048), ("residual", 2048)) for name in gemm_ab.CANDIDATES[key]]
+UNRUN = [(("silu", 512), "n64x64"), (("silu", 512), "n64x64_chained"), (("residual", 256), "m64x64_fused"),
+         (("plain", 2048), "m64x128_group16"), (("residual", 2048), "n128x128_dr1"),
+         (("residual", 2048), "m128x128_chained"), (("residual", 2048), "m128x128_dr1")]
 
 
 @pytest.mark.parametrize("key,name", UNRUN, ids=[f"{k[0]}{k[1]}-{n}" for k, n in UNRUN])
@@ -84,11 +86,14 @@ def test_unrun_candidates_compute_the_gemm_in_the_interpreter(key, name):
 
     cfg = gemm_ab.CANDIDATES[key][name]
     m, n, k = 2 * cfg.cta_m * cfg.cluster_m, 2 * cfg.cta_n, 2 * cfg.tile_k * cfg.k_splits
-    ks = jax.random.split(jax.random.key(random.randrange(1 << 30)), 3)
+    ks = jax.random.split(jax.random.key(random.randrange(1 << 30)), 4)
     x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
     w = jax.random.normal(ks[1], (k, n), jnp.bfloat16) * 0.1
     r = jax.random.normal(ks[2], (m, n), jnp.bfloat16) if key[0] == "residual" else None
-    out = gemm_mgpu(x, w, residual=r, interpret=True, config=cfg, num_programs=3)
+    u = jax.random.normal(ks[3], (k, n), jnp.bfloat16) * 0.1 if key[0] == "silu" else None
+    out = gemm_mgpu(x, w, w_up=u, residual=r, interpret=True, config=cfg, num_programs=3)
     f32 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     want = f32(x) @ f32(w) + (f32(r) if r is not None else 0.0)
+    if u is not None:
+        want = want / (1.0 + np.exp(-want)) * (f32(x) @ f32(u))
     assert np.linalg.norm(f32(out) - want) / np.linalg.norm(want) < 1e-2
