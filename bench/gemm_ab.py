@@ -50,17 +50,16 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         "128x64_pairs_off": _c(tile_m=128, tile_n=64, stages=4, delay_release=1),
         "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
     },
-    ("silu", 512): {
-        "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
+    ("silu", 512): {  # 64 x 128 CTAs chained won (gemm_ab_s11b_h200.json); the old row:
+        "m64x128_chained": _c(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
         "n64x64": _c(tile_m=64, tile_n=64, stages=4, delay_release=1),
-        "n64x64_chained": _c(tile_m=64, tile_n=64, stages=4, chain_tiles=True),
     },
     ("residual", 256): {
         # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.
         "64x64_fused": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
-        # 128 x 64 CTAs (warpgroups split along M): the same 128 tiles, each weight tile
-        # loaded by one CTA only.
-        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
+        # 128 x 64 CTAs (warpgroups split along M) won in 8 stages (gemm_ab_s11b_h200.json);
+        # the old row, split K on 128 x 128 CTAs:
+        "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
         "m64x64_fused_st6": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m"),
     },
     # The rows for M > 512, timed at M = 1024 and 2048 (gemm_ab_s11_h200.json, worst ratio):
