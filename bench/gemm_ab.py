@@ -134,7 +134,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--table-out", required=True)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--only", help="kind:M,... of CANDIDATES to run (default: all)")
     a = p.parse_args()
     keys = [k for k in CANDIDATES if not a.only or f"{k[0]}:{k[1]}" in a.only.split(",")]

@@ -190,7 +190,7 @@ class Bench:
         from bench import timeline  # noqa: PLC0415
 
         cases = [(r["op"], r["m"]) for r in rows]
-        table = timeline.table(timeline.measure(cases, reps=20, runs=3))
+        table = timeline.table(timeline.measure(cases, reps=20, runs=5))
         for r in rows:
             t = table[f"{r['op']}:{r['m']}"]
             r["mosaic"]["timeline"] = t

@@ -5,8 +5,9 @@
 Nsight Compute (bench/ncu_gemm.py) times one kernel at a time at profiling clocks, and
 `bench.timing.device_ms` sees only whole programs. This reads CUPTI's kernel records
 (jax.profiler for JAX programs, torch.profiler for cuBLAS): each program of `reps` ordered
-calls (weights rotated past L2, as in `device_ms`) runs `runs` times, 1 ms apart, and a
-run's calls cost its span (first kernel start to last kernel end) / reps, gaps between
+calls (weights rotated past L2, as in `device_ms`) runs `runs` times, 1 ms apart, in
+rounds (every program once a round, so a clock drift in the trace reaches all of them
+alike), and a run's calls cost its span (first kernel start to last kernel end) / reps, gaps between
 kernels included, its launch excluded. `busy` counts kernel time alone. Run it under
 XLA_FLAGS=--xla_gpu_enable_command_buffer= to see what XLA's CUDA graphs change.
 """
@@ -76,6 +77,21 @@ def split_runs(events: list[Event], runs: int) -> list[list[Event]]:
     cuts = sorted(i for _, i in sorted(gaps, reverse=True)[:runs - 1])
     bounds = [0] + [i + 1 for i in cuts] + [len(events)]
     return [events[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def in_rounds(calls: list[Callable[[], Any]], runs: int, finish: Callable[[Any], Any]) -> None:
+    """Runs every call once a round for `runs` rounds, RUN_PAUSE_S apart."""
+    for _ in range(runs):
+        for call in calls:
+            finish(call())
+            time.sleep(RUN_PAUSE_S)
+
+
+def runs_by_call(per_run: list[list[Event]], calls: int, runs: int) -> list[list[list[Event]]]:
+    """The runs of `in_rounds` (round-major) -> per call, its `runs` runs."""
+    if len(per_run) != calls * runs:
+        raise ValueError(f"{len(per_run)} runs recorded, expected {calls} calls x {runs} rounds")
+    return [per_run[i::calls] for i in range(calls)]
 
 
 def run_stats(run: list[Event], calls: int) -> dict[str, Any]:
@@ -164,10 +180,7 @@ def traced_jax(calls: list[Callable[[], Any]], runs: int) -> list[Event]:
         opts = jax.profiler.ProfileOptions()
         opts.python_tracer_level = 0
         with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=opts):
-            for call in calls:
-                for _ in range(runs):
-                    jax.block_until_ready(call())
-                    time.sleep(RUN_PAUSE_S)
+            in_rounds(calls, runs, jax.block_until_ready)
         path = next(Path(d).rglob("perfetto_trace.json.gz"))
         return gpu_kernel_events(json.load(gzip.open(path)))
 
@@ -175,11 +188,7 @@ def traced_jax(calls: list[Callable[[], Any]], runs: int) -> list[Event]:
 def traced_torch(torch: Any, calls: list[Callable[[], Any]], runs: int) -> list[Event]:
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        for call in calls:
-            for _ in range(runs):
-                call()
-                torch.cuda.synchronize()
-                time.sleep(RUN_PAUSE_S)
+        in_rounds(calls, runs, lambda _: torch.cuda.synchronize())
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/t.json")
         return gpu_kernel_events(json.loads(Path(f"{d}/t.json").read_text()))
@@ -198,9 +207,9 @@ def measure(cases: list[tuple[str, int]], reps: int, runs: int,
             calls.append(call)
         print(f"{op}:{m} compiled and warm in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    per_run = split_runs(traced_jax(calls, runs), runs * len(calls))
-    for i, (case, name) in enumerate(order):
-        rows.append(dict(case=case, variant=name, **summarize(per_run[i * runs:(i + 1) * runs], reps)))
+    per_call = runs_by_call(split_runs(traced_jax(calls, runs), runs * len(calls)), len(calls), runs)
+    for (case, name), call_runs in zip(order, per_call):
+        rows.append(dict(case=case, variant=name, **summarize(call_runs, reps)))
     torch = torch_module()
     if torch is None:
         return rows
@@ -208,12 +217,13 @@ def measure(cases: list[tuple[str, int]], reps: int, runs: int,
     for c in tcalls:
         warm_up(c, lambda _: torch.cuda.synchronize(), 100.0)
     try:  # a second CUPTI client in one process: keep the JAX rows if it fails
-        per_run = split_runs(traced_torch(torch, tcalls, runs), runs * len(tcalls))
+        per_call = runs_by_call(split_runs(traced_torch(torch, tcalls, runs), runs * len(tcalls)),
+                                len(tcalls), runs)
     except Exception as exc:  # noqa: BLE001
         print(f"torch.profiler failed, no cuBLAS rows: {exc!r}", flush=True)
         return rows
-    for i, (op, m) in enumerate(cases):
-        rows.append(dict(case=f"{op}:{m}", variant="torch_cublas", **summarize(per_run[i * runs:(i + 1) * runs], reps)))
+    for (op, m), call_runs in zip(cases, per_call):
+        rows.append(dict(case=f"{op}:{m}", variant="torch_cublas", **summarize(call_runs, reps)))
     for (op, m), call in zip(cases, tcalls):
         rows.append(dict(case=f"{op}:{m}", variant="torch_cublas_graph", busy_us=None,
                          span_us=torch_graph_span_us(torch, call, reps, runs)))
@@ -282,7 +292,7 @@ def main() -> None:
     p.add_argument("--png", default="gemm_timeline.png")
     p.add_argument("--cases", default=DEFAULT_CASES, help="op:M,... (ops: " + ",".join(SHAPES) + ")")
     p.add_argument("--reps", type=int, default=20, help="calls per program")
-    p.add_argument("--runs", type=int, default=3, help="runs of each program (median)")
+    p.add_argument("--runs", type=int, default=5, help="rounds: runs of each program (median)")
     p.add_argument("--out", help="results JSON (required unless --plot)")
     a = p.parse_args()
     if a.plot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -51,6 +52,19 @@ def test_runs_split_at_the_pauses_and_stats_per_call():
     assert stats["span_us"] == pytest.approx((calls * dur + (calls - 1) * gap) / calls)
     assert stats["busy_us"] == pytest.approx(dur) and stats["gap_us"] == pytest.approx(gap)
     assert stats["kernels_per_call"] == 1 and stats["kernels"] == ["k"]
+
+
+def test_rounds_run_every_call_once_a_round_and_regroup_per_call():
+    log, rounds = [], 2 + random.randrange(3)
+    calls = [functools.partial(log.append, name) for name in "abc"]
+    timeline.in_rounds(calls, rounds, lambda _: None)
+    assert log == list("abc") * rounds
+    per_run = [[(name, float(i), 1.0)] for i, name in enumerate(log)]
+    per_call = timeline.runs_by_call(per_run, 3, rounds)
+    assert [{e[0] for r in runs for e in r} for runs in per_call] == [{"a"}, {"b"}, {"c"}]
+    assert all(len(runs) == rounds for runs in per_call)
+    with pytest.raises(ValueError, match="expected 3 calls"):
+        timeline.runs_by_call(per_run[:-1], 3, rounds)
 
 
 def test_too_few_kernels_for_the_runs_is_an_error():
