@@ -50,8 +50,8 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         "128x64_pairs_off": _c(tile_m=128, tile_n=64, stages=4, delay_release=1),
         "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
     },
-    ("silu", 512): {  # 64 x 128 CTAs chained won (gemm_ab_s11b_h200.json); the old row:
-        "m64x128_chained": _c(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
+    ("silu", 512): {  # 64 x 128 CTAs chained: won gemm_ab_s11b, lost the table runs
+        "n64x64_chained": _c(tile_m=64, tile_n=64, stages=4, chain_tiles=True),
         "n64x64": _c(tile_m=64, tile_n=64, stages=4, delay_release=1),
     },
     ("residual", 256): {
