@@ -46,6 +46,22 @@ def _c(**kw: Any) -> MgpuConfig:
 # residual fused at M = 256, gate/up at M = 512: 896 tiles, 6.8 waves, not 448 in 3.4)
 # and other 128 x 256 / 256 x 128 CTAs for the residual GEMMs at M > 512.
 CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
+    # Not yet run: the decode steps' M = 128 rows (the engine's 128-row batches; the
+    # weights are streamed once, so what counts is bytes in flight and the f32 partial
+    # sums that split K adds: 2-4 x M x N x 4 bytes through XLA).
+    ("plain", 128): {
+        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
+        "n64x64": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
+    },
+    ("silu", 128): {
+        "m64x64": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m"),
+        "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
+    },
+    ("residual", 128): {
+        "m64x64_k2": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m", k_splits=2),
+        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
+        "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
+    },
     ("silu", 256): {
         "128x64_pairs_off": _c(tile_m=128, tile_n=64, stages=4, delay_release=1),
         "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),

@@ -8,9 +8,11 @@
 # launch sweep at the engine's 128 x 640 and at 64 x 4096), KERNELS=1 (bench.kernels' GEMM
 # (Mosaic only, M in KERNEL_MS), attention and memory-bound tables, slope timing; KERNELS=memory:
 # without the GEMMs), TIMELINE=1 (bench.timeline: GEMM GPU time per call from CUPTI records),
-# AB=kind:M,... (bench.gemm_ab on those candidate keys, then bench.kernels' GEMMs with the winners).
+# AB=kind:M,... (bench.gemm_ab on those candidate keys, then bench.kernels' GEMMs with the winners;
+# AB_THROUGHPUT=1: also the engine with them, for the decode rows AB=plain:128,silu:128,residual:128;
+# AB_KERNELS=0 skips the GEMM table).
 # Usage (device machine): OUT=/some/dir [KERNEL_SETS='pallas hybrid'] [TUNE_MS=256,512|none]
-#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] [SWEEP=1] [KERNELS=1|memory] [TIMELINE=1] [AB=plain:2048,...] [TESTS=0] bash bench/gpu_session.sh
+#   [TUNE_STEPS=tiles,chain,cluster,split,confirm] [FUSE_QKV=0] [DECODE_ONLY=0] [FUSE_ROPE_KV=1] [PROFILE=1] [SWEEP=1] [KERNELS=1|memory] [TIMELINE=1] [AB=plain:2048,...] [AB_THROUGHPUT=1] [AB_KERNELS=0] [TESTS=0] bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
@@ -50,7 +52,10 @@ fi
 if [ -n "${AB:-}" ]; then  # AB=kind:M,... : bench.gemm_ab on those keys, then the GEMM table with its winners
   timeout 300 python3 -m bench.gemm_ab --only "$AB" --out "$OUT/gemm_ab.json" --table-out "$OUT/gemm_ab_table.json" 2>&1 \
     | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
-  [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" timeout 200 python3 -m bench.kernels \
+  if [ -f "$OUT/gemm_ab_table.json" ] && [ "${AB_THROUGHPUT:-0}" = 1 ]; then  # the engine with the winners
+    NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" throughput pallas_gemm_ab_table --kernels pallas
+  fi
+  [ -f "$OUT/gemm_ab_table.json" ] && [ "${AB_KERNELS:-1}" = 1 ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" timeout 200 python3 -m bench.kernels \
     --sections gemm --gemm-backends mosaic --gemm-ms 256,512,1024,2048 --budget-s 170 --out "$OUT/kernels_gemm_ab.json" 2>&1 | grep "^\["
 fi
 if [ "${KERNELS:-0}" != 0 ]; then
