@@ -69,6 +69,9 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     ("silu", 512): {  # 64 x 128 CTAs chained: won gemm_ab_s11b, lost the table runs
         "n64x64_chained": _c(tile_m=64, tile_n=64, stages=4, chain_tiles=True),
         "n64x64": _c(tile_m=64, tile_n=64, stages=4, delay_release=1),
+        # 128 x 64 CTAs: as many tiles, but the warpgroups share the weight tiles (32 KB a
+        # stage instead of 40).
+        "m64x64_chained": _c(tile_m=64, tile_n=64, stages=4, wg_split="m", chain_tiles=True),
     },
     ("residual", 256): {
         # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.
