@@ -207,6 +207,9 @@ def measure(cases: list[tuple[str, int]], reps: int, runs: int,
             calls.append(call)
         print(f"{op}:{m} compiled and warm in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
+    # Each program was warmed right after it compiled, up to minutes ago: one untraced
+    # round brings the clocks back up for all of them.
+    in_rounds(calls, 1, jax.block_until_ready)
     per_call = runs_by_call(split_runs(traced_jax(calls, runs), runs * len(calls)), len(calls), runs)
     for (case, name), call_runs in zip(order, per_call):
         rows.append(dict(case=case, variant=name, **summarize(call_runs, reps)))
