@@ -62,25 +62,33 @@ def default_splits(n: int, num_kv: int, max_keys: int, programs: int, bk: int) -
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_table: jax.Array, context_len: jax.Array, *, scale: float,
                            num_programs: int | None = None, num_splits: int | None = None,
-                           interpret: bool = False, block_k: int = 64, num_warps: int = 4,
-                           num_stages: int = 2, programs_per_sm: int = 4) -> jax.Array:
+                           interpret: bool = False, block_k: int | None = None, num_warps: int = 4,
+                           num_stages: int | None = None, programs_per_sm: int | None = None) -> jax.Array:
     """Decode attention on the paged cache -> [N, H, D] in q.dtype.
 
     q [N, H, D]; k_pages, v_pages [P, ps, K, D] (one layer); block_table [N, W] int32;
     context_len [N] int32 (keys 0..context_len-1 are attended; 0 marks a padding row,
-    whose output is zeros). `num_programs` caps the SMs used (any value >= 1);
+    whose output is zeros). `num_programs` is the grid: an SM budget, one program an SM
+    (any value >= 1; None: the whole GPU, `programs_per_sm` programs an SM).
     `num_splits` (default: about two work items per program) splits each context.
-    programs_per_sm: programs launched per SM of the budget. One program per SM streams
-    one item's blocks at a time, so short contexts (few blocks an item) wait on memory
-    latency; several resident programs keep more loads in flight.
-    Defaults (64-key blocks, 4 warps, 2 stages, 4 programs per SM) won the session-11
-    sweep on an H200 (bench/results/decode_sweep_s11_h200.json): 0.71 of copy bandwidth
-    at the engine's 128 x 640 (256-key blocks, 3 stages, 1 program per SM: 0.55) and
-    0.91 at 64 x 4096 (0.89). With one program per SM, 256-key blocks had won
-    (decode_sweep_h200.json, decode_sweep2_h200.json; 64-key blocks 0.49-0.59).
+    programs_per_sm: programs launched per SM of the budget (default: 4 on the whole GPU,
+    1 under an explicit budget, so a share of the SMs stays a share). One program per SM
+    streams one item's blocks at a time, so short contexts (few blocks an item) wait on
+    memory latency; several resident programs keep more loads in flight.
+    block_k / num_stages default to what won for that launch on an H200: with several
+    programs an SM 64-key blocks and 2 stages (decode_sweep_s11_h200.json: 0.71 of copy
+    bandwidth at the engine's 128 x 640, where one program an SM reached 0.55, and 0.91
+    at 64 x 4096); with one, 256-key blocks and 3 stages (decode_sweep_h200.json,
+    decode_sweep2_h200.json: 0.90-0.91 at long contexts; 64-key blocks 0.49-0.59).
     """
+    if programs_per_sm is None:
+        programs_per_sm = 4 if num_programs is None else 1
     if programs_per_sm < 1:
         raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
+    if block_k is None:
+        block_k = 64 if programs_per_sm > 1 else 256
+    if num_stages is None:
+        num_stages = 2 if programs_per_sm > 1 else 3
     n, h, d = q.shape
     ps, num_kv = k_pages.shape[1], k_pages.shape[2]
     qg, gp = group_queries(q, num_kv, min_rows=16)

@@ -6,11 +6,14 @@ groups that are not powers of two, and program counts from 1 to more than the it
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import paged_decode_attention, paged_prefill_attention, reference as ref
+from pallas_kernels._common import num_sms
+from pallas_kernels.decode_attention import default_splits
 
 from kernel_testing import assert_close, rand, shuffled_pages
 
@@ -24,7 +27,7 @@ def _cache(rng, num_pages, kv_heads, d, dtype):
 
 @pytest.mark.parametrize("programs,splits,heads,kv_heads,block_k",
                          [(1, None, 8, 2, 32), (3, 1, 6, 2, 32), (5, 3, 8, 2, 32), (1000, 4, 6, 2, 32),
-                          (2, None, 8, 2, 128)])  # 128: the default, several pages per key block
+                          (2, None, 8, 2, 128)])  # 128: several pages per key block
 def test_decode(rng, programs, splits, heads, kv_heads, block_k):
     d, w = 32, 7
     ctx = np.array([1, 16, 37, 0, 112, 65])  # 0 = padding row
@@ -37,6 +40,25 @@ def test_decode(rng, programs, splits, heads, kv_heads, block_k):
                                  num_splits=splits, interpret=True, block_k=block_k)
     assert_close(out, ref.paged_decode_attention(q, k, v, bt, ctx, scale=d ** -0.5))
     assert np.all(np.asarray(out[3]) == 0), "a context-0 (padding) row must give zeros"
+
+
+def _decode_grid(**kw) -> tuple[int, ...]:
+    q, k = jnp.zeros((6, 8, 32)), jnp.zeros((43, PS, 2, 32))
+    bt, ctx = jnp.zeros((6, 7), jnp.int32), jnp.full((6,), 100, jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda *a: paged_decode_attention(*a, scale=1.0, interpret=True, **kw))(q, k, k, bt, ctx)
+    (call,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+    return call.params["grid_mapping"].grid
+
+
+def test_decode_grid_is_the_sm_budget():
+    """An explicit num_programs is the grid (a share of the SMs stays a share); several
+    programs an SM only when asked for, or on the whole GPU by default."""
+    assert _decode_grid(num_programs=3) == (3,)
+    assert _decode_grid(num_programs=3, programs_per_sm=2) == (6,)
+    assert _decode_grid(num_programs=3, num_splits=1) == (3,)
+    budget = 4 * num_sms()
+    items = 6 * 2 * default_splits(6, 2, 7 * PS, budget, 64)  # rows x KV heads x splits
+    assert _decode_grid() == (min(budget, items),)
 
 
 def test_decode_reads_no_key_past_the_context(rng):
