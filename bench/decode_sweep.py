@@ -1,6 +1,7 @@
 """Decode-attention launch configurations, against the device copy ceiling.
 
     python -m bench.decode_sweep --out bench/results/decode_sweep.json [--cases 64x4096,128x640]
+    python -m bench.decode_sweep --plot bench/results/decode_sweep_s11_h200.json --png sweep.png
 
 Cases are requests x context: long contexts (the kernel target) and the engine
 benchmark's decode steps (128 requests at 512-768 cached tokens).
@@ -73,11 +74,54 @@ def sweep_configs(inputs: tuple, nbytes: int, copy_gbps: float, scale: float,
     return rows
 
 
+def config_label(row: dict[str, Any]) -> str:
+    """e.g. "64 keys, 4 warps, 2 stages, 4/SM" (+ ", 2 splits"; + ", whole tail" for the
+    session-11 rows that loaded the ragged last block unmasked)."""
+    label = f"{row['block_k']} keys, {row['num_warps']} warps, {row['num_stages']} stages, {row.get('programs_per_sm', 1)}/SM"
+    if row.get("num_splits"):
+        label += f", {row['num_splits']} splits"
+    return label + (", whole tail" if row.get("mask_tail") is False else "")
+
+
+def plot(json_path: str, png_path: str) -> None:
+    """One panel per case: each configuration's fraction of copy bandwidth, best on top."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    res = json.loads(Path(json_path).read_text())
+    ok = [r for r in res["rows"] if "vs_copy" in r]
+    cases = sorted({(r["n"], r["ctx"]) for r in ok})
+    if not cases:
+        raise SystemExit(f"{json_path} has no timed decode-sweep rows")
+    height = 0.22 * max(sum(1 for r in ok if (r["n"], r["ctx"]) == c) for c in cases) + 1.2
+    fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), height), squeeze=False)
+    for ax, (n, ctx) in zip(axes[0], cases):
+        rows = sorted((r for r in ok if (r["n"], r["ctx"]) == (n, ctx)), key=lambda r: r["vs_copy"])
+        ax.barh(range(len(rows)), [r["vs_copy"] for r in rows], color="tab:blue")
+        ax.set_yticks(range(len(rows)), [config_label(r) for r in rows], fontsize=7)
+        ax.axvline(0.8, color="k", ls=":", lw=1, label="target 0.8 (long contexts)")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of device copy bandwidth")
+        ax.set_title(f"{n} requests x {ctx} tokens", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Paged decode attention launch configurations ({res['meta'].get('jax_device', '?')})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="decode_sweep.json")
     ap.add_argument("--cases", default="64x4096,256x2048,128x640", help="requests x context, comma-separated")
+    ap.add_argument("--plot", metavar="JSON", help="only draw JSON's rows to --png")
+    ap.add_argument("--png", default="decode_sweep.png")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(args.plot, args.png)
+        return
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     rng = np.random.default_rng()
     res = {"meta": run_metadata("bench.decode_sweep"), "ceilings": copy_bandwidth(), "rows": []}
