@@ -105,13 +105,19 @@ def rel_err(out: jax.Array, ref: jax.Array) -> float:
     return float(jnp.linalg.norm(o - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))
 
 
-def plot_sm_profile(json_path: str, png_path: str) -> None:
-    """Draws a results JSON's SM sweep (performance / best vs SM share) to a PNG."""
-    import matplotlib
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (benchmark machines have no display)."""
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    return plt
+
+
+def plot_sm_profile(json_path: str, png_path: str) -> None:
+    """Draws a results JSON's SM sweep (performance / best vs SM share) to a PNG."""
+    plt = pyplot()
     with open(json_path) as f:
         res = json.load(f)
     sms = res["meta"].get("num_sms") or max(max(v["programs"]) for v in res["sm_profile"].values() if "programs" in v)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from bench import copy_bandwidth, run_metadata
+from bench import copy_bandwidth, pyplot, run_metadata
 from bench.timing import device_ms
 
 H, K, D, PS = 32, 8, 128, 16
@@ -85,11 +85,7 @@ def config_label(row: dict[str, Any]) -> str:
 
 def plot(json_path: str, png_path: str) -> None:
     """One panel per case: each configuration's fraction of copy bandwidth, best on top."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     res = json.loads(Path(json_path).read_text())
     ok = [r for r in res["rows"] if "vs_copy" in r]
     cases = sorted({(r["n"], r["ctx"]) for r in ok})

@@ -1,6 +1,6 @@
 """A/B of GEMM launch configurations on one CUPTI timeline; the winners as a GEMM table.
 
-    python3 -m bench.gemm_ab --out ab.json --table-out table.json [--reps 20] [--runs 3]
+    python3 -m bench.gemm_ab --out ab.json --table-out table.json [--reps 20] [--runs 5]
     NANOFLOW_GEMM_TABLE=table.json python3 -m bench.kernels --sections gemm ...
 
 `bench.gemm_tune` ranks configurations by slope timing, which drifts by a few percent
@@ -21,6 +21,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from bench import rel_err, run_metadata
 from bench.gemm_tune import gemm_operands
@@ -110,13 +112,20 @@ def row_ms(kind: str, m: int) -> list[int]:
     return sorted({m} | {mm for mm in BENCH_MS if committed(kind, mm) is committed(kind, m)})
 
 
-def check(op: str, m: int, cfg: MgpuConfig) -> float:
-    """Relative error of our GEMM with cfg against the f32-accumulating reference."""
+def expected(op: str, m: int) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """The operands of `op` at M (x, w, w_up, residual; unused ones None) and the
+    f32-accumulating reference result every candidate is checked against."""
     x, w, up, r = gemm_operands(op, m)
     if op == "gate_up_silu":
-        return rel_err(gemm_mgpu(x, w, w_up=up, config=cfg), ref.gemm_silu_mul(x, w, up))
+        return (x, w, up, None), ref.gemm_silu_mul(x, w, up)
     r = r if op.endswith("_res") else None
-    return rel_err(gemm_mgpu(x, w, residual=r, config=cfg), ref.gemm(x, w, residual=r))
+    return (x, w, None, r), ref.gemm(x, w, residual=r)
+
+
+def check(operands: tuple[jax.Array, ...], want: jax.Array, cfg: MgpuConfig) -> float:
+    """Relative error of our GEMM with cfg against `want` (see `expected`)."""
+    x, w, up, r = operands
+    return rel_err(gemm_mgpu(x, w, w_up=up, residual=r, config=cfg), want)
 
 
 def decide(rows: list[dict[str, Any]], kind: str, m: int, names: list[str]) -> dict[str, Any]:
@@ -164,9 +173,10 @@ def main() -> None:
                 if (op, mm) not in configs:
                     cases.append((op, mm))
                 configs.setdefault((op, mm), {BASE: None})
+                operands, want = expected(op, mm)
                 for name, cfg in CANDIDATES[kind, m].items():
                     try:
-                        err = check(op, mm, cfg)
+                        err = check(operands, want, cfg)
                     except Exception as exc:  # noqa: BLE001 - a candidate that fails to build drops out
                         err = repr(exc)[:300]
                     errors[f"{op}:{mm}:{name}"] = err

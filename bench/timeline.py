@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from bench import run_metadata, torch_module
+from bench import pyplot, run_metadata, torch_module
 from bench.gemm_tune import SHAPES, gemm_operands
 from bench.timing import chained, cold_copies, copies_of, warm_up
 from pallas_kernels.gemm_config import MgpuConfig
@@ -263,11 +263,7 @@ def ratio_table(res: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def plot(json_path: str, png_path: str, target: float = 0.95) -> None:
     """Bars of library / ours per GEMM shape (span and kernel time alone) against the target."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     res = json.loads(Path(json_path).read_text())
     tab = ratio_table(res)
     if not tab:

@@ -95,3 +95,30 @@ def test_candidates_compute_the_gemm_in_the_interpreter(key, name):
     if u is not None:
         want = want / (1.0 + np.exp(-want)) * (f32(x) @ f32(u))
     assert np.linalg.norm(f32(out) - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_check_compares_each_op_with_its_own_reference(monkeypatch):
+    """The A/B's correctness gate: each op's operands and reference, and a GEMM that drops
+    the residual or SiLU x up fails it (a stand-in GEMM on CPU, small shapes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench import gemm_tune
+
+    monkeypatch.setattr(gemm_tune, "SHAPES", {op: (64, 32) for op in gemm_tune.SHAPES})
+    f32 = jnp.float32
+
+    def right(x, w, *, w_up=None, residual=None, config=None):
+        acc = jnp.dot(x.astype(f32), w.astype(f32))
+        if w_up is not None:
+            acc = jax.nn.silu(acc) * jnp.dot(x.astype(f32), w_up.astype(f32))
+        return (acc if residual is None else acc + residual.astype(f32)).astype(x.dtype)
+
+    cfg = next(iter(gemm_ab.CANDIDATES["plain", 2048].values()))
+    for op in gemm_tune.SHAPES:
+        operands, want = gemm_ab.expected(op, 8)
+        monkeypatch.setattr(gemm_ab, "gemm_mgpu", right)
+        assert gemm_ab.check(operands, want, cfg) < 1e-2
+        if op != "qkv":  # a GEMM without its epilogue
+            monkeypatch.setattr(gemm_ab, "gemm_mgpu", lambda x, w, **kw: jnp.dot(x, w))
+            assert gemm_ab.check(operands, want, cfg) > 1e-2
