@@ -46,34 +46,15 @@ def _c(**kw: Any) -> MgpuConfig:
 # winners (gemm_ab_s10_h200.json) are committed; its losers are gone except one
 # reference each. Session 11 adds smaller CTAs that fill more SMs in one wave (the
 # residual fused at M = 256, gate/up at M = 512: 896 tiles, 6.8 waves, not 448 in 3.4)
-# and other 128 x 256 / 256 x 128 CTAs for the residual GEMMs at M > 512.
+# and other 128 x 256 / 256 x 128 CTAs for the residual GEMMs at M > 512. Session 12's
+# decode-row (M = 128) winners are committed (gemm_ab_s12_h200.json).
 CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
-    # Not yet run: the decode steps' M = 128 rows (the engine's 128-row batches; the
-    # weights are streamed once, so what counts is bytes in flight and the f32 partial
-    # sums that split K adds: 2-4 x M x N x 4 bytes through XLA).
-    ("plain", 128): {
-        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
-        "n64x64": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
-    },
-    ("silu", 128): {
-        "m64x64": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m"),
-        "m64x128": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"),
-    },
-    ("residual", 128): {
-        "m64x64_k2": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m", k_splits=2),
-        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
-        "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
-    },
-    ("silu", 256): {
-        "128x64_pairs_off": _c(tile_m=128, tile_n=64, stages=4, delay_release=1),
-        "m64x128_pairs": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", cluster_m=2),
-    },
-    ("silu", 512): {  # 64 x 128 CTAs chained: won gemm_ab_s11b, lost the table runs
+    # Session 12 (gemm_ab_s12c_h200.json): 96/112-column weight tiles, which fill SMs in
+    # fewer or fuller waves, need 64/32-byte swizzles and lost everywhere: QKV at M = 256
+    # 1.060 -> 0.742 (m64x96) / 0.695 (n64x96); gate/up at M = 512 0.945 -> 0.459-0.617,
+    # at 256 0.989 -> 0.477. 64 x 128 CTAs chained at M = 512: 0.921-0.929 in three A/Bs.
+    ("silu", 512): {
         "n64x64_chained": _c(tile_m=64, tile_n=64, stages=4, chain_tiles=True),
-        "n64x64": _c(tile_m=64, tile_n=64, stages=4, delay_release=1),
-        # 128 x 64 CTAs: as many tiles, but the warpgroups share the weight tiles (32 KB a
-        # stage instead of 40).
-        "m64x64_chained": _c(tile_m=64, tile_n=64, stages=4, wg_split="m", chain_tiles=True),
     },
     ("residual", 256): {
         # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.

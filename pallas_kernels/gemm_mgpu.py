@@ -24,8 +24,8 @@ from pallas_kernels.gemm_config import MgpuConfig, choose_config
 F32 = jnp.float32
 
 
-def _smem_transforms(cols: int, dtype) -> tuple:
-    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+def _smem_transforms(cols: int, dtype, swizzle: int | None = None) -> tuple:
+    swizzle = swizzle or plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
             plgpu.SwizzleTransform(swizzle))
 
@@ -53,7 +53,12 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cl
     tm, tn, tk, em, en = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi_m, cfg.epi_n
     cm, cn, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
     dtype = x_g.dtype
-    in_tf = _smem_transforms(tk, dtype)
+    # wgmma reads both operands with one swizzle: 128 bytes where a warpgroup's weight
+    # columns are a multiple of 64, less for the 96/112-column tiles that fill SMs better
+    # (a warpgroup's column slice must be whole swizzle tiles).
+    bits = 8 * jnp.dtype(dtype).itemsize
+    swizzle = min(plgpu.find_swizzle(tk * bits), plgpu.find_swizzle(tn * bits))
+    in_tf, w_tf = _smem_transforms(tk, dtype, swizzle), _smem_transforms(cn, dtype, swizzle)
     out_tf = _smem_transforms(en, o_g.dtype)
     n_epi, m_epi = tn // en, tm // em
     subs = m_epi * n_epi
@@ -65,7 +70,7 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cl
     specs = [plgpu.BlockSpec((cm, tk), lambda k: (0, k), transforms=in_tf, memory_space=plgpu.SMEM,
                              delay_release=release)]
     for _ in range(2 if silu_mul else 1):  # weight tiles: one multicast load per cluster
-        specs.append(plgpu.BlockSpec((tk, cn), lambda k: (k, 0), transforms=in_tf,
+        specs.append(plgpu.BlockSpec((tk, cn), lambda k: (k, 0), transforms=w_tf,
                                      memory_space=plgpu.SMEM, delay_release=release,
                                      collective_axes=("cluster",) if cluster > 1 and not interpret else ()))
     groups_per_step = 2 if silu_mul else 1

@@ -16,7 +16,6 @@ from pallas_kernels.gemm_config import SMEM_BYTES
 def test_candidates_fit_a_hopper_sm(key):
     silu = key[0] == "silu"
     for cfg in gemm_ab.CANDIDATES[key].values():
-        assert cfg.tile_n % 64 == 0 and cfg.tile_m % 64 == 0, cfg
         assert cfg.smem_bytes(silu) <= SMEM_BYTES, cfg
         assert not (silu and cfg.k_splits > 1), cfg
 

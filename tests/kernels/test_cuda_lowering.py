@@ -56,6 +56,20 @@ def test_committed_gemm_configs_lower_for_cuda(kind, cfg: MgpuConfig, m):
     assert calls & {"mosaic_gpu", "mosaic_gpu_v2"}
 
 
+def _candidate_cases():
+    from bench.gemm_ab import CANDIDATES
+
+    for (kind, m), named in CANDIDATES.items():
+        for name, cfg in named.items():
+            yield pytest.param(kind, cfg, m, id=f"{kind}{m}-{name}")
+
+
+@pytest.mark.parametrize("kind,cfg,m", list(_candidate_cases()))
+def test_gemm_ab_candidates_lower_for_cuda(kind, cfg: MgpuConfig, m):
+    """A candidate that a GPU would refuse costs device time; refuse it here."""
+    test_committed_gemm_configs_lower_for_cuda(kind, cfg, m)
+
+
 def test_a_config_over_shared_memory_is_refused_on_cpu():
     """The check is real: 9 stages of 128x256x64 tiles need ~475 KB of shared memory."""
     with pytest.raises(ValueError, match="shared memory"):

@@ -104,6 +104,27 @@ def test_mosaic_silu_split_m_delayed(rng):
                  ref.gemm_silu_mul(x, wg, wu))
 
 
+@pytest.mark.parametrize("cfg,silu", [
+    (MgpuConfig(tile_m=64, tile_n=96, epi_n=96, stages=3, wg_split="m", delay_release=1), False),
+    (MgpuConfig(tile_m=64, tile_n=96, epi_n=32, stages=2), False),
+    (MgpuConfig(tile_m=64, tile_n=112, epi_n=112, stages=2, wg_split="m", chain_tiles=True), True),
+], ids=["96_split_m", "96_split_n_3_subtiles", "112_silu_chained"])
+def test_mosaic_narrow_weight_tiles(rng, cfg, silu):
+    """96/112-column weight tiles (64/32-byte swizzle): N padded up to the tile, a ragged
+    M, more tiles than programs."""
+    x = rand(rng, 150, 192, dtype=jnp.bfloat16)
+    w, u = (rand(rng, 192, 400, dtype=jnp.bfloat16, scale=0.2) for _ in range(2))
+    out = gemm_mgpu(x, w, w_up=u if silu else None, num_programs=3, interpret=True, config=cfg)
+    assert_close(out, ref.gemm_silu_mul(x, w, u) if silu else ref.gemm(x, w))
+
+
+def test_config_rejects_tiles_the_gpu_cannot_run():
+    with pytest.raises(ValueError, match="tile_n"):
+        MgpuConfig(tile_n=100, epi_n=100)
+    with pytest.raises(ValueError, match="epi_n"):
+        MgpuConfig(tile_n=96)  # the 64-wide default epilogue does not divide 96
+
+
 def test_tile_coords_visit_every_tile_once():
     from pallas_kernels.gemm_mgpu import tile_coords
 
@@ -115,15 +136,15 @@ def test_tile_coords_visit_every_tile_once():
 
 @pytest.mark.parametrize("silu,has_res", [(False, False), (False, True), (True, False)])
 def test_choose_config_is_launchable_on_a_gpu(silu, has_res):
-    """Rules the CPU interpreter does not enforce but a GPU does: a warpgroup's column
-    slice is whole 64-wide swizzle tiles, and the pipeline fits in shared memory."""
+    """Rules the CPU interpreter does not enforce but a GPU does: whole wgmma and
+    swizzle tiles, and a pipeline that fits in shared memory."""
     from pallas_kernels.gemm_config import SMEM_BYTES, choose_config
 
     for m in (1, 16, 128, 256, 512, 1024, 2048):
         for n in (192, 576, 1536, 4096, 6144, 14336):  # SmolLM2-135M and Llama-3-8B widths
             for programs in (1, 33, 132):
                 cfg = choose_config(m, n, silu, has_res, programs)
-                assert cfg.tile_n % 64 == 0 and cfg.tile_m % 64 == 0, cfg
+                assert cfg.tile_n % 16 == 0 and cfg.tile_m % 64 == 0, cfg
                 assert cfg.tile_n % cfg.epi_n == 0 and cfg.tile_m % cfg.epi_m == 0, cfg
                 assert cfg.smem_bytes(silu) <= SMEM_BYTES, cfg
 
