@@ -53,7 +53,11 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     # fewer or fuller waves, need 64/32-byte swizzles and lost everywhere: QKV at M = 256
     # 1.060 -> 0.742 (m64x96) / 0.695 (n64x96); gate/up at M = 512 0.945 -> 0.459-0.617,
     # at 256 0.989 -> 0.477. 64 x 128 CTAs chained at M = 512: 0.921-0.929 in three A/Bs.
+    # The committed 128 x 128 CTAs with the last partial wave's 13 columns run as 104
+    # half-width (128 x 64) tiles: 3.5 tile times instead of 4 (MgpuConfig.split_tail).
     ("silu", 512): {
+        "chained_tail": _c(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True, split_tail=True),
+        "dr1_tail": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", split_tail=True),
         "n64x64_chained": _c(tile_m=64, tile_n=64, stages=4, chain_tiles=True),
     },
     ("residual", 256): {

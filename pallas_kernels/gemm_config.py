@@ -38,6 +38,9 @@ class MgpuConfig:
     # CTAs per cluster along M (1 or 2): a pair of CTAs on neighbouring M tiles loads
     # each weight tile once from L2 and TMA-multicasts it to both, halving weight traffic.
     cluster_m: int = 1
+    # Run the last, partial wave's columns as half-width tiles after the rest (tail_tiles
+    # in gemm_mgpu.py): 128-byte swizzles kept, one launch, no partial sums.
+    split_tail: bool = False
 
     def __post_init__(self) -> None:
         if self.chain_tiles and self.delay_release:
@@ -45,6 +48,9 @@ class MgpuConfig:
                              "pipelines that release operands late)")
         if self.cluster_m not in (1, 2):
             raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
+        if self.split_tail and (self.tile_n % 32 or self.k_splits > 1):
+            raise ValueError("split_tail halves tile_n, which must stay a multiple of 16 "
+                             f"(tile_n={self.tile_n}), and excludes split K (k_splits={self.k_splits})")
         # The narrowest (32-byte) swizzle is 16 bf16 columns; the epilogue walks whole
         # sub-tiles. (A GPU also needs tile_m a multiple of 64, wgmma's rows; CPU tests
         # use smaller tiles.)
@@ -108,7 +114,9 @@ _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 # Session 12 (gemm_ab_s12_h200.json): at M = 128 QKV on 128 x 64 CTAs without split K
 # (19.9 -> 16.6 us, 0.904 -> 1.086 of the library) and O/down + residual on 128 x 64 CTAs
 # with 2 K splits (0.931 -> 0.958); the engine with both: 19,676 -> 19,864 tokens/s in one
-# call (throughput_llama3_8b_pallas*_h200_s12.json).
+# call (throughput_llama3_8b_pallas*_h200_s12.json). Gate/up + SiLU at M = 512 runs the last
+# partial wave's 13 columns as 104 half-width tiles (split_tail): 173.3 -> 159.0 us, 0.940 ->
+# 1.025 of the library (gemm_ab_s12d_h200.json); 96/112-column tiles lost (0.46-0.62).
 _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
     "plain": ((128, MgpuConfig(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m")),
               (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
@@ -118,7 +126,8 @@ _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
     # M = 128 (decode) keeps the configuration the engine's throughput runs measured.
     "silu": ((128, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
              (256, MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m")),
-             (512, MgpuConfig(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True)),
+             (512, MgpuConfig(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True,
+                              split_tail=True)),
              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"))),
     "residual": ((128, MgpuConfig(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m", k_splits=2)),
                  (256, MgpuConfig(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m")),

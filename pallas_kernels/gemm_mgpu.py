@@ -10,6 +10,7 @@ the main loop runs), or silu(gate) * up (two accumulators per warpgroup).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,8 +43,36 @@ def tile_coords(t, m_tiles: int, n_tiles: int, group_m: int):
     return first + r % size, r // size
 
 
-def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cluster: int,
-            has_bias: bool, has_res: bool, silu_mul: bool, interpret: bool) -> None:
+def tail_tiles(m_tiles: int, n_tiles: int, ctas: int) -> int:
+    """N tiles (of m_tiles tiles each) to run as twice as many half-width tiles after the
+    others: the last, partial wave's columns, when its half tiles fit in one wave. Then
+    a CTA's last tile takes half as long (gate/up at M = 512 on 132 SMs: 448 tiles are
+    3 full waves and 52 tiles, i.e. 4 tile times; split, 3.5). 0: no tail split."""
+    full, rest = divmod(m_tiles * n_tiles, ctas)
+    tail = -(-rest // m_tiles)
+    return tail if full and rest and 2 * m_tiles * tail <= ctas and tail < n_tiles else 0
+
+
+def half_width(cfg: MgpuConfig) -> MgpuConfig:
+    """The tail's tile: half the columns, unchained (a CTA runs at most one)."""
+    tn = cfg.tile_n // 2
+    return dataclasses.replace(cfg, tile_n=tn, epi_n=min(cfg.epi_n, tn), chain_tiles=False,
+                               group_m=0, split_tail=False)
+
+
+def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, tail: int, **kw) -> None:
+    """Columns [0, (n_tiles - tail) * cta_n) in cfg's tiles, then the rest in half-width
+    tiles; each pass has its own shared memory (run_scoped reuses it after a barrier)."""
+    main = n_tiles - tail
+    _tile_pass(*refs, cfg=cfg, m_tiles=m_tiles, n_tiles=main, col0=0, **kw)
+    if tail:
+        _tile_pass(*refs, cfg=half_width(cfg), m_tiles=m_tiles, n_tiles=2 * tail,
+                   col0=main * cfg.cta_n, **kw)
+
+
+def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_iters: int,
+               cluster: int, has_bias: bool, has_res: bool, silu_mul: bool, interpret: bool) -> None:
+    """One persistent loop over an [M, n_tiles * cta_n] block of output columns from col0."""
     refs = list(refs)
     x_g, w_g = refs.pop(0), refs.pop(0)
     u_g = refs.pop(0) if silu_mul else None
@@ -106,7 +135,7 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cl
             m_idx = m_pair * cluster + cta
             # With split K each split writes its own [M, N] block of partial sums.
             wg_m0 = (k_split * m_tiles + m_idx) * cm + (wg * tm if split_m else 0)
-            wg_n0 = n_idx * cn + (0 if split_m else wg * tn)
+            wg_n0 = col0 + n_idx * cn + (0 if split_m else wg * tn)
 
             def sub_slices(e):
                 em_i, en_i = divmod(e, n_epi)
@@ -178,7 +207,7 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cl
 
             k_sl = pl.ds(k_split * k_iters * tk, k_iters * tk)
             tile_ins = (x_g.at[pl.ds(m_idx * cm, cm), k_sl],
-                        *(g.at[k_sl, pl.ds(n_idx * cn, cn)] for g in gmem_ins[1:]))
+                        *(g.at[k_sl, pl.ds(col0 + n_idx * cn, cn)] for g in gmem_ins[1:]))
             if not chain:
                 pipeline(mma, context)(*tile_ins, allocations=allocs)
                 return
@@ -192,7 +221,8 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, k_iters: int, cl
                      lambda: pipeline(mma, context)(*tile_ins, allocations=allocs),
                      lambda: pipeline(mma, context, state)(*tile_ins, allocations=allocs))
 
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        # The stores must have read the staging slots before a next pass reuses them.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _launch_axes(clusters: int, cluster: int, interpret: bool) -> dict:
@@ -240,7 +270,10 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     # The budget counts CTAs (SMs); the grid counts clusters.
     progs = resolve_programs(num_programs, m_tiles * n_tiles * splits)
     clusters = max(1, min(progs // cluster, m_tiles // cluster * n_tiles * splits))
-    kernel = functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles,
+    # The tail pass runs on GPUs only: jax 0.10's CPU interpreter deadlocks on a kernel
+    # with a second warp-specialized pipeline (tests/test_gpu.py checks it there).
+    tail = tail_tiles(m_tiles, n_tiles, clusters * cluster) if cfg.split_tail and not interpret else 0
+    kernel = functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles, tail=tail,
                                k_iters=kp // (cfg.tile_k * splits), cluster=cluster,
                                has_bias=bias is not None and in_kernel,
                                has_res=residual is not None and in_kernel, silu_mul=silu,

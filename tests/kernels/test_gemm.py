@@ -118,6 +118,31 @@ def test_mosaic_narrow_weight_tiles(rng, cfg, silu):
     assert_close(out, ref.gemm_silu_mul(x, w, u) if silu else ref.gemm(x, w))
 
 
+def test_tail_tiles_split_only_a_partial_last_wave_that_fits():
+    from pallas_kernels.gemm_mgpu import tail_tiles
+
+    assert tail_tiles(4, 112, 132) == 13  # gate/up at M = 512: 396 tiles + 13 columns as 104 halves
+    assert tail_tiles(2, 5, 4) == 1       # 8 tiles + one column of 2, as 4 halves
+    assert tail_tiles(4, 33, 132) == 0    # exactly one wave
+    assert tail_tiles(2, 48, 132) == 0    # under one wave: nothing to balance
+    assert tail_tiles(8, 112, 132) == 0   # 104 left over: 208 halves exceed a wave
+
+
+def test_split_tail_is_off_in_the_interpreter(rng):
+    """jax 0.10's CPU interpreter deadlocks on a second warp-specialized pipeline, so the
+    tail pass runs on GPUs only (tests/test_gpu.py); interpreted, the same config still
+    computes the GEMM in full-width tiles."""
+    cfg = MgpuConfig(tile_m=32, tile_n=64, tile_k=32, epi_m=32, epi_n=32, stages=2, wg_split="m",
+                     split_tail=True)
+    x, w = rand(rng, 122, 64, dtype=jnp.bfloat16), rand(rng, 64, 320, dtype=jnp.bfloat16)
+    assert_close(gemm_mgpu(x, w, num_programs=4, interpret=True, config=cfg), ref.gemm(x, w))
+
+
+def test_split_tail_needs_a_halvable_tile():
+    with pytest.raises(ValueError, match="split_tail"):
+        MgpuConfig(tile_n=48, epi_n=48, split_tail=True)
+
+
 def test_config_rejects_tiles_the_gpu_cannot_run():
     with pytest.raises(ValueError, match="tile_n"):
         MgpuConfig(tile_n=100, epi_n=100)
