@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import pytest
@@ -128,14 +129,29 @@ def test_tail_tiles_split_only_a_partial_last_wave_that_fits():
     assert tail_tiles(8, 112, 132) == 0   # 104 left over: 208 halves exceed a wave
 
 
-def test_split_tail_is_off_in_the_interpreter(rng):
-    """jax 0.10's CPU interpreter deadlocks on a second warp-specialized pipeline, so the
-    tail pass runs on GPUs only (tests/test_gpu.py); interpreted, the same config still
-    computes the GEMM in full-width tiles."""
-    cfg = MgpuConfig(tile_m=32, tile_n=64, tile_k=32, epi_m=32, epi_n=32, stages=2, wg_split="m",
-                     split_tail=True)
-    x, w = rand(rng, 122, 64, dtype=jnp.bfloat16), rand(rng, 64, 320, dtype=jnp.bfloat16)
-    assert_close(gemm_mgpu(x, w, num_programs=4, interpret=True, config=cfg), ref.gemm(x, w))
+@pytest.mark.parametrize("kind", ["silu_chained", "residual_split_n", "bias_pairs"])
+def test_mosaic_split_tail(rng, kind):
+    """The last wave's columns in half-width tiles: 2 ragged CTA rows x 5 CTA columns on 4
+    programs -> 8 tiles + 4 half tiles. (Interpreted, each pass is its own launch: jax
+    0.10's interpreter deadlocks on two warp-specialized pipelines in one kernel; on the GPU
+    tests/test_gpu.py runs them in one.)"""
+    small = dict(tile_m=32, tile_n=64, tile_k=32, epi_m=32, epi_n=32, stages=2, split_tail=True)
+    cfg = MgpuConfig(**small, **{"silu_chained": dict(wg_split="m", chain_tiles=True),
+                                 "residual_split_n": dict(delay_release=1, out_slots=1),
+                                 "bias_pairs": dict(wg_split="m", cluster_m=2)}[kind])
+    m, n = 2 * cfg.cta_m - 6, 5 * cfg.cta_n
+    x = rand(rng, m, 64, dtype=jnp.bfloat16)
+    w, u = (rand(rng, 64, n, dtype=jnp.bfloat16, scale=0.2) for _ in range(2))
+    run = functools.partial(gemm_mgpu, num_programs=4, interpret=True, config=cfg)
+    if kind == "silu_chained":
+        out, want = run(x, w, w_up=u), ref.gemm_silu_mul(x, w, u)
+    elif kind == "residual_split_n":
+        r = rand(rng, m, n, dtype=jnp.bfloat16)
+        out, want = run(x, w, residual=r), ref.gemm(x, w, residual=r)
+    else:
+        b = rand(rng, n, dtype=jnp.bfloat16)
+        out, want = run(x, w, bias=b), ref.gemm(x, w, bias=b)
+    assert_close(out, want)
 
 
 def test_split_tail_needs_a_halvable_tile():
