@@ -53,6 +53,13 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     # fewer or fuller waves, need 64/32-byte swizzles and lost everywhere: QKV at M = 256
     # 1.060 -> 0.742 (m64x96) / 0.695 (n64x96); gate/up at M = 512 0.945 -> 0.459-0.617,
     # at 256 0.989 -> 0.477. 64 x 128 CTAs chained at M = 512: 0.921-0.929 in three A/Bs.
+    # Not yet run: QKV at M = 256 fills 96 of 132 SMs with 128 x 128 CTAs (0.916-0.977 of
+    # the library). Half-size CTAs with the split tail: 192 tiles = one wave + 60, the 60 as
+    # 120 half tiles (32 columns wide, so a 64-byte swizzle for those), 1.5 half-tile times.
+    ("plain", 256): {
+        "m64x64_tail": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m", split_tail=True),
+        "n64x64_tail": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, split_tail=True),
+    },
     # The committed 128 x 128 CTAs with the last partial wave's 13 columns run as 104
     # half-width (128 x 64) tiles: 3.5 tile times instead of 4 (MgpuConfig.split_tail).
     ("silu", 512): {
