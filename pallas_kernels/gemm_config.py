@@ -66,12 +66,17 @@ class MgpuConfig:
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.wg_split == "n" else 1)
 
+    @property
+    def epi_subtiles(self) -> int:
+        """Epilogue sub-tiles of one warpgroup's tile."""
+        return (self.tile_m // self.epi_m) * (self.tile_n // self.epi_n)
+
     def smem_bytes(self, silu: bool, itemsize: int = 2) -> int:
         """Shared memory of the TMA stages plus the output staging slots (f32 with split K;
         no more slots than a warpgroup's epilogue has sub-tiles)."""
         stage = self.cta_m * self.tile_k + (2 if silu else 1) * self.tile_k * self.cta_n
         out_itemsize = 4 if self.k_splits > 1 else itemsize
-        slots = min(self.out_slots, (self.tile_m // self.epi_m) * (self.tile_n // self.epi_n))
+        slots = min(self.out_slots, self.epi_subtiles)
         return itemsize * self.stages * stage + out_itemsize * 2 * slots * self.epi_m * self.epi_n
 
 

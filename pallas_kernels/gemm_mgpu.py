@@ -91,8 +91,7 @@ def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_
     swizzle = min(plgpu.find_swizzle(tk * bits), plgpu.find_swizzle(tn * bits))
     in_tf, w_tf = _smem_transforms(tk, dtype, swizzle), _smem_transforms(cn, dtype, swizzle)
     out_tf = _smem_transforms(en, o_g.dtype)
-    n_epi, m_epi = tn // en, tm // em
-    subs = m_epi * n_epi
+    n_epi, subs = tn // en, cfg.epi_subtiles
     slots = min(cfg.out_slots, subs) if has_res else min(2, subs)
     # No deeper than the K steps: a pipeline deeper than its steps, run again for a
     # CTA's next tile, trips the interpreter's barrier checks (and buys nothing).
