@@ -59,6 +59,8 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     ("plain", 256): {
         "m64x64_tail": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m", split_tail=True),
         "n64x64_tail": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, split_tail=True),
+        # Session 13: the committed CTA with 128-deep K steps (half the barrier rounds).
+        "m64x128_k128": _c(tile_m=64, tile_n=128, tile_k=128, stages=3, delay_release=1, wg_split="m"),
     },
     # The split tail (the last partial wave's 13 columns as 104 half-width tiles) won here
     # chained and is committed (gemm_ab_s12d_h200.json: 0.940 -> 1.025); the reference kept is
@@ -73,6 +75,9 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         # the old row, split K on 128 x 128 CTAs:
         "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
         "m64x64_fused_st6": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m"),
+        # Session 13: down + residual at 256 (0.943-0.970) is one wave of 128 CTAs, each 224
+        # K steps deep: 128-deep K steps halve the barrier rounds in the same shared memory.
+        "m64x64_k128": _c(tile_m=64, tile_n=64, tile_k=128, stages=4, delay_release=1, wg_split="m"),
     },
     # The rows for M > 512, timed at M = 1024 and 2048 (gemm_ab_s11_h200.json, worst ratio):
     # QKV's winner, 64 x 128 warpgroups walking groups of 8 M tiles (0.893 -> 0.961), is now
