@@ -37,6 +37,10 @@ from pallas_kernels.gemm_mgpu import gemm_mgpu
 Event = tuple[str, float, float]  # (kernel name, start us, duration us)
 DEFAULT_CASES = ",".join(f"{op}:{m}" for m in (256, 512, 1024, 2048) for op in SHAPES)
 RUN_PAUSE_S = 1e-3  # between runs: far longer than any gap inside one
+# torch runs open with a one-element fill: its kernel (at::native::...FillFunctor...) marks
+# where a run starts, so a stray kernel in the trace cannot shift every later run by one
+# (seen on an H200 in session 13: cuBLAS rows of 1,000-1,800 TFLOP/s, gemm_ab_s13_h200.json).
+TORCH_MARKER = "FillFunctor"
 # Library variants: XLA's dot (a JAX program: CUDA graphs when XLA makes them), cuBLAS
 # from eager PyTorch, and the same cuBLAS calls replayed as one CUDA graph (no launch
 # gaps either, so span against span compares kernels, not runtimes).
@@ -79,10 +83,24 @@ def split_runs(events: list[Event], runs: int) -> list[list[Event]]:
     return [events[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def in_rounds(calls: list[Callable[[], Any]], runs: int, finish: Callable[[Any], Any]) -> None:
-    """Runs every call once a round for `runs` rounds, RUN_PAUSE_S apart."""
+def split_marked(events: list[Event], marker: str, runs: int) -> list[list[Event]]:
+    """Kernel records of `runs` programs each opened by a kernel whose name holds `marker`
+    -> one list per run, the markers dropped (and anything recorded before the first)."""
+    starts = [i for i, e in enumerate(events) if marker in e[0]]
+    if len(starts) != runs:
+        raise ValueError(f"{len(starts)} '{marker}' marker kernels recorded for {runs} runs")
+    bounds = starts + [len(events)]
+    return [events[a + 1:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def in_rounds(calls: list[Callable[[], Any]], runs: int, finish: Callable[[Any], Any],
+              mark: Callable[[], Any] | None = None) -> None:
+    """Runs every call once a round for `runs` rounds, RUN_PAUSE_S apart (each after
+    `mark()`, where given)."""
     for _ in range(runs):
         for call in calls:
+            if mark is not None:
+                mark()
             finish(call())
             time.sleep(RUN_PAUSE_S)
 
@@ -104,7 +122,11 @@ def run_stats(run: list[Event], calls: int) -> dict[str, Any]:
 
 
 def summarize(runs: list[list[Event]], calls: int) -> dict[str, Any]:
-    """Median over runs of each run's stats."""
+    """Median over runs of each run's stats. Every run of one program launches the same
+    kernels; runs that differ mean the trace was cut in the wrong places."""
+    counts = sorted({len(r) for r in runs})
+    if len(counts) > 1 or not counts[0]:
+        raise ValueError(f"runs of one program recorded {counts} kernels: the trace was split wrongly")
     stats = [run_stats(r, calls) for r in runs]
     out = {k: statistics.median(s[k] for s in stats) for k in ("span_us", "busy_us", "kernels_per_call",
                                                                  "gap_us", "max_gap_us")}
@@ -185,13 +207,16 @@ def traced_jax(calls: list[Callable[[], Any]], runs: int) -> list[Event]:
         return gpu_kernel_events(json.load(gzip.open(path)))
 
 
-def traced_torch(torch: Any, calls: list[Callable[[], Any]], runs: int) -> list[Event]:
+def traced_torch(torch: Any, calls: list[Callable[[], Any]], runs: int) -> list[list[Event]]:
+    """Per run of `in_rounds`, its kernel records (split at TORCH_MARKER kernels)."""
+    flag = torch.zeros(1, device="cuda")
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        in_rounds(calls, runs, lambda _: torch.cuda.synchronize())
+        in_rounds(calls, runs, lambda _: torch.cuda.synchronize(), mark=lambda: flag.fill_(1.0))
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/t.json")
-        return gpu_kernel_events(json.loads(Path(f"{d}/t.json").read_text()))
+        events = gpu_kernel_events(json.loads(Path(f"{d}/t.json").read_text()))
+    return split_marked(events, TORCH_MARKER, runs * len(calls))
 
 
 def measure(cases: list[tuple[str, int]], reps: int, runs: int,
@@ -220,13 +245,13 @@ def measure(cases: list[tuple[str, int]], reps: int, runs: int,
     for c in tcalls:
         warm_up(c, lambda _: torch.cuda.synchronize(), 100.0)
     try:  # a second CUPTI client in one process: keep the JAX rows if it fails
-        per_call = runs_by_call(split_runs(traced_torch(torch, tcalls, runs), runs * len(tcalls)),
-                                len(tcalls), runs)
+        per_call = runs_by_call(traced_torch(torch, tcalls, runs), len(tcalls), runs)
+        eager = [dict(case=f"{op}:{m}", variant="torch_cublas", **summarize(call_runs, reps))
+                 for (op, m), call_runs in zip(cases, per_call)]
     except Exception as exc:  # noqa: BLE001
-        print(f"torch.profiler failed, no cuBLAS rows: {exc!r}", flush=True)
-        return rows
-    for (op, m), call_runs in zip(cases, per_call):
-        rows.append(dict(case=f"{op}:{m}", variant="torch_cublas", **summarize(call_runs, reps)))
+        print(f"torch.profiler failed, no eager cuBLAS rows: {exc!r}", flush=True)
+        eager = []
+    rows += eager
     for (op, m), call in zip(cases, tcalls):
         rows.append(dict(case=f"{op}:{m}", variant="torch_cublas_graph", busy_us=None,
                          span_us=torch_graph_span_us(torch, call, reps, runs)))

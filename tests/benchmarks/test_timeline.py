@@ -67,6 +67,35 @@ def test_rounds_run_every_call_once_a_round_and_regroup_per_call():
         timeline.runs_by_call(per_run[:-1], 3, rounds)
 
 
+def test_marked_runs_ignore_a_stray_kernel_and_drop_the_markers():
+    """A kernel recorded before the first run (and a pause inside a run wider than the
+    pauses between runs) must not shift the runs: torch runs open with a marker kernel."""
+    marker = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>"
+    runs = [_program(s, 3, 30.0, 1.0, name=n) for s, n in ((100.0, "a"), (150.0, "b"), (5000.0, "c"))]
+    events = [("stray", 0.0, 1.0)]
+    for r in runs:
+        events += [(marker, r[0][1] - 5.0, 1.0)] + r
+    events[-2] = (events[-2][0], events[-2][1] + 3000.0, events[-2][2])  # a long in-run pause
+    split = timeline.split_marked(events, timeline.TORCH_MARKER, 3)
+    assert [{e[0] for e in r} for r in split] == [{"a"}, {"b"}, {"c"}]
+    assert [len(r) for r in split] == [3, 3, 3]
+    with pytest.raises(ValueError, match="marker kernels recorded for 4 runs"):
+        timeline.split_marked(events, timeline.TORCH_MARKER, 4)
+
+
+def test_rounds_mark_each_run_before_it_starts():
+    log = []
+    timeline.in_rounds([lambda: log.append("call")] * 2, 2, lambda _: None, mark=lambda: log.append("mark"))
+    assert log == ["mark", "call"] * 4
+
+
+def test_runs_of_one_program_with_different_kernel_counts_are_refused():
+    """A run cut in the wrong place (half a run, or two merged) must not become a number."""
+    good = _program(0.0, 4, 10.0, 1.0)
+    with pytest.raises(ValueError, match="split wrongly"):
+        timeline.summarize([good, good[:2], good], 4)
+
+
 def test_too_few_kernels_for_the_runs_is_an_error():
     with pytest.raises(ValueError, match="was the GPU traced"):
         timeline.split_runs([("k", 0.0, 1.0)], 2)
