@@ -53,14 +53,14 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     # fewer or fuller waves, need 64/32-byte swizzles and lost everywhere: QKV at M = 256
     # 1.060 -> 0.742 (m64x96) / 0.695 (n64x96); gate/up at M = 512 0.945 -> 0.459-0.617,
     # at 256 0.989 -> 0.477. 64 x 128 CTAs chained at M = 512: 0.921-0.929 in three A/Bs.
-    # Not yet run: QKV at M = 256 fills 96 of 132 SMs with 128 x 128 CTAs (0.916-0.977 of
-    # the library). Half-size CTAs with the split tail: 192 tiles = one wave + 60, the 60 as
-    # 120 half tiles (32 columns wide, so a 64-byte swizzle for those), 1.5 half-tile times.
+    # QKV at M = 256 fills 96 of 132 SMs with 128 x 128 CTAs (0.916-1.046 of the library).
+    # Lost in session 13 (gemm_ab_s13_h200.json: committed 22.6 us, library 23.6): half-size
+    # CTAs with the split tail, 192 tiles = one wave + 60 as 120 half tiles (36.5 / 35.7 us),
+    # and 128-deep K steps (27.4 us).
     ("plain", 256): {
-        "m64x64_tail": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m", split_tail=True),
-        "n64x64_tail": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, split_tail=True),
-        # Session 13: the committed CTA with 128-deep K steps (half the barrier rounds).
-        "m64x128_k128": _c(tile_m=64, tile_n=128, tile_k=128, stages=3, delay_release=1, wg_split="m"),
+        # The committed CTA in pairs along N: each 128-row activation tile, read by all 48
+        # CTAs of its M tile, is loaded once per pair and multicast.
+        "m64x128_pairs_n": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m", cluster_n=2),
     },
     # The split tail (the last partial wave's 13 columns as 104 half-width tiles) won here
     # chained and is committed (gemm_ab_s12d_h200.json: 0.940 -> 1.025); the reference kept is
@@ -69,15 +69,15 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         "dr1_tail": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", split_tail=True),
     },
     ("residual", 256): {
-        # 64 x 128 CTAs: 128 tiles at M = 256, one wave, no split, the residual fused.
-        "64x64_fused": _c(tile_m=64, tile_n=64, stages=6, delay_release=1),
         # 128 x 64 CTAs (warpgroups split along M) won in 8 stages (gemm_ab_s11b_h200.json);
         # the old row, split K on 128 x 128 CTAs:
         "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
-        "m64x64_fused_st6": _c(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m"),
-        # Session 13: down + residual at 256 (0.943-0.970) is one wave of 128 CTAs, each 224
-        # K steps deep: 128-deep K steps halve the barrier rounds in the same shared memory.
-        "m64x64_k128": _c(tile_m=64, tile_n=64, tile_k=128, stages=4, delay_release=1, wg_split="m"),
+        # Lost in session 13 (gemm_ab_s13_h200.json, down + residual; committed 47.5 us): 64 x 128
+        # CTAs (53.8), 128 x 64 in 6 stages (54.7), 128-deep K steps in 4 stages (56.6).
+        # The committed row in pairs along N (cuBLAS runs this shape as 128 x 64 tiles in
+        # 1 x 2 clusters): the 64 CTAs of an M tile each read its 128 x 14336 activation
+        # slice, twice the bytes of their weight slices; pairs halve those reads from L2.
+        "m64x64_pairs_n": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m", cluster_n=2),
     },
     # The rows for M > 512, timed at M = 1024 and 2048 (gemm_ab_s11_h200.json, worst ratio):
     # QKV's winner, 64 x 128 warpgroups walking groups of 8 M tiles (0.893 -> 0.961), is now

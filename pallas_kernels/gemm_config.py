@@ -38,6 +38,10 @@ class MgpuConfig:
     # CTAs per cluster along M (1 or 2): a pair of CTAs on neighbouring M tiles loads
     # each weight tile once from L2 and TMA-multicasts it to both, halving weight traffic.
     cluster_m: int = 1
+    # CTAs per cluster along N (1 or 2): a pair on neighbouring N tiles of one M tile
+    # multicasts each activation tile instead, for GEMMs whose CTAs re-read x more than w
+    # (down + residual at M = 256: 64 CTAs read each 128-row slice of x).
+    cluster_n: int = 1
     # Run the last, partial wave's columns as half-width tiles after the rest (tail_tiles
     # in gemm_mgpu.py): 128-byte swizzles kept, one launch, no partial sums.
     split_tail: bool = False
@@ -46,8 +50,12 @@ class MgpuConfig:
         if self.chain_tiles and self.delay_release:
             raise ValueError("chain_tiles needs delay_release=0 (Mosaic cannot chain "
                              "pipelines that release operands late)")
-        if self.cluster_m not in (1, 2):
-            raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
+        if self.cluster_m not in (1, 2) or self.cluster_n not in (1, 2):
+            raise ValueError(f"cluster_m and cluster_n must be 1 or 2, got {self.cluster_m}, {self.cluster_n}")
+        if self.cluster_m > 1 and self.cluster_n > 1:
+            raise ValueError("CTA pairs run along M or along N, not both: set cluster_m or cluster_n to 1")
+        if self.cluster_n > 1 and self.split_tail:
+            raise ValueError("split_tail changes the N tiling a cluster_n pair shares: use one of them")
         if self.split_tail and (self.tile_n % 32 or self.k_splits > 1):
             raise ValueError("split_tail halves tile_n, which must stay a multiple of 16 "
                              f"(tile_n={self.tile_n}), and excludes split K (k_splits={self.k_splits})")
@@ -70,6 +78,12 @@ class MgpuConfig:
     def epi_subtiles(self) -> int:
         """Epilogue sub-tiles of one warpgroup's tile."""
         return (self.tile_m // self.epi_m) * (self.tile_n // self.epi_n)
+
+    @property
+    def cluster(self) -> tuple[int, str]:
+        """CTAs per cluster and the axis a pair's CTAs run along ("m": they share weight
+        tiles; "n": they share activation tiles)."""
+        return (self.cluster_n, "n") if self.cluster_n > 1 else (self.cluster_m, "m")
 
     def smem_bytes(self, silu: bool, itemsize: int = 2) -> int:
         """Shared memory of the TMA stages plus the output staging slots (f32 with split K;

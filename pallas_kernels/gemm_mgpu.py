@@ -73,7 +73,8 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, tail: int,
 
 
 def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_iters: int,
-               cluster: int, has_bias: bool, has_res: bool, silu_mul: bool, interpret: bool) -> None:
+               cluster: int, cluster_axis: str, has_bias: bool, has_res: bool, silu_mul: bool,
+               interpret: bool) -> None:
     """One persistent loop over an [M, n_tiles * cta_n] block of output columns from col0."""
     refs = list(refs)
     x_g, w_g = refs.pop(0), refs.pop(0)
@@ -97,12 +98,15 @@ def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_
     # CTA's next tile, trips the interpreter's barrier checks (and buys nothing).
     stages = min(cfg.stages, k_iters)
     release = min(cfg.delay_release, stages - 1)  # a 1-step pipeline cannot release late
+    # The operand a pair shares is loaded once per cluster and multicast to both CTAs.
+    multicast = cluster > 1 and not interpret
     specs = [plgpu.BlockSpec((cm, tk), lambda k: (0, k), transforms=in_tf, memory_space=plgpu.SMEM,
-                             delay_release=release)]
-    for _ in range(2 if silu_mul else 1):  # weight tiles: one multicast load per cluster
+                             delay_release=release,
+                             collective_axes=("cluster",) if multicast and cluster_axis == "n" else ())]
+    for _ in range(2 if silu_mul else 1):
         specs.append(plgpu.BlockSpec((tk, cn), lambda k: (k, 0), transforms=w_tf,
                                      memory_space=plgpu.SMEM, delay_release=release,
-                                     collective_axes=("cluster",) if cluster > 1 and not interpret else ()))
+                                     collective_axes=("cluster",) if multicast and cluster_axis == "m" else ()))
     groups_per_step = 2 if silu_mul else 1
 
     chain = cfg.chain_tiles and k_iters % stages == 0
@@ -126,14 +130,19 @@ def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_
     def _scope(allocs, out_smem, bias_smem, bar):
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cluster") if cluster > 1 else 0
-        pairs = m_tiles // cluster  # a cluster's CTAs take neighbouring M tiles, one N tile
+        # A cluster's CTAs take neighbouring M tiles of one N tile, or the other way round.
+        along_m = cluster_axis == "m"
+        pm, pn = (m_tiles // cluster, n_tiles) if along_m else (m_tiles, n_tiles // cluster)
 
-        @plgpu.nd_loop((pairs * n_tiles * cfg.k_splits,), collective_axes="programs")
+        @plgpu.nd_loop((pm * pn * cfg.k_splits,), collective_axes="programs")
         def _tile(info):
             (t,) = info.index
-            k_split, t = t // (pairs * n_tiles), t % (pairs * n_tiles)
-            m_pair, n_idx = tile_coords(t, pairs, n_tiles, cfg.group_m)
-            m_idx = m_pair * cluster + cta
+            k_split, t = t // (pm * pn), t % (pm * pn)
+            m_idx, n_idx = tile_coords(t, pm, pn, cfg.group_m)
+            if along_m:
+                m_idx = m_idx * cluster + cta
+            else:
+                n_idx = n_idx * cluster + cta
             # With split K each split writes its own [M, N] block of partial sums.
             wg_m0 = (k_split * m_tiles + m_idx) * cm + (wg * tm if split_m else 0)
             wg_n0 = col0 + n_idx * cn + (0 if split_m else wg * tn)
@@ -255,8 +264,6 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     if splits > 1 and silu:
         raise ValueError("k_splits > 1 needs the whole sum before SiLU: use it for plain GEMMs")
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
-    # CTA pairs need an even number of M tiles and two SMs; otherwise CTAs run alone.
-    cluster = cfg.cluster_m if budget >= 2 and -(-m // cta_m) % 2 == 0 else 1
     xp = pad_axis(pad_axis(x, 0, cta_m), 1, cfg.tile_k * splits)
     pad_w = lambda a: pad_axis(pad_axis(a, 0, cfg.tile_k * splits), 1, cta_n)
     ins = [xp, pad_w(w)] + ([pad_w(w_up)] if silu else [])
@@ -268,14 +275,20 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     mp, kp = xp.shape
     np_ = ins[1].shape[1]
     m_tiles, n_tiles = mp // cta_m, np_ // cta_n
+    # CTA pairs need an even number of tiles along their axis and two SMs; otherwise
+    # CTAs run alone.
+    cluster, cluster_axis = cfg.cluster
+    if budget < 2 or (m_tiles if cluster_axis == "m" else n_tiles) % cluster:
+        cluster = 1
     # The budget counts CTAs (SMs); the grid counts clusters.
     progs = resolve_programs(num_programs, m_tiles * n_tiles * splits)
-    clusters = max(1, min(progs // cluster, m_tiles // cluster * n_tiles * splits))
+    clusters = max(1, min(progs // cluster, m_tiles * n_tiles // cluster * splits))
     tail = tail_tiles(m_tiles, n_tiles, clusters * cluster) if cfg.split_tail else 0
 
     def call(passes: tuple[str, ...]) -> jax.Array:
         kernel = functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles, tail=tail,
                                    passes=passes, k_iters=kp // (cfg.tile_k * splits), cluster=cluster,
+                                   cluster_axis=cluster_axis,
                                    has_bias=bias is not None and in_kernel,
                                    has_res=residual is not None and in_kernel, silu_mul=silu,
                                    interpret=interpret)

@@ -71,17 +71,20 @@ def test_pallas_forward_matches_xla_on_gpu(name, kernels):
 
 
 @pytest.mark.parametrize("extra", [{}, {"wg_split": "m", "tile_m": 64, "delay_release": 1},
-                                   {"chain_tiles": True}, {"k_splits": 2, "stages": 3}, {"silu": True}])
+                                   {"chain_tiles": True}, {"k_splits": 2, "stages": 3}, {"silu": True},
+                                   {"axis": "n"}, {"axis": "n", "wg_split": "m", "tile_m": 64, "tile_n": 64,
+                                                   "stages": 8, "delay_release": 1}])
 def test_mosaic_gemm_cta_pairs_multicast_on_gpu(extra):
-    """cluster_m=2 with real TMA multicast (the CPU interpreter runs pairs without it):
-    every budget from 2 SMs up to the full GPU, on fresh random inputs."""
+    """cluster_m=2 / cluster_n=2 with real TMA multicast (the CPU interpreter runs pairs
+    without it): every budget from 2 SMs up to the full GPU, on fresh random inputs."""
     from pallas_kernels import reference as ref
     from pallas_kernels.gemm_config import MgpuConfig
     from pallas_kernels.gemm_mgpu import gemm_mgpu
 
     extra = dict(extra)
     silu = extra.pop("silu", False)
-    cfg = MgpuConfig(**{"tile_m": 128, "tile_n": 64 if silu else 128, "stages": 4, **extra}, cluster_m=2)
+    pair = {f"cluster_{extra.pop('axis', 'm')}": 2}
+    cfg = MgpuConfig(**{"tile_m": 128, "tile_n": 64 if silu else 128, "stages": 4, **extra}, **pair)
     keys = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4)
     x = jax.random.normal(keys[0], (512, 1024), jnp.bfloat16)
     w, w2 = (jax.random.normal(k, (1024, 1024), jnp.bfloat16) / 32 for k in keys[1:3])

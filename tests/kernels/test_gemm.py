@@ -285,18 +285,33 @@ def test_mosaic_gemm_pipeline_deeper_than_k(rng):
     assert_close(gemm_mgpu(x, w, num_programs=2, interpret=True, config=cfg), ref.gemm(x, w))
 
 
+@pytest.mark.parametrize("axis", ["m", "n"])
 @pytest.mark.parametrize("kind", ["residual", "silu", "chained_split_m", "split_k"])
-def test_mosaic_cta_pairs(rng, kind):
-    """cluster_m=2: CTA pairs on neighbouring M tiles (one weight tile per pair). 4 M-tiles
-    x 4 N-tiles; budgets 1 (pairs off), 3 (one pair, the odd SM idle) and 5 (two pairs);
-    then 3 M-tiles (odd: pairs off, no padding)."""
-    base = dict(tile_m=32, tile_n=32, tile_k=32, stages=2, epi_m=32, epi_n=32, cluster_m=2)
+def test_mosaic_cta_pairs(rng, kind, axis):
+    """cluster_m=2 / cluster_n=2: CTA pairs on neighbouring M tiles (one weight tile per
+    pair) or N tiles (one activation tile per pair). 4 M-tiles x 4 N-tiles; budgets 1
+    (pairs off), 3 (one pair, the odd SM idle) and 5 (two pairs); then 3 M-tiles (odd:
+    pairs along M off, no padding)."""
+    base = dict(tile_m=32, tile_n=32, tile_k=32, stages=2, epi_m=32, epi_n=32, **{f"cluster_{axis}": 2})
     cfg = MgpuConfig(**base, **{"chained_split_m": dict(wg_split="m", chain_tiles=True),
                                 "split_k": dict(k_splits=2)}.get(kind, {}))
     for m in (256, 96) if kind == "residual" else (256,):
         _check_silu_or_residual(rng, cfg, m, kind == "silu", (1, 3, 5))
 
 
-def test_cluster_m_must_be_one_or_two():
+def test_cta_pairs_along_n_with_an_odd_number_of_n_tiles_run_alone(rng):
+    """3 N tiles: a pair along N would overrun the columns, so the CTAs run alone."""
+    cfg = MgpuConfig(tile_m=32, tile_n=32, tile_k=32, stages=2, epi_m=32, epi_n=32, cluster_n=2)
+    x, w = rand(rng, 64, 64, dtype=jnp.bfloat16), rand(rng, 64, 192, dtype=jnp.bfloat16)
+    assert_close(gemm_mgpu(x, w, num_programs=4, interpret=True, config=cfg), ref.gemm(x, w))
+
+
+def test_cluster_sizes_are_one_or_two_along_one_axis():
     with pytest.raises(ValueError, match="cluster_m"):
         MgpuConfig(cluster_m=4)
+    with pytest.raises(ValueError, match="cluster_n"):
+        MgpuConfig(cluster_n=3)
+    with pytest.raises(ValueError, match="not both"):
+        MgpuConfig(cluster_m=2, cluster_n=2)
+    with pytest.raises(ValueError, match="split_tail"):
+        MgpuConfig(cluster_n=2, split_tail=True)
