@@ -1,9 +1,13 @@
 """Issue #4's targets checked against `bench.kernels` results: pass or fail, and by how much.
 
     python -m bench.targets bench/results/kernels_gemm_ab_s10_h200.json bench/results/kernels_memory_s10c_h200.json
+    python -m bench.targets --run gemm_h.json,memory_h.json --run gemm_i.json,memory_i.json ...
 
 Several result files may be given (one run's GEMM section, another's memory sections);
-for each target the last file that measured it counts. Targets on one H100/H200:
+for each target the last file that measured it counts. With several `--run`s (each a
+comma-separated list of one run's files, e.g. runs on different machines) each run is
+judged alone, and then the median of each ratio over the runs that measured it: a
+shape's typical speed, where a single run moves it by a few percent between machines. Targets on one H100/H200:
 - GEMM at full grid >= GEMM_TARGET of the faster of XLA's dot and cuBLAS on each shape,
   by GPU time per call from CUPTI records (`mosaic.timeline`, bench.timeline) where the
   run has them, else by `device_ms` slope timing (`mosaic.vs_library`);
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +73,19 @@ def check(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def median_check(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Target name -> verdict on the median over `runs` (each a list of result dicts, as
+    for `check`) of every ratio; the measure names how many runs measured it."""
+    per_run = [check(r) for r in runs]
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(n for v in per_run for n in v):
+        seen = [v[name] for v in per_run if name in v]
+        keys = dict.fromkeys(k for v in seen for k in v["ratios"])
+        ratios = {k: statistics.median(v["ratios"][k] for v in seen if k in v["ratios"]) for k in keys}
+        out[name] = _verdict(seen[0]["target"], f"median of {len(seen)} runs, {seen[0]['measure']}", ratios)
+    return out
+
+
 def report(verdicts: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for name, v in verdicts.items():
@@ -80,10 +98,23 @@ def report(verdicts: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="bench.kernels result JSONs")
+    p.add_argument("results", nargs="*", help="bench.kernels result JSONs of one run")
+    p.add_argument("--run", action="append", default=[], metavar="A.json,B.json",
+                   help="one run's result JSONs, comma-separated; repeat for several runs")
     a = p.parse_args()
-    for line in report(check([json.loads(Path(f).read_text()) for f in a.results])):
-        print(line)
+    load = lambda files: [json.loads(Path(f).read_text()) for f in files]  # noqa: E731
+    runs = [load(r.split(",")) for r in a.run] + ([load(a.results)] if a.results else [])
+    if not runs:
+        p.error("give result JSONs, or --run A.json,B.json (repeatable)")
+    for files, res in zip(a.run + [",".join(a.results)], runs):
+        if len(runs) > 1:
+            print(f"run {files}:")
+        for line in report(check(res)):
+            print(line)
+    if len(runs) > 1:
+        print(f"median of {len(runs)} runs:")
+        for line in report(median_check(runs)):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,17 @@ def test_the_last_result_that_measured_a_target_counts():
     assert v["gemm"]["pass"] and "decode_attention" not in v
     lines = targets.report(v)
     assert lines == ["[target] gemm: PASS 1/1 >= 0.95 (timeline span per call; worst qkv:256 0.990)"]
+
+
+def test_median_over_runs_judges_each_shape_by_its_middle_run():
+    """A shape at 0.94 in one of three runs passes on its median; one under the line in
+    two of three fails. Runs that did not measure a target do not count for it."""
+    hi = 0.96 + 0.03 * random.random()
+    runs = [[{"gemm": [_gemm_row("qkv", 256, 0.5, 0.94), _gemm_row("o_res", 256, 0.5, 0.93)]}],
+            [{"gemm": [_gemm_row("qkv", 256, 0.5, hi), _gemm_row("o_res", 256, 0.5, 0.94)]}],
+            [{"gemm": [_gemm_row("qkv", 256, 0.5, hi + 0.01), _gemm_row("o_res", 256, 0.5, 0.99)]},
+             {"decode_attention": [{"n": 64, "ctx": 2048, "vs_copy": 0.85}]}]]
+    v = targets.median_check(runs)
+    assert v["gemm"]["ratios"]["qkv:256"] == hi and v["gemm"]["failing"] == ["o_res:256"]
+    assert v["gemm"]["measure"].startswith("median of 3 runs")
+    assert v["decode_attention"]["pass"] and v["decode_attention"]["measure"].startswith("median of 1 runs")
