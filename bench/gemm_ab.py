@@ -31,7 +31,7 @@ from pallas_kernels import reference as ref
 from pallas_kernels.gemm_config import _TUNED, MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
-OPS = {"plain": ("qkv",), "silu": ("gate_up_silu",), "residual": ("o_res", "down_res")}
+OPS = {"plain": ("qkv",), "silu": ("gate_up_silu",), "residual": ("o_res",), "residual_deep": ("down_res",)}
 BENCH_MS = (256, 512, 1024, 2048)  # bench.kernels' dense batches
 MIN_GAIN = 0.01
 BASE = "committed"
@@ -57,27 +57,23 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
     # Lost in session 13 (gemm_ab_s13_h200.json: committed 22.6 us, library 23.6): half-size
     # CTAs with the split tail, 192 tiles = one wave + 60 as 120 half tiles (36.5 / 35.7 us),
     # and 128-deep K steps (27.4 us).
-    ("plain", 256): {
-        # The committed CTA in pairs along N: each 128-row activation tile, read by all 48
-        # CTAs of its M tile, is loaded once per pair and multicast.
-        "m64x128_pairs_n": _c(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m", cluster_n=2),
-    },
+    # Pairs along N (cluster_n=2, one activation tile multicast per pair) lost too: 23.3 us
+    # (gemm_ab_s13c_h200.json). No candidate is left for this row.
     # The split tail (the last partial wave's 13 columns as 104 half-width tiles) won here
     # chained and is committed (gemm_ab_s12d_h200.json: 0.940 -> 1.025); the reference kept is
     # the unchained one with late release (1.009).
     ("silu", 512): {
         "dr1_tail": _c(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m", split_tail=True),
     },
-    ("residual", 256): {
-        # 128 x 64 CTAs (warpgroups split along M) won in 8 stages (gemm_ab_s11b_h200.json);
-        # the old row, split K on 128 x 128 CTAs:
-        "m64x128_k2": _c(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2),
-        # Lost in session 13 (gemm_ab_s13_h200.json, down + residual; committed 47.5 us): 64 x 128
-        # CTAs (53.8), 128 x 64 in 6 stages (54.7), 128-deep K steps in 4 stages (56.6).
-        # The committed row in pairs along N (cuBLAS runs this shape as 128 x 64 tiles in
-        # 1 x 2 clusters): the 64 CTAs of an M tile each read its 128 x 14336 activation
-        # slice, twice the bytes of their weight slices; pairs halve those reads from L2.
-        "m64x64_pairs_n": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m", cluster_n=2),
+    # O + residual at M = 256 (15.8-15.9 us, 1.04-1.13 of the library) keeps 128 x 64 CTAs,
+    # the residual fused. Down + residual, its reduction 3.5 times deeper, now has a row of
+    # its own ("residual_deep"): 128 x 128 CTAs with 2 K splits, 46.4-47.1 us against
+    # 47.5-48.5 in four A/Bs; the fused row is its reference. Lost in session 13
+    # (gemm_ab_s13*_h200.json, down + residual): 64 x 128 CTAs (53.8 us), 128 x 64 in 6
+    # stages (54.7), 128-deep K steps (56.6), 128 x 64 in pairs along N (cuBLAS runs 1 x 2
+    # clusters here; ours 57.3).
+    ("residual_deep", 256): {
+        "m64x64_fused": _c(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m"),
     },
     # The rows for M > 512, timed at M = 1024 and 2048 (gemm_ab_s11_h200.json, worst ratio):
     # QKV's winner, 64 x 128 warpgroups walking groups of 8 M tiles (0.893 -> 0.961), is now
@@ -100,6 +96,9 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         "n128x128_pairs_dr1": _c(tile_m=128, tile_n=128, stages=4, delay_release=1, cluster_m=2),
     },
 }
+# Down + residual at M > 512 shares the O + residual row and its candidates (the residual
+# row's A/B judged both ops together until session 13).
+CANDIDATES["residual_deep", 2048] = CANDIDATES["residual", 2048]
 
 
 def committed(kind: str, m: int) -> MgpuConfig:

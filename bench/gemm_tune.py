@@ -158,7 +158,7 @@ class ShapeTuner:
         """Times the committed choice, then each search step in `steps` (STEPS order)."""
         self.deadline = deadline
         self.time(choose_config(self.m, self.n, self.silu, self.has_res,
-                                num_sms()), default=True)
+                                num_sms(), k=self.k), default=True)
         if "tiles" in steps:  # warpgroup tiles, delayed release, deepest pipeline
             for cfg in tiles(self.n, self.silu):
                 if not (self.interpret and self.rows[1:]):
@@ -219,12 +219,12 @@ def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in ok if "confirmed_ms" in r] or ok
 
 
-KIND = {"qkv": "plain", "o_res": "residual", "gate_up_silu": "silu", "down_res": "residual"}
+KIND = {"qkv": "plain", "o_res": "residual", "gate_up_silu": "silu", "down_res": "residual_deep"}
 
 
 def best_table(shapes: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:
     """Per kind of GEMM and M, the configuration with the least total time over that
-    kind's shapes (o_res and down_res share one), as `choose_config` reads it
+    kind's shapes (gemm_config.gemm_kind: one op each on Llama shapes), as `choose_config` reads it
     ($NANOFLOW_GEMM_TABLE): {kind: [[M, config], ...]} by increasing M."""
     table: dict[str, list[list[Any]]] = {}
     for kind in dict.fromkeys(KIND.values()):

@@ -153,6 +153,25 @@ _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
                  (512, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
                  (float("inf"), MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True))),
 }
+# Residual GEMMs whose reduction is deep (K >= DEEP_K x N: the MLP's down projection) at
+# M = 256 run 128 x 128 CTAs with 2 K splits (64 tiles x 2 splits, the partial sums and
+# residual summed by XLA), as XLA's own dot does: in four same-timeline A/Bs down + residual
+# took 46.4-47.1 us against 47.5-48.5 for the 128 x 64 fused row, which wins O + residual by
+# 15-20% (gemm_ab_s10/s11b/s13/s13c_h200.json). Other M share the residual rows.
+DEEP_K = 2
+_TUNED["residual_deep"] = tuple(
+    (bound, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)
+     if bound == 256 else cfg) for bound, cfg in _TUNED["residual"])
+
+
+def gemm_kind(silu: bool, has_res: bool, n: int, k: int | None) -> str:
+    """The `_TUNED` kind of a GEMM: "silu", "residual_deep" (K >= DEEP_K x N), "residual"
+    or "plain"."""
+    if silu:
+        return "silu"
+    if has_res:
+        return "residual_deep" if k is not None and k >= DEEP_K * n else "residual"
+    return "plain"
 
 
 TABLE_ENV = "NANOFLOW_GEMM_TABLE"
@@ -175,15 +194,18 @@ def _tuned_rows(kind: str, m: int) -> tuple[tuple[float, MgpuConfig], ...]:
     its largest searched M), else the committed ones."""
     path = os.environ.get(TABLE_ENV)
     rows = load_table(path).get(kind, ()) if path else ()
+    if not rows and kind == "residual_deep" and path:  # tables written before the deep kind
+        rows = load_table(path).get("residual", ())
     return rows if rows and rows[0][0] <= m <= rows[-1][0] else _TUNED[kind]
 
 
-def choose_config(m: int, n: int, silu: bool, has_res: bool, programs: int) -> MgpuConfig:
-    """The measured configuration for this kind of GEMM when M is in the searched range
-    (>= 128) and N divides its CTA width; otherwise (decode-sized M, SmolLM2's 576-wide
-    N) the tile that minimises waves x tile cost on `programs` SMs (a simple model), so
-    small batches still spread over many SMs."""
-    kind = "silu" if silu else "residual" if has_res else "plain"
+def choose_config(m: int, n: int, silu: bool, has_res: bool, programs: int, k: int | None = None) -> MgpuConfig:
+    """The measured configuration for this kind of GEMM (`gemm_kind`; K tells the deep
+    residual GEMMs apart) when M is in the searched range (>= 128) and N divides its CTA
+    width; otherwise (decode-sized M, SmolLM2's 576-wide N) the tile that minimises
+    waves x tile cost on `programs` SMs (a simple model), so small batches still spread
+    over many SMs."""
+    kind = gemm_kind(silu, has_res, n, k)
     tuned = next(cfg for bound, cfg in _tuned_rows(kind, m) if m <= bound)
     if m >= 128 and n % tuned.cta_n == 0:
         tiles = -(-m // tuned.cta_m) * (n // tuned.cta_n)

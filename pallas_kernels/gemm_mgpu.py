@@ -259,7 +259,7 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
     m, k = x.shape
     n = w.shape[1]
     budget = num_programs if num_programs is not None else num_sms()
-    cfg = config or choose_config(m, n, silu, residual is not None, budget)
+    cfg = config or choose_config(m, n, silu, residual is not None, budget, k=k)
     splits = cfg.k_splits
     if splits > 1 and silu:
         raise ValueError("k_splits > 1 needs the whole sum before SiLU: use it for plain GEMMs")

@@ -12,14 +12,15 @@ def _row(cfg: dict, ms: float, err: float = 1e-3) -> dict:
 def test_best_table_sums_over_a_kinds_shapes_and_skips_wrong_results():
     a, b, c = {"tile_m": 64}, {"tile_m": 128}, {"tile_m": 256}
     shapes = [
-        # residual: a wins o_res alone, b wins the sum over o_res + down_res; c is wrong
+        # o_res (residual) and down_res (residual_deep) are kinds of their own; c is wrong
         {"m": 128, "op": "o_res", "rows": [_row(a, 1.0), _row(b, 1.5), _row(c, 0.1, err=0.5)]},
         {"m": 128, "op": "down_res", "rows": [_row(a, 5.0), _row(b, 3.0)]},
+        {"m": 128, "op": "o_res", "rows": [_row(a, 1.2), _row(b, 1.6)]},  # a second o_res run: summed
         {"m": 128, "op": "qkv", "rows": [_row(a, 2.0), {"config": b, "error": "no compile"}]},
         {"m": 256, "op": "qkv", "rows": [_row(b, 2.0), _row(c, 1.0)]},
     ]
     table = best_table(shapes)
-    assert table["residual"] == [[128, b]]
+    assert table["residual"] == [[128, a]] and table["residual_deep"] == [[128, b]]
     assert table["plain"] == [[128, a], [256, c]]
     assert "silu" not in table
 

@@ -42,11 +42,12 @@ def _tuned_cases():
 
 def _lower_gemm(kind: str, cfg: MgpuConfig, m: int) -> None:
     """Lowers our GEMM of this kind with cfg at Llama-3-8B's N and K on 132 SMs."""
-    n, k = {"plain": (6144, 4096), "silu": (14336, 4096), "residual": (4096, 14336)}[kind]
+    n, k = {"plain": (6144, 4096), "silu": (14336, 4096), "residual": (4096, 4096),
+            "residual_deep": (4096, 14336)}[kind]
     x, w = S((m, k), BF16), S((k, n), BF16)
     if kind == "silu":
         calls = lower_for_cuda(lambda a, b, c: gemm_mgpu(a, b, w_up=c, config=cfg, num_programs=132), x, w, w)
-    elif kind == "residual":
+    elif kind.startswith("residual"):
         calls = lower_for_cuda(lambda a, b, r: gemm_mgpu(a, b, residual=r, config=cfg, num_programs=132),
                                x, w, S((m, n), BF16))
     else:

@@ -248,6 +248,31 @@ def test_split_k_only_where_tiles_leave_sms_idle():
     assert choose_config(128, 4096, silu=False, has_res=True, programs=16).k_splits == 1
 
 
+def test_deep_residual_gemms_take_their_own_row(tmp_path, monkeypatch):
+    """Down + residual (K = 3.5 N) at M = 256 runs split K on 128 x 128 CTAs, O + residual
+    (K = N) the fused 128 x 64 CTAs; elsewhere both share the residual rows. A table from
+    before the deep kind gives the deep GEMMs its residual rows."""
+    import json
+
+    from pallas_kernels.gemm_config import TABLE_ENV, _TUNED, choose_config, load_table
+
+    down = choose_config(256, 4096, False, True, 132, k=14336)
+    o = choose_config(256, 4096, False, True, 132, k=4096)
+    assert (down.cta_m, down.cta_n, down.k_splits) == (128, 128, 2)
+    assert (o.cta_m, o.cta_n, o.k_splits) == (128, 64, 1)
+    assert choose_config(256, 4096, False, True, 132) == o  # K unknown: the residual row
+    for m in (128, 512, 2048):
+        assert choose_config(m, 4096, False, True, 132, k=14336) == choose_config(m, 4096, False, True, 132, k=4096)
+    old = MgpuConfig(tile_m=64, tile_n=64, stages=4)
+    path = tmp_path / "old_table.json"
+    path.write_text(json.dumps({"configs": {"residual": [[128, dataclasses.asdict(old)],
+                                                         [256, dataclasses.asdict(old)]]}}))
+    load_table.cache_clear()
+    monkeypatch.setenv(TABLE_ENV, str(path))
+    assert choose_config(256, 4096, False, True, 132, k=14336) == old
+    assert "residual_deep" in _TUNED
+
+
 def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, monkeypatch):
     """$NANOFLOW_GEMM_TABLE (a `bench.gemm_tune --table-out` file) wins for the M it
     covers; beyond its largest M the committed table applies; a bad file is named."""
