@@ -27,7 +27,8 @@ def _cache(rng, num_pages, kv_heads, d, dtype):
 
 @pytest.mark.parametrize("programs,splits,heads,kv_heads,block_k",
                          [(1, None, 8, 2, 32), (3, 1, 6, 2, 32), (5, 3, 8, 2, 32), (1000, 4, 6, 2, 32),
-                          (2, None, 8, 2, 128)])  # 128: several pages per key block
+                          (2, None, 8, 2, 128),  # 128: several pages per key block
+                          (3, 2, 2, 2, 32), (2, None, 16, 2, 32)])  # G = 1 and 8: 16 / 2 rows of partials
 def test_decode(rng, programs, splits, heads, kv_heads, block_k):
     d, w = 32, 7
     ctx = np.array([1, 16, 37, 0, 112, 65])  # 0 = padding row
