@@ -7,7 +7,7 @@
 # RoPE in the cache write), PROFILE=1 (the decode-step breakdown), SWEEP=1 (decode-attention
 # launch sweep at the engine's 128 x 640 and at 64 x 4096), KERNELS=1 (bench.kernels' GEMM
 # (Mosaic only, M in KERNEL_MS), attention and memory-bound tables, slope timing; KERNELS=memory:
-# without the GEMMs), TIMELINE=1 (bench.timeline: GEMM GPU time per call from CUPTI records),
+# without the GEMMs; KERNEL_RUNS=N: N runs, judged alone and by their medians), TIMELINE=1 (bench.timeline: GEMM GPU time per call from CUPTI records),
 # AB=kind:M,... (bench.gemm_ab on those candidate keys, then bench.kernels' GEMMs with the winners;
 # AB_THROUGHPUT=1: also the engine with them, for the decode rows AB=plain:128,silu:128,residual:128;
 # AB_KERNELS=0 skips the GEMM table).
@@ -59,14 +59,22 @@ if [ -n "${AB:-}" ]; then  # AB=kind:M,... : bench.gemm_ab on those keys, then t
     --sections gemm --gemm-backends mosaic --gemm-ms 256,512,1024,2048 --budget-s 170 --out "$OUT/kernels_gemm_ab.json" 2>&1 | grep "^\["
 fi
 if [ "${KERNELS:-0}" != 0 ]; then
-  # The short sections first, so a GEMM table cut by its budget loses none of them.
-  timeout 150 python3 -m bench.kernels --sections decode_attention,memory_bound,prefill_attention \
-    --memory-ts "${MEMORY_TS:-256,512,1024,2048,8192,16384}" --budget-s 130 --out "$OUT/kernels_memory.json" > "$OUT/kernels.log" 2>&1
-  if [ "$KERNELS" = 1 ]; then
-    timeout $(( ${GEMM_BUDGET_S:-330} + 30 )) python3 -m bench.kernels --sections gemm --gemm-backends mosaic --gemm-ms "${KERNEL_MS:-128,256,512,1024,2048}" \
-      --budget-s "${GEMM_BUDGET_S:-330}" --out "$OUT/kernels_gemm.json" >> "$OUT/kernels.log" 2>&1
-  fi
+  runs=()  # KERNEL_RUNS=N: N whole runs in one call (files *_rK), judged alone and by their medians
+  for r in $(seq 1 "${KERNEL_RUNS:-1}"); do
+    sfx=$([ "${KERNEL_RUNS:-1}" = 1 ] || echo "_r$r")
+    # The short sections first, so a GEMM table cut by its budget loses none of them.
+    timeout 150 python3 -m bench.kernels --sections decode_attention,memory_bound,prefill_attention \
+      --memory-ts "${MEMORY_TS:-256,512,1024,2048,8192,16384}" --budget-s 130 --out "$OUT/kernels_memory$sfx.json" >> "$OUT/kernels.log" 2>&1
+    files="$OUT/kernels_memory$sfx.json"
+    if [ "$KERNELS" = 1 ]; then
+      timeout $(( ${GEMM_BUDGET_S:-330} + 30 )) python3 -m bench.kernels --sections gemm --gemm-backends mosaic --gemm-ms "${KERNEL_MS:-128,256,512,1024,2048}" \
+        --budget-s "${GEMM_BUDGET_S:-330}" --out "$OUT/kernels_gemm$sfx.json" >> "$OUT/kernels.log" 2>&1
+      files="$OUT/kernels_gemm$sfx.json,$files"
+    fi
+    runs+=(--run "$files")
+  done
   grep "^\[" "$OUT/kernels.log"
+  [ "${KERNEL_RUNS:-1}" = 1 ] || python3 -m bench.targets "${runs[@]}"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 200 python3 -m bench.step_profile --out "$OUT/step_profile.json" 2>&1 | grep -v "^WARNING" | tail -16
