@@ -91,7 +91,8 @@ CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
         "m128x128_dr1": _c(tile_m=128, tile_n=128, stages=4, delay_release=1, wg_split="m"),
         # Session 13: O + residual at 1024 read 0.945 (XLA's dot 44.0 us, ours 46.6; 128 CTAs,
         # one wave, each CTA loading a 4096 x 256 weight slice): CTA pairs along M multicast
-        # each weight tile to both, halving the weight reads from L2.
+        # each weight tile to both, halving the weight reads from L2. No winner (worst ratio
+        # over O and down + residual at 1024 / 2048: 0.952-0.953 vs 0.952, gemm_ab_s13b_h200.json).
         "n128x128_pairs_chained": _c(tile_m=128, tile_n=128, stages=4, chain_tiles=True, cluster_m=2),
         "n128x128_pairs_dr1": _c(tile_m=128, tile_n=128, stages=4, delay_release=1, cluster_m=2),
     },
