@@ -25,13 +25,13 @@ from typing import Any
 import jax
 
 from bench import rel_err, run_metadata
-from bench.gemm_tune import gemm_operands
+from bench.gemm_tune import KIND, gemm_operands
 from bench.timeline import LIBRARY, measure
 from pallas_kernels import reference as ref
 from pallas_kernels.gemm_config import _TUNED, MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
-OPS = {"plain": ("qkv",), "silu": ("gate_up_silu",), "residual": ("o_res",), "residual_deep": ("down_res",)}
+OPS = {kind: tuple(op for op, k in KIND.items() if k == kind) for kind in dict.fromkeys(KIND.values())}
 BENCH_MS = (256, 512, 1024, 2048)  # bench.kernels' dense batches
 MIN_GAIN = 0.01
 BASE = "committed"

@@ -31,7 +31,7 @@ from bench import library_gemm_ms, rel_err, run_metadata
 from bench.timing import cold_copies, copies_of, device_ms
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
-from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config
+from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config, gemm_kind
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 E, F, QKV = 4096, 14336, 6144
@@ -219,7 +219,8 @@ def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in ok if "confirmed_ms" in r] or ok
 
 
-KIND = {"qkv": "plain", "o_res": "residual", "gate_up_silu": "silu", "down_res": "residual_deep"}
+# The `_TUNED` kind each op's GEMM is chosen by, from its Llama-3-8B shape.
+KIND = {op: gemm_kind(op == "gate_up_silu", op.endswith("_res"), n, k) for op, (k, n) in SHAPES.items()}
 
 
 def best_table(shapes: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:

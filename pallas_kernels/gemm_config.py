@@ -193,9 +193,9 @@ def _tuned_rows(kind: str, m: int) -> tuple[tuple[float, MgpuConfig], ...]:
     """The measured table's rows for this kind where it covers M (from its smallest to
     its largest searched M), else the committed ones."""
     path = os.environ.get(TABLE_ENV)
-    rows = load_table(path).get(kind, ()) if path else ()
-    if not rows and kind == "residual_deep" and path:  # tables written before the deep kind
-        rows = load_table(path).get("residual", ())
+    table = load_table(path) if path else {}
+    # Tables written before the deep kind give the deep GEMMs their residual rows.
+    rows = table.get(kind) or (table.get("residual", ()) if kind == "residual_deep" else ())
     return rows if rows and rows[0][0] <= m <= rows[-1][0] else _TUNED[kind]
 
 
