@@ -157,7 +157,8 @@ _TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
 # M = 256 run 128 x 128 CTAs with 2 K splits (64 tiles x 2 splits, the partial sums and
 # residual summed by XLA), as XLA's own dot does: in four same-timeline A/Bs down + residual
 # took 46.4-47.1 us against 47.5-48.5 for the 128 x 64 fused row, which wins O + residual by
-# 15-20% (gemm_ab_s10/s11b/s13/s13c_h200.json). Other M share the residual rows.
+# 15-20% (gemm_ab_s10/s11b/s13/s13c_h200.json); in the first table runs with it, 0.966-0.984 of
+# the library against 0.943-0.970 before (kernels_gemm_s14*_h200.json). Other M share the residual rows.
 DEEP_K = 2
 _TUNED["residual_deep"] = tuple(
     (bound, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)
