@@ -102,13 +102,13 @@ def main() -> None:
     p.add_argument("--run", action="append", default=[], metavar="A.json,B.json",
                    help="one run's result JSONs, comma-separated; repeat for several runs")
     a = p.parse_args()
-    load = lambda files: [json.loads(Path(f).read_text()) for f in files]  # noqa: E731
-    runs = [load(r.split(",")) for r in a.run] + ([load(a.results)] if a.results else [])
-    if not runs:
+    groups = [r.split(",") for r in a.run] + ([a.results] if a.results else [])
+    if not groups:
         p.error("give result JSONs, or --run A.json,B.json (repeatable)")
-    for files, res in zip(a.run + [",".join(a.results)], runs):
+    runs = [[json.loads(Path(f).read_text()) for f in files] for files in groups]
+    for files, res in zip(groups, runs):
         if len(runs) > 1:
-            print(f"run {files}:")
+            print(f"run {','.join(files)}:")
         for line in report(check(res)):
             print(line)
     if len(runs) > 1:
