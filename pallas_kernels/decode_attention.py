@@ -9,6 +9,7 @@ log-sum-exp merge of the splits' partial results) is a small XLA reduction.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,9 +17,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import cdiv, persistent_loop, resolve_programs, num_sms, triton_params
-from pallas_kernels.paged_attention_common import attend_paged, flat_pages, group_queries
+from pallas_kernels.paged_attention_common import attend_paged, flat_pages, group_queries, group_rows
 
 F32 = jnp.float32
+MIN_ROWS = 16  # tl.dot needs >= 16 rows: a query group is padded to that
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
@@ -72,6 +74,80 @@ def default_splits(n: int, num_kv: int, max_keys: int, programs: int, bk: int) -
     return max(1, min(want, cdiv(max_keys, bk)))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """One decode-attention launch, resolved from the shapes and the SM budget.
+
+    `kernel(qg, k_flat, v_flat, block_table, context_len)` is the bare `pallas_call`
+    (no jnp helper around it), so a stream region (`compute_on`) may hold it alone;
+    `prepare` and `finish` are the cheap jnp steps before and after it.
+    """
+
+    num_kv: int
+    heads: int
+    padded_rows: int   # rows a KV head's query group is padded to (a legal Triton dot)
+    num_splits: int
+    programs: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    page_size: int
+    scale: float
+    interpret: bool
+
+    def prepare(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
+                context_len: jax.Array) -> tuple[jax.Array, ...]:
+        qg, _ = group_queries(q, self.num_kv, min_rows=MIN_ROWS)
+        return (qg, flat_pages(k_pages), flat_pages(v_pages), block_table.astype(jnp.int32),
+                context_len.astype(jnp.int32))
+
+    def kernel(self, qg: jax.Array, k_flat: jax.Array, v_flat: jax.Array, block_table: jax.Array,
+               context_len: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        n, d = qg.shape[0], qg.shape[-1]
+        body = functools.partial(_decode_kernel, num_kv=self.num_kv, num_splits=self.num_splits,
+                                 bk=self.block_k, page_size=self.page_size, scale=self.scale)
+        part = (n, self.num_kv, self.num_splits, _kept_rows(self.heads // self.num_kv, self.padded_rows))
+        return pl.pallas_call(
+            body,
+            out_shape=(jax.ShapeDtypeStruct(part + (d,), F32), jax.ShapeDtypeStruct(part, F32),
+                       jax.ShapeDtypeStruct(part, F32)),
+            grid=(self.programs,),
+            compiler_params=triton_params(self.num_warps, self.num_stages),
+            interpret=self.interpret,
+            name="paged_decode_attention",
+        )(qg, k_flat, v_flat, block_table, context_len)
+
+    def finish(self, parts: tuple[jax.Array, jax.Array, jax.Array], dtype: jnp.dtype) -> jax.Array:
+        acc, m, l = parts
+        out = _combine(acc, m, l)[:, :, : self.heads // self.num_kv]
+        return out.reshape(out.shape[0], self.heads, out.shape[-1]).astype(dtype)
+
+
+def decode_launch(q_shape: tuple[int, ...], k_pages_shape: tuple[int, ...], max_blocks: int, *,
+                  scale: float, num_programs: int | None = None, num_splits: int | None = None,
+                  interpret: bool = False, block_k: int | None = None, num_warps: int = 4,
+                  num_stages: int | None = None, programs_per_sm: int | None = None) -> DecodeLaunch:
+    """The launch `paged_decode_attention` makes for these shapes (arguments as there)."""
+    if programs_per_sm is None:
+        programs_per_sm = 4 if num_programs is None else 1
+    if programs_per_sm < 1:
+        raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
+    if block_k is None:
+        block_k = 64 if programs_per_sm > 1 else 256
+    if num_stages is None:
+        num_stages = 2 if programs_per_sm > 1 else 3
+    n, h, _ = q_shape
+    ps, num_kv = k_pages_shape[1], k_pages_shape[2]
+    gp = group_rows(h // num_kv, MIN_ROWS)
+    progs_budget = (num_programs if num_programs is not None else num_sms()) * programs_per_sm
+    if num_splits is None:
+        num_splits = default_splits(n, num_kv, max_blocks * ps, progs_budget, block_k)
+    progs = resolve_programs(progs_budget, n * num_kv * num_splits)
+    return DecodeLaunch(num_kv=num_kv, heads=h, padded_rows=gp, num_splits=num_splits, programs=progs,
+                        block_k=block_k, num_warps=num_warps, num_stages=num_stages, page_size=ps,
+                        scale=float(scale), interpret=interpret)
+
+
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_table: jax.Array, context_len: jax.Array, *, scale: float,
                            num_programs: int | None = None, num_splits: int | None = None,
@@ -94,34 +170,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     at 64 x 4096); with one, 256-key blocks and 3 stages (decode_sweep_h200.json,
     decode_sweep2_h200.json: 0.90-0.91 at long contexts; 64-key blocks 0.49-0.59).
     """
-    if programs_per_sm is None:
-        programs_per_sm = 4 if num_programs is None else 1
-    if programs_per_sm < 1:
-        raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
-    if block_k is None:
-        block_k = 64 if programs_per_sm > 1 else 256
-    if num_stages is None:
-        num_stages = 2 if programs_per_sm > 1 else 3
-    n, h, d = q.shape
-    ps, num_kv = k_pages.shape[1], k_pages.shape[2]
-    qg, gp = group_queries(q, num_kv, min_rows=16)
-    progs_budget = (num_programs if num_programs is not None else num_sms()) * programs_per_sm
-    if num_splits is None:
-        num_splits = default_splits(n, num_kv, block_table.shape[1] * ps, progs_budget, block_k)
-    num_items = n * num_kv * num_splits
-    progs = resolve_programs(progs_budget, num_items)
-    kernel = functools.partial(_decode_kernel, num_kv=num_kv, num_splits=num_splits, bk=block_k,
-                               page_size=ps, scale=float(scale))
-    part = (n, num_kv, num_splits, _kept_rows(h // num_kv, gp))
-    acc, m, l = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(part + (d,), F32), jax.ShapeDtypeStruct(part, F32),
-                   jax.ShapeDtypeStruct(part, F32)),
-        grid=(progs,),
-        compiler_params=triton_params(num_warps, num_stages),
-        interpret=interpret,
-        name="paged_decode_attention",
-    )(qg, flat_pages(k_pages), flat_pages(v_pages), block_table.astype(jnp.int32),
-      context_len.astype(jnp.int32))
-    out = _combine(acc, m, l)[:, :, : h // num_kv]
-    return out.reshape(n, h, d).astype(q.dtype)
+    launch = decode_launch(q.shape, k_pages.shape, block_table.shape[1], scale=scale,
+                           num_programs=num_programs, num_splits=num_splits, interpret=interpret,
+                           block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                           programs_per_sm=programs_per_sm)
+    parts = launch.kernel(*launch.prepare(q, k_pages, v_pages, block_table, context_len))
+    return launch.finish(parts, q.dtype)

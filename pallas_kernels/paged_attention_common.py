@@ -71,6 +71,11 @@ def finish(acc: jax.Array, l: jax.Array) -> jax.Array:
     return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
+def group_rows(g: int, min_rows: int) -> int:
+    """Rows a group of g query heads is padded to: a power of two >= min_rows."""
+    return max(min_rows, 1 << (g - 1).bit_length())
+
+
 def group_queries(q: jax.Array, num_kv_heads: int, min_rows: int) -> tuple[jax.Array, int]:
     """[T, H, D] -> [T, K, Gp, D]: the G query heads sharing a KV head, padded to Gp rows.
 
@@ -79,7 +84,7 @@ def group_queries(q: jax.Array, num_kv_heads: int, min_rows: int) -> tuple[jax.A
     """
     t, h, d = q.shape
     g = h // num_kv_heads
-    gp = max(min_rows, 1 << (g - 1).bit_length())
+    gp = group_rows(g, min_rows)
     qg = q.reshape(t, num_kv_heads, g, d)
     if gp != g:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))

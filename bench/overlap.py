@@ -1,0 +1,259 @@
+"""Which mechanism lets a GEMM and decode attention share one GPU inside a JAX program?
+
+    python -m bench.overlap --out bench/results/overlap_h200.json [--layers 8] [--splits 88/44,66/66]
+
+Each *stage* runs the decode attention of one nano-batch (a bare Pallas kernel) beside a
+prefill-sized GEMM of the other (a Mosaic GPU kernel), each capped to its share of the
+SMs; the next stage swaps the roles (NanoFlow's two-nano-batch ping-pong), so
+`2 x layers` stages form a chain with a real dependency between consecutive stages.
+Every mechanism runs the chain back to back ("seq") and with the attention in a
+`compute_on("gpu_stream:1")` region ("ovl"):
+
+- pair:       one stage in one jitted program (the ceiling a single pair reaches);
+- unrolled:   the whole chain unrolled in one program;
+- scan:       `lax.scan` over the stages, one stage per loop body;
+- scan_layer: `lax.scan` over layers, two stages per body;
+- dispatch:   one jitted program per stage, dispatched back to back from Python.
+
+Reported per mechanism: wall ms per stage (median), the gain seq / ovl, the compiled
+order of region starts/dones (S/D) and other custom calls (G) in the program (overlap
+needs a G between an S and its D), and, from a `jax.profiler` trace of each ovl variant,
+the share of attention-kernel time that ran while a GEMM kernel ran on another stream.
+Every array is a jit argument: closed-over KV pages would become HLO constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import run_metadata
+from nanoflow_jax.models.streams import on_stream
+from pallas_kernels.decode_attention import decode_launch
+from pallas_kernels.gemm import gemm
+
+# Llama-3-8B heads; a 1024-token GEMM (gate/up width) beside 256 decodes at 1,280 keys.
+M, K, N = 1024, 4096, 28672
+REQS, CTX, HEADS, KV_HEADS, HEAD_DIM, PAGE = 256, 1280, 32, 8, 128, 16
+MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch")
+Event = tuple[str, int, float, float]  # kernel name, stream (thread id), start us, duration us
+
+
+def operands(seed: int = 0) -> dict[str, jax.Array]:
+    keys = jax.random.split(jax.random.key(seed), 5)
+    width = CTX // PAGE
+    pages = REQS * width + 1
+    kv_shape = (pages * PAGE, KV_HEADS, HEAD_DIM)
+    perm = np.random.default_rng(seed).permutation(np.arange(1, pages, dtype=np.int32))
+    return {
+        "x": jax.random.normal(keys[0], (M, K), jnp.bfloat16),
+        "w": (jax.random.normal(keys[1], (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16),
+        "q": jax.random.normal(keys[2], (REQS, HEADS, HEAD_DIM), jnp.bfloat16),
+        "kf": jax.random.normal(keys[3], kv_shape, jnp.bfloat16),
+        "vf": jax.random.normal(keys[4], kv_shape, jnp.bfloat16),
+        "bt": jnp.asarray(perm.reshape(REQS, width)),
+        "cl": jnp.full((REQS,), CTX, jnp.int32),
+    }
+
+
+def make_stage(gemm_programs: int | None, attn_programs: int | None, region: bool,
+               interpret: bool) -> tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]:
+    """(stage, prepare): stage(qg, x, w, kf, vf, bt, cl) -> (attention partials, GEMM output)."""
+    launch = decode_launch((REQS, HEADS, HEAD_DIM), (1, PAGE, KV_HEADS, HEAD_DIM), CTX // PAGE,
+                           scale=HEAD_DIM ** -0.5, num_programs=attn_programs, interpret=interpret)
+    attn = on_stream(launch.kernel, 1) if region else launch.kernel
+
+    def stage(qg, x, w, kf, vf, bt, cl):
+        acc, _, _ = attn(qg, kf, vf, bt, cl)
+        return acc, gemm(x, w, num_programs=gemm_programs, interpret=interpret)
+
+    def prepare(q):
+        return launch.prepare(q, jnp.zeros((1, PAGE, KV_HEADS, HEAD_DIM), q.dtype),
+                              jnp.zeros((1, PAGE, KV_HEADS, HEAD_DIM), q.dtype), jnp.zeros((1, 1), jnp.int32),
+                              jnp.zeros((1,), jnp.int32))[0]
+    return stage, prepare
+
+
+def _next(qg0: jax.Array, x0: jax.Array, acc: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The next stage's inputs: its attention reads this GEMM's output, its GEMM this
+    attention's output (a true dependency of one element each; the values stay bounded)."""
+    q = qg0 + (g[0, 0] * 0).astype(qg0.dtype)
+    x = x0 + (acc[0, 0, 0, 0, 0] * 0).astype(x0.dtype)
+    return q, x
+
+
+def build(mechanism: str, stage: Callable[..., Any], layers: int) -> Callable[..., jax.Array]:
+    """A callable of (qg, x, w, kf, vf, bt, cl) running the mechanism's chain."""
+    stages = 1 if mechanism == "pair" else 2 * layers
+
+    def one(qg, x, w, kf, vf, bt, cl):
+        return stage(qg, x, w, kf, vf, bt, cl)
+
+    if mechanism == "dispatch":
+        step = jax.jit(lambda qg0, x0, q, x, *rest: (lambda a, g: (*_next(qg0, x0, a, g), a, g))(*stage(q, x, *rest)))
+
+        def run(qg, x, w, kf, vf, bt, cl):
+            q, xx = qg, x
+            for _ in range(stages):
+                q, xx, _, _ = step(qg, x, q, xx, w, kf, vf, bt, cl)
+            return xx
+        return run
+
+    def chain(qg, x, w, kf, vf, bt, cl):
+        rest = (w, kf, vf, bt, cl)
+        if mechanism in ("pair", "unrolled"):
+            q, xx = qg, x
+            for _ in range(stages):
+                a, g = one(q, xx, *rest)
+                q, xx = _next(qg, x, a, g)
+            return xx
+
+        def body(carry, _):
+            q, xx = carry
+            for _ in range(1 if mechanism == "scan" else 2):
+                a, g = one(q, xx, *rest)
+                q, xx = _next(qg, x, a, g)
+            return (q, xx), None
+        (q, xx), _ = jax.lax.scan(body, (qg, x), None, length=stages if mechanism == "scan" else layers)
+        return xx
+    return jax.jit(chain)
+
+
+def compiled_order(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """S (region start), D (region done), G (other custom call) in the compiled HLO, per
+    computation that holds a region, joined by '|'."""
+    if not hasattr(fn, "lower"):
+        return ""
+    text = fn.lower(*args).compile().as_text()
+    orders = []
+    for comp in text.split("\n\n"):
+        o = "".join("S" if "call-start(" in l else "D" if "call-done(" in l else "G" if "custom-call(" in l else ""
+                    for l in comp.splitlines())
+        if "S" in o:
+            orders.append(o)
+    return "|".join(orders)
+
+
+def wall_ms(fn: Callable[..., Any], args: tuple[Any, ...], iters: int = 10) -> float:
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def trace_events(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[Event]:
+    """GPU kernel records of one call, with the stream each ran on."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        opts = jax.profiler.ProfileOptions()
+        opts.python_tracer_level = 0
+        with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=opts):
+            jax.block_until_ready(fn(*args))
+        trace = json.load(gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids, streams = set(), {}
+    for e in events:
+        if e.get("ph") != "M":
+            continue
+        name = str(e.get("args", {}).get("name", ""))
+        if e.get("name") == "process_name" and "GPU" in name:
+            gpu_pids.add(e["pid"])
+        elif e.get("name") == "thread_name" and "Stream" in name:
+            streams[(e["pid"], e.get("tid"))] = name
+    out = [(str(e["name"]), int(e.get("tid", 0)), float(e["ts"]), float(e["dur"])) for e in events
+           if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu_pids and (e["pid"], e.get("tid")) in streams]
+    return sorted(out, key=lambda ev: ev[2])
+
+
+def overlap_stats(events: list[Event]) -> dict[str, float]:
+    """How much attention-kernel time ran beside a GEMM kernel on another stream."""
+    attn = [e for e in events if "decode_attention" in e[0]]
+    others = [e for e in events if "decode_attention" not in e[0]]
+    covered = 0.0
+    for _, stream, t0, dur in attn:
+        spans = sorted((max(t0, o[2]), min(t0 + dur, o[2] + o[3])) for o in others if o[1] != stream)
+        end = t0
+        for a, b in spans:
+            a = max(a, end)
+            if b > a:
+                covered += b - a
+                end = b
+    total = sum(e[3] for e in attn)
+    span = (max(e[2] + e[3] for e in events) - min(e[2] for e in events)) if events else 0.0
+    return {"attention_us": round(total, 1), "attention_beside_gemm": round(covered / total, 3) if total else 0.0,
+            "kernels": len(events), "span_us": round(span, 1), "streams": len({e[1] for e in events})}
+
+
+def measure(mechanisms: tuple[str, ...], splits: list[tuple[int | None, int | None]], layers: int,
+            trace: bool) -> list[dict[str, Any]]:
+    interpret = jax.default_backend() == "cpu"
+    ops = operands()
+    rows = []
+    for gp, ap in splits:
+        for mech in mechanisms:
+            row: dict[str, Any] = {"mechanism": mech, "gemm_programs": gp, "attn_programs": ap, "layers": layers}
+            stages = 1 if mech == "pair" else 2 * layers
+            for mode in ("seq", "ovl"):
+                try:
+                    stage, prepare = make_stage(gp, ap, mode == "ovl", interpret)
+                    fn = build(mech, stage, layers)
+                    args = (prepare(ops["q"]), ops["x"], ops["w"], ops["kf"], ops["vf"], ops["bt"], ops["cl"])
+                    row[f"{mode}_ms_per_stage"] = round(wall_ms(fn, args) / stages, 4)
+                    if mode == "ovl":
+                        row["order"] = compiled_order(fn, args)[:200]
+                        if trace and not interpret:
+                            row.update(overlap_stats(trace_events(fn, args)))
+                except Exception as e:  # a mechanism that fails to compile is a finding too
+                    row[f"{mode}_error"] = repr(e)[:400]
+            if "seq_ms_per_stage" in row and "ovl_ms_per_stage" in row:
+                row["gain"] = round(row["seq_ms_per_stage"] / row["ovl_ms_per_stage"], 3)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def parse_splits(text: str) -> list[tuple[int | None, int | None]]:
+    """'88/44,all' -> [(88, 44), (None, None)]."""
+    out = []
+    for part in text.split(","):
+        if part == "all":
+            out.append((None, None))
+        else:
+            g, a = part.split("/")
+            out.append((int(g), int(a)))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.overlap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--splits", default="88/44,all", help="GEMM/attention programs per split; 'all' = uncapped")
+    p.add_argument("--mechanisms", default=",".join(MECHANISMS))
+    p.add_argument("--no-trace", action="store_true")
+    a = p.parse_args()
+    mechs = tuple(m for m in a.mechanisms.split(",") if m)
+    unknown = set(mechs) - set(MECHANISMS)
+    if unknown:
+        p.error(f"unknown mechanism(s) {sorted(unknown)}; choose from {MECHANISMS}")
+    rows = measure(mechs, parse_splits(a.splits), a.layers, trace=not a.no_trace)
+    Path(a.out).write_text(json.dumps({**run_metadata("bench.overlap"), "shapes": {"gemm": [M, K, N], "decode": [REQS, CTX, HEADS,
+                                       KV_HEADS, HEAD_DIM]}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
