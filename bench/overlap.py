@@ -25,6 +25,7 @@ Every array is a jit argument: closed-over KV pages would become HLO constants.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import statistics
@@ -45,7 +46,7 @@ from pallas_kernels.gemm import gemm
 # Llama-3-8B heads; a 1024-token GEMM (gate/up width) beside 256 decodes at 1,280 keys.
 M, K, N = 1024, 4096, 28672
 REQS, CTX, HEADS, KV_HEADS, HEAD_DIM, PAGE = 256, 1280, 32, 8, 128, 16
-MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch")
+MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch", "streams", "streams_scan")
 Event = tuple[str, int, float, float]  # kernel name, stream (thread id), start us, duration us
 
 
@@ -67,15 +68,19 @@ def operands(seed: int = 0) -> dict[str, jax.Array]:
 
 
 def make_stage(gemm_programs: int | None, attn_programs: int | None, region: bool,
-               interpret: bool) -> tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]:
+               interpret: bool, gemm_stream: int = 0) -> tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]:
     """(stage, prepare): stage(qg, x, w, kf, vf, bt, cl) -> (attention partials, GEMM output)."""
     launch = decode_launch((REQS, HEADS, HEAD_DIM), (1, PAGE, KV_HEADS, HEAD_DIM), CTX // PAGE,
                            scale=HEAD_DIM ** -0.5, num_programs=attn_programs, interpret=interpret)
     attn = on_stream(launch.kernel, 1) if region else launch.kernel
+    mm = functools.partial(gemm, num_programs=gemm_programs, interpret=interpret)
+    mm = on_stream(mm, gemm_stream) if region else mm
 
     def stage(qg, x, w, kf, vf, bt, cl):
         acc, _, _ = attn(qg, kf, vf, bt, cl)
-        return acc, gemm(x, w, num_programs=gemm_programs, interpret=interpret)
+        return acc, mm(x, w)
+    # The bare ops, for mechanisms that place them themselves (a whole chain in a region).
+    stage.attn, stage.mm = launch.kernel, functools.partial(gemm, num_programs=gemm_programs, interpret=interpret)
 
     def prepare(q):
         return launch.prepare(q, jnp.zeros((1, PAGE, KV_HEADS, HEAD_DIM), q.dtype),
@@ -84,29 +89,72 @@ def make_stage(gemm_programs: int | None, attn_programs: int | None, region: boo
     return stage, prepare
 
 
+def _dep(base: jax.Array, src: jax.Array) -> jax.Array:
+    """base plus 0 x one element of src: a true data dependency that leaves base's values.
+    Plain lax ops (no jitted jnp helper), so it may sit inside a stream region."""
+    one = jax.lax.slice(src, (0,) * src.ndim, (1,) * src.ndim).reshape(())
+    return base + (one * 0).astype(base.dtype)
+
+
 def _next(qg0: jax.Array, x0: jax.Array, acc: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The next stage's inputs: its attention reads this GEMM's output, its GEMM this
-    attention's output (a true dependency of one element each; the values stay bounded)."""
-    q = qg0 + (g[0, 0] * 0).astype(qg0.dtype)
-    x = x0 + (acc[0, 0, 0, 0, 0] * 0).astype(x0.dtype)
+    attention's output."""
+    return _dep(qg0, g), _dep(x0, acc)
+
+
+def _chain(stage: Callable[..., Any], q: jax.Array, x: jax.Array, rest: tuple[jax.Array, ...], layers: int,
+           attention_first: bool, scan: bool) -> tuple[jax.Array, jax.Array]:
+    """One nano-batch's layers: GEMM -> attention -> GEMM ... (or attention first), each op
+    reading the previous one's output. `stage` runs one attention and one GEMM; here only one
+    of the two is used per step (the other's inputs are this chain's own)."""
+    attn, mm = stage.attn, stage.mm  # type: ignore[attr-defined]
+    w, kf, vf, bt, cl = rest
+
+    def layer(carry, _):
+        q, x = carry
+        if attention_first:
+            x = _dep(x, attn(q, kf, vf, bt, cl)[0])
+            q = _dep(q, mm(x, w))
+        else:
+            q = _dep(q, mm(x, w))
+            x = _dep(x, attn(q, kf, vf, bt, cl)[0])
+        return (q, x), None
+
+    if scan:
+        (q, x), _ = jax.lax.scan(layer, (q, x), None, length=layers)
+        return q, x
+    for _ in range(layers):
+        (q, x), _ = layer((q, x), None)
     return q, x
 
 
-def build(mechanism: str, stage: Callable[..., Any], layers: int) -> Callable[..., jax.Array]:
+def build(mechanism: str, stage: Callable[..., Any], layers: int, region: bool) -> Callable[..., Any]:
     """A callable of (qg, x, w, kf, vf, bt, cl) running the mechanism's chain."""
     stages = 1 if mechanism == "pair" else 2 * layers
 
-    def one(qg, x, w, kf, vf, bt, cl):
-        return stage(qg, x, w, kf, vf, bt, cl)
+    if mechanism.startswith("streams"):
+        # Two independent nano-batches, each a whole chain of layers: A on stream 1 (one
+        # region), B on the main stream starting with its attention, so A's GEMMs meet B's
+        # attention. Nothing ties the two until both finish.
+        scan = mechanism == "streams_scan"
+
+        def chains(qg, x, w, kf, vf, bt, cl):
+            rest = (w, kf, vf, bt, cl)
+            a = functools.partial(_chain, stage, rest=rest, layers=layers, attention_first=False, scan=scan)
+            a = on_stream(a, 1) if region else a
+            qa, xa = a(qg, x)
+            qb, xb = _chain(stage, qg, x, rest, layers, attention_first=True, scan=scan)
+            return qa, xa, qb, xb
+        return jax.jit(chains)
 
     if mechanism == "dispatch":
-        step = jax.jit(lambda qg0, x0, q, x, *rest: (lambda a, g: (*_next(qg0, x0, a, g), a, g))(*stage(q, x, *rest)))
+        step = jax.jit(lambda qg0, x0, q, x, *rest: (lambda a, g: _next(qg0, x0, a, g))(*stage(q, x, *rest)))
 
         def run(qg, x, w, kf, vf, bt, cl):
             q, xx = qg, x
             for _ in range(stages):
-                q, xx, _, _ = step(qg, x, q, xx, w, kf, vf, bt, cl)
-            return xx
+                q, xx = step(qg, x, q, xx, w, kf, vf, bt, cl)
+            return q, xx
         return run
 
     def chain(qg, x, w, kf, vf, bt, cl):
@@ -114,18 +162,16 @@ def build(mechanism: str, stage: Callable[..., Any], layers: int) -> Callable[..
         if mechanism in ("pair", "unrolled"):
             q, xx = qg, x
             for _ in range(stages):
-                a, g = one(q, xx, *rest)
-                q, xx = _next(qg, x, a, g)
-            return xx
+                q, xx = _next(qg, x, *stage(q, xx, *rest))
+            return q, xx
 
         def body(carry, _):
             q, xx = carry
             for _ in range(1 if mechanism == "scan" else 2):
-                a, g = one(q, xx, *rest)
-                q, xx = _next(qg, x, a, g)
+                q, xx = _next(qg, x, *stage(q, xx, *rest))
             return (q, xx), None
         (q, xx), _ = jax.lax.scan(body, (qg, x), None, length=stages if mechanism == "scan" else layers)
-        return xx
+        return q, xx
     return jax.jit(chain)
 
 
@@ -199,22 +245,26 @@ def overlap_stats(events: list[Event]) -> dict[str, float]:
 
 
 def measure(mechanisms: tuple[str, ...], splits: list[tuple[int | None, int | None]], layers: int,
-            trace: bool) -> list[dict[str, Any]]:
+            trace: bool, gemm_stream: int = 0, hlo_dir: str | None = None) -> list[dict[str, Any]]:
     interpret = jax.default_backend() == "cpu"
     ops = operands()
     rows = []
     for gp, ap in splits:
         for mech in mechanisms:
-            row: dict[str, Any] = {"mechanism": mech, "gemm_programs": gp, "attn_programs": ap, "layers": layers}
-            stages = 1 if mech == "pair" else 2 * layers
+            row: dict[str, Any] = {"mechanism": mech, "gemm_programs": gp, "attn_programs": ap, "layers": layers,
+                                   "gemm_stream": gemm_stream}
+            stages = 1 if mech == "pair" else 2 * layers  # a stage: one attention and one GEMM
             for mode in ("seq", "ovl"):
                 try:
-                    stage, prepare = make_stage(gp, ap, mode == "ovl", interpret)
-                    fn = build(mech, stage, layers)
+                    stage, prepare = make_stage(gp, ap, mode == "ovl", interpret, gemm_stream)
+                    fn = build(mech, stage, layers, mode == "ovl")
                     args = (prepare(ops["q"]), ops["x"], ops["w"], ops["kf"], ops["vf"], ops["bt"], ops["cl"])
                     row[f"{mode}_ms_per_stage"] = round(wall_ms(fn, args) / stages, 4)
                     if mode == "ovl":
                         row["order"] = compiled_order(fn, args)[:200]
+                        if hlo_dir and hasattr(fn, "lower"):
+                            Path(hlo_dir, f"{mech}_{gp}_{ap}_{gemm_stream}.txt").write_text(
+                                fn.lower(*args).compile().as_text())
                         if trace and not interpret:
                             row.update(overlap_stats(trace_events(fn, args)))
                 except Exception as e:  # a mechanism that fails to compile is a finding too
@@ -245,12 +295,17 @@ def main() -> None:
     p.add_argument("--splits", default="88/44,all", help="GEMM/attention programs per split; 'all' = uncapped")
     p.add_argument("--mechanisms", default=",".join(MECHANISMS))
     p.add_argument("--no-trace", action="store_true")
+    p.add_argument("--gemm-stream", type=int, default=0, help="the GEMM's stream in ovl (0: the main stream)")
+    p.add_argument("--hlo-dir", default=None, help="write each ovl program's compiled HLO here")
     a = p.parse_args()
     mechs = tuple(m for m in a.mechanisms.split(",") if m)
     unknown = set(mechs) - set(MECHANISMS)
     if unknown:
         p.error(f"unknown mechanism(s) {sorted(unknown)}; choose from {MECHANISMS}")
-    rows = measure(mechs, parse_splits(a.splits), a.layers, trace=not a.no_trace)
+    if a.hlo_dir:
+        Path(a.hlo_dir).mkdir(parents=True, exist_ok=True)
+    rows = measure(mechs, parse_splits(a.splits), a.layers, trace=not a.no_trace, gemm_stream=a.gemm_stream,
+                   hlo_dir=a.hlo_dir)
     Path(a.out).write_text(json.dumps({**run_metadata("bench.overlap"), "shapes": {"gemm": [M, K, N], "decode": [REQS, CTX, HEADS,
                                        KV_HEADS, HEAD_DIM]}, "rows": rows}, indent=1))
 
