@@ -25,6 +25,7 @@ Every array is a jit argument: closed-over KV pages would become HLO constants.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gzip
 import json
@@ -46,7 +47,7 @@ from pallas_kernels.gemm import gemm
 # Llama-3-8B heads; a 1024-token GEMM (gate/up width) beside 256 decodes at 1,280 keys.
 M, K, N = 1024, 4096, 28672
 REQS, CTX, HEADS, KV_HEADS, HEAD_DIM, PAGE = 256, 1280, 32, 8, 128, 16
-MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch", "streams", "streams_scan")
+MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch", "streams", "streams2", "streams_scan")
 Event = tuple[str, int, float, float]  # kernel name, stream (thread id), start us, duration us
 
 
@@ -134,16 +135,25 @@ def build(mechanism: str, stage: Callable[..., Any], layers: int, region: bool) 
 
     if mechanism.startswith("streams"):
         # Two independent nano-batches, each a whole chain of layers: A on stream 1 (one
-        # region), B on the main stream starting with its attention, so A's GEMMs meet B's
-        # attention. Nothing ties the two until both finish.
+        # region), B starting with its attention, so A's GEMMs meet B's attention; B runs on
+        # the main stream, or (streams2) in a region on stream 2 with both regions in one
+        # XLA scheduling group. Nothing ties the two until both finish.
         scan = mechanism == "streams_scan"
 
         def chains(qg, x, w, kf, vf, bt, cl):
             rest = (w, kf, vf, bt, cl)
             a = functools.partial(_chain, stage, rest=rest, layers=layers, attention_first=False, scan=scan)
-            a = on_stream(a, 1) if region else a
-            qa, xa = a(qg, x)
-            qb, xb = _chain(stage, qg, x, rest, layers, attention_first=True, scan=scan)
+            b = functools.partial(_chain, stage, rest=rest, layers=layers, attention_first=True, scan=scan)
+            if region:
+                a = on_stream(a, 1)
+                b = on_stream(b, 2) if mechanism == "streams2" else b
+            group = contextlib.nullcontext()
+            if region and mechanism == "streams2":
+                from jax.experimental.xla_metadata import set_xla_metadata
+                group = set_xla_metadata(_scheduling_group_id="1")
+            with group:
+                qa, xa = a(qg, x)
+                qb, xb = b(qg, x)
             return qa, xa, qb, xb
         return jax.jit(chains)
 
