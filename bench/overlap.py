@@ -287,14 +287,13 @@ def measure(mechanisms: tuple[str, ...], splits: list[tuple[int | None, int | No
 
 
 def parse_splits(text: str) -> list[tuple[int | None, int | None]]:
-    """'88/44,all' -> [(88, 44), (None, None)]."""
+    """'88/44,100/all,all' -> [(88, 44), (100, None), (None, None)]; 'all' = the whole GPU."""
+    def side(v: str) -> int | None:
+        return None if v == "all" else int(v)
     out = []
     for part in text.split(","):
-        if part == "all":
-            out.append((None, None))
-        else:
-            g, a = part.split("/")
-            out.append((int(g), int(a)))
+        g, _, a = part.partition("/")
+        out.append((side(g), side(a or g)))
     return out
 
 
