@@ -7,6 +7,8 @@ pairs (2i, 2i+1); our RoPE is Hugging Face's rotate-half, so the permutation is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from nanoflow_jax.config import ConfigError, ModelConfig
@@ -14,6 +16,9 @@ from nanoflow_jax.models.params import Params
 from nanoflow_jax.weights import names
 from nanoflow_jax.weights.errors import WeightLoadError
 from nanoflow_jax.weights.gguf_file import GGUFFile
+
+if TYPE_CHECKING:
+    from nanoflow_jax.tokenizer import Tokenizer
 
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
@@ -27,7 +32,31 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     try:  # from_gguf_metadata falls back to the token count when the vocab size is absent
         return ModelConfig.from_gguf_metadata(f.metadata, has_output_tensor="output.weight" in f.tensors)
     except ConfigError as e:
-        raise WeightLoadError(f"{f.path.name}: {e}") from e
+        raise WeightLoadError(f"{f.path}: {e}") from e
+
+
+def tokenizer_from_gguf(f: GGUFFile, cfg: ModelConfig) -> Tokenizer:
+    """The file's tokenizer, or a WeightLoadError when its vocabulary is broken or does not fit the model."""
+    from nanoflow_jax.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        tokenizer = Tokenizer.from_gguf(f)
+    except TokenizerError as e:  # its message names the file
+        raise WeightLoadError(str(e)) from e
+    if tokenizer.vocab_size > cfg.vocab_size:  # ids past the embedding table would read other rows
+        raise WeightLoadError(f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocabulary is {cfg.vocab_size}: the file is corrupt or mismatched")
+    return tokenizer
+
+
+def read_gguf_model(path: str | Path, with_params: bool = True,
+                    progress: bool = True) -> tuple[ModelConfig, Tokenizer, Params | None]:
+    """Config, tokenizer and (unless `with_params` is False) host parameters of a GGUF file;
+    every problem with the file is one WeightLoadError."""
+    f = open_gguf(path)
+    cfg = config_from_gguf(f)
+    tokenizer = tokenizer_from_gguf(f, cfg)
+    return cfg, tokenizer, load_gguf_params(f, cfg, progress) if with_params else None
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -61,4 +90,7 @@ def load_gguf_params(f: GGUFFile, cfg: ModelConfig, progress: bool = True) -> Pa
 
     with tqdm(total=names.num_tensors(cfg), desc="dequantize", unit="tensor",
               disable=not progress, leave=False) as bar:
-        return names.assemble(cfg, get, names.GGUF_LAYER, names.GGUF_TOP, fix=fix, progress=bar.update)
+        try:
+            return names.assemble(cfg, get, names.GGUF_LAYER, names.GGUF_TOP, fix=fix, progress=bar.update)
+        except WeightLoadError as e:
+            raise WeightLoadError(f"{f.path}: {e}") from e

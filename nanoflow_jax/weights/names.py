@@ -56,14 +56,16 @@ def assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], layer_names: di
 
     def load(key: str, name: str, expected: tuple[int, ...]) -> np.ndarray:
         arr = get(name)
+        # Checked in file layout, before `fix`: a fix such as a head permutation reshapes by the config.
+        in_file = tuple(reversed(expected)) if key in TRANSPOSED else tuple(expected)
+        if tuple(arr.shape) != in_file:
+            raise WeightLoadError(
+                f"tensor {name!r} has shape {tuple(arr.shape)}, expected {in_file} from the model config "
+                f"(the file stores matrices [out, in]): the weights and config disagree")
         if fix is not None:
             arr = fix(key, arr)
         if key in TRANSPOSED:
             arr = arr.T
-        if tuple(arr.shape) != tuple(expected):
-            raise WeightLoadError(
-                f"tensor {name!r} has shape {tuple(arr.shape)} (after layout change), expected "
-                f"{tuple(expected)} from the model config: the weights and config.json disagree")
         if progress is not None:
             progress(1)
         return arr
