@@ -200,7 +200,7 @@ class ModelConfig:
         vocab = typed(f"{arch}.vocab_size", int) or len(typed("tokenizer.ggml.tokens", list, ()))
         if not vocab:
             raise ConfigError("GGUF metadata has neither a vocab size nor a token list")
-        return cls(
+        fields = dict(
             architecture=arch,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -218,6 +218,10 @@ class ModelConfig:
             eos_token_id=typed("tokenizer.ggml.eos_token_id", int),
             name=typed("general.name", str, ""),
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:  # say where the bad value came from
+            raise ConfigError(f"the GGUF metadata describes an invalid model: {e}") from e
 
 
 def _parse_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:

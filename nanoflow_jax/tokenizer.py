@@ -296,7 +296,7 @@ def _build_from_gguf(meta: Mapping[str, Any], where: str, split_digits: bool | N
 
     bos, eos = opt_id("bos_token_id"), opt_id("eos_token_id")
     _set_post_processor(backend, tokens, bos if typed("tokenizer.ggml.add_bos_token", bool, False) else None,
-                        eos if typed("tokenizer.ggml.add_eos_token", bool, False) else None)
+                        eos if typed("tokenizer.ggml.add_eos_token", bool, False) else None, where)
     extra = {i for i in (opt_id("eot_token_id"), opt_id("eom_token_id")) if i is not None}
     extra |= _special_eos_ids(backend)
     return Tokenizer(backend, bos_token_id=bos, eos_token_id=eos, extra_eos_token_ids=extra,
@@ -341,17 +341,24 @@ def _gguf_pre_tokenizer(pre: str, split_digits: bool | None, where: str) -> pre_
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
 
 
-def _set_post_processor(backend: _Backend, tokens: list[str], bos: int | None, eos: int | None) -> None:
+def _set_post_processor(backend: _Backend, tokens: list[str], bos: int | None, eos: int | None,
+                        where: str) -> None:
     """Add BOS/EOS on `encode(add_special_tokens=True)` only where the GGUF asks for it."""
     if bos is None and eos is None:
         return
-    head = [f"{tokens[bos]}:0"] if bos is not None else []
-    tail = [f"{tokens[eos]}:{{seq}}"] if eos is not None else []
-    single = head + ["$A:0"] + [t.format(seq=0) for t in tail]
-    pair = single + ["$B:1"] + [t.format(seq=1) for t in tail]
+
+    def eos_piece(seq: int) -> list[str]:
+        return [f"{tokens[eos]}:{seq}"] if eos is not None else []
+
+    # Templates as lists of pieces, so a token with a space in it stays one piece.
+    single = ([f"{tokens[bos]}:0"] if bos is not None else []) + ["$A:0"] + eos_piece(0)
+    pair = single + ["$B:1"] + eos_piece(1)
     special = [(tokens[i], i) for i in {bos, eos} if i is not None]
-    backend.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
-                                                           special_tokens=special)
+    try:
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+    except Exception as e:  # the library rejects some token texts (e.g. one with a ':') with a bare Exception
+        raise TokenizerError(f"{where}: the BOS/EOS tokens {[t for t, _ in special]} cannot be added by a "
+                             f"template ({e}); the file's special tokens are corrupt") from e
 
 
 def _special_eos_ids(backend: _Backend) -> set[int]:

@@ -138,8 +138,8 @@ class _Cursor:
 def _alignment(meta: Mapping[str, Any]) -> int:
     align = meta_value(meta, "general.alignment", int, DEFAULT_ALIGNMENT, error=_Corrupt)
     if align <= 0 or align & (align - 1):
-        raise _Corrupt(f"general.alignment is {align!r}; the GGUF spec requires a positive power of two "
-                       f"(the default is {DEFAULT_ALIGNMENT})")
+        raise _Corrupt(f"general.alignment is {align}, but the GGUF spec requires a positive power of two "
+                       f"such as the default {DEFAULT_ALIGNMENT}")
     return align
 
 
@@ -264,6 +264,11 @@ def _tensor_index(cur: _Cursor, n_tensors: int, align: int) -> dict[str, TensorI
                            f"the file has {len(cur.buf)}")
         tensors[name] = TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset, nbytes)
         expected = _round_up(offset + nbytes, align)
+    # The file ends with the last tensor (padded or not): more bytes mean the last tensor's
+    # recorded size shrank, e.g. through a damaged type field, which nothing else detects.
+    if len(cur.buf) > data_start + expected:
+        raise _Corrupt(f"the file has {len(cur.buf)} bytes but its tensor data ends at byte {data_start + expected}: "
+                       "the last tensor's recorded type or size is wrong")
     return tensors
 
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from nanoflow_jax.tokenizer import Tokenizer
 
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Tensors a converter may add that the forward does not read: Llama 3.1's RoPE frequency factors.
+IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 
 
 def open_gguf(path: str | Path) -> GGUFFile:
@@ -33,6 +35,28 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         return ModelConfig.from_gguf_metadata(f.metadata, has_output_tensor="output.weight" in f.tensors)
     except ConfigError as e:
         raise WeightLoadError(f"{f.path}: {e}") from e
+
+
+def check_tensors(f: GGUFFile, cfg: ModelConfig) -> None:
+    """The file holds exactly the tensors `cfg` needs, in the shapes it needs, before anything is
+    allocated. An unused tensor fails too, as in llama.cpp's tensor count check: a damaged name
+    would otherwise drop it silently (a lost output.weight turns into a tied head)."""
+    if cfg.num_layers > len(f.tensors):  # bounds the name list below by the file
+        raise WeightLoadError(f"{f.path}: block_count {cfg.num_layers} exceeds the file's {len(f.tensors)} tensors")
+    expected = names.file_shapes(cfg, names.GGUF_LAYER, names.GGUF_TOP)
+    for name, shape in expected.items():
+        info = f.tensors.get(name)
+        if info is None:
+            raise WeightLoadError(f"{f.path}: GGUF lacks tensor {name!r}: the file is incomplete or not a "
+                                  f"{cfg.architecture} model")
+        if info.shape != shape:
+            raise WeightLoadError(f"{f.path}: {names.shape_error(name, info.shape, shape)}")
+    unused = sorted(set(f.tensors) - set(expected) - IGNORED_TENSORS)
+    if unused:
+        shown = ", ".join(repr(n) for n in unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        raise WeightLoadError(f"{f.path} has {len(unused)} tensor(s) a {cfg.num_layers}-layer {cfg.architecture} "
+                              f"model does not use ({shown}): the file is corrupt or not a plain {cfg.architecture} "
+                              "model")
 
 
 def tokenizer_from_gguf(f: GGUFFile, cfg: ModelConfig) -> Tokenizer:
@@ -55,6 +79,7 @@ def read_gguf_model(path: str | Path, with_params: bool = True,
     every problem with the file is one WeightLoadError."""
     f = open_gguf(path)
     cfg = config_from_gguf(f)
+    check_tensors(f, cfg)
     tokenizer = tokenizer_from_gguf(f, cfg)
     return cfg, tokenizer, load_gguf_params(f, cfg, progress) if with_params else None
 
@@ -71,10 +96,10 @@ def load_gguf_params(f: GGUFFile, cfg: ModelConfig, progress: bool = True) -> Pa
     """Dequantize every tensor to float32 numpy arrays in the pytree layout."""
     from tqdm.auto import tqdm
 
+    check_tensors(f, cfg)
+
     def get(name: str) -> np.ndarray:
-        info = f.tensors.get(name)
-        if info is None:
-            raise WeightLoadError(f"GGUF lacks tensor {name!r}: the file is incomplete or not a {cfg.architecture} model")
+        info = f.tensors[name]
         if info.qtype_name not in SUPPORTED_QTYPES:
             raise WeightLoadError(f"tensor {name!r} uses quantization {info.qtype_name}; "
                                   f"supported: {', '.join(SUPPORTED_QTYPES)}")

@@ -1,8 +1,8 @@
 """Damaged GGUF files: each one either loads with exactly the original weights or fails with
 one WeightLoadError; never another exception, a hang, or silently different weights.
 
-The random cases (fixed seeds) flip header bytes, truncate, and swap metadata values and
-tensor fields; the named cases are the specific ways a reader goes wrong. Flips inside the
+The random cases (fixed seeds) flip, overwrite, insert and cut header bytes, truncate, and
+swap metadata values and tensor fields; the named cases are the specific ways a reader goes wrong. Flips inside the
 tensor data are not tried: GGUF has no checksum, so no reader can notice them.
 """
 
@@ -42,7 +42,7 @@ def original(tmp_path_factory) -> tuple[RawGGUF, dict]:
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items() if k != "layers"}
     params["layers"] = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes["layers"].items()}
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path, params, CFG, qtype="Q8_0", merges=MERGES)
+    write_tiny_gguf(path, params, CFG, qtype="Q8_0", tokenizer=dict(merges=MERGES, add_bos=True, add_eos=True))
     raw = RawGGUF.parse(path)
     assert raw.to_bytes() == path.read_bytes()  # the editable copy writes the file back exactly
     cfg, tokenizer, loaded = read_gguf_model(path, progress=False)
@@ -83,7 +83,9 @@ def _check(path: Path, reference: dict, case: str) -> str:
     """Load `path`: the same weights or a WeightLoadError. Returns the error message ('' on success)."""
     try:
         params, message = _load(path)
-    except Exception as e:  # the report names the mutation that escaped
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a Rust panic in a library is a BaseException; name the mutation that escaped
         raise AssertionError(f"{case}: {type(e).__name__}: {e}") from e
     assert params is None or _same(params, reference), f"{case}: loaded different weights"
     return message
@@ -97,36 +99,48 @@ def _nbytes(dims: list[int], qtype: int) -> int:
 # ---------------------------------------------------------------- random mutations
 
 
-def test_header_byte_flips(tmp_path, original):
-    raw, ref = original
-    data = raw.to_bytes()
-    header_end = len(raw.header())
-    rng = random.Random(1)
-    failed = 0
-    for _ in range(400):
-        pos, bit = rng.randrange(header_end), rng.randrange(1, 256)
-        bad = bytearray(data)
-        bad[pos] ^= bit
-        (tmp_path / "bad.gguf").write_bytes(bad)
-        failed += bool(_check(tmp_path / "bad.gguf", ref, f"byte {pos} ^= {bit}"))
-    assert failed > 100  # most flips hit structure the reader checks
+def _flip(rng: random.Random, data: bytearray, header_end: int) -> str:
+    pos, bits = rng.randrange(header_end), rng.randrange(1, 256)
+    data[pos] ^= bits
+    return f"byte {pos} ^= {bits}"
 
 
 # Values that break size arithmetic: zero, sign bits, all ones, and 2**32 (wraps a 32-bit product).
 _WORDS = [0, 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 62, 2 ** 63, 2 ** 64 - 1]
 
 
-def test_header_word_overwrites(tmp_path, original):
+def _overwrite(rng: random.Random, data: bytearray, header_end: int) -> str:
+    pos, value = rng.randrange(header_end - 8), rng.choice(_WORDS)
+    fmt = "<Q" if value >= 2 ** 32 or rng.random() < 0.5 else "<I"
+    struct.pack_into(fmt, data, pos, value)
+    return f"{fmt} {value} at byte {pos}"
+
+
+def _splice(rng: random.Random, data: bytearray, header_end: int) -> str:
+    """Bytes inserted or cut: every later field moves."""
+    pos, n = rng.randrange(header_end), rng.randrange(1, 16)
+    if rng.random() < 0.5:
+        data[pos:pos] = rng.randbytes(n)
+        return f"{n} bytes inserted at {pos}"
+    del data[pos:pos + n]
+    return f"{n} bytes cut at {pos}"
+
+
+HEADER_MUTATIONS = {"flip": (_flip, 400, 1), "overwrite": (_overwrite, 200, 5), "splice": (_splice, 150, 6)}
+
+
+@pytest.mark.parametrize("mode", sorted(HEADER_MUTATIONS))
+def test_header_mutations(tmp_path, original, mode):
+    mutate, count, seed = HEADER_MUTATIONS[mode]
     raw, ref = original
-    data = raw.to_bytes()
-    header_end = len(raw.header())
-    rng = random.Random(5)
-    for _ in range(200):
-        pos, value = rng.randrange(header_end - 8), rng.choice(_WORDS)
+    data, header_end, rng = raw.to_bytes(), len(raw.header()), random.Random(seed)
+    failed = 0
+    for _ in range(count):
         bad = bytearray(data)
-        struct.pack_into("<Q" if value >= 2 ** 32 or rng.random() < 0.5 else "<I", bad, pos, value)
+        case = mutate(rng, bad, header_end)
         (tmp_path / "bad.gguf").write_bytes(bad)
-        _check(tmp_path / "bad.gguf", ref, f"word at {pos} = {value}")
+        failed += bool(_check(tmp_path / "bad.gguf", ref, case))
+    assert failed > count // 2  # most mutations hit structure the reader checks
 
 
 def test_truncations(tmp_path, original):
@@ -206,6 +220,13 @@ def _edit_list(key: str, edit: Callable[[list], Any]) -> Callable[[RawGGUF], Non
     return lambda raw: edit(raw.kv(key)[2][1])
 
 
+def _more_tokens(n: int) -> Callable[[RawGGUF], None]:
+    def change(raw: RawGGUF) -> None:
+        raw.kv(TOKENS)[2][1].extend(f"<extra{i}>" for i in range(n))
+        raw.kv(TYPES)[2][1].extend([1] * n)
+    return change
+
+
 TOKENS, TYPES, MERGES_KEY = "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"
 NAMED = {
     # general.alignment: a positive power of two, or every tensor shifts
@@ -247,9 +268,14 @@ NAMED = {
     "freq_base_negative": (_set("llama.rope.freq_base", V.FLOAT32, -1e4), "rope_theta must be"),
     "freq_base_inf": (_set("llama.rope.freq_base", V.FLOAT64, math.inf), "rope_theta must be"),
     "freq_base_string": (_set("llama.rope.freq_base", V.STRING, "1e4"), "'llama.rope.freq_base' must be a number"),
-    "vocab_smaller_than_tokenizer": (_set("llama.vocab_size", V.UINT32, 100), "the tokenizer has 112 tokens"),
+    "vocab_smaller_than_embedding": (_set("llama.vocab_size", V.UINT32, 100), "'token_embd.weight' has shape"),
+    "more_tokens_than_embedding_rows": (_more_tokens(8), "the tokenizer has 120 tokens"),
+    "block_count_huge": (_set("llama.block_count", V.UINT64, 2 ** 62), "exceeds the file's 12 tensors"),
     "architecture_not_string": (_set("general.architecture", V.UINT32, 7), "'general.architecture' must be a string"),
     # tensor infos: names, dims, types, offsets
+    "last_tensor_shrunk": (_tensor(-1, 2, 2), "tensor data ends at byte"),  # Q8_0 -> Q4_0: same dims, fewer bytes
+    "trailing_bytes": (lambda raw: setattr(raw, "data", raw.data + bytes(100)), "tensor data ends at byte"),
+    "output_name_damaged": (_tensor(2, 0, "oucput.weight"), "does not use ('oucput.weight')"),  # else: tied head
     "duplicate_tensor_name": (_tensor(2, 0, "token_embd.weight"), "tensor name 'token_embd.weight' appears twice"),
     "offset_unaligned": (_tensor(3, 3, lambda o: o + 4), "not a multiple of the alignment 32"),
     "offset_aligned_but_shifted": (_tensor(3, 3, lambda o: o + 32), "expected"),
@@ -275,6 +301,7 @@ NAMED = {
     "bos_string": (_set("tokenizer.ggml.bos_token_id", V.STRING, "0"), "'tokenizer.ggml.bos_token_id' must be"),
     "eot_out_of_range": (_set("tokenizer.ggml.eot_token_id", V.UINT32, 112), "eot_token_id is 112, outside"),
     "tokenizer_model_not_string": (_set("tokenizer.ggml.model", V.UINT32, 2), "'tokenizer.ggml.model' must be a str"),
+    "bos_token_with_colon": (_edit_list(TOKENS, lambda t: t.__setitem__(0, "<s>:1")), "cannot be added by a template"),
     "add_bos_not_bool": (_set("tokenizer.ggml.add_bos_token", V.UINT8, 1), "'tokenizer.ggml.add_bos_token' must be"),
 }
 
@@ -308,7 +335,7 @@ SAME = {
     "alignment_64": lambda raw: _relayout(raw, 64),
     "alignment_32_explicit": lambda raw: _relayout(raw, 32),
     "unknown_keys": _set("general.tags", V.ARRAY, (V.ARRAY, [(V.STRING, ["x"])])),
-    "trailing_bytes": lambda raw: setattr(raw, "data", raw.data + bytes(100)),
+    "bos_token_with_space_and_braces": _edit_list(TOKENS, lambda t: t.__setitem__(0, "<s {seq} $B>")),
 }
 
 

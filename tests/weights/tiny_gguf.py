@@ -26,7 +26,8 @@ def permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def add_tokenizer(w: gguf.GGUFWriter, *, model: str = "gpt2", pre: str | None = "gpt2", merges: Sequence[str] = (),
-                  add_bos: bool = False, extra_tokens: Sequence[str] = (), vocab_size: int | None = None) -> None:
+                  add_bos: bool = False, add_eos: bool = False, extra_tokens: Sequence[str] = (),
+                  vocab_size: int | None = None) -> None:
     """Byte-level BPE metadata: <s> (BOS, id 0) and </s> (EOS, id 1) as control tokens, one token per
     byte character, each merge's join, `extra_tokens`, then unused padding up to `vocab_size`."""
     w.add_tokenizer_model(model)
@@ -44,6 +45,7 @@ def add_tokenizer(w: gguf.GGUFWriter, *, model: str = "gpt2", pre: str | None = 
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(add_eos)
 
 
 def _finish(w: gguf.GGUFWriter) -> None:
@@ -63,8 +65,9 @@ def write_tokenizer_gguf(path: Path, **tokenizer: Any) -> Path:
 
 def write_tiny_gguf(path, params, cfg: ModelConfig, qtype: str = "F32", arch: str = "llama",
                     drop: str | None = None, override_ffn: int | None = None,
-                    merges: Sequence[str] | None = None) -> None:
-    """`merges`: when given, the file also carries a byte-level BPE tokenizer of `cfg.vocab_size` tokens."""
+                    tokenizer: dict[str, Any] | None = None) -> None:
+    """`tokenizer`: when given, the file also carries a byte-level BPE tokenizer of `cfg.vocab_size`
+    tokens (the dict holds `add_tokenizer`'s keywords)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -75,8 +78,8 @@ def write_tiny_gguf(path, params, cfg: ModelConfig, qtype: str = "F32", arch: st
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    if merges is not None:
-        add_tokenizer(w, merges=merges, vocab_size=cfg.vocab_size)
+    if tokenizer is not None:
+        add_tokenizer(w, vocab_size=cfg.vocab_size, **tokenizer)
     tensors = names.export(params, cfg, names.GGUF_LAYER, names.GGUF_TOP)
     q = gguf.GGMLQuantizationType[qtype]
     for name, arr in tensors.items():
