@@ -158,7 +158,8 @@ def _pieces(t: Tokenizer, text: str) -> list[str]:
     ("qwen2", None, list("123456")),            # qwen2 regex: single digits
 ])
 def test_pre_tokenizer_types(tmp_path, pre, split_digits, expected):
-    t = Tokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf", pre=pre, merges=_DIGIT_MERGES), split_digits=split_digits)
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", pre=pre, merges=_DIGIT_MERGES)
+    t = Tokenizer.from_gguf(path, split_digits=split_digits)
     assert _pieces(t, "123456") == expected
 
 

@@ -2,8 +2,9 @@
 one WeightLoadError; never another exception, a hang, or silently different weights.
 
 The random cases (fixed seeds) flip, overwrite, insert and cut header bytes, truncate, and
-swap metadata values and tensor fields; the named cases are the specific ways a reader goes wrong. Flips inside the
-tensor data are not tried: GGUF has no checksum, so no reader can notice them.
+swap metadata values and tensor fields; the named cases are the specific ways a reader goes
+wrong. Flips inside the tensor data are not tried: GGUF has no checksum, so no reader can
+notice them.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ NAMED = {
     "block_count_string": (_set("llama.block_count", V.STRING, "1"), "'llama.block_count' must be an integer"),
     "block_count_array": (_set("llama.block_count", V.ARRAY, (V.UINT32, [1])), "'llama.block_count' must be an"),
     "block_count_float": (_set("llama.block_count", V.FLOAT32, 1.0), "'llama.block_count' must be an integer"),
-    "context_length_zero": (_set("llama.context_length", V.UINT32, 0), "max_position_embeddings must be an integer > 0"),
+    "context_length_zero": (_set("llama.context_length", V.UINT32, 0), "max_position_embeddings must be an integer"),
     "rms_eps_nan": (_set("llama.attention.layer_norm_rms_epsilon", V.FLOAT32, math.nan),
                     "rms_norm_eps must be a finite number > 0"),
     "rms_eps_zero": (_set("llama.attention.layer_norm_rms_epsilon", V.FLOAT32, 0.0), "rms_norm_eps must be"),
@@ -319,13 +320,11 @@ def test_named_damage(tmp_path, original, case):
 
 def _relayout(raw: RawGGUF, align: int) -> None:
     """Re-pack the data with another alignment (and record it), as a writer would."""
-    sizes = [_nbytes(dims, qtype) for _, dims, qtype, _ in raw.tensors]
-    data, pos = bytearray(), 0
-    for t, size in zip(raw.tensors, sizes):
-        chunk = raw.data[t[3]:t[3] + size]
-        t[3] = pos
+    data = bytearray()
+    for t in raw.tensors:
+        size = _nbytes(t[1], t[2])
+        chunk, t[3] = raw.data[t[3]:t[3] + size], len(data)
         data += chunk + bytes(-size % align)
-        pos = len(data)
     raw.data, raw.alignment = bytes(data), align
     _set("general.alignment", V.UINT32, align)(raw)
 
