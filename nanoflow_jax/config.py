@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +40,12 @@ class RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    def __post_init__(self) -> None:
+        _check_positive(self, ("factor", "low_freq_factor", "high_freq_factor"), ("original_max_position_embeddings",))
+        if self.high_freq_factor <= self.low_freq_factor:  # the llama3 ramp divides by their difference
+            raise ConfigError(f"rope_scaling high_freq_factor ({self.high_freq_factor}) must exceed "
+                              f"low_freq_factor ({self.low_freq_factor})")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -60,10 +68,15 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                      "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.architecture not in GGUF_ARCHITECTURES:
+            raise ConfigError(f"architecture must be one of {list(GGUF_ARCHITECTURES)}, got {self.architecture!r}")
+        _check_positive(self, ("rope_theta", "rms_norm_eps"),
+                        ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                         "head_dim", "max_position_embeddings"))
+        for field in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            if value is not None and not (_is_int(value) and 0 <= value < self.vocab_size):
+                raise ConfigError(f"{field} must be None or a token id in [0, {self.vocab_size}), got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -163,42 +176,52 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output_tensor: bool) -> "ModelConfig":
         """From GGUF key/values (already decoded to Python values)."""
-        arch = meta.get("general.architecture")
+        from nanoflow_jax.weights.gguf_file import meta_value
+
+        def typed(k: str, kind: type, default: Any = None) -> Any:
+            return meta_value(meta, k, kind, default, error=ConfigError)
+
+        arch = typed("general.architecture", str)
         if arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"unsupported GGUF architecture {arch!r}; supported: {list(GGUF_ARCHITECTURES)}")
 
-        def key(k: str, default: Any = None, required: bool = True) -> Any:
-            full = f"{arch}.{k}"
-            if full not in meta:
-                if required and default is None:
-                    raise ConfigError(f"GGUF metadata lacks {full!r}: the file is incomplete or not a {arch} model")
-                return default
-            return meta[full]
+        def key(k: str, kind: type = int, default: Any = None) -> Any:
+            value = typed(f"{arch}.{k}", kind, default)
+            if value is None:
+                raise ConfigError(f"GGUF metadata lacks '{arch}.{k}': the file is incomplete or not a {arch} model")
+            return value
 
-        hidden = int(key("embedding_length"))
-        num_heads = int(key("attention.head_count"))
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        hidden, num_heads = key("embedding_length"), key("attention.head_count")
+        if num_heads <= 0:  # checked here because the head size below divides by it
+            raise ConfigError(f"GGUF metadata '{arch}.attention.head_count' must be positive, got {num_heads}")
+        if f"{arch}.attention.key_length" not in meta and hidden % num_heads:
+            raise ConfigError(f"GGUF metadata '{arch}.embedding_length' ({hidden}) is not a multiple of "
+                              f"'{arch}.attention.head_count' ({num_heads}) and there is no attention.key_length")
+        vocab = typed(f"{arch}.vocab_size", int) or len(typed("tokenizer.ggml.tokens", list, ()))
         if not vocab:
             raise ConfigError("GGUF metadata has neither a vocab size nor a token list")
-        head_dim = int(key("attention.key_length", hidden // num_heads, required=False))
-        return cls(
+        fields = dict(
             architecture=arch,
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_layers=int(key("block_count")),
+            intermediate_size=key("feed_forward_length"),
+            num_layers=key("block_count"),
             num_heads=num_heads,
-            num_kv_heads=int(key("attention.head_count_kv", num_heads, required=False)),
-            head_dim=head_dim,
-            rope_theta=float(key("rope.freq_base", 10000.0, required=False)),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5, required=False)),
-            max_position_embeddings=int(key("context_length", 4096, required=False)),
+            num_kv_heads=key("attention.head_count_kv", int, num_heads),
+            head_dim=key("attention.key_length", int, hidden // num_heads),
+            rope_theta=key("rope.freq_base", float, 10000.0),
+            rms_norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-5),
+            max_position_embeddings=key("context_length", int, 4096),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            name=str(meta.get("general.name", "")),
+            bos_token_id=typed("tokenizer.ggml.bos_token_id", int),
+            eos_token_id=typed("tokenizer.ggml.eos_token_id", int),
+            name=typed("general.name", str, ""),
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:  # say where the bad value came from
+            raise ConfigError(f"the GGUF metadata describes an invalid model: {e}") from e
 
 
 def _parse_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
@@ -215,6 +238,24 @@ def _parse_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
         high_freq_factor=float(rs["high_freq_factor"]),
         original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_positive(obj: Any, reals: tuple[str, ...], ints: tuple[str, ...]) -> None:
+    """Each `reals` field a finite number > 0 (NaN fails every comparison, so it is named here);
+    each `ints` field an integer > 0."""
+    for field in reals:
+        value = getattr(obj, field)
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                and value > 0):
+            raise ConfigError(f"{field} must be a finite number > 0, got {value!r}")
+    for field in ints:
+        value = getattr(obj, field)
+        if not (_is_int(value) and value > 0):
+            raise ConfigError(f"{field} must be an integer > 0, got {value!r}")
 
 
 def available_configs() -> list[str]:

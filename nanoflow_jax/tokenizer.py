@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as _Backend
 
 # llama.cpp's GGUF token types (`tokenizer.ggml.token_type`).
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+TOKEN_UNDEFINED, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(7)
 
 # Pre-tokenizer types (`tokenizer.ggml.pre`) grouped by how they split text. The regexes are
 # the published split rules of those tokenizers (GPT-2's is ByteLevel's built-in one).
@@ -101,8 +101,9 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: str | Path | Any, split_digits: bool | None = None) -> Tokenizer:
-        """Rebuild the tokenizer stored in a GGUF file: a path, an open `gguf.GGUFReader`, or
-        its already-decoded metadata (a mapping of key -> value, as `read_gguf_metadata` gives).
+        """Rebuild the tokenizer stored in a GGUF file: a path, an open `GGUFFile` or
+        `gguf.GGUFReader`, or its already-decoded metadata (a mapping of key -> value, as
+        `read_gguf_metadata` gives).
 
         `split_digits`: None follows the GGUF's pre-tokenizer type (see the module docstring),
         False never adds the individual-digit step, True always adds it.
@@ -110,6 +111,8 @@ class Tokenizer:
         if isinstance(path_or_reader, (str, Path)):
             meta = read_gguf_metadata(path_or_reader)
             where = str(path_or_reader)
+        elif hasattr(path_or_reader, "metadata") and hasattr(path_or_reader, "path"):  # a GGUFFile
+            meta, where = path_or_reader.metadata, str(path_or_reader.path)
         elif hasattr(path_or_reader, "fields"):
             meta = _metadata_from_reader(path_or_reader)
             where = str(getattr(getattr(path_or_reader, "data", None), "filename", None) or "the GGUF reader")
@@ -252,19 +255,30 @@ class IncrementalDecoder:
 
 
 def _build_from_gguf(meta: Mapping[str, Any], where: str, split_digits: bool | None) -> Tokenizer:
-    model = meta.get("tokenizer.ggml.model")
+    from nanoflow_jax.weights.gguf_file import meta_value
+
+    def typed(key: str, kind: type, default: Any = None, item: type | None = None) -> Any:
+        try:
+            return meta_value(meta, key, kind, default, item=item, error=TokenizerError)
+        except TokenizerError as e:
+            raise TokenizerError(f"{where}: {e}") from e
+
+    model = typed("tokenizer.ggml.model", str)
     if model is None:
         raise TokenizerError(f"{where} has no tokenizer metadata (tokenizer.ggml.model); pass a tokenizer folder instead")
     if model != "gpt2":
         raise TokenizerError(
             f"{where}: GGUF tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE, is); "
             "point the tokenizer at a Hugging Face folder with tokenizer.json instead")
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tokens: list[str] = typed("tokenizer.ggml.tokens", list, [], item=str)
+    if not tokens:
+        raise TokenizerError(f"{where} has no token list (tokenizer.ggml.tokens): the file is incomplete or corrupt")
+    types: list[int] = typed("tokenizer.ggml.token_type", list, [TOKEN_NORMAL] * len(tokens), item=int)
+    _check_token_types(types, len(tokens), where)
     vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = _gguf_merges(typed("tokenizer.ggml.merges", list, [], item=str), vocab, where)
     backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = _gguf_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")), split_digits, where)
+    backend.pre_tokenizer = _gguf_pre_tokenizer(typed("tokenizer.ggml.pre", str, "default"), split_digits, where)
     backend.decoder = decoders.ByteLevel()
     # Control tokens are special (skipped when decoding); user-defined ones are plain added
     # tokens. Both are matched whole in the input text before BPE runs.
@@ -274,16 +288,42 @@ def _build_from_gguf(meta: Mapping[str, Any], where: str, split_digits: bool | N
     backend.add_tokens(added)
 
     def opt_id(key: str) -> int | None:
-        value = meta.get(f"tokenizer.ggml.{key}")
-        return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
+        value = typed(f"tokenizer.ggml.{key}", int)
+        if value is not None and not 0 <= value < len(tokens):
+            raise TokenizerError(f"{where}: tokenizer.ggml.{key} is {value}, outside the {len(tokens)}-token "
+                                 "vocabulary: the file is corrupt")
+        return value
 
     bos, eos = opt_id("bos_token_id"), opt_id("eos_token_id")
-    _set_post_processor(backend, tokens, bos if meta.get("tokenizer.ggml.add_bos_token", False) else None,
-                        eos if meta.get("tokenizer.ggml.add_eos_token", False) else None)
+    _set_post_processor(backend, tokens, bos if typed("tokenizer.ggml.add_bos_token", bool, False) else None,
+                        eos if typed("tokenizer.ggml.add_eos_token", bool, False) else None, where)
     extra = {i for i in (opt_id("eot_token_id"), opt_id("eom_token_id")) if i is not None}
     extra |= _special_eos_ids(backend)
     return Tokenizer(backend, bos_token_id=bos, eos_token_id=eos, extra_eos_token_ids=extra,
-                     chat_template=meta.get("tokenizer.chat_template"))
+                     chat_template=typed("tokenizer.chat_template", str))
+
+
+def _check_token_types(types: Sequence[int], n_tokens: int, where: str) -> None:
+    if len(types) != n_tokens:
+        raise TokenizerError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for {n_tokens} tokens: "
+                             "the file is corrupt")
+    bad = next((t for t in types if not TOKEN_UNDEFINED <= t <= TOKEN_BYTE), None)
+    if bad is not None:
+        raise TokenizerError(f"{where}: tokenizer.ggml.token_type holds {bad}, not a llama.cpp token type "
+                             f"({TOKEN_UNDEFINED}..{TOKEN_BYTE}): the file is corrupt")
+
+
+def _gguf_merges(lines: Sequence[str], vocab: Mapping[str, int], where: str) -> list[tuple[str, str]]:
+    """"left right" lines as pairs; each side and their join must be tokens (for a missing join
+    the BPE library raises a Rust panic, a BaseException that `except Exception` does not catch)."""
+    merges = []
+    for i, line in enumerate(lines):
+        pair = tuple(line.split(" ", 1))
+        if len(pair) != 2 or not all(p in vocab for p in pair) or pair[0] + pair[1] not in vocab:
+            raise TokenizerError(f"{where}: tokenizer.ggml.merges[{i}] = {line[:60]!r} is not two tokens whose "
+                                 "join is also a token: the file is corrupt")
+        merges.append(pair)
+    return merges
 
 
 def _gguf_pre_tokenizer(pre: str, split_digits: bool | None, where: str) -> pre_tokenizers.PreTokenizer:
@@ -301,17 +341,24 @@ def _gguf_pre_tokenizer(pre: str, split_digits: bool | None, where: str) -> pre_
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
 
 
-def _set_post_processor(backend: _Backend, tokens: list[str], bos: int | None, eos: int | None) -> None:
+def _set_post_processor(backend: _Backend, tokens: list[str], bos: int | None, eos: int | None,
+                        where: str) -> None:
     """Add BOS/EOS on `encode(add_special_tokens=True)` only where the GGUF asks for it."""
     if bos is None and eos is None:
         return
-    head = [f"{tokens[bos]}:0"] if bos is not None else []
-    tail = [f"{tokens[eos]}:{{seq}}"] if eos is not None else []
-    single = head + ["$A:0"] + [t.format(seq=0) for t in tail]
-    pair = single + ["$B:1"] + [t.format(seq=1) for t in tail]
+
+    def eos_piece(seq: int) -> list[str]:
+        return [f"{tokens[eos]}:{seq}"] if eos is not None else []
+
+    # Templates as lists of pieces, so a token with a space in it stays one piece.
+    single = ([f"{tokens[bos]}:0"] if bos is not None else []) + ["$A:0"] + eos_piece(0)
+    pair = single + ["$B:1"] + eos_piece(1)
     special = [(tokens[i], i) for i in {bos, eos} if i is not None]
-    backend.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
-                                                           special_tokens=special)
+    try:
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+    except Exception as e:  # the library rejects some token texts (e.g. one with a ':') with a bare Exception
+        raise TokenizerError(f"{where}: the BOS/EOS tokens {[t for t, _ in special]} cannot be added by a "
+                             f"template ({e}); the file's special tokens are corrupt") from e
 
 
 def _special_eos_ids(backend: _Backend) -> set[int]:

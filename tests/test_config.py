@@ -1,5 +1,7 @@
 """ModelConfig from HF config.json dicts, GGUF metadata and the shipped configs."""
 
+import dataclasses
+
 import pytest
 
 from nanoflow_jax.config import ConfigError, ModelConfig, RopeScaling, available_configs
@@ -65,3 +67,45 @@ def test_gguf_metadata():
         ModelConfig.from_gguf_metadata({k: v for k, v in meta.items() if k != "llama.block_count"}, True)
     with pytest.raises(ConfigError, match="unsupported GGUF architecture 'falcon'"):
         ModelConfig.from_gguf_metadata({**meta, "general.architecture": "falcon"}, True)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0"),
+    ("rms_norm_eps", 0.0, "rms_norm_eps must be a finite number > 0"),
+    ("rope_theta", -1e4, "rope_theta must be a finite number > 0"),
+    ("rope_theta", float("inf"), "rope_theta must be a finite number > 0"),
+    ("max_position_embeddings", 0, "max_position_embeddings must be an integer > 0"),
+    ("num_layers", 2.0, "num_layers must be an integer > 0"),
+    ("num_heads", True, "num_heads must be an integer > 0"),
+    ("eos_token_id", 49152, "eos_token_id must be None or a token id in \\[0, 49152\\)"),
+    ("bos_token_id", "1", "bos_token_id must be None or a token id"),
+    ("architecture", "gpt2", "architecture must be one of"),
+])
+def test_invalid_fields(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(ModelConfig.from_name("smollm2-135m"), **{field: value})
+
+
+def test_invalid_rope_scaling():
+    with pytest.raises(ConfigError, match="high_freq_factor .* must exceed low_freq_factor"):
+        RopeScaling(8.0, 4.0, 4.0, 8192)
+    with pytest.raises(ConfigError, match="factor must be a finite number > 0"):
+        RopeScaling(0.0, 1.0, 4.0, 8192)
+
+
+def test_gguf_metadata_types_and_ranges():
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
+            "llama.feed_forward_length": 96, "llama.block_count": 3, "llama.vocab_size": 100}
+    for bad, match in [({"llama.block_count": "3"}, "'llama.block_count' must be an integer, got str '3'"),
+                       ({"llama.block_count": [3]}, "'llama.block_count' must be an integer, got list"),
+                       ({"llama.attention.head_count": 0}, "'llama.attention.head_count' must be positive"),
+                       ({"llama.attention.head_count": 5}, "not a multiple of 'llama.attention.head_count'"),
+                       ({"llama.rope.freq_base": "1e4"}, "'llama.rope.freq_base' must be a number"),
+                       ({"llama.context_length": 0}, "max_position_embeddings must be an integer > 0"),
+                       ({"general.architecture": 1}, "'general.architecture' must be a string")]:
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_gguf_metadata({**meta, **bad}, True)
+    # an explicit key length lifts the divisibility requirement; integer-typed floats are accepted
+    cfg = ModelConfig.from_gguf_metadata({**meta, "llama.attention.head_count": 5, "llama.attention.key_length": 16,
+                                          "llama.rope.freq_base": 10000}, True)
+    assert (cfg.head_dim, cfg.rope_theta) == (16, 10000.0) and isinstance(cfg.rope_theta, float)

@@ -9,6 +9,7 @@ import gguf
 import pytest
 
 from nanoflow_jax.tokenizer import Tokenizer, TokenizerError, read_gguf_metadata
+from tests.weights.tiny_gguf import write_tokenizer_gguf
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_tokenizer_reference.json"
 REF = json.loads(FIXTURE.read_text(encoding="utf-8"))
@@ -140,29 +141,6 @@ def test_from_hf_dir_without_tokenizer_json(tmp_path):
 
 # ------------------------------------------------------------ synthetic GGUF files
 
-_BYTE_CHARS = [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["Ġ", "Ċ"]
-
-
-def _write_gguf(path: Path, *, model: str = "gpt2", pre: str | None = "gpt2", merges: list[str] = (),
-                add_bos: bool = False, extra_tokens: list[str] = ()) -> Path:
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model(model)
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    tokens = ["<s>", "</s>", *_BYTE_CHARS, *[m.replace(" ", "") for m in merges], *extra_tokens]
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
-    w.add_token_merges(list(merges))
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_add_bos_token(add_bos)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 # Merges chosen so that each way of cutting "123456" gives different tokens.
 _DIGIT_MERGES = ["3 4", "2 34", "5 6", "1 2", "4 5"]
 
@@ -180,27 +158,44 @@ def _pieces(t: Tokenizer, text: str) -> list[str]:
     ("qwen2", None, list("123456")),            # qwen2 regex: single digits
 ])
 def test_pre_tokenizer_types(tmp_path, pre, split_digits, expected):
-    t = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", pre=pre, merges=_DIGIT_MERGES), split_digits=split_digits)
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", pre=pre, merges=_DIGIT_MERGES)
+    t = Tokenizer.from_gguf(path, split_digits=split_digits)
     assert _pieces(t, "123456") == expected
 
 
 def test_unknown_pre_tokenizer_warns(tmp_path):
-    path = _write_gguf(tmp_path / "t.gguf", pre="made-up-pre")
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", pre="made-up-pre")
     with pytest.warns(UserWarning, match="made-up-pre"):
         t = Tokenizer.from_gguf(path)
     assert _pieces(t, "ab c") == ["a", "b", "Ġ", "c"]
 
 
 def test_add_bos_token_from_gguf(tmp_path):
-    t = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", add_bos=True))
+    t = Tokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf", add_bos=True))
     assert t.encode("a", add_special_tokens=True) == [0, t.token_to_id("a")]
     assert t.encode("a") == [t.token_to_id("a")]
 
 
 def test_unsupported_tokenizer_model_is_named(tmp_path):
-    path = _write_gguf(tmp_path / "t.gguf", model="llama")
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", model="llama")
     with pytest.raises(TokenizerError, match="'llama'.*not supported"):
         Tokenizer.from_gguf(path)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("tokenizer.ggml.merges", ["a b"], r"merges\[0\] = 'a b' is not two tokens"),  # 'ab' is no token
+    ("tokenizer.ggml.merges", ["ab"], r"merges\[0\] = 'ab' is not two tokens"),
+    ("tokenizer.ggml.merges", [1], "'tokenizer.ggml.merges' must be an array of items each a string"),
+    ("tokenizer.ggml.tokens", "abc", "'tokenizer.ggml.tokens' must be an array"),
+    ("tokenizer.ggml.tokens", [], "no token list"),
+    ("tokenizer.ggml.token_type", [1, 1], "token_type has 2 entries for 98 tokens"),
+    ("tokenizer.ggml.bos_token_id", 98, "bos_token_id is 98, outside the 98-token vocabulary"),
+    ("tokenizer.ggml.pre", 3, "'tokenizer.ggml.pre' must be a string"),
+])
+def test_broken_gguf_vocabulary_is_a_tokenizer_error(tmp_path, key, value, match):
+    meta = read_gguf_metadata(write_tokenizer_gguf(tmp_path / "t.gguf"))
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer.from_gguf({**meta, key: value})
 
 
 def test_not_a_gguf_file(tmp_path):

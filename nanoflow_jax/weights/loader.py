@@ -61,15 +61,12 @@ def load_model(model: str | Path | None = None, weights: str = "auto", dtype: st
 
 
 def _load_gguf(path: Path, weights: str, dt: jnp.dtype, seed: int, progress: bool) -> LoadedModel:
-    from nanoflow_jax.tokenizer import Tokenizer
-    from nanoflow_jax.weights.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+    from nanoflow_jax.weights.gguf_loader import read_gguf_model
 
-    gguf_file = open_gguf(path)
-    cfg = config_from_gguf(gguf_file)
-    tokenizer = Tokenizer.from_gguf(gguf_file.metadata)
-    if weights == "random":
+    cfg, tokenizer, host_params = read_gguf_model(path, with_params=weights != "random", progress=progress)
+    if host_params is None:
         return LoadedModel(cfg, init_params(cfg, jax.random.key(seed), dt), tokenizer)
-    return LoadedModel(cfg, _to_device(load_gguf_params(gguf_file, cfg, progress), dt), tokenizer)
+    return LoadedModel(cfg, _to_device(host_params, dt), tokenizer)
 
 
 def _load_folder(path: Path, weights: str, dt: jnp.dtype, seed: int) -> LoadedModel:

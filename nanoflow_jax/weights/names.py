@@ -56,14 +56,13 @@ def assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], layer_names: di
 
     def load(key: str, name: str, expected: tuple[int, ...]) -> np.ndarray:
         arr = get(name)
+        # Checked in file layout, before `fix`: a fix such as a head permutation reshapes by the config.
+        if tuple(arr.shape) != _file_shape(key, expected):
+            raise shape_error(name, tuple(arr.shape), _file_shape(key, expected))
         if fix is not None:
             arr = fix(key, arr)
         if key in TRANSPOSED:
             arr = arr.T
-        if tuple(arr.shape) != tuple(expected):
-            raise WeightLoadError(
-                f"tensor {name!r} has shape {tuple(arr.shape)} (after layout change), expected "
-                f"{tuple(expected)} from the model config: the weights and config.json disagree")
         if progress is not None:
             progress(1)
         return arr
@@ -77,6 +76,24 @@ def assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], layer_names: di
         for key, shape in shapes["layers"].items()
     }
     return params
+
+
+def _file_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if key in TRANSPOSED else tuple(shape)
+
+
+def shape_error(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> WeightLoadError:
+    return WeightLoadError(f"tensor {name!r} has shape {got}, expected {expected} from the model config "
+                           "(the file stores matrices [out, in]): the weights and config disagree")
+
+
+def file_shapes(cfg: ModelConfig, layer_names: dict[str, str], top_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor `assemble` reads for `cfg`, with its shape in the file's layout."""
+    shapes = param_shapes(cfg)
+    out = {top_names[key]: _file_shape(key, shape) for key, shape in shapes.items() if key != "layers"}
+    for key, shape in shapes["layers"].items():
+        out.update((layer_names[key].format(i=i), _file_shape(key, shape[1:])) for i in range(cfg.num_layers))
+    return out
 
 
 def num_tensors(cfg: ModelConfig) -> int:
