@@ -62,6 +62,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._seed_rng = np.random.default_rng(self.cfg.seed)
         self._inflight: tuple[ScheduledBatch, jax.Array] | None = None
+        self._carry: list[RequestOutput] = []   # updates of a step that raised, handed out next step
         self.num_iterations = 0
 
     # ---- requests ------------------------------------------------------------------
@@ -111,7 +112,7 @@ class LLMEngine:
         return self._output(seq, [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carry)
 
     def _output(self, seq: Sequence, token_ids: list[int]) -> RequestOutput:
         """The update for one request (a finished one is forgotten: it reports only once)."""
@@ -129,8 +130,20 @@ class LLMEngine:
     # ---- iterations ----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an update for every request that got a token or failed."""
-        outputs: list[RequestOutput] = []
+        """Run one iteration; returns an update for every request that got a token or failed.
+
+        If it raises (KeyboardInterrupt included), the updates it had made are handed out
+        by the next step, so no request's final update is lost.
+        """
+        outputs, self._carry = self._carry, []
+        try:
+            self._iterate(outputs)
+        except BaseException:
+            self._carry = outputs
+            raise
+        return outputs
+
+    def _iterate(self, outputs: list[RequestOutput]) -> None:
         batch = self._form(outputs)
         launched = None
         if batch is not None:
@@ -141,9 +154,17 @@ class LLMEngine:
         if not self.cfg.async_scheduling:
             self._inflight, launched = launched, None
         done, self._inflight = self._inflight, launched
-        if done is not None:
-            outputs += self._read_back(*done)
-        return outputs
+        if done is None:
+            return
+        try:
+            self._read_back(*done, outputs)
+        except BaseException as e:
+            # Rows not read back lost their token: fail those requests rather than leave
+            # them waiting for it forever.
+            batch = done[0]
+            outputs += [self._fail(row.seq, "reading back its batch", e) for row in batch.rows[batch.num_read:]
+                        if row.samples and not row.seq.is_finished]
+            raise
 
     def _form(self, outputs: list[RequestOutput]) -> ScheduledBatch | None:
         """The next batch; a request that breaks forming it fails alone (each retry drops one)."""
@@ -182,27 +203,26 @@ class LLMEngine:
             return e
         return None
 
-    def _read_back(self, batch: ScheduledBatch, tokens: jax.Array) -> list[RequestOutput]:
+    def _read_back(self, batch: ScheduledBatch, tokens: jax.Array, outputs: list[RequestOutput]) -> None:
         """Read one iteration's tokens (np.asarray waits for it) and turn them into updates."""
         try:
             host = np.asarray(tokens)
         except Exception as e:
-            return [self._fail(row.seq, "running its batch on the device", e)
-                    for row in batch.rows if row.samples and not row.seq.is_finished]
-        outputs = []
+            outputs += [self._fail(row.seq, "running its batch on the device", e)
+                        for row in batch.rows if row.samples and not row.seq.is_finished]
+            return
         for i, row in enumerate(batch.rows):
             seq = row.seq
-            if not row.samples or seq.is_finished:
-                continue   # a mid-prompt chunk, or the extra token after a late-seen stop
-            seq.num_pending -= 1
-            token = int(host[i])
-            try:
-                self._append(seq, token)
-            except Exception as e:
-                outputs.append(self._fail(seq, f"detokenizing token {token}", e))
-                continue
-            outputs.append(self._output(seq, [token]))
-        return outputs
+            # Skipped: a mid-prompt chunk, or the extra token after a late-seen stop.
+            if row.samples and not seq.is_finished:
+                seq.num_pending -= 1
+                token = int(host[i])
+                try:
+                    self._append(seq, token)
+                    outputs.append(self._output(seq, [token]))
+                except Exception as e:
+                    outputs.append(self._fail(seq, f"detokenizing token {token}", e))
+            batch.num_read = i + 1
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Add one output token and its text; finish the request if it ends here."""

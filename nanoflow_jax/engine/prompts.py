@@ -30,7 +30,8 @@ def prompt_token_ids(prompt: Any, tokenizer: Any | None, vocab_size: int, add_sp
             raise ValueError(f"the tokenizer rejected the prompt ({type(e).__name__}: {e}): "
                              "pass valid Unicode text") from None
     elif isinstance(prompt, Mapping):
-        raise ValueError(f"a prompt dict needs a 'prompt' (text) or 'prompt_token_ids' key, got {sorted(map(str, prompt))}")
+        raise ValueError(f"a prompt dict needs a 'prompt' (text) or 'prompt_token_ids' key, "
+                         f"got keys {sorted(map(str, prompt))}")
     elif isinstance(prompt, (bytes, bytearray, memoryview)):
         raise ValueError("a bytes prompt is not token ids: decode it to str, or pass a list of ints")
     else:

@@ -36,6 +36,7 @@ class ScheduledBatch:
     num_decode: int
     num_tokens: int
     num_preempted: int
+    num_read: int = 0   # rows whose sampled token the engine has read back
 
 
 class ScheduleError(RuntimeError):

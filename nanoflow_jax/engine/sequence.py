@@ -99,10 +99,14 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that is the start (not all) of a stop string."""
     longest = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
+        # Candidate starts are the stop's first character within its reach of the end;
+        # the first one that fits is the longest for this stop.
+        at = text.find(stop[0], max(0, len(text) - len(stop) + 1), len(text) - longest)
+        while at != -1:
+            if stop.startswith(text[at:]):
+                longest = len(text) - at
                 break
+            at = text.find(stop[0], at + 1, len(text) - longest)
     return longest
 
 

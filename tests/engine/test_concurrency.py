@@ -4,6 +4,7 @@ thread. Each caller gets exactly its own outputs, equal to a run on its own."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -42,6 +43,19 @@ def test_stream_holds_back_a_possible_stop_string():
     assert seq.take_delta() == ""
     seq.status = seq.status.FINISHED   # finishing (length, EOS, abort) flushes what was held
     assert seq.take_delta() == "xy"
+
+
+def test_fuzz_hold_back_is_the_longest_stop_prefix():
+    """The held-back tail against a brute-force search (fixed seed, small alphabet)."""
+    rng = random.Random(3)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        seq = _text_seq(stops)
+        seq.text = text
+        held = max((k for s in stops for k in range(1, len(s)) if k <= len(text) and text.endswith(s[:k])),
+                   default=0)
+        assert seq.take_delta() == text[: len(text) - held], (text, stops)
 
 
 def test_stream_deltas_add_up_with_multi_token_stop_strings(tokenizer):

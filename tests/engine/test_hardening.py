@@ -202,3 +202,42 @@ def test_interrupted_calls_leave_nothing_behind(monkeypatch):
     outs = llm.generate(prompts[:2], GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == reference_greedy(prompts[:2], 6)
     assert eng.blocks.all_free()
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_step_interrupted_mid_read_back_loses_no_request(monkeypatch, async_scheduling):
+    """An interrupt while a step reads tokens back: the rows it did not reach fail, the
+    updates it made come with the next step, and every request ends exactly once."""
+    llm = make_llm(async_scheduling=async_scheduling)
+    eng = llm.engine
+    prompts = random_prompts(5, [6, 20, 3, 11, 8], seed=14)
+    for i, p in enumerate(prompts):
+        eng.add_request(p, GREEDY, request_id=f"r{i}")
+    append, calls = eng._append, [0]
+
+    def interrupted_append(seq, token):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt
+        return append(seq, token)
+
+    monkeypatch.setattr(eng, "_append", interrupted_append)
+    finished: dict = {}
+    for _ in range(500):
+        if not eng.has_unfinished():
+            break
+        try:
+            updates = eng.step()
+        except KeyboardInterrupt:
+            continue
+        for out in updates:
+            assert out.request_id not in finished, f"{out.request_id} finished twice"
+            if out.finished:
+                finished[out.request_id] = out
+    assert sorted(finished) == [f"r{i}" for i in range(5)]
+    failed = [r for r, o in finished.items() if o.error]
+    assert failed and all("reading back" in finished[r].error for r in failed)
+    ok = [i for i in range(5) if f"r{i}" not in failed]
+    ref = reference_greedy([prompts[i] for i in ok], 6)
+    assert [finished[f"r{i}"].outputs[0].token_ids for i in ok] == ref
+    assert eng.blocks.all_free() and not eng.scheduler.has_unfinished()
