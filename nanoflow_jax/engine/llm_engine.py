@@ -229,9 +229,5 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         delta = seq.detok.add(token) if seq.detok is not None else ""
         end = finish_check(seq, token, delta, self.eos_ids)
-        if end is None:
-            return
-        reason, stop_reason = end
-        if seq.detok is not None and not isinstance(stop_reason, str):
-            seq.text += seq.detok.flush()   # not cut at a stop string: text held for a partial character
-        self.scheduler.finish(seq, reason, stop_reason)
+        if end is not None:
+            self.scheduler.finish(seq, *end)

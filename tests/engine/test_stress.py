@@ -58,23 +58,25 @@ def test_200_random_requests_finish_exactly_once(async_scheduling):
         assert got == r[: len(got)], f"request {i} differs from the dense reference"
 
 
-def _storm_requests(rng: random.Random, base: list[str], n: int) -> list[SamplingParams]:
-    """Greedy requests whose stop strings hit mid-text (several tokens long), stops that
-    never hit, a stop whose start is common, and seeded sampled ones."""
+def _storm_requests(rng: random.Random, base: list, n: int) -> list[SamplingParams]:
+    """Greedy requests (`base`: their greedy outputs) whose stop strings hit mid-text
+    (several tokens long), stops that never hit, a stop whose start is common, stop tokens
+    and EOS with a stop string pending, and seeded sampled ones."""
     out = []
     for i in range(n):
-        text = base[i % len(base)]
-        kind = rng.randrange(4)
+        text, ids = base[i % len(base)].outputs[0].text, base[i % len(base)].outputs[0].token_ids
+        kind = rng.randrange(5)
+        stop_ids: list[int] = []
         if kind == 0 and len(text) > 8:
             at = rng.randrange(2, len(text) - 4)
             stop: list[str] = [text[at:at + rng.randint(2, 4)], "\x00\x01never"]
-        elif kind == 1:
+        elif kind in (1, 2):
             stop = [text[-1:] + "\x02\x03" if text else "zz", "\n\n\n"]
+            stop_ids = [ids[rng.randrange(len(ids))]] if kind == 2 else []
         else:
             stop = []
-        temperature = 0.0 if kind < 3 else 0.9
-        out.append(SamplingParams(temperature=temperature, max_tokens=rng.randint(1, 20), ignore_eos=True,
-                                  stop=stop, seed=i))
+        out.append(SamplingParams(temperature=0.9 if kind == 4 else 0.0, max_tokens=rng.randint(1, 20),
+                                  ignore_eos=kind != 2, stop=stop, stop_token_ids=stop_ids, seed=i))
     return out
 
 
@@ -88,8 +90,7 @@ def test_text_storm_deltas_add_up(tokenizer, async_scheduling):
     eng = llm.engine
     words = ["The", " capital", " of", " France", " is", " héllo", " ✓", " 42", "\n"]
     prompts = ["".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(24)]
-    base = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20,
-                                                                            ignore_eos=True))]
+    base = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     n = 120
     params = _storm_requests(rng, base, n)
     to_abort = set(rng.sample(range(n), 15))
@@ -135,8 +136,7 @@ def test_threaded_stream_storm(tokenizer):
     llm = make_llm(tokenizer=tokenizer, num_kv_pages=24)
     rng = random.Random(9)
     prompts = ["The capital of France is", " héllo ✓", "a", "\n\n", "42 is"]
-    base = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20,
-                                                                            ignore_eos=True))]
+    base = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     jobs = [_storm_requests(rng, base, 12) for _ in range(3)]
     seen: list[dict[str, list]] = [{}, {}, {}]
     errors: list[BaseException] = []
