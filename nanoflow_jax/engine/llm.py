@@ -120,10 +120,13 @@ class LLM:
         return ids
 
     def _release(self, ids: Seq[str]) -> None:
-        """Abort whichever of these requests still run, and stop routing their updates."""
+        """Abort whichever of these requests still run, and stop routing their updates.
+
+        Every id is aborted, routed or not: one queued just before an interrupt has no route yet.
+        """
         for rid in ids:
-            if self._routes.pop(rid, None) is not None:
-                self.engine.abort(rid)
+            self._routes.pop(rid, None)
+            self.engine.abort(rid)   # None for a finished or rejected one
 
     def _pump(self) -> None:
         """One engine step (lock held); each update goes to its owner's queue."""

@@ -99,8 +99,8 @@ class LLMEngine:
                        prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens)
         if self.tokenizer is not None:
             seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        self._seqs[rid] = seq
         self.scheduler.add(seq)
+        self._seqs[rid] = seq
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:

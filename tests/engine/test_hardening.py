@@ -49,6 +49,19 @@ def test_range_edges_and_numpy_scalars_are_accepted():
     assert sp == SamplingParams(top_k=5, seed=7, temperature=0.5, stop_token_ids=[3, 4], max_tokens=9)
 
 
+def test_out_of_range_params_fail_their_request_alone():
+    llm = make_llm()
+    prompts = random_prompts(3, [4, 9, 6], seed=15)
+    bad = [{"top_k": 2**31}, {"seed": 2**32}, {"temperature": math.inf}, {"stop_token_ids": [2**31]}]
+    for b in bad:
+        outs = llm.generate(prompts, [GREEDY, b, GREEDY])
+        field = next(iter(b))
+        assert outs[1].error.startswith("request 'gen-") and f"SamplingParams.{field}=" in outs[1].error
+        assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == \
+            reference_greedy([prompts[0], prompts[2]], 6)
+    assert llm.engine.blocks.all_free() and not llm.engine.has_unfinished()
+
+
 def _pack(llm, params: list[SamplingParams]) -> None:
     """The runner's real host packing of one batch with these params (no device work)."""
     rows = [ScheduledRow(Sequence(request_id=str(i), arrival=i, prompt=None, prompt_token_ids=[1, 2],
