@@ -149,8 +149,7 @@ class LLMEngine:
         if batch is not None:
             launched = self._launch(batch, outputs)
         elif self._inflight is None and self.scheduler.has_unfinished() and not outputs:
-            raise RuntimeError(f"scheduler stalled: {len(self.scheduler.waiting)} waiting, "
-                               f"{len(self.scheduler.running)} running, {self.blocks.num_free} free pages")
+            self._unstall(outputs)
         if not self.cfg.async_scheduling:
             self._inflight, launched = launched, None
         done, self._inflight = self._inflight, launched
@@ -165,6 +164,17 @@ class LLMEngine:
             outputs += [self._fail(row.seq, "reading back its batch", e) for row in batch.rows[batch.num_read:]
                         if row.samples and not row.seq.is_finished]
             raise
+
+    def _unstall(self, outputs: list[RequestOutput]) -> None:
+        """Nothing ran although requests wait: fail those waiting for a token that no
+        in-flight batch will deliver (they block the others); anything else is a bug."""
+        sched = self.scheduler
+        stuck = [q for q in sched.running + sched.waiting if q.num_pending]
+        if not stuck:
+            raise RuntimeError(f"scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
+                               f"running, {self.blocks.num_free} free pages")
+        lost = RuntimeError("its sampled token was lost with an interrupted step")
+        outputs += [self._fail(q, "waiting for its next token", lost) for q in stuck]
 
     def _form(self, outputs: list[RequestOutput]) -> ScheduledBatch | None:
         """The next batch; a request that breaks forming it fails alone (each retry drops one)."""

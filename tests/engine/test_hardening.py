@@ -254,3 +254,20 @@ def test_step_interrupted_mid_read_back_loses_no_request(monkeypatch, async_sche
     ref = reference_greedy([prompts[i] for i in ok], 6)
     assert [finished[f"r{i}"].outputs[0].token_ids for i in ok] == ref
     assert eng.blocks.all_free() and not eng.scheduler.has_unfinished()
+
+
+def test_request_waiting_for_a_lost_token_fails_alone():
+    """A request counting a token that no in-flight batch will deliver (as after an
+    interrupt between dispatch and bookkeeping) would block admission forever: it fails
+    alone and the requests behind it run."""
+    llm = make_llm()
+    eng = llm.engine
+    prompts = random_prompts(3, [5, 8, 4], seed=16)
+    for i, p in enumerate(prompts):
+        eng.add_request(p, GREEDY, request_id=f"r{i}")
+    eng._seqs["r0"].num_pending = 1
+    finished = _drain(eng)
+    assert finished["r0"].outputs[0].finish_reason == "error" and "lost" in finished["r0"].error
+    assert [finished["r1"].outputs[0].token_ids, finished["r2"].outputs[0].token_ids] == \
+        reference_greedy(prompts[1:], 6)
+    assert eng.blocks.all_free()
