@@ -132,8 +132,9 @@ class LLM:
         """One engine step (lock held); each update goes to its owner's queue."""
         if not self.engine.has_unfinished():
             lost = sorted(self._routes)
-            raise RuntimeError(f"requests {lost[:5]} are no longer in the engine (aborted on LLM.engine "
-                               "directly?): abort them through the generator or call instead")
+            raise RuntimeError(f"requests {lost[:5]} left the engine without a final update while their "
+                               "callers wait: do not abort LLM's requests on LLM.engine directly; close "
+                               "the stream (or interrupt the call) instead")
         for out in self.engine.step():
             inbox = self._routes.get(out.request_id)
             if inbox is not None:

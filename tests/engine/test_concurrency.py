@@ -163,3 +163,14 @@ def test_stream_beside_generate_and_interleaved_streams(work):
     next(early)
     early.close()
     assert not llm.engine.scheduler.has_unfinished() and llm.engine.blocks.all_free() and not llm._routes
+
+
+def test_request_aborted_behind_the_llm_raises_instead_of_hanging(work):
+    llm = make_llm()
+    stream = llm.stream(work[0][:2], GREEDY)   # requests gen-0 and gen-1 of a fresh LLM
+    next(stream)
+    for rid in ("gen-0", "gen-1"):
+        llm.engine.abort(rid)
+    with pytest.raises(RuntimeError, match="without a final update"):
+        list(stream)
+    assert not llm._routes and llm.engine.blocks.all_free()
