@@ -63,6 +63,7 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(self.cfg.seed)
         self._inflight: tuple[ScheduledBatch, jax.Array] | None = None
         self._carry: list[RequestOutput] = []   # updates of a step that raised, handed out next step
+        self._launching: ScheduledBatch | None = None   # dispatched, not yet tracked as in flight
         self.num_iterations = 0
 
     # ---- requests ------------------------------------------------------------------
@@ -109,23 +110,23 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq, [])
+        return self._output(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carry)
 
-    def _output(self, seq: Sequence, token_ids: list[int]) -> RequestOutput:
+    def _output(self, seq: Sequence) -> RequestOutput:
         """The update for one request (a finished one is forgotten: it reports only once)."""
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
-        return RequestOutput.from_sequence(seq, seq.take_delta(), token_ids)
+        return RequestOutput.from_sequence(seq, seq.take_delta(), seq.take_token_delta())
 
     def _fail(self, seq: Sequence, what: str, error: BaseException) -> RequestOutput:
         """End one request with finish_reason "error"; its pages go back to the pool."""
         seq.error = f"request {seq.request_id!r}: {what} failed ({type(error).__name__}: {error})"
         log.warning("%s; the other requests carry on", seq.error)
         self.scheduler.finish(seq, "error")
-        return self._output(seq, [])
+        return self._output(seq)
 
     # ---- iterations ----------------------------------------------------------------
 
@@ -138,7 +139,13 @@ class LLMEngine:
         outputs, self._carry = self._carry, []
         try:
             self._iterate(outputs)
-        except BaseException:
+        except BaseException as e:
+            if self._launching is not None:
+                # Interrupted between dispatch and tracking: those rows' tokens can never
+                # be read, so their requests fail rather than count on them.
+                outputs += [self._fail(row.seq, "tracking its dispatched batch", e)
+                            for row in self._launching.rows if not row.seq.is_finished]
+                self._launching = None
             self._carry = outputs
             raise
         return outputs
@@ -153,16 +160,20 @@ class LLMEngine:
         if not self.cfg.async_scheduling:
             self._inflight, launched = launched, None
         done, self._inflight = self._inflight, launched
+        self._launching = None
         if done is None:
             return
         try:
             self._read_back(*done, outputs)
         except BaseException as e:
             # Rows not read back lost their token: fail those requests rather than leave
-            # them waiting for it forever.
+            # them waiting for it forever; one that finished unreported reports now.
             batch = done[0]
-            outputs += [self._fail(row.seq, "reading back its batch", e) for row in batch.rows[batch.num_read:]
-                        if row.samples and not row.seq.is_finished]
+            for row in batch.rows[batch.num_read:]:
+                if not row.seq.is_finished and row.samples:
+                    outputs.append(self._fail(row.seq, "reading back its batch", e))
+                elif self._seqs.get(row.seq.request_id) is row.seq and row.seq.is_finished:
+                    outputs.append(self._output(row.seq))
             raise
 
     def _unstall(self, outputs: list[RequestOutput]) -> None:
@@ -191,6 +202,7 @@ class LLMEngine:
         prev = self._inflight[1] if self._inflight is not None else None
         try:
             tokens = self.runner.dispatch(batch, prev)
+            self._launching = batch
         except Exception as e:
             errors = [(row, self._pack_error(row, i < batch.num_decode)) for i, row in enumerate(batch.rows)]
             culprits = [(row, err) for row, err in errors if err is not None]
@@ -229,7 +241,7 @@ class LLMEngine:
                 token = int(host[i])
                 try:
                     self._append(seq, token)
-                    outputs.append(self._output(seq, [token]))
+                    outputs.append(self._output(seq))
                 except Exception as e:
                     outputs.append(self._fail(seq, f"detokenizing token {token}", e))
             batch.num_read = i + 1

@@ -44,6 +44,7 @@ class Sequence:
     error: str | None = None
     text: str = ""                # detokenized output so far (stop strings cut off)
     num_emitted: int = 0          # chars of `text` already handed out as stream deltas
+    num_emitted_tokens: int = 0   # output tokens already handed out as stream deltas
     detok: Any = None             # incremental detokenizer, when there is a tokenizer
     num_preemptions: int = 0
 
@@ -88,6 +89,12 @@ class Sequence:
         delta = self.text[self.num_emitted:end]
         self.num_emitted = max(self.num_emitted, end)
         return delta
+
+    def take_token_delta(self) -> list[int]:
+        """Output tokens not yet handed out in an update."""
+        ids = self.output_token_ids[self.num_emitted_tokens:]
+        self.num_emitted_tokens = len(self.output_token_ids)
+        return ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Known tokens at positions [start, end) (prompt then outputs)."""

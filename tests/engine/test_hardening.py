@@ -217,25 +217,36 @@ def test_interrupted_calls_leave_nothing_behind(monkeypatch):
     assert eng.blocks.all_free()
 
 
+@pytest.mark.parametrize("where", ["read_back", "read_back_finishing", "after_commit"])
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_step_interrupted_mid_read_back_loses_no_request(monkeypatch, async_scheduling):
-    """An interrupt while a step reads tokens back: the rows it did not reach fail, the
-    updates it made come with the next step, and every request ends exactly once."""
+def test_interrupted_step_loses_no_request(monkeypatch, async_scheduling, where):
+    """An interrupt while a step reads tokens back (also right after a request finished),
+    or right after it dispatched and committed a batch: the requests whose tokens it cannot
+    track fail, the updates it made come with the next step, and every request ends
+    exactly once with its token deltas adding up."""
     llm = make_llm(async_scheduling=async_scheduling)
     eng = llm.engine
     prompts = random_prompts(5, [6, 20, 3, 11, 8], seed=14)
     for i, p in enumerate(prompts):
         eng.add_request(p, GREEDY, request_id=f"r{i}")
-    append, calls = eng._append, [0]
+    owner, name = (eng.scheduler, "commit") if where == "after_commit" else (eng, "_append")
+    real, calls, fired = getattr(owner, name), [0], [False]
 
-    def interrupted_append(seq, token):
+    def interrupted(*args):
         calls[0] += 1
-        if calls[0] == 8:
+        result = real(*args)
+        if where == "read_back_finishing":
+            hit = args[0].is_finished
+        else:
+            hit = calls[0] == (8 if where == "read_back" else 3)
+        if hit and not fired[0]:
+            fired[0] = True
             raise KeyboardInterrupt
-        return append(seq, token)
+        return result
 
-    monkeypatch.setattr(eng, "_append", interrupted_append)
+    monkeypatch.setattr(owner, name, interrupted)
     finished: dict = {}
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(5)}
     for _ in range(500):
         if not eng.has_unfinished():
             break
@@ -245,11 +256,15 @@ def test_step_interrupted_mid_read_back_loses_no_request(monkeypatch, async_sche
             continue
         for out in updates:
             assert out.request_id not in finished, f"{out.request_id} finished twice"
+            tokens[out.request_id] += out.outputs[0].delta_token_ids
             if out.finished:
                 finished[out.request_id] = out
-    assert sorted(finished) == [f"r{i}" for i in range(5)]
+    assert fired[0] and sorted(finished) == [f"r{i}" for i in range(5)]
+    assert all(tokens[r] == o.outputs[0].token_ids for r, o in finished.items())
     failed = [r for r, o in finished.items() if o.error]
-    assert failed and all("reading back" in finished[r].error for r in failed)
+    if where != "read_back_finishing":   # there the interrupted request had finished: nothing fails
+        assert failed
+    assert all(("tracking" if where == "after_commit" else "reading back") in finished[r].error for r in failed)
     ok = [i for i in range(5) if f"r{i}" not in failed]
     ref = reference_greedy([prompts[i] for i in ok], 6)
     assert [finished[f"r{i}"].outputs[0].token_ids for i in ok] == ref
