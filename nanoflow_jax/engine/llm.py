@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from typing import Any, Iterator, Mapping, Sequence as Seq
 
 import jax
@@ -20,21 +22,25 @@ ParamsInput = SamplingParams | Mapping[str, Any] | None
 Messages = Seq[Mapping[str, Any]]
 
 
-def _normalize_prompts(prompts: PromptInput | Seq[PromptInput]) -> list[str | list[int]]:
-    """One prompt or a list of them; a prompt is text, token ids or {"prompt_token_ids": [...]}."""
-    def one(p: PromptInput) -> str | list[int]:
-        if isinstance(p, Mapping):
-            if "prompt_token_ids" in p:
-                return list(p["prompt_token_ids"])
-            return p["prompt"]
-        return p if isinstance(p, str) else list(p)
+def _normalize_prompts(prompts: PromptInput | Seq[PromptInput]) -> list[Any]:
+    """One prompt or a list of them; a prompt is text, token ids or {"prompt_token_ids": [...]}.
 
-    if isinstance(prompts, (str, Mapping)):
+    Nothing is converted here: the engine checks each prompt and rejects a bad one alone.
+    """
+    def one(p: Any) -> Any:
+        if isinstance(p, Mapping):
+            return p.get("prompt_token_ids", p.get("prompt", p))
+        return p
+
+    if isinstance(prompts, (str, bytes, bytearray, Mapping)):
         return [one(prompts)]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]   # a single prompt given as token ids
-    return [one(p) for p in prompts]
+    try:
+        items = list(prompts)
+    except TypeError:
+        return [prompts]   # not a prompt at all: the engine names the problem
+    if items and not any(isinstance(t, (str, bytes, bytearray, Mapping)) or hasattr(t, "__iter__") for t in items):
+        return [items]   # a single prompt given as token ids (scalars, checked by the engine)
+    return [one(p) for p in items]
 
 
 class LLM:
@@ -72,66 +78,121 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.engine = LLMEngine(loaded.params, mc, self.engine_config, loaded.tokenizer)
         self._next_id = 0
+        # One engine, many callers: the lock serializes engine use, and every update is
+        # routed to the queue of the call that owns its request, so interleaved streams
+        # and generate calls (other threads or one) never take each other's outputs.
+        self._lock = threading.RLock()
+        self._routes: dict[str, collections.deque[RequestOutput]] = {}
 
     @property
     def next_request_index(self) -> int:
         """Requests are named gen-<n> in submission order; this is the next n."""
         return self._next_id
 
-    def _add_all(self, prompts: list[str | list[int]], sampling_params: ParamsInput | Seq[ParamsInput],
-                 add_special_tokens: bool = True) -> tuple[list[str], dict[str, RequestOutput]]:
-        """Queue every prompt; a bad one becomes an error output, the others still run."""
+    def _add_all(self, prompts: list[Any], sampling_params: ParamsInput | Seq[ParamsInput],
+                 add_special_tokens: bool, inbox: collections.deque[RequestOutput]) -> list[str]:
+        """Queue every prompt, its updates routed to `inbox`; a bad one's error output goes there at once.
+
+        If queuing raises part-way (KeyboardInterrupt too), the prompts already queued are aborted.
+        """
         if isinstance(sampling_params, Seq) and not isinstance(sampling_params, (str, Mapping)):
             per = list(sampling_params)
             if len(per) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(per)} sampling params: give one, or one each")
         else:
             per = [sampling_params] * len(prompts)
-        ids, rejected = [], {}
-        for prompt, sp in zip(prompts, per):
-            rid = f"gen-{self._next_id}"
-            self._next_id += 1
-            try:
-                self.engine.add_request(prompt, sp, request_id=rid, add_special_tokens=add_special_tokens)
-            except RequestError as e:
-                log.warning("%s", e)
-                rejected[rid] = RequestOutput.rejected(rid, prompt, str(e))
-            ids.append(rid)
-        return ids, rejected
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, per):
+                rid = f"gen-{self._next_id}"
+                self._next_id += 1
+                ids.append(rid)
+                try:
+                    self.engine.add_request(prompt, sp, request_id=rid, add_special_tokens=add_special_tokens)
+                except RequestError as e:
+                    log.warning("%s", e)
+                    inbox.append(RequestOutput.rejected(rid, prompt, str(e)))
+                    continue
+                self._routes[rid] = inbox
+        except BaseException:
+            self._release(ids)
+            raise
+        return ids
+
+    def _release(self, ids: Seq[str]) -> None:
+        """Abort whichever of these requests still run, and stop routing their updates.
+
+        Every id is aborted, routed or not: one queued just before an interrupt has no route yet.
+        """
+        for rid in ids:
+            self._routes.pop(rid, None)
+            self.engine.abort(rid)   # None for a finished or rejected one
+
+    def _pump(self) -> None:
+        """One engine step (lock held); each update goes to its owner's queue."""
+        if not self.engine.has_unfinished():
+            lost = sorted(self._routes)
+            raise RuntimeError(f"requests {lost[:5]} left the engine without a final update while their "
+                               "callers wait: do not abort LLM's requests on LLM.engine directly; close "
+                               "the stream (or interrupt the call) instead")
+        for out in self.engine.step():
+            inbox = self._routes.get(out.request_id)
+            if inbox is not None:
+                inbox.append(out)
+                if out.finished:
+                    del self._routes[out.request_id]
 
     def stream(self, prompts: PromptInput | Seq[PromptInput], sampling_params: ParamsInput | Seq[ParamsInput] = None,
                *, add_special_tokens: bool = True) -> Iterator[RequestOutput]:
-        """Incremental outputs as tokens arrive (`outputs[0].delta_text` is the new text)."""
-        ids, rejected = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens)
-        yield from rejected.values()
-        pending = set(ids) - set(rejected)
+        """Incremental outputs as tokens arrive (`outputs[0].delta_text` is the new text).
+
+        The lock is held per engine step, not across yields: other streams and calls
+        progress while this consumer works, and a stream abandoned early aborts its requests.
+        """
+        inbox: collections.deque[RequestOutput] = collections.deque()
+        with self._lock:
+            ids = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens, inbox)
+        pending = set(ids)
         try:
             while pending:
-                for out in self.engine.step():
-                    if out.request_id in pending:
-                        if out.finished:
-                            pending.discard(out.request_id)
-                        yield out
+                if not inbox:
+                    with self._lock:
+                        if not inbox:   # another caller may have stepped for us meanwhile
+                            self._pump()
+                while inbox:
+                    out = inbox.popleft()
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
         finally:
-            for rid in pending:   # the consumer stopped early: free those requests' pages
-                self.engine.abort(rid)
+            with self._lock:
+                self._release(ids)
 
     def generate(self, prompts: PromptInput | Seq[PromptInput], sampling_params: ParamsInput | Seq[ParamsInput] = None,
                  *, use_tqdm: bool = False, add_special_tokens: bool = True) -> list[RequestOutput]:
-        """Final outputs, in input order. A rejected prompt's output has `.error` set."""
-        ids, rejected = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens)
-        final: dict[str, RequestOutput] = dict(rejected)
-        wanted = set(ids)
+        """Final outputs, in input order. A rejected or failed prompt's output has `.error` set.
+
+        The whole call holds the lock; if it raises (KeyboardInterrupt too), its requests are aborted.
+        """
         from tqdm import tqdm
 
-        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
-        bar.update(len(rejected))
-        while len(final) < len(ids):
-            for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    final[out.request_id] = out
-                    bar.update(1)
-        bar.close()
+        inbox: collections.deque[RequestOutput] = collections.deque()
+        final: dict[str, RequestOutput] = {}
+        with self._lock:
+            ids = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens, inbox)
+            try:
+                with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+                    while True:
+                        while inbox:
+                            out = inbox.popleft()
+                            if out.finished:
+                                final[out.request_id] = out
+                                bar.update(1)
+                        if len(final) == len(ids):
+                            break
+                        self._pump()
+            finally:
+                self._release(ids)
         return [final[rid] for rid in ids]
 
     def _render_chat(self, messages: Messages | Seq[Messages], add_generation_prompt: bool) -> list[str]:

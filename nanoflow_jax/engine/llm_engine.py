@@ -6,12 +6,17 @@ take their input token from i's device output (gathered inside the jitted step),
 host never waits for the device before launching more work. The price: EOS and stop
 strings are seen one iteration late, and the token sampled meanwhile is dropped. With
 `async_scheduling=False` (or NANOFLOW_ASYNC=0) each step waits for its own tokens.
+
+A failure inside `step()` is contained: a request that breaks forming, packing or reading
+back its batch ends with finish_reason "error" and `.error` set, its pages are freed, and
+the other requests carry on. An LLMEngine is not thread-safe (`LLM` adds the locking).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Mapping, Sequence as Seq
+import logging
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -20,11 +25,13 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
+from nanoflow_jax.engine.prompts import Prompt, prompt_token_ids
 from nanoflow_jax.engine.sampling_params import SamplingParams
-from nanoflow_jax.engine.scheduler import ScheduledBatch, Scheduler
+from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow, ScheduleError, Scheduler
 from nanoflow_jax.engine.sequence import RequestOutput, Sequence
+from nanoflow_jax.engine.stop import finish_check
 
-Prompt = str | Seq[int]
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -55,6 +62,8 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._seed_rng = np.random.default_rng(self.cfg.seed)
         self._inflight: tuple[ScheduledBatch, jax.Array] | None = None
+        self._carry: list[RequestOutput] = []   # updates of a step that raised, handed out next step
+        self._launching: ScheduledBatch | None = None   # dispatched, not yet tracked as in flight
         self.num_iterations = 0
 
     # ---- requests ------------------------------------------------------------------
@@ -71,9 +80,9 @@ class LLMEngine:
             raise RequestError(rid, "this request id is already in use: pass a unique request_id")
         try:
             params = SamplingParams.coerce(sampling_params)
+            ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size, add_special_tokens)
         except (ValueError, TypeError) as e:
             raise RequestError(rid, str(e)) from None
-        ids = self._prompt_ids(rid, prompt, add_special_tokens)
         max_len = self.cfg.max_model_len
         if len(ids) >= max_len:
             raise RequestError(rid, f"the prompt has {len(ids)} tokens but max_model_len={max_len} must also "
@@ -91,103 +100,156 @@ class LLMEngine:
                        prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens)
         if self.tokenizer is not None:
             seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        self._seqs[rid] = seq
         self.scheduler.add(seq)
+        self._seqs[rid] = seq
         return rid
-
-    def _prompt_ids(self, rid: str, prompt: Prompt, add_special_tokens: bool) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(rid, "a text prompt needs a tokenizer: pass token ids, or create the "
-                                        "engine with a tokenizer")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        else:
-            try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise RequestError(rid, f"a prompt must be a str or a list of token ids, got "
-                                        f"{type(prompt).__name__}") from None
-        if not ids:
-            raise RequestError(rid, "the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(rid, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return ids
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its pages are freed. None if it is unknown or already done."""
-        seq = self._seqs.pop(str(request_id), None)
+        seq = self._seqs.get(str(request_id))
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return RequestOutput.from_sequence(seq)
+        return self._output(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carry)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        """The update for one request (a finished one is forgotten: it reports only once)."""
+        if seq.is_finished:
+            self._seqs.pop(seq.request_id, None)
+        return RequestOutput.from_sequence(seq, seq.take_delta(), seq.take_token_delta())
+
+    def _fail(self, seq: Sequence, what: str, error: BaseException) -> RequestOutput:
+        """End one request with finish_reason "error"; its pages go back to the pool."""
+        seq.error = f"request {seq.request_id!r}: {what} failed ({type(error).__name__}: {error})"
+        log.warning("%s; the other requests carry on", seq.error)
+        self.scheduler.finish(seq, "error")
+        return self._output(seq)
 
     # ---- iterations ----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an update for every request that got a token."""
-        batch = self.scheduler.schedule()
+        """Run one iteration; returns an update for every request that got a token or failed.
+
+        If it raises (KeyboardInterrupt included), the updates it had made are handed out
+        by the next step, so no request's final update is lost.
+        """
+        outputs, self._carry = self._carry, []
+        try:
+            self._iterate(outputs)
+        except BaseException as e:
+            if self._launching is not None:
+                # Interrupted between dispatch and tracking: those rows' tokens can never
+                # be read, so their requests fail rather than count on them.
+                outputs += [self._fail(row.seq, "tracking its dispatched batch", e)
+                            for row in self._launching.rows if not row.seq.is_finished]
+                self._launching = None
+            self._carry = outputs
+            raise
+        return outputs
+
+    def _iterate(self, outputs: list[RequestOutput]) -> None:
+        batch = self._form(outputs)
         launched = None
         if batch is not None:
-            prev = self._inflight[1] if self._inflight is not None else None
-            launched = (batch, self.runner.dispatch(batch, prev))
-            self.num_iterations += 1
-        elif self._inflight is None and self.scheduler.has_unfinished():
-            raise RuntimeError(f"scheduler stalled: {len(self.scheduler.waiting)} waiting, "
-                               f"{len(self.scheduler.running)} running, {self.blocks.num_free} free pages")
+            launched = self._launch(batch, outputs)
+        elif self._inflight is None and self.scheduler.has_unfinished() and not outputs:
+            self._unstall(outputs)
         if not self.cfg.async_scheduling:
             self._inflight, launched = launched, None
-        outputs: list[RequestOutput] = []
-        if self._inflight is not None:
-            done, tokens = self._inflight
-            # np.asarray blocks until that iteration is finished; in async mode the next
-            # one is already queued behind it, so the device stays busy meanwhile.
-            outputs = self._process(done, np.asarray(tokens))
-        self._inflight = launched
-        return outputs
+        done, self._inflight = self._inflight, launched
+        self._launching = None
+        if done is None:
+            return
+        try:
+            self._read_back(*done, outputs)
+        except BaseException as e:
+            # Rows not read back lost their token: fail those requests rather than leave
+            # them waiting for it forever; one that finished unreported reports now.
+            batch = done[0]
+            for row in batch.rows[batch.num_read:]:
+                if not row.seq.is_finished and row.samples:
+                    outputs.append(self._fail(row.seq, "reading back its batch", e))
+                elif self._seqs.get(row.seq.request_id) is row.seq and row.seq.is_finished:
+                    outputs.append(self._output(row.seq))
+            raise
 
-    def _process(self, batch: ScheduledBatch, tokens: np.ndarray) -> list[RequestOutput]:
-        outputs = []
+    def _unstall(self, outputs: list[RequestOutput]) -> None:
+        """Nothing ran although requests wait: fail those waiting for a token that no
+        in-flight batch will deliver (they block the others); anything else is a bug."""
+        sched = self.scheduler
+        stuck = [q for q in sched.running + sched.waiting if q.num_pending]
+        if not stuck:
+            raise RuntimeError(f"scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
+                               f"running, {self.blocks.num_free} free pages")
+        lost = RuntimeError("its sampled token was lost with an interrupted step")
+        outputs += [self._fail(q, "waiting for its next token", lost) for q in stuck]
+
+    def _form(self, outputs: list[RequestOutput]) -> ScheduledBatch | None:
+        """The next batch; a request that breaks forming it fails alone (each retry drops one)."""
+        while True:
+            try:
+                return self.scheduler.form()
+            except ScheduleError as e:
+                if e.seq.is_finished:
+                    raise   # not the request's fault: retrying would fail the same way
+                outputs.append(self._fail(e.seq, "scheduling", e.cause))
+
+    def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> tuple[ScheduledBatch, jax.Array] | None:
+        """Dispatch the batch, or fail the rows that cannot be packed and leave the rest for later."""
+        prev = self._inflight[1] if self._inflight is not None else None
+        try:
+            tokens = self.runner.dispatch(batch, prev)
+            self._launching = batch
+        except Exception as e:
+            errors = [(row, self._pack_error(row, i < batch.num_decode)) for i, row in enumerate(batch.rows)]
+            culprits = [(row, err) for row, err in errors if err is not None]
+            # No single row fails alone: the batch as a whole failed; fail its requests
+            # rather than retry the same batch forever.
+            for row, err in culprits or [(row, e) for row in batch.rows]:
+                if not row.seq.is_finished:
+                    outputs.append(self._fail(row.seq, "packing its batch for the device", err))
+            return None
+        self.scheduler.commit(batch)
+        self.num_iterations += 1
+        return batch, tokens
+
+    def _pack_error(self, row: ScheduledRow, decode: bool) -> Exception | None:
+        """The error packing this row alone raises, if any."""
+        alone = ScheduledBatch(rows=[row], num_decode=int(decode), num_tokens=row.length, num_preempted=0)
+        try:
+            self.runner.prepare(alone)
+        except Exception as e:
+            return e
+        return None
+
+    def _read_back(self, batch: ScheduledBatch, tokens: jax.Array, outputs: list[RequestOutput]) -> None:
+        """Read one iteration's tokens (np.asarray waits for it) and turn them into updates."""
+        try:
+            host = np.asarray(tokens)
+        except Exception as e:
+            outputs += [self._fail(row.seq, "running its batch on the device", e)
+                        for row in batch.rows if row.samples and not row.seq.is_finished]
+            return
         for i, row in enumerate(batch.rows):
             seq = row.seq
-            if not row.samples or seq.is_finished:
-                continue   # a mid-prompt chunk, or the extra token after a late-seen stop
-            seq.num_pending -= 1
-            token = int(tokens[i])
-            seq.output_token_ids.append(token)
-            delta = seq.detok.add(token) if seq.detok is not None else ""
-            delta = self._check_stop(seq, token, delta)
-            if seq.is_finished:
-                self._seqs.pop(seq.request_id, None)
-            outputs.append(RequestOutput.from_sequence(seq, delta, [token]))
-        return outputs
+            # Skipped: a mid-prompt chunk, or the extra token after a late-seen stop.
+            if row.samples and not seq.is_finished:
+                seq.num_pending -= 1
+                token = int(host[i])
+                try:
+                    self._append(seq, token)
+                    outputs.append(self._output(seq))
+                except Exception as e:
+                    outputs.append(self._fail(seq, f"detokenizing token {token}", e))
+            batch.num_read = i + 1
 
-    def _check_stop(self, seq: Sequence, token: int, delta: str) -> str:
-        """Append `delta` to the text and finish the request if it should stop here."""
-        params, old_len = seq.params, len(seq.text)
-        seq.text += delta
-        if not params.ignore_eos and token in self.eos_ids:
-            self.scheduler.finish(seq, "stop")
-        elif token in params.stop_token_ids:
-            self.scheduler.finish(seq, "stop", token)
-        elif params.stop and delta:
-            # Only the tail can hold a new match: a stop string may straddle tokens.
-            search_from = max(0, old_len - max(len(s) for s in params.stop) + 1)
-            hits = [(seq.text.find(s, search_from), s) for s in params.stop]
-            hits = [(at, s) for at, s in hits if at >= 0]
-            if hits:
-                at, s = min(hits)
-                seq.text = seq.text[:at]
-                self.scheduler.finish(seq, "stop", s)
-                return seq.text[old_len:]
-        if not seq.is_finished and len(seq.output_token_ids) >= seq.max_tokens:
-            self.scheduler.finish(seq, "length")
-        if seq.is_finished and seq.detok is not None and seq.finish_reason == "length":
-            tail = seq.detok.flush()
-            seq.text += tail
-            delta += tail
-        return delta
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Add one output token and its text; finish the request if it ends here."""
+        seq.output_token_ids.append(token)
+        delta = seq.detok.add(token) if seq.detok is not None else ""
+        end = finish_check(seq, token, delta, self.eos_ids)
+        if end is not None:
+            self.scheduler.finish(seq, *end)

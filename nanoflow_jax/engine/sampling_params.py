@@ -3,7 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping, Sequence
+
+INT32_MAX = 2**31 - 1
+UINT32_END = 2**32
+# Outside [MIN, MAX] float32 logits / temperature overflow, or the draw is uniform to
+# float32 precision: such a value is a mistake, not a setting.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+
+
+def is_int(value: Any) -> bool:
+    """A real integer (numpy integer scalars included); bool is not one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad(field: str, value: Any, rule: str) -> ValueError:
+    return ValueError(f"SamplingParams.{field}={value!r} is invalid: {rule}")
+
+
+def _as_tuple(field: str, value: Any, kind: str) -> tuple:
+    """None, one item or a sequence of items, as a tuple (a str or bytes is one item)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, bytearray)) or is_int(value):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise _bad(field, value, f"use a list of {kind}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,6 +47,8 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0, top_p == 1 and min_p == 0 switch those filters
     off. `max_tokens=None` lets a request run until EOS, a stop or `max_model_len`.
     A `seed` makes the request's tokens reproducible whatever else shares its batches.
+    Every number is checked against the range of the device type it is packed into
+    (int32, uint32, float32), so a request that passes here can always be batched.
     """
 
     temperature: float = 1.0
@@ -27,38 +63,40 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Normalise first so that equal settings compare equal and hash.
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        set_ = object.__setattr__
+        set_(self, "stop", _as_tuple("stop", self.stop, "non-empty strings"))
+        set_(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, "token ids"))
         self._validate()
+        # Plain Python numbers from here on (numpy scalars are accepted above).
+        for name in ("temperature", "top_p", "min_p"):
+            set_(self, name, float(getattr(self, name)))
+        for name in ("top_k", "seed", "max_tokens"):
+            if getattr(self, name) is not None:
+                set_(self, name, int(getattr(self, name)))
+        set_(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     def _validate(self) -> None:
-        def bad(field: str, value: Any, rule: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field}={value!r} is invalid: {rule}")
-
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
-            raise bad("temperature", self.temperature, "use a number >= 0 (0 means greedy)")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", self.top_p, "use a number in (0, 1] (1 switches it off)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise bad("top_k", self.top_k, "use a positive integer, or -1 / 0 to switch it off")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", self.min_p, "use a number in [0, 1] (0 switches it off)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**32):
-            raise bad("seed", self.seed, "use an integer in [0, 2**32) or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", self.max_tokens, "use an integer >= 1, or None for no limit")
+        t = self.temperature
+        if not _is_finite_number(t) or not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise _bad("temperature", t, f"use 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+        if not _is_finite_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", self.top_p, "use a number in (0, 1] (1 switches it off)")
+        if not is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
+            raise _bad("top_k", self.top_k, f"use an integer in [1, {INT32_MAX}], or -1 / 0 to switch it off")
+        if not _is_finite_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise _bad("min_p", self.min_p, "use a number in [0, 1] (0 switches it off)")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < UINT32_END):
+            raise _bad("seed", self.seed, "use an integer in [0, 2**32) or None")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX):
+            raise _bad("max_tokens", self.max_tokens, f"use an integer in [1, {INT32_MAX}], or None for no limit")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise bad("stop", self.stop, "stop strings must be non-empty str")
-        for t in self.stop_token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise bad("stop_token_ids", self.stop_token_ids, "use non-negative token ids")
+                raise _bad("stop", self.stop, "stop strings must be non-empty str")
+        for tok in self.stop_token_ids:
+            if not is_int(tok) or not 0 <= tok <= INT32_MAX:
+                raise _bad("stop_token_ids", self.stop_token_ids, f"use token ids in [0, {INT32_MAX}]")
+        if not isinstance(self.ignore_eos, bool):
+            raise _bad("ignore_eos", self.ignore_eos, "use True or False")
 
     @property
     def greedy(self) -> bool:

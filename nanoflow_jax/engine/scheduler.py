@@ -12,7 +12,9 @@ preempted request from bouncing straight back in.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+from typing import Iterator
 
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
@@ -34,6 +36,24 @@ class ScheduledBatch:
     num_decode: int
     num_tokens: int
     num_preempted: int
+    num_read: int = 0   # rows whose sampled token the engine has read back
+
+
+class ScheduleError(RuntimeError):
+    """Forming a batch failed on one request; every row formed before it is intact."""
+
+    def __init__(self, seq: Sequence, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.seq = seq
+        self.cause = cause
+
+
+@contextlib.contextmanager
+def _blame(seq: Sequence) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        raise ScheduleError(seq, e) from e
 
 
 class Scheduler:
@@ -92,6 +112,18 @@ class Scheduler:
         return max(0, min(want, room))
 
     def schedule(self) -> ScheduledBatch | None:
+        """Form the next batch and mark it dispatched (`form` then `commit`)."""
+        batch = self.form()
+        if batch is not None:
+            self.commit(batch)
+        return batch
+
+    def form(self) -> ScheduledBatch | None:
+        """The next batch: pages reserved, request state not yet advanced.
+
+        Raises ScheduleError naming the request it failed on; the rows formed before it
+        keep their pages, and forming again works without that request.
+        """
         cfg = self.cfg
         budget, max_rows = cfg.max_num_batched_tokens, cfg.max_num_seqs
         decodes: list[ScheduledRow] = []
@@ -109,11 +141,12 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING or not seq.in_decode or seq.will_finish_by_length:
                 continue
-            if not self._reserve(seq, seq.num_tokens, protected):
-                self._preempt(seq)   # nothing newer to evict: it yields its own pages
-                continue
-            gather = seq.pending_row if seq.num_pending else -1
-            decodes.append(ScheduledRow(seq, seq.num_tokens - 1, 1, gather, True))
+            with _blame(seq):
+                if not self._reserve(seq, seq.num_tokens, protected):
+                    self._preempt(seq)   # nothing newer to evict: it yields its own pages
+                    continue
+                gather = seq.pending_row if seq.num_pending else -1
+                decodes.append(ScheduledRow(seq, seq.num_tokens - 1, 1, gather, True))
             protected.add(seq.request_id)
             budget -= 1
 
@@ -123,12 +156,13 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING or seq.in_decode or seq.request_id in protected:
                 continue
-            want = min(seq.num_tokens - seq.num_computed, budget)
-            self._reserve(seq, seq.num_computed + want, protected)
-            n = self._chunk_that_fits(seq, want)
-            if n == 0 or not self.blocks.grow(seq.block_table, seq.num_computed + n):
-                continue
-            prefills.append(self._prefill_row(seq, n))
+            with _blame(seq):
+                want = min(seq.num_tokens - seq.num_computed, budget)
+                self._reserve(seq, seq.num_computed + want, protected)
+                n = self._chunk_that_fits(seq, want)
+                if n == 0 or not self.blocks.grow(seq.block_table, seq.num_computed + n):
+                    continue
+                prefills.append(self._prefill_row(seq, n))
             protected.add(seq.request_id)
             budget -= n
 
@@ -137,30 +171,38 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break   # preempted while its last token was on the device: wait for it
-            n = self._chunk_that_fits(seq, min(seq.num_tokens - seq.num_computed, budget))
-            if n == 0:
-                break
-            self.waiting.pop(0)
-            seq.status = Status.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            if not self.blocks.grow(seq.block_table, seq.num_computed + n):
-                raise AssertionError("page accounting broke: a fitted chunk could not be allocated")
-            prefills.append(self._prefill_row(seq, n))
+            with _blame(seq):
+                n = self._chunk_that_fits(seq, min(seq.num_tokens - seq.num_computed, budget))
+                if n == 0:
+                    break
+                self.waiting.pop(0)
+                seq.status = Status.RUNNING
+                bisect.insort(self.running, seq, key=lambda s: s.arrival)
+                if not self.blocks.grow(seq.block_table, seq.num_computed + n):
+                    raise AssertionError("page accounting broke: a fitted chunk could not be allocated")
+                prefills.append(self._prefill_row(seq, n))
             protected.add(seq.request_id)
             budget -= n
 
         rows = decodes + prefills
         if not rows:
             return None
-        for i, row in enumerate(rows):
-            # The batch will be dispatched: advance the request's device-side state now.
+        return ScheduledBatch(rows=rows, num_decode=len(decodes),
+                              num_tokens=sum(r.length for r in rows),
+                              num_preempted=self.num_preemptions - preempted_before)
+
+    @staticmethod
+    def commit(batch: ScheduledBatch) -> None:
+        """The batch is dispatched: advance each request's device-side state.
+
+        Kept apart from `form` so that a batch that cannot be dispatched leaves its
+        requests as they were, to be scheduled again.
+        """
+        for i, row in enumerate(batch.rows):
             row.seq.num_computed = row.start + row.length
             if row.samples:
                 row.seq.num_pending += 1
                 row.seq.pending_row = i
-        return ScheduledBatch(rows=rows, num_decode=len(decodes),
-                              num_tokens=sum(r.length for r in rows),
-                              num_preempted=self.num_preemptions - preempted_before)
 
     @staticmethod
     def _prefill_row(seq: Sequence, n: int) -> ScheduledRow:

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from nanoflow_jax.engine.sampling_params import SamplingParams
+from nanoflow_jax.engine.sampling_params import SamplingParams, is_int
 
 
 class Status(enum.Enum):
@@ -43,6 +43,8 @@ class Sequence:
     stop_reason: str | int | None = None
     error: str | None = None
     text: str = ""                # detokenized output so far (stop strings cut off)
+    num_emitted: int = 0          # chars of `text` already handed out as stream deltas
+    num_emitted_tokens: int = 0   # output tokens already handed out as stream deltas
     detok: Any = None             # incremental detokenizer, when there is a tokenizer
     num_preemptions: int = 0
 
@@ -76,10 +78,43 @@ class Sequence:
         """Its pending token is its last one for sure (max_tokens): do not schedule it again."""
         return self.num_generated >= self.max_tokens
 
+    def take_delta(self) -> str:
+        """The text not yet streamed, less a tail that may still become a stop string.
+
+        A stop string can arrive over several tokens; text that might be its start is
+        held back until it cannot be (or the request ends), so the deltas handed out
+        always add up to the final text, which has the stop string cut off.
+        """
+        end = len(self.text) if self.is_finished else len(self.text) - _stop_prefix_len(self.text, self.params.stop)
+        delta = self.text[self.num_emitted:end]
+        self.num_emitted = max(self.num_emitted, end)
+        return delta
+
+    def take_token_delta(self) -> list[int]:
+        """Output tokens not yet handed out in an update."""
+        ids = self.output_token_ids[self.num_emitted_tokens:]
+        self.num_emitted_tokens = len(self.output_token_ids)
+        return ids
+
     def token_slice(self, start: int, end: int) -> list[int]:
         """Known tokens at positions [start, end) (prompt then outputs)."""
         p = self.prompt_len
         return self.prompt_token_ids[start:end] + self.output_token_ids[max(0, start - p):max(0, end - p)]
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the start (not all) of a stop string."""
+    longest = 0
+    for stop in stops:
+        # Candidate starts are the stop's first character within its reach of the end;
+        # the first one that fits is the longest for this stop.
+        at = text.find(stop[0], max(0, len(text) - len(stop) + 1), len(text) - longest)
+        while at != -1:
+            if stop.startswith(text[at:]):
+                longest = len(text) - at
+                break
+            at = text.find(stop[0], at + 1, len(text) - longest)
+    return longest
 
 
 @dataclasses.dataclass
@@ -103,12 +138,13 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    error: str | None = None   # set when this request was rejected (the others still run)
+    error: str | None = None   # set when this request was rejected or failed (the others still run)
 
     @classmethod
     def from_sequence(cls, seq: Sequence, delta_text: str = "",
                       delta_token_ids: list[int] | None = None) -> "RequestOutput":
-        comp = CompletionOutput(index=0, text=seq.text, token_ids=list(seq.output_token_ids),
+        """The request as streamed so far: `text` holds what the deltas handed out."""
+        comp = CompletionOutput(index=0, text=seq.text[:seq.num_emitted], token_ids=list(seq.output_token_ids),
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                                 delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()))
         return cls(request_id=seq.request_id, prompt=seq.prompt,
@@ -118,7 +154,8 @@ class RequestOutput:
     @classmethod
     def rejected(cls, request_id: str, prompt: Any, error: str) -> "RequestOutput":
         prompt_text = prompt if isinstance(prompt, str) else None
-        prompt_ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
+        valid_ids = isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt)
+        prompt_ids = [int(t) for t in prompt] if valid_ids else []
         return cls(request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_ids,
                    outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")],
                    finished=True, error=error)

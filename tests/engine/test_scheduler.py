@@ -12,7 +12,7 @@ import random
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampling_params import SamplingParams
-from nanoflow_jax.engine.scheduler import ScheduledBatch, Scheduler
+from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduleError, Scheduler
 from nanoflow_jax.engine.sequence import Sequence, Status
 from nanoflow_jax.models.paged import NULL_PAGE
 
@@ -127,3 +127,50 @@ def test_random_workload_async_pipeline_keeps_invariants():
             break
     assert sorted(finished, key=int) == [str(i) for i in range(150)], "a request was lost or duplicated"
     assert s.num_preemptions > 0 and s.blocks.all_free()
+
+
+def test_random_forming_and_packing_failures_keep_invariants(monkeypatch):
+    """Forms that fail on a request (ScheduleError) and formed batches that are never
+    dispatched (a packing failure: one request fails, the rest stay uncommitted) leave the
+    scheduler consistent: no page leaks, every request ends exactly once."""
+    rng = random.Random(1)
+    s = make(num_pages=30, budget=24, max_seqs=6)
+    pending = [seq(i, rng.randint(1, 60), rng.randint(1, 30)) for i in range(150)]
+    prefill_row = s._prefill_row
+
+    def flaky_prefill_row(q: Sequence, n: int):
+        if rng.random() < 0.02:
+            raise RuntimeError("flaky")
+        return prefill_row(q, n)
+
+    monkeypatch.setattr(s, "_prefill_row", flaky_prefill_row)
+    ended: list[str] = []
+    in_flight = None
+    failures = 0
+    for _ in range(20000):
+        while pending and rng.random() < 0.3:
+            s.add(pending.pop(0))
+        try:
+            batch = s.form()
+        except ScheduleError as e:
+            s.finish(e.seq, "error")
+            ended.append(e.seq.request_id)
+            batch = None
+            failures += 1
+        if batch is not None and rng.random() < 0.05:
+            victim = rng.choice(batch.rows).seq
+            s.finish(victim, "error")
+            ended.append(victim.request_id)
+            batch = None
+            failures += 1
+        if batch is not None:
+            s.commit(batch)
+            check_invariants(s, batch)
+        if in_flight is not None:
+            ended += [q.request_id for q in deliver(s, in_flight)]
+        in_flight = batch
+        if not pending and not s.has_unfinished() and in_flight is None:
+            break
+    assert failures > 10
+    assert sorted(ended, key=int) == [str(i) for i in range(150)], "a request was lost or ended twice"
+    assert s.blocks.all_free()
