@@ -53,7 +53,8 @@ def _python_blocks() -> list[pytest.param]:
 @pytest.mark.parametrize("code", _python_blocks())
 def test_python_snippet_runs(code, capsys):
     compiled = compile(code, "README.md", "exec")
-    uses_default_model = "LLM(" in code and "params=" not in code and "model=" not in code.split("#")[0]
+    statements = "\n".join(line.split("#")[0] for line in code.splitlines())
+    uses_default_model = "LLM(" in statements and "params=" not in statements and "model=" not in statements
     if uses_default_model and download.cached_default_model() is None:
         pytest.skip("the default model is not downloaded yet (the snippet compiled)")
     exec(compiled, {"__name__": "readme_snippet"})
