@@ -99,7 +99,7 @@ def _program_name() -> str:
 def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Library field name -> the flag that sets it, e.g. top_p -> --top-p."""
     out = {}
-    for action in parser._actions:
+    for action in parser._actions:  # argparse lists its actions nowhere public
         for opt in action.option_strings:
             if opt == "--" + action.dest.replace("_", "-"):
                 out[action.dest] = opt
@@ -150,7 +150,8 @@ def _cli_logging(flags: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         pkg.removeHandler(handler)
-        pkg.level, pkg.propagate = saved[0], saved[1]
+        pkg.setLevel(saved[0])
+        pkg.propagate = saved[1]
         llm_log.setLevel(saved[2])
 
 
