@@ -197,14 +197,18 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _has_tokenizer(model: str | None) -> bool:
-    """Whether the model the loader will find brings a tokenizer: a GGUF file does, a folder
-    with tokenizer.json does, a shipped config name does not (the default model is a GGUF)."""
+    """Whether the model the loader will find brings a tokenizer: a GGUF file does, a model
+    folder only with tokenizer.json, a shipped config name never (the default is a GGUF).
+    Anything else counts as having one: the loader names what is wrong with it."""
+    from nanoflow_jax.weights.orbax_io import is_orbax_folder
+
     if model is None:
         return True
     path = Path(model).expanduser()
     if path.is_dir():
-        return (path / "tokenizer.json").exists()
-    return path.exists() or model not in available_configs()  # an unknown name fails in the loader
+        is_model_folder = (path / "config.json").exists() or is_orbax_folder(path)
+        return (path / "tokenizer.json").exists() or not is_model_folder
+    return path.exists() or model not in available_configs()
 
 
 def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[list[int]]) -> None:

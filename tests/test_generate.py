@@ -71,6 +71,14 @@ def test_model_the_loader_refuses_is_one_clear_line(argv, message, monkeypatch, 
     _assert_one_error_line(argv, message, monkeypatch, capsys)
 
 
+def test_broken_model_files_are_one_clear_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 20)
+    _assert_one_error_line(["Hi", "--model", str(tmp_path / "bad.gguf")], "bad.gguf", monkeypatch, capsys)
+    (tmp_path / "empty").mkdir()
+    _assert_one_error_line(["Hi", "--model", str(tmp_path / "empty")], "neither a Hugging Face folder",
+                           monkeypatch, capsys)
+
+
 def test_folder_without_tokenizer_needs_token_ids(tiny_folder, monkeypatch, capsys):
     code, _ = _main(["Hi", "--model", str(tiny_folder), "--weights", "random"], monkeypatch)
     assert code == generate.EXIT_BAD_INPUT and "--prompt-ids" in capsys.readouterr().err
