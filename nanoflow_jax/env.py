@@ -1,0 +1,113 @@
+"""Every environment variable nanoflow_jax reads: its name, default and meaning, and a typed getter.
+
+Values are read when used, not at import, so a script or test may set them late. An
+empty value counts as unset. `python -m nanoflow_jax.env` prints each one with its value.
+This module imports nothing heavy (no jax), so anything may import it first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str   # as a reader sees it (README table, `python -m nanoflow_jax.env`)
+    meaning: str
+
+    def raw(self) -> str | None:
+        """The value as set, stripped; None when unset or empty."""
+        value = os.environ.get(self.name, "").strip()
+        return value or None
+
+
+JAX_CACHE = EnvVar(
+    "NANOFLOW_JAX_CACHE", "~/.cache/nanoflow_jax",
+    "cache folder: the default model is downloaded here and JAX's compilation cache lives in its xla/")
+COMPILATION_CACHE = EnvVar(
+    "NANOFLOW_COMPILATION_CACHE", "$NANOFLOW_JAX_CACHE/xla",
+    "JAX's persistent compilation cache folder, when it should live apart from the model cache")
+ASYNC = EnvVar(
+    "NANOFLOW_ASYNC", "1",
+    "0 turns off async host scheduling (the host prepares iteration i+1 while the device runs i); "
+    "EngineConfig.async_scheduling overrides it")
+GEMM_TABLE = EnvVar(
+    "NANOFLOW_GEMM_TABLE", "none (the committed tiles)",
+    "a GEMM tile table written by the benchmarks' GEMM tuner; replaces the committed tile choices "
+    "for the matrix sizes it covers")
+BENCH_TIMING = EnvVar(
+    "NANOFLOW_BENCH_TIMING", "slope",
+    "how the benchmarks time a kernel: slope (difference of 2n and n calls, cancelling launch cost), "
+    "ordered, or patched")
+TEST_GPU = EnvVar(
+    "NANOFLOW_TEST_GPU", "0 (CPU only)",
+    "1 lets the tests see the GPU and run the `gpu`-marked ones; otherwise they run on the CPU")
+
+ALL: tuple[EnvVar, ...] = (JAX_CACHE, COMPILATION_CACHE, ASYNC, GEMM_TABLE, BENCH_TIMING, TEST_GPU)
+
+BENCH_TIMING_MODES = ("slope", "ordered", "patched")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _flag(var: EnvVar, default: bool) -> bool:
+    value = var.raw()
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f"${var.name}={value!r}: use 1 or 0")
+
+
+def cache_dir() -> Path:
+    """$NANOFLOW_JAX_CACHE, else ~/.cache/nanoflow_jax."""
+    value = JAX_CACHE.raw()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "nanoflow_jax"
+
+
+def compilation_cache_dir() -> Path:
+    """$NANOFLOW_COMPILATION_CACHE, else the xla/ folder of the cache folder."""
+    value = COMPILATION_CACHE.raw()
+    return Path(value).expanduser() if value else cache_dir() / "xla"
+
+
+def async_scheduling() -> bool:
+    """$NANOFLOW_ASYNC (on unless 0)."""
+    return _flag(ASYNC, True)
+
+
+def gemm_table() -> str | None:
+    """$NANOFLOW_GEMM_TABLE: path of a GEMM tile table, or None."""
+    return GEMM_TABLE.raw()
+
+
+def bench_timing() -> str:
+    """$NANOFLOW_BENCH_TIMING, one of BENCH_TIMING_MODES (default slope)."""
+    mode = BENCH_TIMING.raw() or "slope"
+    if mode not in BENCH_TIMING_MODES:
+        raise ValueError(f"${BENCH_TIMING.name}={mode!r}: use one of {', '.join(BENCH_TIMING_MODES)}")
+    return mode
+
+
+def gpu_tests_enabled() -> bool:
+    """$NANOFLOW_TEST_GPU (off unless 1)."""
+    return _flag(TEST_GPU, False)
+
+
+def describe() -> str:
+    """One line per variable: name, value in effect (or the default), meaning."""
+    lines = []
+    for var in ALL:
+        value = var.raw()
+        shown = f"={value}" if value is not None else f" (unset; default {var.default})"
+        lines.append(f"{var.name}{shown}\n    {var.meaning}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe())
