@@ -25,6 +25,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 # The forward's kernel sets (models/ops.py): auto = pallas on a GPU, xla elsewhere;
 # hybrid = Pallas kernels except the projections, which use XLA's dot (cuBLAS).
 KERNEL_SETS = ("auto", "xla", "pallas", "hybrid")
+# How one iteration runs: whole batch (sequential), two nano-batches back to back (nanobatch),
+# or two nano-batches overlapped on two GPU streams (nanoflow).
+PIPELINES = ("sequential", "nanobatch", "nanoflow")
 
 
 class ConfigError(ValueError):

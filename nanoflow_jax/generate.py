@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence, TextIO
 
 from nanoflow_jax.chat import ChatTemplateError
-from nanoflow_jax.config import KERNEL_SETS, ModelConfig, available_configs
+from nanoflow_jax.config import KERNEL_SETS, PIPELINES, ModelConfig, available_configs
 from nanoflow_jax.weights.errors import WeightLoadError
 
 EXIT_BAD_INPUT = 2
@@ -84,6 +84,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas kernels, but XLA's "
                         "matrix multiplies")
+    p.add_argument("--pipeline", default="sequential", choices=list(PIPELINES),
+                   help="sequential: the whole batch at once; nanobatch: two nano-batches back to back; "
+                        "nanoflow: two nano-batches overlapped on two GPU streams (the same as nanobatch on CPU)")
     return p
 
 
@@ -235,8 +238,8 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
         raise ValueError(f"--prompt-ids {bad[:5]} are outside {args.model}'s vocabulary [0, {cfg.vocab_size})")
 
 
-def _engine_args(args: argparse.Namespace) -> dict[str, int | float]:
-    names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction")
+def _engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
+    names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from nanoflow_jax import env
-from nanoflow_jax.config import KERNEL_SETS
+from nanoflow_jax.config import KERNEL_SETS, PIPELINES
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -25,6 +25,7 @@ class EngineConfig:
     async_scheduling: bool = dataclasses.field(default_factory=env.async_scheduling)
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas |
                                         # hybrid (Pallas, but XLA's matrix multiplies)
+    pipeline: str = "sequential"        # sequential | nanobatch | nanoflow (models/nanobatch.py)
     # The next three are on or off by the engine's measured tokens/s (bench/RESULTS.md).
     fuse_qkv: bool = True               # one QKV GEMM instead of three
     decode_only_steps: bool = True      # Pallas: pure-decode batches get a step without the prefill
@@ -51,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
         if self.num_kv_pages is not None and self.kv_memory_fraction is not None:
             raise ValueError("give num_kv_pages or kv_memory_fraction, not both")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"EngineConfig.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if self.kernels not in KERNEL_SETS:
             raise ValueError(f"EngineConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
         if self.min_token_bucket is not None and self.min_token_bucket < 1:

@@ -1,8 +1,8 @@
 """Owns the device state (parameters, KV page pool) and the compiled iteration step.
 
 One jitted function per iteration: gather decode inputs from the previous iteration's
-sampled tokens, `forward_paged`, then sample, with the cache donated so it is updated in
-place. Batches are padded to a small fixed set of shape buckets (T tokens, S = min(T,
+sampled tokens, the forward of the configured pipeline (`models.nanobatch.forward_pipeline`),
+then sample, with the cache donated so it is updated in place. Batches are padded to a small fixed set of shape buckets (T tokens, S = min(T,
 max_num_seqs) rows, W block-table columns), all compiled at start-up, so steady serving
 never compiles. Host inputs travel as five packed arrays because every argument of a
 jitted call costs dispatch time.
@@ -25,8 +25,9 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
 from nanoflow_jax.engine.scheduler import ScheduledBatch
-from nanoflow_jax.models.llama import forward_paged
+from nanoflow_jax.models.nanobatch import forward_pipeline
 from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops
+from nanoflow_jax.models.streams import step_compiler_options
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 from nanoflow_jax.models.params import fuse_qkv
 
@@ -51,13 +52,13 @@ def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_d
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
           prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
-          decode_only: bool = False) -> tuple[jax.Array, KVCache]:
+          decode_only: bool = False, pipeline: str = "sequential") -> tuple[jax.Array, KVCache]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
     token_ids = jnp.where(gather >= 0, prev_tokens[jnp.maximum(gather, 0)], tok[0])
     batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids, decode_only)
-    logits, cache = forward_paged(params, cache, batch, cfg, kernels)
+    logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline)
     p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
                        top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5])
     tokens = sample(logits, p)
@@ -132,7 +133,8 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only"), donate_argnums=(1,))
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline"),
+                               donate_argnums=(1,))
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
@@ -153,14 +155,15 @@ class ModelRunner:
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
-                                  kernels=self.ops, decode_only=decode_only)
+                                  kernels=self.ops, decode_only=decode_only, pipeline=self.cfg.pipeline)
 
     def _step_temp_bytes(self, num_pages: int) -> int:
         """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""
         shape = (self.model_cfg.num_layers, num_pages, self.cfg.block_size, self.model_cfg.num_kv_heads,
                  self.model_cfg.head_dim)
         probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype), v=jax.ShapeDtypeStruct(shape, self.kv_dtype))
-        analysis = self._lower(probe, self.token_buckets[-1], self.width_buckets[-1]).compile().memory_analysis()
+        lowered = self._lower(probe, self.token_buckets[-1], self.width_buckets[-1])
+        analysis = lowered.compile(step_compiler_options(self.cfg.pipeline)).memory_analysis()
         return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
     def compile_all(self) -> None:
@@ -188,7 +191,8 @@ class ModelRunner:
                   file=sys.stderr, flush=True)
 
     def _compile(self, t: int, w: int, decode_only: bool) -> Any:
-        self._compiled[(t, w, decode_only)] = self._lower(self.cache, t, w, decode_only).compile()
+        lowered = self._lower(self.cache, t, w, decode_only)
+        self._compiled[(t, w, decode_only)] = lowered.compile(step_compiler_options(self.cfg.pipeline))
         return self._compiled[(t, w, decode_only)]
 
     def executable(self, t: int, w: int, decode_only: bool) -> Any:

@@ -45,18 +45,29 @@ def lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
+def attention_input(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array,
+                    cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's work before attention: norm, QKV projection, RoPE on q -> (q, k, v).
+    K is handed over un-rotated: its only reader is the cache, whose write may rotate it."""
+    h = ops.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = qkv_projection(ops, lp, h, cfg)
+    return ops.rope(q, positions, cfg), k, v
+
+
+def attention_output_and_mlp(ops: XlaOps, lp: Params, x: jax.Array, o: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """A layer's work after attention: output projection onto the residual, then the MLP."""
+    x = ops.linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], residual=x)
+    h = ops.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    return ops.linear(ops.gate_up(h, lp["w_gate"], lp["w_up"]), lp["w_down"], residual=x)
+
+
 def _block(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
            attend: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
     """One decoder block; `attend(q, k, v)` returns the attention output and any new state.
     q arrives rotated (RoPE), k not: attend rotates it (the paged path in its cache write)."""
-    h = ops.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = qkv_projection(ops, lp, h, cfg)
-    # K is handed over un-rotated: its only reader is the cache, whose write may rotate it.
-    o, state = attend(ops.rope(q, positions, cfg), k, v)
-    x = ops.linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], residual=x)
-    h = ops.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = ops.linear(ops.gate_up(h, lp["w_gate"], lp["w_up"]), lp["w_down"], residual=x)
-    return x, state
+    q, k, v = attention_input(ops, lp, x, positions, cfg)
+    o, state = attend(q, k, v)
+    return attention_output_and_mlp(ops, lp, x, o, cfg), state
 
 
 # ---- whole-sequence forward (no cache) --------------------------------------------

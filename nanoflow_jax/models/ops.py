@@ -9,6 +9,7 @@ a layer index, so no per-layer copy of the cache is ever made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import jax
@@ -182,6 +183,12 @@ class PallasOps(XlaOps):
         tables = batch.block_table + layer * num_pages
         t, s = q.shape[0], batch.num_seqs
         scale = cfg.head_dim ** -0.5
+        prefill = functools.partial(pk.paged_prefill_attention, k_pages=k_all, v_pages=v_all,
+                                    token_seq=batch.token_seq, block_table=tables, context_len=batch.context_len,
+                                    scale=scale, num_programs=self._np("prefill_attention"),
+                                    interpret=self._interpret)
+        if batch.prefill_only:  # no decode token: the decode kernel is skipped
+            return prefill(q, positions=batch.positions)
         rows = jnp.arange(s)
         dec_ctx = jnp.where(rows < batch.num_decode, batch.context_len, 0)
         dec = pk.paged_decode_attention(q[:s], k_all, v_all, tables, dec_ctx, scale=scale,
@@ -190,9 +197,7 @@ class PallasOps(XlaOps):
             return dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
         is_dec = jnp.arange(t) < batch.num_decode
         # Decode tokens get position -1 in the prefill kernel: they see no keys there.
-        pre = pk.paged_prefill_attention(q, k_all, v_all, batch.token_seq, jnp.where(is_dec, -1, batch.positions),
-                                         tables, batch.context_len, scale=scale,
-                                         num_programs=self._np("prefill_attention"), interpret=self._interpret)
+        pre = prefill(q, positions=jnp.where(is_dec, -1, batch.positions))
         dec_full = jnp.zeros_like(q).at[:s].set(dec)
         return jnp.where(is_dec[:, None, None], dec_full, pre)
 

@@ -61,6 +61,9 @@ class BatchInputs:
     # Static: every row is one decode token (no prefill chunk), so the attention may skip
     # its prefill kernel. A separate compiled step; False is always correct.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static: no token of this batch is a decode (a nano-batch cut after every decode row),
+    # so the attention may skip its decode kernel. False is always correct.
+    prefill_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_tokens(self) -> int:
@@ -69,3 +72,19 @@ class BatchInputs:
     @property
     def num_seqs(self) -> int:
         return self.query_len.shape[0]
+
+    def token_slice(self, start: int, stop: int) -> "BatchInputs":
+        """Tokens [start, stop) with every request row kept: one nano-batch of the dense batch.
+
+        Decode rows are tokens [0, num_decode) and num_decode <= num_seqs, so a slice that
+        starts at num_seqs or later holds no decode token (`prefill_only`)."""
+        if not 0 <= start < stop <= self.num_tokens:
+            raise ValueError(f"token slice [{start}, {stop}) is not inside the batch's {self.num_tokens} tokens")
+        if 0 < start < self.num_seqs:
+            # The decode kernel reads rows [0, num_seqs) as tokens [0, num_seqs).
+            raise ValueError(f"a token slice starts at 0 or at num_seqs={self.num_seqs} or later, got {start}")
+        return dataclasses.replace(
+            self, token_ids=self.token_ids[start:stop], positions=self.positions[start:stop],
+            slot_mapping=self.slot_mapping[start:stop], token_seq=self.token_seq[start:stop],
+            decode_only=self.decode_only and start == 0,
+            prefill_only=self.prefill_only or start >= self.num_seqs)
