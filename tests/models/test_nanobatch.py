@@ -55,6 +55,8 @@ def test_nanobatch_forward_matches_sequential(kernels):
     rng = np.random.default_rng()
     seq_step = jax.jit(forward_paged, static_argnames=("cfg", "kernels"))
     nano_step = jax.jit(forward_nanobatch, static_argnames=("cfg", "ops", "split", "overlap"))
+    # GPUs run f32 matmuls at reduced (TF32-like) default precision: a looser bound there.
+    tol = 2e-5 if jax.default_backend() == "cpu" else 3e-3
     checked = 0
     for trial in range(6):
         batch = _random_schedule(rng, runner.num_pages, rows=int(rng.integers(2, 8)), budget=32)
@@ -69,9 +71,9 @@ def test_nanobatch_forward_matches_sequential(kernels):
         for overlap in (False, True):
             logits, got = nano_step(params, cache, inputs, TINY, (ops, ops), split, overlap)
             np.testing.assert_allclose(np.asarray(logits)[:len(batch.rows)], np.asarray(want_logits)[:len(batch.rows)],
-                                       rtol=2e-5, atol=2e-5, err_msg=f"trial {trial}, overlap={overlap}")
-            np.testing.assert_allclose(np.asarray(got.k), np.asarray(want_cache.k), rtol=2e-5, atol=2e-5)
-            np.testing.assert_allclose(np.asarray(got.v), np.asarray(want_cache.v), rtol=2e-5, atol=2e-5)
+                                       rtol=tol, atol=tol, err_msg=f"trial {trial}, overlap={overlap}")
+            np.testing.assert_allclose(np.asarray(got.k), np.asarray(want_cache.k), rtol=tol, atol=tol)
+            np.testing.assert_allclose(np.asarray(got.v), np.asarray(want_cache.v), rtol=tol, atol=tol)
         checked += 1
     assert checked >= 3  # most random batches outgrow their request rows
 

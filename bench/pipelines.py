@@ -1,0 +1,133 @@
+"""Iteration time of one mixed dense batch in each pipeline mode (same kernels, same batch).
+
+    python -m bench.pipelines --model llama-3-8b --out bench/results/pipelines_h200.json \
+        [--decodes 255 --context 1280 --tokens 2048] [--pipelines sequential,nanobatch,nanoflow]
+
+The batch is `decodes` decode rows at `context` cached tokens each plus one prefill chunk
+filling the rest of `tokens` (the engine's mixed iteration), over random bf16 weights and a
+random KV cache. Each mode's step is jitted with the cache donated, as the engine runs it,
+and timed as the median of `iters` back-to-back calls. Reported against NanoFlow's optimal
+iteration (2 x params x tokens at the datasheet bf16 peak) and with the share of attention
+kernel time that ran beside another stream's kernels (from a `jax.profiler` trace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import run_metadata
+from bench.overlap import overlap_stats, trace_events
+from nanoflow_jax.config import PIPELINES, ModelConfig
+from nanoflow_jax.models.nanobatch import forward_pipeline
+from nanoflow_jax.models.paged import BatchInputs, KVCache
+from nanoflow_jax.models.params import fuse_qkv, init_params
+from nanoflow_jax.models.streams import step_compiler_options
+
+
+def mixed_batch(cfg: ModelConfig, decodes: int, context: int, tokens: int, rows: int, page: int,
+                seed: int = 0) -> tuple[BatchInputs, int]:
+    """`decodes` decode rows, then one prefill chunk of the remaining tokens; S = rows.
+    Returns the batch and the pages its cache needs (each row owns just its own pages)."""
+    rng = np.random.default_rng(seed)
+    chunk = tokens - decodes
+    if decodes + 1 > rows or chunk < 1:
+        raise ValueError(f"{decodes} decodes + one chunk need {decodes + 1} <= rows={rows} and tokens > decodes")
+    need = [-(-(context + 1) // page)] * decodes + [-(-(context + chunk) // page)]
+    order = rng.permutation(np.arange(1, sum(need) + 1)).astype(np.int32)
+    table = np.zeros((rows, max(need)), np.int32)   # unused entries: the null page
+    starts = np.cumsum([0] + need)
+    for r, n in enumerate(need):
+        table[r, :n] = order[starts[r]:starts[r] + n]
+    pos = np.concatenate([np.full(decodes, context), np.arange(context, context + chunk)]).astype(np.int32)
+    seq = np.concatenate([np.arange(decodes), np.full(chunk, decodes)]).astype(np.int32)
+    qs = np.full(rows + 1, tokens, np.int32)
+    qs[: decodes + 2] = np.concatenate([np.arange(decodes + 1), [tokens]])
+    ctx = np.zeros(rows, np.int32)
+    ctx[: decodes + 1] = pos[qs[1:decodes + 2] - 1] + 1
+    batch = BatchInputs(
+        token_ids=jnp.asarray(rng.integers(0, cfg.vocab_size, tokens), jnp.int32), positions=jnp.asarray(pos),
+        slot_mapping=jnp.asarray(table[seq, pos // page] * page + pos % page), token_seq=jnp.asarray(seq),
+        query_start=jnp.asarray(qs), query_len=jnp.asarray(np.diff(qs)), context_len=jnp.asarray(ctx),
+        block_table=jnp.asarray(table), logits_index=jnp.asarray(np.maximum(qs[1:] - 1, 0)),
+        num_decode=jnp.asarray(decodes, jnp.int32))
+    return batch, int(starts[-1]) + 1
+
+
+def time_mode(params: Any, cache: KVCache, batch: BatchInputs, cfg: ModelConfig, kernels: str, pipeline: str,
+              iters: int, trace: bool) -> tuple[dict[str, Any], KVCache]:
+    step = jax.jit(forward_pipeline, static_argnames=("cfg", "kernels", "pipeline"), donate_argnums=(1,))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, cache, batch, cfg, kernels, pipeline).compile(step_compiler_options(pipeline))
+    row: dict[str, Any] = {"pipeline": pipeline, "compile_s": round(time.perf_counter() - t0, 1)}
+    for _ in range(3):
+        _, cache = compiled(params, cache, batch)
+    jax.block_until_ready(cache)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        logits, cache = compiled(params, cache, batch)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t)
+    row["iteration_ms"] = round(1e3 * statistics.median(times), 3)
+    if trace and jax.default_backend() == "gpu":
+        box = [cache]
+
+        def once():
+            logits, box[0] = compiled(params, box[0], batch)
+            return logits
+        row.update(overlap_stats(trace_events(lambda: once(), ())))
+        cache = box[0]
+    return row, cache
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.pipelines", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--decodes", type=int, default=255)
+    p.add_argument("--context", type=int, default=1280)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--rows", type=int, default=256, help="the S bucket (max_num_seqs)")
+    p.add_argument("--pipelines", default=",".join(PIPELINES))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-trace", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    cfg = ModelConfig.from_name(a.model)
+    params = fuse_qkv(init_params(cfg, jax.random.key(0), a.dtype))
+    batch, pages = mixed_batch(cfg, a.decodes, a.context, a.tokens, a.rows, page=16)
+    shape = (cfg.num_layers, pages, 16, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache(k=jnp.zeros(shape, a.dtype), v=jnp.zeros(shape, a.dtype))  # values do not change the time
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    rows = []
+    for pipeline in a.pipelines.split(","):
+        row, cache = time_mode(params, cache, batch, cfg, a.kernels, pipeline, a.iters, not a.no_trace)
+        # NanoFlow's optimal: every token costs 2 x params FLOPs at the datasheet peak (989 TFLOP/s).
+        row["optimal_ms"] = round(2 * n_params * a.tokens / 989.4e12 * 1e3, 3)
+        row["of_optimal"] = round(row["optimal_ms"] / row["iteration_ms"], 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    base = next((r["iteration_ms"] for r in rows if r["pipeline"] == "sequential"), None)
+    for r in rows:
+        if base:
+            r["speedup_vs_sequential"] = round(base / r["iteration_ms"], 3)
+    result = {**run_metadata("bench.pipelines"), "model": a.model, "params": n_params,
+              "batch": {"decodes": a.decodes, "context": a.context, "tokens": a.tokens, "rows": a.rows},
+              "rows": rows}
+    print(json.dumps({r["pipeline"]: r.get("speedup_vs_sequential") for r in rows}))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
