@@ -89,9 +89,16 @@ def test_sequential_pipeline_and_small_batches_take_forward_paged():
     inputs = unpack_batch(tok, seq_i, qs, bt, nd)
     cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size)
     want, _ = forward_paged(tiny_params(), cache, inputs, TINY, "xla")
+    # CPU buckets start at one token, so this batch fits its rows and runs unsplit (the
+    # same program: equal to the bit); a GPU's 16-token bucket outgrows 8 rows and splits.
+    unsplit = nano_split(inputs.num_tokens, inputs.num_seqs) is None
+    assert unsplit or jax.default_backend() != "cpu"
     for pipeline in ("nanobatch", "nanoflow"):
         got, _ = forward_pipeline(tiny_params(), cache, inputs, TINY, "xla", pipeline)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        if unsplit:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        else:
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=3e-3, atol=3e-3)
     with pytest.raises(ValueError, match="pipeline must be one of"):
         forward_pipeline(tiny_params(), cache, inputs, TINY, "xla", "overlapped")
 
