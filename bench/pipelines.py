@@ -28,6 +28,7 @@ from bench import run_metadata
 from bench.overlap import overlap_stats, trace_events
 from nanoflow_jax.config import PIPELINES, ModelConfig
 from nanoflow_jax.models.nanobatch import forward_pipeline
+from nanoflow_jax.models.ops import programs_key
 from nanoflow_jax.models.paged import BatchInputs, KVCache
 from nanoflow_jax.models.params import fuse_qkv, init_params
 from nanoflow_jax.models.streams import step_compiler_options
@@ -62,12 +63,28 @@ def mixed_batch(cfg: ModelConfig, decodes: int, context: int, tokens: int, rows:
     return batch, int(starts[-1]) + 1
 
 
+def parse_programs(spec: str) -> tuple[dict[str, int], dict[str, int]]:
+    """'gemm=32,decode_attention=44|gemm=100' -> nano-batch A's and B's SM budgets."""
+    halves = spec.split("|")
+    if len(halves) != 2:
+        raise ValueError(f"--programs takes A's and B's budgets separated by '|', got {spec!r}")
+    out = []
+    for half in halves:
+        pairs = [kv.split("=") for kv in half.split(",") if kv]
+        out.append({k: int(v) for k, v in pairs})
+    return out[0], out[1]
+
+
 def time_mode(params: Any, cache: KVCache, batch: BatchInputs, cfg: ModelConfig, kernels: str, pipeline: str,
-              iters: int, trace: bool) -> tuple[dict[str, Any], KVCache]:
-    step = jax.jit(forward_pipeline, static_argnames=("cfg", "kernels", "pipeline"), donate_argnums=(1,))
+              iters: int, trace: bool, programs: str = "") -> tuple[dict[str, Any], KVCache]:
+    step = jax.jit(forward_pipeline, static_argnames=("cfg", "kernels", "pipeline", "nano_programs"),
+                   donate_argnums=(1,))
+    nano = tuple(programs_key(p) for p in parse_programs(programs)) if programs else ((), ())
     t0 = time.perf_counter()
-    compiled = step.lower(params, cache, batch, cfg, kernels, pipeline).compile(step_compiler_options(pipeline))
-    row: dict[str, Any] = {"pipeline": pipeline, "compile_s": round(time.perf_counter() - t0, 1)}
+    lowered = step.lower(params, cache, batch, cfg, kernels, pipeline, nano)
+    compiled = lowered.compile(step_compiler_options(pipeline))
+    row: dict[str, Any] = {"pipeline": pipeline, "programs": programs or "whole GPU",
+                           "compile_s": round(time.perf_counter() - t0, 1)}
     for _ in range(3):
         _, cache = compiled(params, cache, batch)
     jax.block_until_ready(cache)
@@ -99,6 +116,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--rows", type=int, default=256, help="the S bucket (max_num_seqs)")
     p.add_argument("--pipelines", default=",".join(PIPELINES))
+    p.add_argument("--programs", action="append", default=[],
+                   help="also run nanoflow with these SM budgets: A's|B's, e.g. 'gemm=32,decode_attention=66|gemm=100' "
+                        "(repeatable)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--out", default=None)
@@ -110,8 +130,9 @@ def main() -> None:
     cache = KVCache(k=jnp.zeros(shape, a.dtype), v=jnp.zeros(shape, a.dtype))  # values do not change the time
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     rows = []
-    for pipeline in a.pipelines.split(","):
-        row, cache = time_mode(params, cache, batch, cfg, a.kernels, pipeline, a.iters, not a.no_trace)
+    runs = [(pipeline, "") for pipeline in a.pipelines.split(",")] + [("nanoflow", spec) for spec in a.programs]
+    for pipeline, spec in runs:
+        row, cache = time_mode(params, cache, batch, cfg, a.kernels, pipeline, a.iters, not a.no_trace, spec)
         # NanoFlow's optimal: every token costs 2 x params FLOPs at the datasheet peak (989 TFLOP/s).
         row["optimal_ms"] = round(2 * n_params * a.tokens / 989.4e12 * 1e3, 3)
         row["of_optimal"] = round(row["optimal_ms"] / row["iteration_ms"], 3)
@@ -124,7 +145,7 @@ def main() -> None:
     result = {**run_metadata("bench.pipelines"), "model": a.model, "params": n_params,
               "batch": {"decodes": a.decodes, "context": a.context, "tokens": a.tokens, "rows": a.rows},
               "rows": rows}
-    print(json.dumps({r["pipeline"]: r.get("speedup_vs_sequential") for r in rows}))
+    print(json.dumps([(r["pipeline"], r["programs"], r.get("speedup_vs_sequential")) for r in rows]))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 from nanoflow_jax import env
 from nanoflow_jax.config import KERNEL_SETS, PIPELINES
+from nanoflow_jax.models.ops import programs_key
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -26,6 +28,9 @@ class EngineConfig:
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas |
                                         # hybrid (Pallas, but XLA's matrix multiplies)
     pipeline: str = "sequential"        # sequential | nanobatch | nanoflow (models/nanobatch.py)
+    # Pallas SM budgets by op (models.ops.BUDGETED_OPS) for nano-batch A (the decodes) and B;
+    # None: every kernel on the whole GPU.
+    nano_programs: tuple[Mapping[str, int], Mapping[str, int]] | None = None
     # The next three are on or off by the engine's measured tokens/s (bench/RESULTS.md).
     fuse_qkv: bool = True               # one QKV GEMM instead of three
     decode_only_steps: bool = True      # Pallas: pure-decode batches get a step without the prefill
@@ -52,6 +57,11 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
         if self.num_kv_pages is not None and self.kv_memory_fraction is not None:
             raise ValueError("give num_kv_pages or kv_memory_fraction, not both")
+        if self.nano_programs is not None:
+            if len(self.nano_programs) != 2:
+                raise ValueError("EngineConfig.nano_programs takes two dicts of SM budgets: nano-batch A's and B's")
+            for budgets in self.nano_programs:
+                programs_key(budgets)
         if self.pipeline not in PIPELINES:
             raise ValueError(f"EngineConfig.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if self.kernels not in KERNEL_SETS:

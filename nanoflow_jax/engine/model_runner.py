@@ -26,7 +26,7 @@ from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
 from nanoflow_jax.engine.scheduler import ScheduledBatch
 from nanoflow_jax.models.nanobatch import forward_pipeline
-from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops
+from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops, programs_key
 from nanoflow_jax.models.streams import step_compiler_options
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 from nanoflow_jax.models.params import fuse_qkv
@@ -52,13 +52,14 @@ def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_d
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
           prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
-          decode_only: bool = False, pipeline: str = "sequential") -> tuple[jax.Array, KVCache]:
+          decode_only: bool = False, pipeline: str = "sequential",
+          nano_programs: Any = ((), ())) -> tuple[jax.Array, KVCache]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
     token_ids = jnp.where(gather >= 0, prev_tokens[jnp.maximum(gather, 0)], tok[0])
     batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids, decode_only)
-    logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline)
+    logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
     p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
                        top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5])
     tokens = sample(logits, p)
@@ -133,8 +134,9 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline"),
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs"),
                                donate_argnums=(1,))
+        self.nano_programs = tuple(programs_key(p) for p in (cfg.nano_programs or ({}, {})))
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
@@ -155,7 +157,8 @@ class ModelRunner:
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
-                                  kernels=self.ops, decode_only=decode_only, pipeline=self.cfg.pipeline)
+                                  kernels=self.ops, decode_only=decode_only, pipeline=self.cfg.pipeline,
+                                  nano_programs=self.nano_programs)
 
     def _step_temp_bytes(self, num_pages: int) -> int:
         """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from nanoflow_jax.config import PIPELINES, ModelConfig
 from nanoflow_jax.models.llama import attention_input, attention_output_and_mlp, forward_paged, lm_head
-from nanoflow_jax.models.ops import XlaOps, get_ops
+from nanoflow_jax.models.ops import XlaOps, get_ops, with_programs
 from nanoflow_jax.models.paged import BatchInputs, KVCache
 from nanoflow_jax.models.params import Params
 from nanoflow_jax.models.streams import on_stream, stream_group
@@ -98,14 +98,21 @@ def nano_split(batch_tokens: int, batch_rows: int) -> int | None:
     return batch_rows if batch_tokens > batch_rows else None
 
 
+NanoPrograms = tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]
+
+
 def forward_pipeline(params: Params, cache: KVCache, batch: BatchInputs, cfg: ModelConfig,
-                     kernels: str | XlaOps, pipeline: str) -> tuple[jax.Array, KVCache]:
+                     kernels: str | XlaOps, pipeline: str,
+                     nano_programs: NanoPrograms = ((), ())) -> tuple[jax.Array, KVCache]:
     """One iteration's forward in a pipeline mode (config.PIPELINES). A batch with no token
-    after its request rows has nothing to split and runs sequentially in every mode."""
+    after its request rows has nothing to split and runs sequentially in every mode.
+    nano_programs: SM budgets by op for nano-batch A and B (ops.programs_key; empty: the
+    kernel set's own)."""
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
     split = None if pipeline == "sequential" else nano_split(batch.num_tokens, batch.num_seqs)
     if split is None:
         return forward_paged(params, cache, batch, cfg, kernels)
     ops = get_ops(kernels)
-    return forward_nanobatch(params, cache, batch, cfg, (ops, ops), split, overlap=pipeline == "nanoflow")
+    nano_ops = tuple(with_programs(ops, p) if p else ops for p in nano_programs)
+    return forward_nanobatch(params, cache, batch, cfg, nano_ops, split, overlap=pipeline == "nanoflow")

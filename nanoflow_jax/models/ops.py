@@ -109,8 +109,7 @@ class PallasOps(XlaOps):
     """Pallas kernels; `programs` maps op name -> SM budget (missing: the whole GPU).
 
     xla_gemm: the projections go to XLA's dot (cuBLAS) whenever no GEMM budget is set,
-    the "hybrid" kernel set: a GEMM on the whole GPU gains nothing from a budget, and
-    the library GEMM is faster than ours on most shapes (bench/results/gemm_tune_*.json).
+    the "hybrid" kernel set: the ablation of our GEMMs against the library's.
     """
 
     name = "pallas"
@@ -209,6 +208,27 @@ def resolve_kernels(kernels: str) -> str:
     return kernels
 
 
+# The ops of `PallasOps` that take an SM budget (`programs`).
+BUDGETED_OPS = ("gemm", "decode_attention", "prefill_attention", "norm", "rope", "write_kv")
+
+
+def programs_key(programs: Mapping[str, int] | None) -> tuple[tuple[str, int], ...]:
+    """SM budgets by op as a sorted tuple (hashable: a static jit argument), checked."""
+    for op, n in (programs or {}).items():
+        if op not in BUDGETED_OPS:
+            raise ValueError(f"no kernel named {op!r} takes an SM budget; choose from {BUDGETED_OPS}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"the SM budget of {op!r} must be an integer >= 1, got {n!r}")
+    return tuple(sorted((programs or {}).items()))
+
+
+def with_programs(ops: XlaOps, programs: Mapping[str, int] | tuple[tuple[str, int], ...]) -> XlaOps:
+    """The same kernel set with these SM budgets (the XLA ops take none: unchanged)."""
+    if not isinstance(ops, PallasOps):
+        return ops
+    return dataclasses.replace(ops, programs=programs_key(dict(programs)))
+
+
 def get_ops(kernels: str | XlaOps, programs: Mapping[str, int] | None = None,
             fuse_rope_kv: bool = False) -> XlaOps:
     """The kernel set by name (an instance passes through); fuse_rope_kv only changes the
@@ -219,6 +239,6 @@ def get_ops(kernels: str | XlaOps, programs: Mapping[str, int] | None = None,
     if kernels == "xla":
         return XlaOps()
     if kernels in ("pallas", "hybrid"):
-        return PallasOps(programs=tuple(sorted((programs or {}).items())), xla_gemm=kernels == "hybrid",
+        return PallasOps(programs=programs_key(programs), xla_gemm=kernels == "hybrid",
                          fuse_rope_kv=fuse_rope_kv)
     raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")

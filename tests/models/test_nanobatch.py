@@ -19,7 +19,7 @@ from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow
 from nanoflow_jax.engine.sequence import Sequence
 from nanoflow_jax.models.llama import forward_paged
 from nanoflow_jax.models.nanobatch import forward_nanobatch, forward_pipeline, nano_split
-from nanoflow_jax.models.ops import get_ops
+from nanoflow_jax.models.ops import get_ops, programs_key
 from nanoflow_jax.models.paged import allocate_kv_cache
 from tests.engine.conftest import TINY, make_llm, tiny_params
 
@@ -118,3 +118,22 @@ def test_token_slice_keeps_decode_rows_whole():
         inputs.token_slice(1, inputs.num_tokens)
     with pytest.raises(ValueError, match="not inside"):
         inputs.token_slice(0, inputs.num_tokens + 1)
+
+
+def test_nano_batches_on_their_own_sm_budgets_match_sequential():
+    llm = make_llm()
+    runner = llm.engine.runner
+    batch = _random_schedule(np.random.default_rng(4), runner.num_pages, rows=4, budget=32)
+    _, (tok, seq_i, _, qs, bt, nd) = runner.prepare(batch)
+    inputs = unpack_batch(tok, seq_i, qs, bt, nd)
+    assert nano_split(inputs.num_tokens, inputs.num_seqs) is not None
+    cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size)
+    want, _ = jax.jit(forward_paged, static_argnames=("cfg", "kernels"))(tiny_params(), cache, inputs, TINY, "pallas")
+    budgets = (programs_key({"gemm": 1, "decode_attention": 2}), programs_key({"gemm": 3, "prefill_attention": 1}))
+    step = jax.jit(forward_pipeline, static_argnames=("cfg", "kernels", "pipeline", "nano_programs"))
+    got, _ = step(tiny_params(), cache, inputs, TINY, "pallas", "nanoflow", budgets)
+    tol = 2e-5 if jax.default_backend() == "cpu" else 3e-3
+    rows = len(batch.rows)
+    np.testing.assert_allclose(np.asarray(got)[:rows], np.asarray(want)[:rows], rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="takes an SM budget"):
+        programs_key({"attention": 4})
