@@ -21,9 +21,10 @@ tuned row serves; a candidate wins if its worst span ratio to the library over t
 cases beats the tuned row's by at least MIN_GAIN. Candidates that fail to build or
 compute wrong results drop out.
 
-`--table-out` writes the winners for $NANOFLOW_GEMM_TABLE (the A/B's table is the
-device's tuned table with only the winners swapped in); a table that holds up in
-`bench.kernels` runs goes into pallas_kernels/tuned/gemm_<device>.json.
+`--table-out` writes the winners for $NANOFLOW_GEMM_TABLE, with the device's name (the
+A/B's table is the device's tuned table with only the winners swapped in). A table that
+holds up in `bench.kernels` runs ships as pallas_kernels/tuned/gemm_<device>.json, its
+last row's M bound set to null so that it serves every larger M.
 """
 
 from __future__ import annotations
@@ -387,7 +388,7 @@ def search(a: argparse.Namespace, meta: dict[str, Any]) -> None:
             Path(a.out).write_text(json.dumps(res, indent=1, default=float))
             if a.table_out:
                 Path(a.table_out).write_text(json.dumps(
-                    {"meta": res["meta"], "configs": best_table(res["shapes"])}, indent=1))
+                    {"meta": res["meta"], "device": current_device(), "configs": best_table(res["shapes"])}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     res = run_ab(a.only, a.reps, a.runs)
     Path(a.out).write_text(json.dumps(dict(meta=meta, **res), indent=1))
     if a.table_out:
-        Path(a.table_out).write_text(json.dumps(dict(meta=meta, configs=ab_table(res["decisions"])), indent=1))
+        Path(a.table_out).write_text(json.dumps(dict(meta=meta, device=current_device(),
+                                                     configs=ab_table(res["decisions"])), indent=1))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,15 @@ def test_copy_ceiling_counts_one_kernel_per_chain_step():
 def test_decode_launches_are_distinct_and_cover_the_default():
     assert len(set(kernels.DECODE_CONFIGS)) == len(kernels.DECODE_CONFIGS)
     assert (64, 4, 2, None, 4) in kernels.DECODE_CONFIGS  # the kernel's default launch
+
+
+def test_decode_configs_rows_name_each_launch_and_keep_failures(tmp_path, monkeypatch):
+    """The decode_configs section, interpreted on tiny shapes: a timed row per launch and
+    case, and a launch that cannot run is a row with its error."""
+    monkeypatch.setattr(kernels, "DECODE_CONFIGS", [(32, 4, 2, None, 2), (16, 4, 2, None, 0)])
+    bench = kernels.Bench(True, 60.0, str(tmp_path / "k.json"), decode_cases=((3, 40),))
+    rows = bench.decode_configs(copy_gbps=1.0)
+    assert [(r["block_k"], r["programs_per_sm"]) for r in rows] == [(32, 2), (16, 0)]
+    assert rows[0]["n"] == 3 and rows[0]["ctx"] == 40 and rows[0]["ms"] > 0
+    assert rows[0]["vs_copy"] == rows[0]["gbps"]  # against a 1 GB/s ceiling
+    assert "error" in rows[1] and "ms" not in rows[1]
