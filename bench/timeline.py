@@ -139,7 +139,7 @@ def summarize(runs: list[list[Event]], calls: int) -> dict[str, Any]:
 def jax_programs(op: str, m: int, reps: int,
                  configs: dict[str, MgpuConfig | None] | None = None) -> dict[str, Callable[[], Any]]:
     """Zero-argument runs of an ordered program of `reps` calls: ours (one per entry of
-    `configs`, name -> launch configuration, None: the committed choice; default
+    `configs`, name -> launch configuration, None: the tuned choice; default
     {"ours": None}) and XLA's dot (on gate and up side by side for gate_up_silu), every
     operand but the residual rotated."""
     silu, res = op == "gate_up_silu", op.endswith("_res")

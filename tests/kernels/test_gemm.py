@@ -273,7 +273,7 @@ def test_deep_residual_gemms_take_their_own_row(tmp_path, monkeypatch):
     assert "residual_deep" in tuned_table()
 
 
-def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, monkeypatch):
+def test_gemm_table_from_the_environment_overrides_the_shipped_one(tmp_path, monkeypatch):
     """$NANOFLOW_GEMM_TABLE (a `bench.gemm_tune --table-out` file) wins for the M it
     covers; beyond its largest M the shipped table applies; a bad file is named."""
     import json
