@@ -1,5 +1,14 @@
-"""Benchmark helpers: run metadata and the ceilings kernels are compared with (timing
-lives in bench/timing.py).
+"""The benchmark CLI (`python -m bench.X`, or the nanoflow-bench-* console scripts):
+
+- throughput: offline serving throughput of the engine against NanoFlow's optimum;
+- kernels: every kernel checked and timed against ceilings, judged by targets;
+- targets: the kernel targets' verdicts from kernels result files (one run or many);
+- gemm_tune: the Mosaic GEMM configuration search, and its A/B step (`--ab`);
+- timeline: GEMM GPU time per call from CUPTI records (the GEMM timing core);
+- timing: `device_ms`, the timing every benchmark uses; shapes: shared shapes and operands.
+
+Results and what they mean: bench/RESULTS.md. This module holds run metadata and the
+ceilings kernels are compared with.
 
 Ceilings are measured in the same run as the kernels: a device copy (GB/s counting
 bytes read plus written, best of XLA and PyTorch) and the best library GEMM (XLA's

@@ -1,17 +1,30 @@
 """Mosaic GPU GEMM launch configurations on Llama-3-8B shapes, against the library GEMM.
 
-    python -m bench.gemm_tune --out bench/results/gemm_tune.json [--ms 128,256,512,1024,2048]
+    python -m bench.gemm_tune --out tune.json --table-out table.json [--ms 128,256,512,1024,2048]
+    python -m bench.gemm_tune --ab --out ab.json --table-out table.json [--only silu:512,...]
+    NANOFLOW_GEMM_TABLE=table.json python -m bench.kernels --sections gemm ...
 
-For each dense batch M and each of the model's four GEMMs (QKV, O + residual,
-gate/up + SiLU, down + residual) it times `pallas_kernels.gemm_mgpu` under a set
-of candidate configurations (warpgroup split, tile, pipeline depth, delayed
+Search (default): for each dense batch M and each of the model's four GEMMs (QKV, O +
+residual, gate/up + SiLU, down + residual) it times `pallas_kernels.gemm_mgpu` under a
+staged set of candidate configurations (warpgroup split, tile, pipeline depth, delayed
 release, tile order, residual staging slots, tiles chained in one pipeline, 128-deep K
-steps, CTA pairs sharing weight tiles, split K at M <= 512), with the weights rotated
-past L2, checks each result against XLA's dot, and reports the best next to the faster
-of XLA's dot and cuBLAS on the same shape. The `confirm` step re-times the leaders and
-the committed choice, interleaved with the library, and ranks by medians.
-`choose_config` (pallas_kernels/gemm_config.py) is set from these results;
-`--table-out` writes them for $NANOFLOW_GEMM_TABLE.
+steps, CTA pairs sharing weight tiles, split K at M <= 512), with the weights rotated past
+L2, checks each result against XLA's dot, and reports the best next to the faster of XLA's
+dot and cuBLAS on the same shape. The `confirm` step re-times the leaders and the tuned
+choice, interleaved with the library, and ranks by medians.
+
+A/B (`--ab`): slope timing drifts by a few percent between programs timed seconds apart,
+so the finalists of a search (CANDIDATES) are settled on one CUPTI timeline
+(bench.timeline): the tuned row, each candidate and the library run at the same clocks.
+For each (kind of GEMM, M) every op of that kind is timed at every M of AB_MS that M's
+tuned row serves; a candidate wins if its worst span ratio to the library over those
+cases beats the tuned row's by at least MIN_GAIN. Candidates that fail to build or
+compute wrong results drop out.
+
+`--table-out` writes the winners for $NANOFLOW_GEMM_TABLE, with the device's name (the
+A/B's table is the device's tuned table with only the winners swapped in). A table that
+holds up in `bench.kernels` runs ships as pallas_kernels/tuned/gemm_<device>.json, its
+last row's M bound set to null so that it serves every larger M.
 """
 
 from __future__ import annotations
@@ -28,29 +41,16 @@ import jax
 import jax.numpy as jnp
 
 from bench import library_gemm_ms, rel_err, run_metadata
+from bench.shapes import GEMM_MS, KIND, OPS, SHAPES, SMOKE, gemm_operands, gemm_shapes
 from bench.timing import cold_copies, copies_of, device_ms
 from pallas_kernels import reference as ref
 from pallas_kernels._common import num_sms
-from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config, gemm_kind
+from pallas_kernels.gemm_config import SMEM_BYTES, MgpuConfig, choose_config, current_device, tuned_table
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
-E, F, QKV = 4096, 14336, 6144
-SHAPES = {"qkv": (E, QKV), "o_res": (E, E), "gate_up_silu": (E, F), "down_res": (F, E)}
 STEPS = ("tiles", "release", "chain", "tile_k", "slots", "order", "cluster", "split", "confirm")
 CONFIRM_ROUNDS = 3  # re-timings of the leaders, interleaved with the library
-SMOKE_SHAPES = {"qkv": (64, 384), "o_res": (64, 256), "gate_up_silu": (64, 128), "down_res": (128, 256)}
-
-
-def gemm_operands(op: str, m: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """x [m, K], w and w_up [K, N] (scaled like a layer's weights) and residual [m, N] in
-    bf16 for one of SHAPES (the timeline, A/B and Nsight benchmarks share them)."""
-    k, n = SHAPES[op]
-    keys = jax.random.split(jax.random.key(m), 4)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16) * 0.03
-    up = jax.random.normal(keys[2], (k, n), jnp.bfloat16) * 0.03
-    r = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
-    return x, w, up, r
+SMOKE_SHAPES = gemm_shapes(SMOKE)
 
 
 def deepest(cfg: MgpuConfig, silu: bool, k_iters: int = 0) -> MgpuConfig | None:
@@ -132,7 +132,7 @@ class ShapeTuner:
         return sorted(_ranked(self.rows), key=row_ms)
 
     def confirm(self, leaders: int = 3, rounds: int = CONFIRM_ROUNDS) -> None:
-        """Re-times the committed choice and the `leaders` fastest rows `rounds` times,
+        """Re-times the tuned choice and the `leaders` fastest rows `rounds` times,
         interleaved with the library, and keeps medians: one timing of a small-M GEMM
         moves 10-30% between runs, more than most differences between configurations."""
         picks = self.ranked_rows()[:leaders]
@@ -155,7 +155,7 @@ class ShapeTuner:
         return [MgpuConfig(**r["config"]) for r in self.ranked_rows()]
 
     def search(self, deadline: float, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
-        """Times the committed choice, then each search step in `steps` (STEPS order)."""
+        """Times the tuned choice, then each search step in `steps` (STEPS order)."""
         self.deadline = deadline
         self.time(choose_config(self.m, self.n, self.silu, self.has_res,
                                 num_sms(), k=self.k), default=True)
@@ -219,13 +219,9 @@ def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in ok if "confirmed_ms" in r] or ok
 
 
-# The `_TUNED` kind each op's GEMM is chosen by, from its Llama-3-8B shape.
-KIND = {op: gemm_kind(op == "gate_up_silu", op.endswith("_res"), n, k) for op, (k, n) in SHAPES.items()}
-
-
 def best_table(shapes: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:
     """Per kind of GEMM and M, the configuration with the least total time over that
-    kind's shapes (gemm_config.gemm_kind: one op each on Llama shapes), as `choose_config` reads it
+    kind's shapes (bench.shapes.KIND: one op each on Llama shapes), as `choose_config` reads it
     ($NANOFLOW_GEMM_TABLE): {kind: [[M, config], ...]} by increasing M."""
     table: dict[str, list[list[Any]]] = {}
     for kind in dict.fromkeys(KIND.values()):
@@ -242,20 +238,147 @@ def best_table(shapes: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="gemm_tune.json")
-    ap.add_argument("--ms", default="128,256,512,1024,2048")
-    ap.add_argument("--ops", default=",".join(SHAPES))
-    ap.add_argument("--budget-s", type=float, default=400.0)
-    ap.add_argument("--steps", default=",".join(STEPS), help="search steps to run, of " + ",".join(STEPS))
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
-    ap.add_argument("--table-out", help="also write the winners as a table for $NANOFLOW_GEMM_TABLE")
-    a = ap.parse_args(argv)
-    if unknown := set(a.steps.split(",")) - set(STEPS):
-        ap.error(f"unknown --steps {sorted(unknown)}; choose from {','.join(STEPS)}")
+# ---- A/B on one timeline -------------------------------------------------------------
+
+AB_MS = (256, 512, 1024, 2048)  # bench.kernels' dense prefill batches
+MIN_GAIN = 0.01
+BASE = "tuned"
+_DR = dict(delay_release=1, wg_split="m")
+
+# The finalists the A/B settles against the tuned rows, per (kind, M): the closest
+# runners-up of the searches and A/Bs so far (bench/RESULTS.md, GEMM table), kept so a
+# new device or JAX version can re-check them in one call.
+CANDIDATES: dict[tuple[str, int], dict[str, MgpuConfig]] = {
+    # The tuned row chains the tiles and splits the tail; this one releases operands late.
+    ("silu", 512): {"dr1_tail": MgpuConfig(tile_m=64, tile_n=128, stages=4, split_tail=True, **_DR)},
+    # The deep row splits K on 128 x 128 CTAs; this is O + residual's fused 128 x 64 row.
+    ("residual_deep", 256): {"m64x64_fused": MgpuConfig(tile_m=64, tile_n=64, stages=8, **_DR)},
+    # QKV past M = 512: CTA pairs sharing weight tiles, and wider M groups.
+    ("plain", 2048): {
+        "m64x128_pairs": MgpuConfig(tile_m=64, tile_n=128, stages=6, cluster_m=2, **_DR),
+        "m64x128_group16": MgpuConfig(tile_m=64, tile_n=128, stages=6, group_m=16, **_DR),
+    },
+    # The residual GEMMs past M = 512: the tuned 128 x 256 CTAs grouped, releasing late
+    # instead of chained, or in pairs that multicast each weight tile; 256 x 128 CTAs
+    # (warpgroups split along M: each weight tile feeds 256 rows).
+    ("residual", 2048): {
+        "n128x128_chained_group8": MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True, group_m=8),
+        "n128x128_dr1": MgpuConfig(tile_m=128, tile_n=128, stages=4, delay_release=1),
+        "m128x128_chained": MgpuConfig(tile_m=128, tile_n=128, stages=4, wg_split="m", chain_tiles=True),
+        "m128x128_dr1": MgpuConfig(tile_m=128, tile_n=128, stages=4, **_DR),
+        "n128x128_pairs_chained": MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True, cluster_m=2),
+        "n128x128_pairs_dr1": MgpuConfig(tile_m=128, tile_n=128, stages=4, delay_release=1, cluster_m=2),
+    },
+}
+# Down + residual past M = 512 shares O + residual's rows, so it tries the same candidates.
+CANDIDATES["residual_deep", 2048] = CANDIDATES["residual", 2048]
+
+
+def device_table() -> dict[str, tuple[tuple[float, MgpuConfig], ...]]:
+    """This device's tuned table (ignoring $NANOFLOW_GEMM_TABLE), which the A/B measures
+    candidates against."""
+    table = tuned_table()
+    if table is None:
+        raise SystemExit(f"no tuned GEMM table for {current_device()}: run the search "
+                         "(`python -m bench.gemm_tune --table-out T.json`) first and ship its table")
+    return table
+
+
+def row_bound(kind: str, m: int) -> float:
+    """The M bound of the tuned row that serves this kind at M."""
+    return next(bound for bound, _ in device_table()[kind] if m <= bound)
+
+
+def served_ms(kind: str, m: int) -> list[int]:
+    """M and every AB_MS that the same tuned row serves: a row's winner must hold on all."""
+    return sorted({m} | {mm for mm in AB_MS if row_bound(kind, mm) == row_bound(kind, m)})
+
+
+def expected(op: str, m: int) -> tuple[tuple[jax.Array | None, ...], jax.Array]:
+    """The operands of `op` at M (x, w, w_up, residual; unused ones None) and the
+    f32-accumulating reference result every candidate is checked against."""
+    x, w, up, r = gemm_operands(op, m)
+    if op == "gate_up_silu":
+        return (x, w, up, None), ref.gemm_silu_mul(x, w, up)
+    r = r if op.endswith("_res") else None
+    return (x, w, None, r), ref.gemm(x, w, residual=r)
+
+
+def check(operands: tuple[jax.Array | None, ...], want: jax.Array, cfg: MgpuConfig) -> float:
+    """Relative error of our GEMM with cfg against `want` (see `expected`)."""
+    x, w, up, r = operands
+    return rel_err(gemm_mgpu(x, w, w_up=up, residual=r, config=cfg), want)
+
+
+def decide(rows: list[dict[str, Any]], kind: str, m: int, names: list[str]) -> dict[str, Any]:
+    """Worst span ratio (library / ours) over the kind's ops and the Ms its row serves, per
+    variant (those missing from rows dropped out); the winner."""
+    from bench.timeline import LIBRARY  # noqa: PLC0415 - the profiler stack only for --ab
+
+    span = {(r["case"], r["variant"]): r["span_us"] for r in rows}
+    worst = {}
+    for name in [BASE] + names:
+        ratios = []
+        for op in OPS[kind]:
+            for mm in served_ms(kind, m):
+                case = f"{op}:{mm}"
+                lib = min(span[case, v] for v in LIBRARY if (case, v) in span)
+                ratios.append(lib / span[case, name] if (case, name) in span else 0.0)
+        worst[name] = min(ratios)
+    best = max(names, key=worst.get)
+    won = worst[best] >= worst[BASE] + MIN_GAIN
+    return {"kind": kind, "m": m, "worst_ratio": worst, "winner": best if won else BASE}
+
+
+def ab_table(decisions: list[dict[str, Any]]) -> dict[str, list[list[Any]]]:
+    """The device's tuned rows with each winner in the row its M falls in, in the
+    --table-out format (an unbounded last row as null)."""
+    out = {kind: [[bound, cfg] for bound, cfg in rows] for kind, rows in device_table().items()}
+    for d in decisions:
+        if d["winner"] != BASE:
+            row = next(r for r in out[d["kind"]] if d["m"] <= r[0])
+            row[1] = CANDIDATES[d["kind"], d["m"]][d["winner"]]
+    return {kind: [[None if b == float("inf") else b, dataclasses.asdict(c)] for b, c in rows]
+            for kind, rows in out.items()}
+
+
+def run_ab(only: str | None, reps: int, runs: int) -> dict[str, Any]:
+    """Checks every candidate of the chosen keys (`only`: "kind:M,..."; default all), times
+    the survivors, the tuned rows and the library on one timeline, and decides each key."""
+    from bench.timeline import measure  # noqa: PLC0415
+
+    keys = [k for k in CANDIDATES if not only or f"{k[0]}:{k[1]}" in only.split(",")]
+    cases, configs, errors = [], {}, {}
+    for kind, m in keys:
+        for op in OPS[kind]:
+            for mm in served_ms(kind, m):
+                if (op, mm) not in configs:
+                    cases.append((op, mm))
+                configs.setdefault((op, mm), {BASE: None})
+                operands, want = expected(op, mm)
+                for name, cfg in CANDIDATES[kind, m].items():
+                    try:
+                        err = check(operands, want, cfg)
+                    except Exception as exc:  # noqa: BLE001 - a candidate that fails to build drops out
+                        err = repr(exc)[:300]
+                    errors[f"{op}:{mm}:{name}"] = err
+                    if isinstance(err, float) and err < 1e-2:
+                        configs[op, mm][name] = cfg
+                    else:
+                        print(f"dropped {name} for {op} at M={mm}: {err}", flush=True)
+    rows = measure(cases, reps, runs, configs)
+    decisions = [decide(rows, kind, m, list(CANDIDATES[kind, m])) for kind, m in keys]
+    for d in decisions:
+        print(f"{d['kind']:>13} M={d['m']:<5} winner {d['winner']:>24}  worst library/ours: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in d["worst_ratio"].items()), flush=True)
+    candidates = {f"{k}:{m}": {n: dataclasses.asdict(c) for n, c in cs.items()} for (k, m), cs in CANDIDATES.items()}
+    return dict(candidates=candidates, rel_err=errors, rows=rows, decisions=decisions)
+
+
+def search(a: argparse.Namespace, meta: dict[str, Any]) -> None:
+    """The staged search over a.ms x a.ops; results and the table rewritten after each shape."""
     seed = int(time.time())
-    res: dict[str, Any] = {"meta": {**run_metadata("bench.gemm_tune"), "seed": seed}, "shapes": []}
+    res: dict[str, Any] = {"meta": {**meta, "seed": seed}, "shapes": []}
     key = jax.random.key(seed)
     deadline = time.time() + a.budget_s
     for m in (int(v) for v in a.ms.split(",")):
@@ -265,7 +388,34 @@ def main(argv: list[str] | None = None) -> None:
             Path(a.out).write_text(json.dumps(res, indent=1, default=float))
             if a.table_out:
                 Path(a.table_out).write_text(json.dumps(
-                    {"meta": res["meta"], "configs": best_table(res["shapes"])}, indent=1))
+                    {"meta": res["meta"], "device": current_device(), "configs": best_table(res["shapes"])}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gemm_tune.json")
+    ap.add_argument("--table-out", help="also write the winners as a table for $NANOFLOW_GEMM_TABLE")
+    ap.add_argument("--ms", default=",".join(map(str, GEMM_MS)), help="search: dense batch sizes M")
+    ap.add_argument("--ops", default=",".join(SHAPES), help="search: ops, of " + ",".join(SHAPES))
+    ap.add_argument("--budget-s", type=float, default=400.0, help="search: time budget")
+    ap.add_argument("--steps", default=",".join(STEPS), help="search: steps to run, of " + ",".join(STEPS))
+    ap.add_argument("--smoke", action="store_true", help="search: tiny shapes, interpreted (CPU)")
+    ap.add_argument("--ab", action="store_true", help="A/B the CANDIDATES on one timeline instead of searching")
+    ap.add_argument("--only", help="A/B: kind:M,... of CANDIDATES to run (default: all)")
+    ap.add_argument("--reps", type=int, default=20, help="A/B: calls per traced program")
+    ap.add_argument("--runs", type=int, default=5, help="A/B: traced runs of each program (median)")
+    a = ap.parse_args(argv)
+    if unknown := set(a.steps.split(",")) - set(STEPS):
+        ap.error(f"unknown --steps {sorted(unknown)}; choose from {','.join(STEPS)}")
+    meta = run_metadata("bench.gemm_tune")
+    if not a.ab:
+        search(a, meta)
+        return
+    res = run_ab(a.only, a.reps, a.runs)
+    Path(a.out).write_text(json.dumps(dict(meta=meta, **res), indent=1))
+    if a.table_out:
+        Path(a.table_out).write_text(json.dumps(dict(meta=meta, device=current_device(),
+                                                     configs=ab_table(res["decisions"])), indent=1))
 
 
 if __name__ == "__main__":

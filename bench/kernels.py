@@ -1,50 +1,105 @@
-"""Kernel benchmark: `python -m bench.kernels [--out FILE.json] [--budget-s S]`.
+"""Kernel benchmark: `python -m bench.kernels [--out FILE.json] [--budget-s S] [--sections ...]`.
 
 On an H100/H200: checks every kernel against its jnp reference (bf16, both GEMM
-backends), times them on Llama-3-8B shapes against ceilings measured in the same run,
-and sweeps each kernel's program count over 1/8 ... 8/8 of the SMs (the profile the
-auto-search reads, under "sm_profile"). `--smoke` runs the same code interpreted on
-CPU with tiny shapes; `--plot FILE.json` draws performance vs SM share to a PNG.
+backends), times them on Llama-3-8B shapes against ceilings measured in the same run
+(GEMMs: the faster of XLA's dot and cuBLAS, also on a CUPTI timeline; memory-bound
+kernels: the device copy bandwidth, and a copy of the same bytes timed the same way),
+sweeps each kernel's program count over 1/8 ... 8/8 of the SMs ("sm_profile"), times
+decode attention's launch configurations ("decode_configs", --decode-cases), and judges
+the result against the kernel targets (bench.targets). `--smoke` runs the same code
+interpreted on CPU with tiny shapes; `--plot FILE.json` draws performance vs SM share.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 import traceback
 from typing import Any, Callable
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
 from bench import copy_bandwidth, library_gemm_ms, plot_sm_profile, rel_err, run_metadata, targets
-from bench.timing import cold_copies, copies_of, device_ms
+from bench.shapes import GEMM_MS, LLAMA3_8B, PAGE, SMOKE, gemm_shapes
+from bench.timing import cold_copies, copies_of, device_ms, timed_program, timing_mode
 
 BF = jnp.bfloat16
-LLAMA8B = dict(E=4096, H=32, K=8, D=128, F=14336)
-
 
 SECTIONS = ("correctness", "ceilings", "gemm", "decode_attention", "memory_bound", "prefill_attention",
             "sm_profile", "decode_configs")
-GEMM_MS = (128, 256, 512, 1024, 2048)  # dense batch sizes of the gemm section
 # Tokens of the memory-bound section: the engine's dense batches, then sizes where a
 # copy of the same bytes streams at close to the bulk copy bandwidth (below ~64 MB both
-# the kernels and the copy are launch-bound: bench.memory_sweep).
+# the kernels and the copy are launch-bound).
 MEMORY_TS = (256, 512, 1024, 2048, 8192, 16384)
+# Decode attention launches the decode_configs section times, as (block_k, warps, stages,
+# context splits (None: automatic), programs per SM). Long contexts favour long blocks;
+# the engine's short ones (128 x 640) several programs an SM, each waiting on memory less
+# (bench/RESULTS.md, decode attention): the default is 64 keys, 4 warps, 2 stages, 4/SM.
+DECODE_CONFIGS = [(128, 4, 3, None, 1), (128, 4, 4, None, 1), (128, 8, 4, None, 1), (256, 4, 2, None, 1),
+                  (256, 4, 3, None, 1), (256, 8, 2, None, 1), (256, 8, 3, None, 1), (256, 8, 4, None, 1),
+                  (128, 4, 3, 2, 1), (256, 8, 3, 2, 1), (512, 8, 2, None, 1), (512, 16, 2, None, 1),
+                  (256, 4, 3, None, 2), (256, 4, 2, None, 4), (128, 4, 3, None, 2), (128, 4, 2, None, 4),
+                  (64, 4, 2, None, 4), (64, 4, 3, None, 4), (64, 4, 2, None, 8), (64, 8, 2, None, 4),
+                  (32, 4, 2, None, 8)]
+DECODE_CASES = ((64, 4096), (128, 640))  # requests x context: the target's, the engine benchmark's
+
+
+def copy_step(a: jax.Array) -> jax.Array:
+    # The barrier keeps XLA from fusing a chain's adds into one pass (on GPU it is only
+    # removed after fusion; the CPU compiler drops it first, see chain_kernels).
+    return lax.optimization_barrier(a + jnp.ones((), a.dtype))
+
+
+def chain_kernels(n: int, reps: int) -> int:
+    """Kernels in the compiled copy chain that add over all n elements (want: reps).
+
+    The program is the one device_ms times (its timing mode). A kernel is a fusion
+    calling a computation with a full-size add whose root is not a one-element dependency
+    patch (a dynamic-update-slice, computing only the element it needs); counted wherever
+    called (GPU command buffers wrap fusions). Plus unfused adds.
+    """
+    mode = "patched" if timing_mode() == "patched" else "ordered"
+    run, args = timed_program(copy_step, (jnp.zeros((n,), BF),), reps, mode=mode)
+    hlo = run.lower(*args).compile().as_text()
+    full_add = re.compile(rf"\[{n}\]\{{[^}}]*\}} add\(")
+    comps = re.split(r"\n(?=\S)", hlo)  # computations start at column 0
+    adders = {c.split()[0].lstrip("%") for c in comps
+              if full_add.search(c) and "dynamic-update-slice(" not in c[c.find("ROOT"):].split("\n")[0]}
+    fused = sum(m.group(1) in adders for m in re.finditer(r"calls=%?([\w.\-]+)", hlo))
+    entry = next(c for c in comps if c.startswith("ENTRY"))
+    return fused + len(full_add.findall(entry))
+
+
+def copy_ceiling(nbytes: int, reps: int, repeats: int) -> dict[str, Any]:
+    """Time of an `a + 1` chain moving nbytes (half read, half written), timed like the
+    kernels; `one_kernel_per_step` False means XLA fused the chain and the time is low."""
+    n = nbytes // 4
+    x = jax.random.normal(jax.random.key(0), (n,), BF)
+    ms = device_ms(copy_step, x, reps=reps, repeats=repeats)
+    k = chain_kernels(n, reps)
+    return {"bytes": 4 * n, "ms": ms, "gbps": 4 * n / ms / 1e6, "chain_kernels": k, "reps": reps,
+            "one_kernel_per_step": k == reps}
 
 
 class Bench:
     def __init__(self, smoke: bool, budget_s: float, out_path: str, sections: tuple[str, ...] = SECTIONS,
                  gemm_ms: tuple[int, ...] = GEMM_MS, gemm_backends: tuple[str, ...] = ("mosaic", "triton"),
-                 memory_ts: tuple[int, ...] = MEMORY_TS) -> None:
+                 memory_ts: tuple[int, ...] = MEMORY_TS,
+                 decode_cases: tuple[tuple[int, int], ...] = DECODE_CASES) -> None:
         self.smoke, self.interp = smoke, smoke
         self.sections = sections
         self.gemm_ms = gemm_ms
         self.memory_ts = memory_ts
+        self.decode_cases = decode_cases
         self.deadline = time.time() + budget_s
         self.out_path = out_path
         self.res: dict[str, Any] = {"meta": run_metadata(), "errors": {}}
@@ -54,7 +109,7 @@ class Bench:
         self.sms = pk._common.num_sms() if not smoke else 8
         # Smoke runs leave Mosaic GPU to the unit tests: its CPU interpreter is slow.
         self.backends = ("triton",) if smoke else gemm_backends
-        self.m = dict(E=64, H=4, K=2, D=32, F=128) if smoke else LLAMA8B
+        self.m = SMOKE if smoke else LLAMA3_8B
 
     def rand(self, *shape: int, dtype=BF) -> jax.Array:
         self.key, sub = jax.random.split(self.key)
@@ -89,7 +144,7 @@ class Bench:
         return tuple(copies_of(w, n) for w in weights)
 
     # ---- inputs -------------------------------------------------------------------
-    def paged(self, n: int, ctx: int, ps: int = 16) -> dict[str, Any]:
+    def paged(self, n: int, ctx: int, ps: int = PAGE) -> dict[str, Any]:
         m = self.m
         w = -(-ctx // ps)
         pages = n * w + 1
@@ -151,11 +206,9 @@ class Bench:
         return out
 
     def gemms(self, ms: tuple[int, ...]) -> list[dict[str, Any]]:
-        m, rows = self.m, []
-        e, f, h, k, d = m["E"], m["F"], m["H"], m["K"], m["D"]
-        shapes = {"qkv": (e, (h + 2 * k) * d), "o_res": (h * d, e), "gate_up_silu": (e, f), "down_res": (f, e)}
+        rows = []
         for mm in ms:
-            for name, (kd, nd) in shapes.items():
+            for name, (kd, nd) in gemm_shapes(self.m).items():
                 if time.time() > self.deadline:
                     return rows
                 x, w = self.rand(mm, kd), self.rand(kd, nd) / 30
@@ -183,10 +236,8 @@ class Bench:
     def gemm_timeline(self, rows: list[dict[str, Any]]) -> None:
         """Adds each shape's GPU time per call from CUPTI's kernel records (bench.timeline:
         working clocks, every variant's programs traced back to back) to its Mosaic row.
-        Slope timing runs the library first and ours later, minutes apart; at 0.3-0.7 ms
-        a call the GPU's clocks had drifted 10-20% between them (gate/up at M = 2048:
-        754 us slope against 618 us traced: bench/results/kernels_gemm_s10a_h200.json and
-        timeline_s10_h200.json)."""
+        Slope timing runs the library first and ours later, minutes apart, and the GPU's
+        clocks drift between them by up to 10-20% (bench/RESULTS.md, "Answered questions")."""
         from bench import timeline  # noqa: PLC0415
 
         cases = [(r["op"], r["m"]) for r in rows]
@@ -245,15 +296,12 @@ class Bench:
 
     def memory(self, copy_gbps: float) -> list[dict[str, Any]]:
         """GB/s vs the large-buffer copy and vs a copy of the same bytes timed the same way
-        (at 1-64 MB both the kernels and the copy are launch-bound: bench.memory_sweep)."""
-        from bench.memory_sweep import copy_ceiling
-
+        (at 1-64 MB both the kernels and the copy are launch-bound)."""
         rows = []
-        timing = dict(reps=2 if self.smoke else 10, repeats=1 if self.smoke else 5)
         for t in (self.memory_ts if not self.smoke else (32,)):
             for name, (mk, args, nbytes, thread) in self.memory_cases(t).items():
                 ms_ = self.t(mk(None), *args, thread=thread)
-                same = copy_ceiling(nbytes, timing)
+                same = copy_ceiling(nbytes, reps=2 if self.smoke else 10, repeats=1 if self.smoke else 5)
                 rows.append({"op": name, "t": t, "ms": ms_, "gbps": nbytes / ms_ / 1e6,
                              "vs_copy": nbytes / ms_ / 1e6 / copy_gbps,
                              "copy_same_size_ms": same["ms"], "vs_copy_same_size": same["ms"] / ms_,
@@ -280,13 +328,24 @@ class Bench:
         return rows
 
     def decode_configs(self, copy_gbps: float) -> list[dict[str, Any]]:
-        """Block size / warps / stages / splits of decode attention at a long context."""
-        from bench.decode_sweep import sweep_configs
-
-        g, m = self.paged(64, 4096), self.m
-        q, cl = self.rand(64, m["H"], m["D"]), jnp.full((64,), 4096, jnp.int32)
-        nbytes = 2 * 64 * 4096 * m["K"] * m["D"] * 2
-        return sweep_configs((q, g["k"], g["v"], g["bt"], cl), nbytes, copy_gbps, 0.088, self.t)
+        """Each of DECODE_CONFIGS on each of the decode cases: GB/s and its share of the
+        copy bandwidth; a launch that fails is a row too (with its error)."""
+        rows: list[dict[str, Any]] = []
+        for n, ctx in self.decode_cases:
+            mk, args, nbytes = self.decode_case(n, ctx)
+            for bk, nw, ns, splits, pps in DECODE_CONFIGS:
+                row: dict[str, Any] = {"n": n, "ctx": ctx, "block_k": bk, "num_warps": nw, "num_stages": ns,
+                                       "num_splits": splits, "programs_per_sm": pps}
+                fn = functools.partial(pk.paged_decode_attention, scale=0.088, interpret=self.interp, block_k=bk,
+                                       num_warps=nw, num_stages=ns, num_splits=splits, programs_per_sm=pps)
+                try:
+                    ms_ = self.t(fn, *args)
+                except Exception as exc:  # noqa: BLE001 - a launch that does not compile is a result too
+                    rows.append({**row, "error": str(exc)[:300]})
+                    continue
+                rows.append({**row, "ms": ms_, "gbps": nbytes / ms_ / 1e6, "vs_copy": nbytes / ms_ / 1e6 / copy_gbps})
+                print(rows[-1], flush=True)
+        return rows
 
     def sweep(self) -> dict[str, Any]:
         """Time vs program count (1/8 .. 8/8 of the SMs) for one representative shape each."""
@@ -327,7 +386,7 @@ class Bench:
         self.section("sm_profile", self.sweep)
         if not self.smoke:
             self.section("decode_configs", lambda: self.decode_configs(copy))
-            self.res["targets"] = targets.check([self.res])  # issue #4's targets, pass or fail
+            self.res["targets"] = targets.check([self.res])  # the kernel targets, pass or fail
             for line in targets.report(self.res["targets"]):
                 print(line, flush=True)
             self.save()
@@ -346,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="dense batch sizes M of the gemm section (comma-separated)")
     ap.add_argument("--memory-ts", default=",".join(map(str, MEMORY_TS)),
                     help="token counts T of the memory_bound section (comma-separated)")
+    ap.add_argument("--decode-cases", default=",".join(f"{n}x{c}" for n, c in DECODE_CASES),
+                    help="requests x context of the decode_configs section (comma-separated)")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="sections to run (comma-separated), of " + ",".join(SECTIONS))
     a = ap.parse_args(argv)
@@ -359,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     Bench(a.smoke, a.budget_s, a.out, sections, gemm_ms=tuple(int(m) for m in a.gemm_ms.split(",")),
           gemm_backends=tuple(a.gemm_backends.split(",")),
-          memory_ts=tuple(int(t) for t in a.memory_ts.split(","))).run()
+          memory_ts=tuple(int(t) for t in a.memory_ts.split(",")),
+          decode_cases=tuple(tuple(int(v) for v in c.split("x")) for c in a.decode_cases.split(","))).run()
 
 
 if __name__ == "__main__":

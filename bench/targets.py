@@ -1,7 +1,7 @@
-"""Issue #4's targets checked against `bench.kernels` results: pass or fail, and by how much.
+"""The kernel targets checked against `bench.kernels` results: pass or fail, and by how much.
 
-    python -m bench.targets bench/results/kernels_gemm_ab_s10_h200.json bench/results/kernels_memory_s10c_h200.json
-    python -m bench.targets --run gemm_h.json,memory_h.json --run gemm_i.json,memory_i.json ...
+    python -m bench.targets bench/results/kernels_gemm_s14m_h200.json bench/results/kernels_memory_s14m_h200.json
+    python -m bench.targets --run gemm_a.json,memory_a.json --run gemm_b.json,memory_b.json ...
 
 Several result files may be given (one run's GEMM section, another's memory sections);
 for each target the last file that measured it counts. With several `--run`s (each a
@@ -13,7 +13,8 @@ shape's typical speed, where a single run moves it by a few percent between mach
   run has them, else by `device_ms` slope timing (`mosaic.vs_library`);
 - paged decode attention >= DECODE_TARGET of the copy bandwidth at contexts >= LONG_CONTEXT;
 - RMSNorm (+ residual) and RoPE >= MEMORY_TARGET of it at the largest T the run measured
-  (below ~64 MB a copy of the same bytes is launch-bound too: bench.memory_sweep).
+  (below ~64 MB a copy of the same bytes is launch-bound too: bench.kernels'
+  `vs_copy_same_size`).
 """
 
 from __future__ import annotations
@@ -96,12 +97,12 @@ def report(verdicts: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="*", help="bench.kernels result JSONs of one run")
     p.add_argument("--run", action="append", default=[], metavar="A.json,B.json",
                    help="one run's result JSONs, comma-separated; repeat for several runs")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     groups = [r.split(",") for r in a.run] + ([a.results] if a.results else [])
     if not groups:
         p.error("give result JSONs, or --run A.json,B.json (repeatable)")

@@ -1,8 +1,10 @@
 """GPU time per call of our GEMMs and the library's, from a kernel timeline at working clocks.
 
-    python3 -m bench.timeline --out timeline.json [--cases o_res:1024,...] [--reps 20]
+    python -m bench.timeline --out timeline.json [--cases o_res:1024,...] [--reps 20]
+    python -m bench.timeline --plot kernels_gemm.json --png gemm_timeline.png
 
-Nsight Compute (bench/ncu_gemm.py) times one kernel at a time at profiling clocks, and
+The timing core of the GEMM benchmarks (bench.kernels' GEMM rows, bench.gemm_tune --ab).
+Nsight Compute times one kernel at a time at profiling clocks, and
 `bench.timing.device_ms` sees only whole programs. This reads CUPTI's kernel records
 (jax.profiler for JAX programs, torch.profiler for cuBLAS): each program of `reps` ordered
 calls (weights rotated past L2, as in `device_ms`) runs `runs` times, 1 ms apart, in
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import pyplot, run_metadata, torch_module
-from bench.gemm_tune import SHAPES, gemm_operands
+from bench.shapes import SHAPES, gemm_operands
 from bench.timing import chained, cold_copies, copies_of, warm_up
 from pallas_kernels.gemm_config import MgpuConfig
 from pallas_kernels.gemm_mgpu import gemm_mgpu
@@ -39,7 +41,7 @@ DEFAULT_CASES = ",".join(f"{op}:{m}" for m in (256, 512, 1024, 2048) for op in S
 RUN_PAUSE_S = 1e-3  # between runs: far longer than any gap inside one
 # torch runs open with a one-element fill: its kernel (at::native::...FillFunctor...) marks
 # where a run starts, so a stray kernel in the trace cannot shift every later run by one
-# (seen on an H200 in session 13: cuBLAS rows of 1,000-1,800 TFLOP/s, gemm_ab_s13_h200.json).
+# (which split by gaps alone gave cuBLAS rows of 1,000-1,800 TFLOP/s on an H200).
 TORCH_MARKER = "FillFunctor"
 # Library variants: XLA's dot (a JAX program: CUDA graphs when XLA makes them), cuBLAS
 # from eager PyTorch, and the same cuBLAS calls replayed as one CUDA graph (no launch
@@ -137,7 +139,7 @@ def summarize(runs: list[list[Event]], calls: int) -> dict[str, Any]:
 def jax_programs(op: str, m: int, reps: int,
                  configs: dict[str, MgpuConfig | None] | None = None) -> dict[str, Callable[[], Any]]:
     """Zero-argument runs of an ordered program of `reps` calls: ours (one per entry of
-    `configs`, name -> launch configuration, None: the committed choice; default
+    `configs`, name -> launch configuration, None: the tuned choice; default
     {"ours": None}) and XLA's dot (on gate and up side by side for gate_up_silu), every
     operand but the residual rotated."""
     silu, res = op == "gate_up_silu", op.endswith("_res")
@@ -310,7 +312,7 @@ def plot(json_path: str, png_path: str, target: float = 0.95) -> None:
     fig.savefig(png_path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plot", metavar="JSON", help="only draw JSON's ratios (timeline or bench.kernels) to --png")
     p.add_argument("--png", default="gemm_timeline.png")
@@ -318,7 +320,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20, help="calls per program")
     p.add_argument("--runs", type=int, default=5, help="rounds: runs of each program (median)")
     p.add_argument("--out", help="results JSON (required unless --plot)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.plot:
         plot(a.plot, a.png)
         return

@@ -1,8 +1,8 @@
 """Device timing of one function's calls, the way every benchmark here measures.
 
 `device_ms` runs a jitted program of many calls and reports the time per call. How the
-calls are strung together matters more than it looks (H200, jax 0.11.2, session 9,
-bench/results/chain_probe_s9_h200.json and ncu_gemm_s9_h200.json):
+calls are strung together matters more than it looks (H200, jax 0.11.2; bench/RESULTS.md,
+"Answered questions"):
 - patching one element of the previous output into the next call's input ("patched")
   costs a custom call (our Pallas kernels) a copy of that input which a fused XLA op
   avoids: a 48 us GEMM timed at 69-71 us patched against 59 us unpatched;
@@ -31,7 +31,8 @@ def timing_mode() -> str:
     """How device_ms strings together calls that thread no state ($NANOFLOW_BENCH_TIMING):
     "slope" (default): ordered programs of 2 x reps and reps calls, differenced;
     "ordered": one ordered program (see `chained`), its mean; "patched": each call's
-    first argument patched from the previous output (the method before session 9)."""
+    first argument patched from the previous output (slower for custom calls: kept to
+    compare with results timed that way)."""
     mode = os.environ.get(TIMING_ENV, "slope")
     if mode not in TIMING_MODES:
         raise ValueError(f"${TIMING_ENV}={mode!r}: use one of {', '.join(TIMING_MODES)}")

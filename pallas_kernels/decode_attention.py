@@ -164,11 +164,11 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     1 under an explicit budget, so a share of the SMs stays a share). One program per SM
     streams one item's blocks at a time, so short contexts (few blocks an item) wait on
     memory latency; several resident programs keep more loads in flight.
-    block_k / num_stages default to what won for that launch on an H200: with several
-    programs an SM 64-key blocks and 2 stages (decode_sweep_s11_h200.json: 0.71 of copy
-    bandwidth at the engine's 128 x 640, where one program an SM reached 0.55, and 0.91
-    at 64 x 4096); with one, 256-key blocks and 3 stages (decode_sweep_h200.json,
-    decode_sweep2_h200.json: 0.90-0.91 at long contexts; 64-key blocks 0.49-0.59).
+    block_k / num_stages default to what is fastest for that launch on an H200
+    (`bench.kernels --sections decode_configs`; bench/RESULTS.md, decode attention):
+    with several programs an SM, 64-key blocks in 2 stages (short blocks keep many
+    programs resident); with one, 256-key blocks in 3 stages (long blocks keep one
+    program's loads in flight).
     """
     launch = decode_launch(q.shape, k_pages.shape, block_table.shape[1], scale=scale,
                            num_programs=num_programs, num_splits=num_splits, interpret=interpret,

@@ -1,9 +1,11 @@
 """Launch configurations of the Mosaic GPU GEMM (`gemm_mgpu`) and how one is chosen.
 
-`MgpuConfig` is one launch; `choose_config` returns the configuration an H200 search
-measured best for the kind of GEMM and M (`bench.gemm_tune`), else a wave-model tile.
-A table written by `bench.gemm_tune --table-out` on the machine at hand, named by
-$NANOFLOW_GEMM_TABLE, replaces the committed one for the M it covers.
+`MgpuConfig` is one launch; `choose_config` returns the configuration measured best on
+this device for the kind of GEMM and M, else a wave-model tile. Measured configurations
+are data: one table per device in pallas_kernels/tuned/ (gemm_h200.json, keyed by the
+device name, kind and M bound; written by `bench.gemm_tune`). A table from `bench.gemm_tune
+--table-out` on the machine at hand, named by $NANOFLOW_GEMM_TABLE, replaces the shipped
+one for the M it covers. A device without a table (an H100, say) gets the wave model.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from pathlib import Path
+
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,69 +110,20 @@ _PLAIN_TILES = ((128, 128, 1.0), (128, 64, 0.88), (64, 64, 0.75))
 _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 
 
-# The H200 searches' winners at full grid (bench/results/gemm_tune*_h200.json), per kind
-# of GEMM and dense batch M (first row with M <= its bound). Small-M timings vary by up
-# to 2x between runs, so rows there are the configurations best on average over runs.
-# vs the wave-model choice: QKV at M >= 1024 0.49-0.58 -> 0.73-0.87 of the library;
-# the residual GEMMs at M <= 512 0.32-0.50 -> 0.48-0.77 and, chained, at M = 1024
-# 0.64/0.76 -> 0.73/0.88; gate/up+SiLU 0.77-0.95 -> 0.84-0.98. The M = 128 (decode)
-# rows are `bench.gemm_tune --table-out` winners with the weights rotated past L2
-# (gemm_table_m128_h200.json): split K lifts O + residual from 0.45 to 0.71 and the
-# engine from 15,410 to 16,683 tokens/s in one run (throughput_*_m128table_h200_s7.json).
-# Session 8 (gemm_tune_s8_*_h200.json): at M = 256 split K on 128x128 CTAs lifts O + residual
-# from 0.38-0.52 to 0.80 and down + residual from 0.54-0.57 to 0.85 of the library; CTA
-# pairs sharing weight tiles (cluster_m=2) lift gate/up+SiLU there 0.80-0.86 -> 0.86-0.89
-# and lose at M = 512. At M = 512, 128x192 CTAs give QKV's 6144 columns one wave of 128
-# tiles on 132 SMs: 0.65 -> 0.71 alone, 0.75 in pairs. Elsewhere pairs moved results by
-# less than the 10-30% run-to-run spread.
-# Session 10 (bench.gemm_ab on one CUPTI timeline, gemm_ab_s10_h200.json): warpgroups split
-# along M (64 x 128 each) win gate/up + SiLU at M = 256 (worst ratio to the library 0.921 ->
-# 0.938) and, with tiles chained, at M = 512 (0.944 -> 0.956), and the residual GEMMs at
-# M = 256 with split K (0.917 -> 0.942). Session 11 (gemm_ab_s11_h200.json): QKV at M > 512
-# walks groups of 8 M tiles (group_m=8: 0.893 -> 0.961 at M = 1024/2048). gemm_ab_s11b_h200.json:
-# the residual GEMMs at M = 256 on 128 x 64 CTAs with the residual fused, no split K (one
-# kernel instead of the split plus XLA's sum: 0.936 -> 0.953; O + residual 0.85-0.94 ->
-# 1.02-1.04 in the next runs). Gate/up + SiLU at M = 512 on 64 x 128 CTAs also won there
-# (0.849 -> 0.929), but the committed row's 0.849 was an outlier: in the table runs the
-# old row read 0.943 / 0.945 and the new one 0.927 / 0.924 (two runs each); the old stays.
-# Session 12 (gemm_ab_s12_h200.json): at M = 128 QKV on 128 x 64 CTAs without split K
-# (19.9 -> 16.6 us, 0.904 -> 1.086 of the library) and O/down + residual on 128 x 64 CTAs
-# with 2 K splits (0.931 -> 0.958); the engine with both: 19,676 -> 19,864 tokens/s in one
-# call (throughput_llama3_8b_pallas*_h200_s12.json). Gate/up + SiLU at M = 512 runs the last
-# partial wave's 13 columns as 104 half-width tiles (split_tail): 173.3 -> 159.0 us, 0.940 ->
-# 1.025 of the library (gemm_ab_s12d_h200.json); 96/112-column tiles lost (0.46-0.62).
-_TUNED: dict[str, tuple[tuple[float, MgpuConfig], ...]] = {
-    "plain": ((128, MgpuConfig(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m")),
-              (256, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
-              (512, MgpuConfig(tile_m=64, tile_n=192, stages=4, delay_release=1, wg_split="m", cluster_m=2)),
-              (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m",
-                                        group_m=8))),
-    # M = 128 (decode) keeps the configuration the engine's throughput runs measured.
-    "silu": ((128, MgpuConfig(tile_m=128, tile_n=64, stages=4, delay_release=1)),
-             (256, MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m")),
-             (512, MgpuConfig(tile_m=64, tile_n=128, stages=4, wg_split="m", chain_tiles=True,
-                              split_tail=True)),
-             (float("inf"), MgpuConfig(tile_m=64, tile_n=128, stages=4, delay_release=1, wg_split="m"))),
-    "residual": ((128, MgpuConfig(tile_m=64, tile_n=64, stages=6, delay_release=1, wg_split="m", k_splits=2)),
-                 (256, MgpuConfig(tile_m=64, tile_n=64, stages=8, delay_release=1, wg_split="m")),
-                 (512, MgpuConfig(tile_m=64, tile_n=128, stages=6, delay_release=1, wg_split="m")),
-                 (float("inf"), MgpuConfig(tile_m=128, tile_n=128, stages=4, chain_tiles=True))),
-}
-# Residual GEMMs whose reduction is deep (K >= DEEP_K x N: the MLP's down projection) at
-# M = 256 run 128 x 128 CTAs with 2 K splits (64 tiles x 2 splits, the partial sums and
-# residual summed by XLA), as XLA's own dot does: in four same-timeline A/Bs down + residual
-# took 46.4-47.1 us against 47.5-48.5 for the 128 x 64 fused row, which wins O + residual by
-# 15-20% (gemm_ab_s10/s11b/s13/s13c_h200.json); in the first table runs with it, 0.966-0.984 of
-# the library against 0.943-0.970 before (kernels_gemm_s14*_h200.json). Other M share the residual rows.
+REFERENCE_DEVICE = "NVIDIA H200"  # the table CPU runs (interpreter, CUDA lowering) choose from
+TUNED_DIR = Path(__file__).parent / "tuned"
+TABLE_ENV = "NANOFLOW_GEMM_TABLE"
+# Residual GEMMs whose reduction is deep (K >= DEEP_K x N: the MLP's down projection) have
+# rows of their own: at M = 256 they prefer split K, which loses on O + residual.
 DEEP_K = 2
-_TUNED["residual_deep"] = tuple(
-    (bound, MgpuConfig(tile_m=64, tile_n=128, stages=5, delay_release=1, wg_split="m", k_splits=2)
-     if bound == 256 else cfg) for bound, cfg in _TUNED["residual"])
+
+Table = dict[str, tuple[tuple[float, MgpuConfig], ...]]
+_log = logging.getLogger(__name__)
 
 
 def gemm_kind(silu: bool, has_res: bool, n: int, k: int | None) -> str:
-    """The `_TUNED` kind of a GEMM: "silu", "residual_deep" (K >= DEEP_K x N), "residual"
-    or "plain"."""
+    """The tuned table's kind of a GEMM: "silu", "residual_deep" (K >= DEEP_K x N),
+    "residual" or "plain"."""
     if silu:
         return "silu"
     if has_res:
@@ -175,40 +131,77 @@ def gemm_kind(silu: bool, has_res: bool, n: int, k: int | None) -> str:
     return "plain"
 
 
-TABLE_ENV = "NANOFLOW_GEMM_TABLE"
-
-
 @functools.lru_cache(maxsize=8)
-def load_table(path: str) -> dict[str, tuple[tuple[float, MgpuConfig], ...]]:
-    """A `bench.gemm_tune --table-out` file: {"configs": {kind: [[max_m, config], ...]}}."""
+def load_table(path: str) -> Table:
+    """A GEMM table file, shipped (tuned/gemm_*.json) or written by `bench.gemm_tune
+    --table-out`: {"configs": {kind: [[max_m, MgpuConfig fields], ...]}}, max_m null (or
+    Infinity) for a last row that takes every larger M. Rows come back by increasing M."""
     try:
         rows = json.loads(Path(path).read_text())["configs"]
-        return {kind: tuple(sorted(((float(b), MgpuConfig(**c)) for b, c in entries), key=lambda r: r[0]))
+        return {kind: tuple(sorted(((float("inf") if b is None else float(b), MgpuConfig(**c))
+                                    for b, c in entries), key=lambda r: r[0]))
                 for kind, entries in rows.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"${TABLE_ENV}={path} is not a GEMM table from `python -m bench.gemm_tune "
-                         f"--table-out` ({exc}); fix the file or unset ${TABLE_ENV}") from exc
+        raise ValueError(f"{path} is not a GEMM table ({exc}): write one with `python -m "
+                         f"bench.gemm_tune --table-out`, or unset ${TABLE_ENV}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_tables() -> dict[str, str]:
+    """Device name (JAX's device_kind, e.g. "NVIDIA H200") -> its shipped table's path."""
+    return {json.loads(p.read_text())["device"]: str(p) for p in sorted(TUNED_DIR.glob("gemm_*.json"))}
+
+
+def current_device() -> str:
+    """The device whose table applies: the GPU's kind, or on a CPU (interpreted kernels,
+    CUDA lowering) the reference device, whose rows the CPU tests check."""
+    dev = jax.devices()[0]
+    return dev.device_kind if dev.platform == "gpu" else REFERENCE_DEVICE
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untuned(device: str) -> None:
+    _log.warning("no tuned GEMM table for %s (shipped: %s): GEMM tiles come from the wave "
+                 "model; `python -m bench.gemm_tune --table-out T.json` and $%s=T.json tune them",
+                 device, ", ".join(shipped_tables()) or "none", TABLE_ENV)
+
+
+def tuned_table(device: str | None = None) -> Table | None:
+    """The shipped table of `device` (default: `current_device()`); None, logged once per
+    device, where none is shipped."""
+    device = device or current_device()
+    path = shipped_tables().get(device)
+    if path is None:
+        _warn_untuned(device)
+        return None
+    return load_table(path)
+
+
+def _kind_rows(table: Table, kind: str) -> tuple[tuple[float, MgpuConfig], ...]:
+    """A kind's rows; tables without deep residual rows give those GEMMs the residual ones."""
+    return table.get(kind) or (table.get("residual", ()) if kind == "residual_deep" else ())
 
 
 def _tuned_rows(kind: str, m: int) -> tuple[tuple[float, MgpuConfig], ...]:
-    """The measured table's rows for this kind where it covers M (from its smallest to
-    its largest searched M), else the committed ones."""
+    """$NANOFLOW_GEMM_TABLE's rows for this kind where it covers M (from its smallest to
+    its largest searched M), else the shipped table's for this device (none: empty)."""
     path = os.environ.get(TABLE_ENV)
-    table = load_table(path) if path else {}
-    # Tables written before the deep kind give the deep GEMMs their residual rows.
-    rows = table.get(kind) or (table.get("residual", ()) if kind == "residual_deep" else ())
-    return rows if rows and rows[0][0] <= m <= rows[-1][0] else _TUNED[kind]
+    rows = _kind_rows(load_table(path), kind) if path else ()
+    if rows and rows[0][0] <= m <= rows[-1][0]:
+        return rows
+    shipped = tuned_table()
+    return _kind_rows(shipped, kind) if shipped else ()
 
 
 def choose_config(m: int, n: int, silu: bool, has_res: bool, programs: int, k: int | None = None) -> MgpuConfig:
-    """The measured configuration for this kind of GEMM (`gemm_kind`; K tells the deep
-    residual GEMMs apart) when M is in the searched range (>= 128) and N divides its CTA
-    width; otherwise (decode-sized M, SmolLM2's 576-wide N) the tile that minimises
+    """The tuned configuration for this kind of GEMM (`gemm_kind`; K tells the deep
+    residual GEMMs apart) when the device has one, M is in the searched range (>= 128)
+    and N divides its CTA width; otherwise (decode-sized M, SmolLM2's 576-wide N) the tile that minimises
     waves x tile cost on `programs` SMs (a simple model), so small batches still spread
     over many SMs."""
     kind = gemm_kind(silu, has_res, n, k)
-    tuned = next(cfg for bound, cfg in _tuned_rows(kind, m) if m <= bound)
-    if m >= 128 and n % tuned.cta_n == 0:
+    tuned = next((cfg for bound, cfg in _tuned_rows(kind, m) if m <= bound), None)
+    if tuned is not None and m >= 128 and n % tuned.cta_n == 0:
         tiles = -(-m // tuned.cta_m) * (n // tuned.cta_n)
         # Split K only where the output tiles alone leave SMs idle (its partial sums
         # cost an extra pass over M x N in f32).
@@ -224,7 +217,7 @@ def choose_config(m: int, n: int, silu: bool, has_res: bool, programs: int, k: i
             best, best_cost = (tm, tn), cost
     tm, tn = best
     small_res = has_res and m <= 512
-    if small_res:  # measured at M = 256/512: 0.45-0.50 -> 0.53-0.64 of the library
+    if small_res:  # 128 x 64 tiles fill more SMs at M <= 512 (bench/RESULTS.md, GEMM table)
         tm, tn = 128, 64
     # Otherwise the residual's staging buffer leaves room for 3 pipeline stages, not 4.
     stages = 6 if small_res else 3 if has_res else 4

@@ -6,12 +6,17 @@ loops over output tiles (and K splits) pid, pid + P, ... (plgpu.nd_loop), so the
 budget is exactly `num_programs`. Epilogues run on the accumulator registers: bias (a
 row vector broadcast over M), residual (TMA-loaded into the output staging slots while
 the main loop runs), or silu(gate) * up (two accumulators per warpgroup).
+
+A pass is built from its TMA specs (`_in_specs`), one K step's wgmma (`_mma_body`), the
+per-tile compute context and epilogue (`_compute_context`, `_epilogue`) and the pipeline
+call (`_pipeline`, `_run_tile`), over a static plan (`_Pass`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,67 +77,257 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, tail: int,
                    col0=main * cfg.cta_n, **kw)
 
 
-def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_iters: int,
-               cluster: int, cluster_axis: str, has_bias: bool, has_res: bool, silu_mul: bool,
-               interpret: bool) -> None:
-    """One persistent loop over an [M, n_tiles * cta_n] block of output columns from col0."""
-    refs = list(refs)
-    x_g, w_g = refs.pop(0), refs.pop(0)
-    u_g = refs.pop(0) if silu_mul else None
-    b_g = refs.pop(0) if has_bias else None
-    r_g = refs.pop(0) if has_res else None
-    (o_g,) = refs
-    tm, tn, tk, em, en = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi_m, cfg.epi_n
-    cm, cn, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
-    dtype = x_g.dtype
+class _Refs(NamedTuple):
+    """The kernel's operands in global memory (u: w_up; b: bias; r: residual)."""
+
+    x: Any
+    w: Any
+    u: Any
+    b: Any
+    r: Any
+    o: Any
+
+    @classmethod
+    def unpack(cls, refs: tuple, silu_mul: bool, has_bias: bool, has_res: bool) -> _Refs:
+        rest = list(refs)
+        x, w = rest.pop(0), rest.pop(0)
+        u = rest.pop(0) if silu_mul else None
+        b = rest.pop(0) if has_bias else None
+        r = rest.pop(0) if has_res else None
+        (o,) = rest
+        return cls(x, w, u, b, r, o)
+
+    @property
+    def streamed(self) -> tuple:
+        """The operands the pipeline streams along K: x, w and (SiLU) w_up."""
+        return (self.x, self.w) + ((self.u,) if self.u is not None else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """One persistent pass over an [M, n_tiles * cta_n] block of output columns from col0:
+    its static tiling, pipeline depth and epilogue staging."""
+
+    cfg: MgpuConfig
+    m_tiles: int
+    n_tiles: int
+    col0: int
+    k_iters: int
+    cluster: int
+    cluster_axis: str
+    has_bias: bool
+    has_res: bool
+    silu_mul: bool
+    interpret: bool
+
+    @property
+    def split_m(self) -> bool:
+        return self.cfg.wg_split == "m"
+
+    @property
+    def stages(self) -> int:
+        # No deeper than the K steps: a pipeline deeper than its steps, run again for a
+        # CTA's next tile, trips the interpreter's barrier checks (and buys nothing).
+        return min(self.cfg.stages, self.k_iters)
+
+    @property
+    def release(self) -> int:
+        return min(self.cfg.delay_release, self.stages - 1)  # a 1-step pipeline cannot release late
+
+    @property
+    def slots(self) -> int:
+        """Output staging slots per warpgroup."""
+        subs = self.cfg.epi_subtiles
+        return min(self.cfg.out_slots, subs) if self.has_res else min(2, subs)
+
+    @property
+    def chain(self) -> bool:
+        """One pipeline across a CTA's tiles (it needs the K steps to fill whole stages)."""
+        return self.cfg.chain_tiles and self.k_iters % self.stages == 0
+
+    @property
+    def wgmma_groups(self) -> int:
+        """wgmma groups a K step issues per warpgroup (two accumulators with SiLU x up)."""
+        return 2 if self.silu_mul else 1
+
+
+def _in_specs(p: _Pass, dtype) -> list:
+    """TMA block specs of x's [cta_m, tile_k] and each weight's [tile_k, cta_n] tiles; the
+    operand a CTA pair shares is loaded once per cluster and multicast to both CTAs."""
+    cfg = p.cfg
     # wgmma reads both operands with one swizzle: 128 bytes where a warpgroup's weight
     # columns are a multiple of 64, less for the 96/112-column tiles that fill SMs better
     # (a warpgroup's column slice must be whole swizzle tiles).
     bits = 8 * jnp.dtype(dtype).itemsize
-    swizzle = min(plgpu.find_swizzle(tk * bits), plgpu.find_swizzle(tn * bits))
-    in_tf, w_tf = _smem_transforms(tk, dtype, swizzle), _smem_transforms(cn, dtype, swizzle)
-    out_tf = _smem_transforms(en, o_g.dtype)
-    n_epi, subs = tn // en, cfg.epi_subtiles
-    slots = min(cfg.out_slots, subs) if has_res else min(2, subs)
-    # No deeper than the K steps: a pipeline deeper than its steps, run again for a
-    # CTA's next tile, trips the interpreter's barrier checks (and buys nothing).
-    stages = min(cfg.stages, k_iters)
-    release = min(cfg.delay_release, stages - 1)  # a 1-step pipeline cannot release late
-    # The operand a pair shares is loaded once per cluster and multicast to both CTAs.
-    multicast = cluster > 1 and not interpret
-    specs = [plgpu.BlockSpec((cm, tk), lambda k: (0, k), transforms=in_tf, memory_space=plgpu.SMEM,
-                             delay_release=release,
-                             collective_axes=("cluster",) if multicast and cluster_axis == "n" else ())]
-    for _ in range(2 if silu_mul else 1):
-        specs.append(plgpu.BlockSpec((tk, cn), lambda k: (k, 0), transforms=w_tf,
-                                     memory_space=plgpu.SMEM, delay_release=release,
-                                     collective_axes=("cluster",) if multicast and cluster_axis == "m" else ()))
-    groups_per_step = 2 if silu_mul else 1
+    swizzle = min(plgpu.find_swizzle(cfg.tile_k * bits), plgpu.find_swizzle(cfg.tile_n * bits))
+    in_tf = _smem_transforms(cfg.tile_k, dtype, swizzle)
+    w_tf = _smem_transforms(cfg.cta_n, dtype, swizzle)
+    multicast = p.cluster > 1 and not p.interpret
+    shared = lambda axis: ("cluster",) if multicast and p.cluster_axis == axis else ()  # noqa: E731
+    specs = [plgpu.BlockSpec((cfg.cta_m, cfg.tile_k), lambda k: (0, k), transforms=in_tf,
+                             memory_space=plgpu.SMEM, delay_release=p.release, collective_axes=shared("n"))]
+    for _ in range(p.wgmma_groups):
+        specs.append(plgpu.BlockSpec((cfg.tile_k, cfg.cta_n), lambda k: (k, 0), transforms=w_tf,
+                                     memory_space=plgpu.SMEM, delay_release=p.release,
+                                     collective_axes=shared("m")))
+    return specs
 
-    chain = cfg.chain_tiles and k_iters % stages == 0
 
-    def pipeline(body, context, state=None):
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_iters,), memory_registers=40, in_specs=specs, wg_axis="wg",
-            num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
-            pipeline_state=state)
+def _mma_body(p: _Pass, wg) -> Callable:
+    """One K step of the pipeline for warpgroup `wg`: its rows (split along M) or columns
+    (along N) of the CTA's operand tiles into its accumulator(s)."""
+    tm, tn = p.cfg.tile_m, p.cfg.tile_n
 
-    noop = lambda *_, **__: None
-    gmem_ins = (x_g, w_g) + ((u_g,) if silu_mul else ())
+    def mma(_, a_s, *b_s_and_acc):
+        *b_s, acc = b_s_and_acc
+        a_wg = a_s.at[pl.ds(wg * tm, tm)] if p.split_m else a_s
+        b_wg = [b if p.split_m else b.at[:, pl.ds(wg * tn, tn)] for b in b_s]
+        if p.silu_mul:
+            plgpu.wgmma(acc[0], a_wg, b_wg[0])
+            plgpu.wgmma(acc[1], a_wg, b_wg[1])
+        else:
+            plgpu.wgmma(acc, a_wg, b_wg[0])
+        # With delayed release the previous step's slots stay valid while this
+        # step's wgmma groups run.
+        plgpu.wgmma_wait(p.release * p.wgmma_groups)
+        return acc
+
+    return mma
+
+
+class _Staging(NamedTuple):
+    """Shared memory of the epilogue: output slots per warpgroup, the bias row, barriers."""
+
+    out: Any
+    bias: Any
+    bar: Any
+
+
+def _sub_slices(p: _Pass, origin: tuple, e: int) -> tuple:
+    """Global rows and columns of epilogue sub-tile e of a warpgroup's tile at origin."""
+    em_i, en_i = divmod(e, p.cfg.tile_n // p.cfg.epi_n)
+    return (pl.ds(origin[0] + em_i * p.cfg.epi_m, p.cfg.epi_m),
+            pl.ds(origin[1] + en_i * p.cfg.epi_n, p.cfg.epi_n))
+
+
+def _load_residual(p: _Pass, refs: _Refs, st: _Staging, wg, origin: tuple, e: int) -> None:
+    """Starts the TMA load of sub-tile e's residual into its staging slot."""
+    rows, cols = _sub_slices(p, origin, e)
+    slot = e % p.slots
+    plgpu.copy_gmem_to_smem(refs.r.at[rows, cols], st.out.at[wg, slot], st.bar.at[wg * p.slots + slot])
+
+
+def _epilogue(p: _Pass, acc, refs: _Refs, st: _Staging, wg, origin: tuple) -> None:
+    """The f32 accumulator (+ bias)(+ residual), rounded once, stored by TMA sub-tile by
+    sub-tile through the staging slots."""
+    em, en, slots = p.cfg.epi_m, p.cfg.epi_n, p.slots
+    n_epi = p.cfg.tile_n // en
+    if not p.has_res:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for e in range(p.cfg.epi_subtiles):
+        em_i, en_i = divmod(e, n_epi)
+        slot = e % slots
+        rows, cols = _sub_slices(p, origin, e)
+        part = acc[em_i * em:(em_i + 1) * em, en_i * en:(en_i + 1) * en]
+        if p.has_bias:
+            plgpu.copy_gmem_to_smem(refs.b.at[cols], st.bias.at[wg], st.bar.at[2 * slots + wg])
+            plgpu.barrier_wait(st.bar.at[2 * slots + wg])
+            if p.interpret:  # the interpreter has no layouts (and no load_p)
+                bvec = st.bias[wg]
+            else:  # a row vector in the accumulator's column layout
+                bvec = plgpu.load(st.bias.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            part = part + lax.broadcast_in_dim(bvec.astype(F32), (em, en), (1,))
+        if p.has_res:
+            if e >= slots:  # slot reuse: its store has read it, then refill
+                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                _load_residual(p, refs, st, wg, origin, e)
+            plgpu.barrier_wait(st.bar.at[wg * slots + slot])
+            part = part + st.out[wg, slot].astype(F32)
+        else:  # slot reuse: wait until the copy issued `slots` ago has read it
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+        st.out[wg, slot] = part.astype(refs.o.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st.out.at[wg, slot], refs.o.at[rows, cols])
+
+
+def _compute_context(p: _Pass, refs: _Refs, st: _Staging, wg, origin: tuple) -> Callable:
+    """The pipeline's compute context for one tile: prefetch the residual, allocate the
+    accumulator(s), run the K loop, then the epilogue (SiLU x up first)."""
+    tm, tn = p.cfg.tile_m, p.cfg.tile_n
+
+    def context(run):
+        if p.has_res:
+            # The previous tile's stores must have left the slots; then the first
+            # residual sub-tiles load while the main loop runs.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for e in range(p.slots):
+                _load_residual(p, refs, st, wg, origin, e)
+        accs = dict(g=plgpu.ACC((tm, tn), F32))
+        if p.silu_mul:
+            accs["u"] = plgpu.ACC((tm, tn), F32)
+
+        @functools.partial(pl.run_scoped, **accs)
+        def _acc(g, u=None):
+            run((g, u) if p.silu_mul else g)
+            acc = g[...]
+            if p.silu_mul:
+                acc = acc / (1.0 + jnp.exp(-acc)) * u[...]
+            _epilogue(p, acc, refs, st, wg, origin)
+
+    return context
+
+
+def _pipeline(p: _Pass, specs: list, body: Callable, context: Callable, state=None):
+    """The warp-specialized K pipeline: one TMA producer warpgroup, two compute ones."""
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(p.k_iters,), memory_registers=40, in_specs=specs, wg_axis="wg",
+        num_compute_wgs=2, max_concurrent_steps=p.stages, compute_context=context,
+        pipeline_state=state)
+
+
+def _run_tile(p: _Pass, specs: list, mma: Callable, context: Callable, tile_ins: tuple, allocs, info) -> None:
+    """Runs one tile's pipeline; chained, the first of a CTA's tiles fills the pipeline,
+    the last drains it, the ones between keep it running (a CTA with one tile does both,
+    unchained)."""
+    if not p.chain:
+        _pipeline(p, specs, mma, context)(*tile_ins, allocations=allocs)
+        return
+    first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+    state = jnp.where(first, int(plgpu.PipelinePipeline.START),
+                      jnp.where(last, int(plgpu.PipelinePipeline.STOP),
+                                int(plgpu.PipelinePipeline.STEADY))).astype(jnp.int32)
+    lax.cond(first & last,
+             lambda: _pipeline(p, specs, mma, context)(*tile_ins, allocations=allocs),
+             lambda: _pipeline(p, specs, mma, context, state)(*tile_ins, allocations=allocs))
+
+
+def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_iters: int,
+               cluster: int, cluster_axis: str, has_bias: bool, has_res: bool, silu_mul: bool,
+               interpret: bool) -> None:
+    """One persistent loop over an [M, n_tiles * cta_n] block of output columns from col0."""
+    p = _Pass(cfg, m_tiles, n_tiles, col0, k_iters, cluster, cluster_axis, has_bias, has_res,
+              silu_mul, interpret)
+    g = _Refs.unpack(refs, silu_mul, has_bias, has_res)
+    specs = _in_specs(p, g.x.dtype)
+    noop = lambda *_, **__: None  # noqa: E731
     scratch = dict(
-        allocs=pipeline(noop, noop).get_allocations(*gmem_ins),
-        out_smem=plgpu.SMEM((2, slots, em, en), o_g.dtype, transforms=out_tf),
-        bias_smem=plgpu.SMEM((2, en), b_g.dtype) if has_bias else None,
-        bar=plgpu.Barrier(num_barriers=2 * slots + 2) if (has_res or has_bias) else None,
+        allocs=_pipeline(p, specs, noop, noop).get_allocations(*g.streamed),
+        out_smem=plgpu.SMEM((2, p.slots, cfg.epi_m, cfg.epi_n), g.o.dtype,
+                            transforms=_smem_transforms(cfg.epi_n, g.o.dtype)),
+        bias_smem=plgpu.SMEM((2, cfg.epi_n), g.b.dtype) if has_bias else None,
+        bar=plgpu.Barrier(num_barriers=2 * p.slots + 2) if (has_res or has_bias) else None,
     )
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
     def _scope(allocs, out_smem, bias_smem, bar):
+        st = _Staging(out_smem, bias_smem, bar)
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cluster") if cluster > 1 else 0
         # A cluster's CTAs take neighbouring M tiles of one N tile, or the other way round.
         along_m = cluster_axis == "m"
         pm, pn = (m_tiles // cluster, n_tiles) if along_m else (m_tiles, n_tiles // cluster)
+        cm, cn = cfg.cta_m, cfg.cta_n
+        mma = _mma_body(p, wg)
 
         @plgpu.nd_loop((pm * pn * cfg.k_splits,), collective_axes="programs")
         def _tile(info):
@@ -144,92 +339,12 @@ def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_
             else:
                 n_idx = n_idx * cluster + cta
             # With split K each split writes its own [M, N] block of partial sums.
-            wg_m0 = (k_split * m_tiles + m_idx) * cm + (wg * tm if split_m else 0)
-            wg_n0 = col0 + n_idx * cn + (0 if split_m else wg * tn)
-
-            def sub_slices(e):
-                em_i, en_i = divmod(e, n_epi)
-                return pl.ds(wg_m0 + em_i * em, em), pl.ds(wg_n0 + en_i * en, en)
-
-            def load_residual(e):
-                rows, cols = sub_slices(e)
-                plgpu.copy_gmem_to_smem(r_g.at[rows, cols], out_smem.at[wg, e % slots],
-                                        bar.at[wg * slots + e % slots])
-
-            def context(run):
-                if has_res:
-                    # The previous tile's stores must have left the slots; then the first
-                    # residual sub-tiles load while the main loop runs.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for e in range(slots):
-                        load_residual(e)
-                accs = dict(g=plgpu.ACC((tm, tn), F32))
-                if silu_mul:
-                    accs["u"] = plgpu.ACC((tm, tn), F32)
-
-                @functools.partial(pl.run_scoped, **accs)
-                def _acc(g, u=None):
-                    run((g, u) if silu_mul else g)
-                    acc = g[...]
-                    if silu_mul:
-                        acc = acc / (1.0 + jnp.exp(-acc)) * u[...]
-                    if not has_res:
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for e in range(subs):
-                        em_i, en_i = divmod(e, n_epi)
-                        slot = e % slots
-                        rows, cols = sub_slices(e)
-                        part = acc[em_i * em:(em_i + 1) * em, en_i * en:(en_i + 1) * en]
-                        if has_bias:
-                            plgpu.copy_gmem_to_smem(b_g.at[cols], bias_smem.at[wg], bar.at[2 * slots + wg])
-                            plgpu.barrier_wait(bar.at[2 * slots + wg])
-                            if interpret:  # the interpreter has no layouts (and no load_p)
-                                bvec = bias_smem[wg]
-                            else:  # a row vector in the accumulator's column layout
-                                bvec = plgpu.load(bias_smem.at[wg], (),
-                                                  layout=plgpu.Layout.WGMMA.reduce(0))
-                            part = part + lax.broadcast_in_dim(bvec.astype(F32), (em, en), (1,))
-                        if has_res:
-                            if e >= slots:  # slot reuse: its store has read it, then refill
-                                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                                load_residual(e)
-                            plgpu.barrier_wait(bar.at[wg * slots + slot])
-                            part = part + out_smem[wg, slot].astype(F32)
-                        else:  # slot reuse: wait until the copy issued `slots` ago has read it
-                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                        out_smem[wg, slot] = part.astype(o_g.dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], o_g.at[rows, cols])
-
-            def mma(_, a_s, *b_s_and_acc):
-                *b_s, acc = b_s_and_acc
-                a_wg = a_s.at[pl.ds(wg * tm, tm)] if split_m else a_s
-                b_wg = [b if split_m else b.at[:, pl.ds(wg * tn, tn)] for b in b_s]
-                if silu_mul:
-                    plgpu.wgmma(acc[0], a_wg, b_wg[0])
-                    plgpu.wgmma(acc[1], a_wg, b_wg[1])
-                else:
-                    plgpu.wgmma(acc, a_wg, b_wg[0])
-                # With delayed release the previous step's slots stay valid while this
-                # step's wgmma groups run.
-                plgpu.wgmma_wait(release * groups_per_step)
-                return acc
-
-            k_sl = pl.ds(k_split * k_iters * tk, k_iters * tk)
-            tile_ins = (x_g.at[pl.ds(m_idx * cm, cm), k_sl],
-                        *(g.at[k_sl, pl.ds(col0 + n_idx * cn, cn)] for g in gmem_ins[1:]))
-            if not chain:
-                pipeline(mma, context)(*tile_ins, allocations=allocs)
-                return
-            # Chained: the first tile fills the pipeline, the last drains it, the ones
-            # between keep it running; a CTA with one tile does both (unchained).
-            first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
-            state = jnp.where(first, int(plgpu.PipelinePipeline.START),
-                              jnp.where(last, int(plgpu.PipelinePipeline.STOP),
-                                        int(plgpu.PipelinePipeline.STEADY))).astype(jnp.int32)
-            lax.cond(first & last,
-                     lambda: pipeline(mma, context)(*tile_ins, allocations=allocs),
-                     lambda: pipeline(mma, context, state)(*tile_ins, allocations=allocs))
+            origin = ((k_split * m_tiles + m_idx) * cm + (wg * cfg.tile_m if p.split_m else 0),
+                      col0 + n_idx * cn + (0 if p.split_m else wg * cfg.tile_n))
+            k_sl = pl.ds(k_split * k_iters * cfg.tile_k, k_iters * cfg.tile_k)
+            tile_ins = (g.x.at[pl.ds(m_idx * cm, cm), k_sl],
+                        *(w.at[k_sl, pl.ds(col0 + n_idx * cn, cn)] for w in g.streamed[1:]))
+            _run_tile(p, specs, mma, _compute_context(p, g, st, wg, origin), tile_ins, allocs, info)
 
         # The stores must have read the staging slots before a next pass reuses them.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)

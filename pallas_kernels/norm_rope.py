@@ -29,8 +29,8 @@ _ONE_PASS_PER_THREAD = 64  # f32 values of a row block a thread may hold without
 _ITEM_BYTES = 64 << 10  # default RMSNorm item: >= 64 KB read, enough in flight per program
 _ROPE_STEP_ELEMS = 16384  # default RoPE step: at most this many elements loaded at once
 # From this many tokens a program, RoPE takes bigger token blocks, 4 heads a step on 8
-# warps: at T = 8192 / 16384 (Llama-3-8B q, H200) 63.5 -> 44.7 us and 95.0 -> 71.7 us,
-# 0.49 -> 0.70 and 0.66 -> 0.87 of the bulk copy (bench/results/memory_sweep_rope_s10_h200.json).
+# warps: more bytes in flight per program, which long batches need to approach the copy
+# bandwidth (bench/RESULTS.md, RMSNorm and RoPE).
 _ROPE_LONG_TOKENS = 32
 
 

@@ -47,7 +47,7 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
             live = (key < key_hi)[:, None]
             k = pltriton.load(k_ref.at[rows[:, None], kh, cols], mask=live, other=0)
             v = pltriton.load(v_ref.at[rows[:, None], kh, cols], mask=live, other=0)
-        else:  # whole blocks: the plain row gather measured before session 8
+        else:  # whole blocks: the plain row gather (unmasked loads are the faster path)
             k, v = k_ref[rows, kh, :], v_ref[rows, kh, :]
         s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         ok = (key[None, :] <= row_limit[:, None]) & (key[None, :] < key_hi)

@@ -1,4 +1,4 @@
-"""bench.targets: issue #4's targets judged from bench.kernels results."""
+"""bench.targets: the kernel targets judged from bench.kernels results."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Every kernel, and every committed GEMM configuration, lowers for CUDA on this CPU machine.
+"""Every kernel, and every tuned GEMM configuration, lowers for CUDA on this CPU machine.
 
 `jax.export` with platforms=["cuda"] runs the real GPU lowering (Pallas -> Triton IR,
 Pallas -> Mosaic GPU including its shared-memory check) without a GPU, so a kernel or a
-`_TUNED` row that a GPU would reject at compile time fails here, in CI, instead of in
-a device session. (Triton's own PTX compile still happens only on the GPU.)
+tuned-table row that a GPU would reject at compile time fails here, in CI, instead of on
+a GPU machine. (Triton's own PTX compile still happens only on the GPU.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from jax import export
 
 import pallas_kernels as pk
-from pallas_kernels.gemm_config import _TUNED, MgpuConfig
+from pallas_kernels.gemm_config import MgpuConfig, shipped_tables, load_table
 from pallas_kernels.gemm_mgpu import gemm_mgpu
 
 S = jax.ShapeDtypeStruct
@@ -33,11 +33,31 @@ def lower_for_cuda(fn, *shapes) -> set[str]:
 
 
 def _tuned_cases():
-    """(kind, row bound, config, M) for each committed row, at Llama-3-8B's N and K."""
-    for kind, rows in _TUNED.items():
-        for bound, cfg in rows:
-            m = 2048 if bound == float("inf") else int(bound)
-            yield pytest.param(kind, cfg, m, id=f"{kind}-m{m}")
+    """(kind, config, M) for each row of every shipped table, at Llama-3-8B's N and K."""
+    for device, path in shipped_tables().items():
+        for kind, rows in load_table(path).items():
+            for bound, cfg in rows:
+                m = 2048 if bound == float("inf") else int(bound)
+                yield pytest.param(kind, cfg, m, id=f"{device.split()[-1]}-{kind}-m{m}")
+
+
+_DR = dict(delay_release=1, wg_split="m")
+# Launch features the tuned rows do not combine (what a tuner's candidates try): CTA pairs
+# along M and N, wider tile orders, 128-deep K steps, four residual slots, 256 x 128 CTAs
+# chained or releasing late, an unchained split tail.
+FEATURE_CONFIGS = {
+    "m64x128_pairs_m": ("plain", 2048, MgpuConfig(tile_m=64, tile_n=128, stages=6, cluster_m=2, **_DR)),
+    "m64x128_group16": ("plain", 2048, MgpuConfig(tile_m=64, tile_n=128, stages=6, group_m=16, **_DR)),
+    "m64x64_pairs_n": ("plain", 256, MgpuConfig(tile_m=64, tile_n=64, stages=8, cluster_n=2, **_DR)),
+    "m64x128_k128": ("plain", 1024, MgpuConfig(tile_m=64, tile_n=128, tile_k=128, stages=3, **_DR)),
+    "m64x128_slots4": ("residual", 512, MgpuConfig(tile_m=64, stages=5, out_slots=4, **_DR)),
+    "m128x128_chained": ("residual", 2048, MgpuConfig(wg_split="m", chain_tiles=True)),
+    "n128x128_dr1_pairs": ("residual", 2048, MgpuConfig(delay_release=1, cluster_m=2)),
+    "n128x128_chained_pairs": ("residual", 2048, MgpuConfig(chain_tiles=True, cluster_m=2)),
+    "n128x128_chained_group8": ("residual_deep", 2048, MgpuConfig(chain_tiles=True, group_m=8)),
+    "m64x64_fused": ("residual_deep", 256, MgpuConfig(tile_m=64, tile_n=64, stages=8, **_DR)),
+    "m64x128_dr1_tail": ("silu", 512, MgpuConfig(tile_m=64, split_tail=True, **_DR)),
+}
 
 
 def _lower_gemm(kind: str, cfg: MgpuConfig, m: int) -> None:
@@ -56,23 +76,15 @@ def _lower_gemm(kind: str, cfg: MgpuConfig, m: int) -> None:
 
 
 @pytest.mark.parametrize("kind,cfg,m", list(_tuned_cases()))
-def test_committed_gemm_configs_lower_for_cuda(kind, cfg: MgpuConfig, m):
-    """Each `_TUNED` row fits the H100/H200 shared memory and lowers (CTA pairs, chained
+def test_tuned_gemm_configs_lower_for_cuda(kind, cfg: MgpuConfig, m):
+    """Each tuned row fits the H100/H200 shared memory and lowers (CTA pairs, chained
     tiles, split K and split tails included) on the shapes it was chosen for."""
     _lower_gemm(kind, cfg, m)
 
 
-def _candidate_cases():
-    from bench.gemm_ab import CANDIDATES
-
-    for (kind, m), named in CANDIDATES.items():
-        for name, cfg in named.items():
-            yield pytest.param(kind, cfg, m, id=f"{kind}{m}-{name}")
-
-
-@pytest.mark.parametrize("kind,cfg,m", list(_candidate_cases()))
-def test_gemm_ab_candidates_lower_for_cuda(kind, cfg: MgpuConfig, m):
-    """A candidate that a GPU would refuse costs device time; refuse it here."""
+@pytest.mark.parametrize("kind,m,cfg", list(FEATURE_CONFIGS.values()), ids=list(FEATURE_CONFIGS))
+def test_gemm_launch_features_lower_for_cuda(kind, m, cfg: MgpuConfig):
+    """A configuration a GPU would refuse costs device time; refuse it here."""
     _lower_gemm(kind, cfg, m)
 
 

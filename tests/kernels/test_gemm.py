@@ -254,7 +254,7 @@ def test_deep_residual_gemms_take_their_own_row(tmp_path, monkeypatch):
     before the deep kind gives the deep GEMMs its residual rows."""
     import json
 
-    from pallas_kernels.gemm_config import TABLE_ENV, _TUNED, choose_config, load_table
+    from pallas_kernels.gemm_config import TABLE_ENV, choose_config, load_table, tuned_table
 
     down = choose_config(256, 4096, False, True, 132, k=14336)
     o = choose_config(256, 4096, False, True, 132, k=4096)
@@ -270,12 +270,12 @@ def test_deep_residual_gemms_take_their_own_row(tmp_path, monkeypatch):
     load_table.cache_clear()
     monkeypatch.setenv(TABLE_ENV, str(path))
     assert choose_config(256, 4096, False, True, 132, k=14336) == old
-    assert "residual_deep" in _TUNED
+    assert "residual_deep" in tuned_table()
 
 
-def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, monkeypatch):
+def test_gemm_table_from_the_environment_overrides_the_shipped_one(tmp_path, monkeypatch):
     """$NANOFLOW_GEMM_TABLE (a `bench.gemm_tune --table-out` file) wins for the M it
-    covers; beyond its largest M the committed table applies; a bad file is named."""
+    covers; beyond its largest M the shipped table applies; a bad file is named."""
     import json
 
     from pallas_kernels.gemm_config import TABLE_ENV, choose_config, load_table
@@ -284,11 +284,11 @@ def test_gemm_table_from_the_environment_overrides_the_committed_one(tmp_path, m
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"configs": {"plain": [[256, dataclasses.asdict(small)],
                                                       [512, dataclasses.asdict(mine)]]}}))
-    committed = {m: choose_config(m, 4096, False, False, 132) for m in (128, 1024)}
+    shipped = {m: choose_config(m, 4096, False, False, 132) for m in (128, 1024)}
     monkeypatch.setenv(TABLE_ENV, str(path))
     assert choose_config(256, 4096, False, False, 132) == small
     assert choose_config(300, 4096, False, False, 132) == mine
-    for m, cfg in committed.items():  # outside the table's searched range: committed rows
+    for m, cfg in shipped.items():  # outside the table's searched range: shipped rows
         assert choose_config(m, 4096, False, False, 132) == cfg
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
@@ -340,3 +340,67 @@ def test_cluster_sizes_are_one_or_two_along_one_axis():
         MgpuConfig(cluster_m=2, cluster_n=2)
     with pytest.raises(ValueError, match="split_tail"):
         MgpuConfig(cluster_n=2, split_tail=True)
+
+
+# The shipped H200 table (pallas_kernels/tuned/gemm_h200.json): per kind, (M bound, the
+# fields that differ from MgpuConfig's defaults), by increasing M.
+_DR = dict(delay_release=1, wg_split="m")
+H200_ROWS = {
+    "plain": ((128, dict(tile_m=64, tile_n=64, stages=8, **_DR)), (256, dict(tile_m=64, stages=6, **_DR)),
+              (512, dict(tile_m=64, tile_n=192, cluster_m=2, **_DR)),
+              (float("inf"), dict(tile_m=64, stages=6, group_m=8, **_DR))),
+    "silu": ((128, dict(tile_n=64, delay_release=1)), (256, dict(tile_m=64, **_DR)),
+             (512, dict(tile_m=64, wg_split="m", chain_tiles=True, split_tail=True)),
+             (float("inf"), dict(tile_m=64, **_DR))),
+    "residual": ((128, dict(tile_m=64, tile_n=64, stages=6, k_splits=2, **_DR)),
+                 (256, dict(tile_m=64, tile_n=64, stages=8, **_DR)), (512, dict(tile_m=64, stages=6, **_DR)),
+                 (float("inf"), dict(chain_tiles=True))),
+    "residual_deep": ((128, dict(tile_m=64, tile_n=64, stages=6, k_splits=2, **_DR)),
+                      (256, dict(tile_m=64, stages=5, k_splits=2, **_DR)), (512, dict(tile_m=64, stages=6, **_DR)),
+                      (float("inf"), dict(chain_tiles=True))),
+}
+
+
+def test_the_shipped_h200_table_holds_the_expected_configs():
+    """Bit for bit: every kind, bound and field of the H200 table; CPU runs choose from it."""
+    from pallas_kernels.gemm_config import REFERENCE_DEVICE, current_device, shipped_tables, tuned_table
+
+    assert REFERENCE_DEVICE == "NVIDIA H200" and current_device() == REFERENCE_DEVICE
+    assert shipped_tables()[REFERENCE_DEVICE].endswith("tuned/gemm_h200.json")
+    got = tuned_table()
+    assert set(got) == set(H200_ROWS)
+    for kind, rows in H200_ROWS.items():
+        assert got[kind] == tuple((bound, MgpuConfig(**fields)) for bound, fields in rows), kind
+
+
+def test_a_table_round_trips_through_the_tuner_format(tmp_path, monkeypatch):
+    """The shipped table written as `bench.gemm_tune --table-out` writes one (full fields,
+    an infinite last bound) loads back equal, and as $NANOFLOW_GEMM_TABLE chooses alike."""
+    import json
+
+    from pallas_kernels.gemm_config import TABLE_ENV, choose_config, load_table, tuned_table
+
+    table = tuned_table()
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"configs": {kind: [[b, dataclasses.asdict(c)] for b, c in rows]
+                                            for kind, rows in table.items()}}))
+    assert load_table(str(path)) == table
+    shapes = [(4096, 6144, False, False), (4096, 4096, False, True), (14336, 4096, False, True),
+              (4096, 14336, True, False)]
+    want = {(m, s): choose_config(m, s[1], s[2], s[3], 132, k=s[0]) for m in (128, 256, 512, 2048) for s in shapes}
+    monkeypatch.setenv(TABLE_ENV, str(path))
+    assert {(m, s): choose_config(m, s[1], s[2], s[3], 132, k=s[0]) for m, s in want} == want
+
+
+def test_a_device_without_a_table_gets_the_wave_model_and_one_warning(monkeypatch, caplog):
+    from pallas_kernels import gemm_config
+
+    monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 80GB HBM3")
+    gemm_config._warn_untuned.cache_clear()
+    with caplog.at_level("WARNING", logger=gemm_config.__name__):
+        first = gemm_config.choose_config(1024, 4096, False, False, 132)
+        gemm_config.choose_config(256, 14336, True, False, 132)
+    assert first == MgpuConfig(tile_m=128, tile_n=128, stages=4)  # one wave of 128 x 256 CTAs
+    warnings = [r for r in caplog.records if "no tuned GEMM table" in r.getMessage()]
+    assert len(warnings) == 1 and "NVIDIA H100 80GB HBM3" in warnings[0].getMessage()
+    gemm_config._warn_untuned.cache_clear()
