@@ -2,7 +2,11 @@
 # Named benchmark recipes for one GPU machine; results and logs go to $OUT.
 #
 # Usage: OUT=/some/dir bash bench/gpu_session.sh RECIPE [RECIPE ...]
-#   tests       the GPU-marked tests (tests/test_gpu.py)               -> gpu_tests.log
+#   tests       the GPU-marked tests (tests/test_gpu.py), then the pipeline tests on the GPU
+#               (two real streams)                                       -> gpu_tests.log
+#   pipelines   one mixed batch's iteration time in each pipeline mode, Llama-3-8B shapes
+#               (bench.pipelines); PROGRAMS='A|B;A|B' adds nanoflow runs on those SM budgets
+#                                                                        -> pipelines_llama3_8b.json
 #   throughput  engine throughput, Llama-3-8B shapes, random bf16 weights, Pallas kernels
 #               (the workload of bench/RESULTS.md)                      -> throughput_llama3_8b_pallas.json
 #   kernels     the kernel table: decode attention, memory-bound and prefill sections, then the
@@ -17,7 +21,7 @@
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 
@@ -51,7 +55,14 @@ kernels() {
 for recipe in "$@"; do
   case "$recipe" in
     tests)
-      timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
+      timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+      timeout 200 python3 -m pytest -q tests/models/test_nanobatch.py tests/models/test_streams.py \
+        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
+    pipelines)
+      progs=(); IFS=';' read -ra specs <<< "${PROGRAMS:-}"
+      for s in "${specs[@]}"; do [ -n "$s" ] && progs+=(--programs "$s"); done
+      timeout 400 python3 -m bench.pipelines "${progs[@]}" --out "$OUT/pipelines_llama3_8b.json" 2>&1 \
+        | grep -v "^WARNING" | tail -12 | tee "$OUT/pipelines.log" ;;
     throughput)
       throughput pallas --kernels pallas ;;
     kernels)

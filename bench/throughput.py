@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench import library_gemm_ms, nanoflow_env, run_metadata
-from nanoflow_jax.config import KERNEL_SETS
+from nanoflow_jax.config import KERNEL_SETS, PIPELINES
 from nanoflow_jax.engine.config import EngineConfig
 
 
@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas, but XLA's GEMMs")
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
+    p.add_argument("--pipeline", default="sequential", choices=list(PIPELINES),
+                   help="sequential | nanobatch | nanoflow (EngineConfig.pipeline)")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
     defaults = EngineConfig()
     p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=int(defaults.fuse_qkv),
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=max_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               block_size=args.block_size, num_kv_pages=args.num_kv_pages,
-              kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels,
+              kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels, pipeline=args.pipeline,
               async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
               decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
               seed=args.seed,

@@ -12,7 +12,6 @@ calls are strung together matters more than it looks (H200, jax 0.11.2; bench/RE
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Any, Callable
@@ -21,9 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nanoflow_jax import env
+
 WARMUP_MS = 100.0  # busy time before sampling, so the GPU is at its working clocks
-TIMING_ENV = "NANOFLOW_BENCH_TIMING"
-TIMING_MODES = ("slope", "ordered", "patched")
+TIMING_ENV = env.BENCH_TIMING.name
+TIMING_MODES = env.BENCH_TIMING_MODES
 L2_BYTES = 60 << 20  # H100/H200 L2 cache (50 MB on the H100 SXM, 60 MB on the H200)
 
 
@@ -33,10 +34,7 @@ def timing_mode() -> str:
     "ordered": one ordered program (see `chained`), its mean; "patched": each call's
     first argument patched from the previous output (slower for custom calls: kept to
     compare with results timed that way)."""
-    mode = os.environ.get(TIMING_ENV, "slope")
-    if mode not in TIMING_MODES:
-        raise ValueError(f"${TIMING_ENV}={mode!r}: use one of {', '.join(TIMING_MODES)}")
-    return mode
+    return env.bench_timing()
 
 
 def warm_up(call: Callable[[], Any], sync: Callable[[Any], Any], warmup_ms: float) -> None:

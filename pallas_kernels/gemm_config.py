@@ -14,10 +14,11 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import jax
+
+from nanoflow_jax import env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ _SILU_TILES = ((128, 64, 1.0), (64, 64, 0.85))
 
 REFERENCE_DEVICE = "NVIDIA H200"  # the table CPU runs (interpreter, CUDA lowering) choose from
 TUNED_DIR = Path(__file__).parent / "tuned"
-TABLE_ENV = "NANOFLOW_GEMM_TABLE"
+TABLE_ENV = env.GEMM_TABLE.name
 # Residual GEMMs whose reduction is deep (K >= DEEP_K x N: the MLP's down projection) have
 # rows of their own: at M = 256 they prefer split K, which loses on O + residual.
 DEEP_K = 2
@@ -185,7 +186,7 @@ def _kind_rows(table: Table, kind: str) -> tuple[tuple[float, MgpuConfig], ...]:
 def _tuned_rows(kind: str, m: int) -> tuple[tuple[float, MgpuConfig], ...]:
     """$NANOFLOW_GEMM_TABLE's rows for this kind where it covers M (from its smallest to
     its largest searched M), else the shipped table's for this device (none: empty)."""
-    path = os.environ.get(TABLE_ENV)
+    path = env.gemm_table()
     rows = _kind_rows(load_table(path), kind) if path else ()
     if rows and rows[0][0] <= m <= rows[-1][0]:
         return rows

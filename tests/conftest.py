@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "" if os.environ.get("NANOFLOW_TEST_GPU") else "cpu")
+from nanoflow_jax import env  # noqa: E402  (light: reads the environment, imports no jax)
+
+os.environ.setdefault("JAX_PLATFORMS", "" if env.gpu_tests_enabled() else "cpu")
 
 import jax
 import pytest
