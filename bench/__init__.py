@@ -55,6 +55,7 @@ def run_metadata(module: str = "bench.kernels") -> dict[str, Any]:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "env": nanoflow_env(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "timing": timing_mode(),
     }
 
