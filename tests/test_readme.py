@@ -31,10 +31,15 @@ def _commands() -> list[list[str]]:
     out = []
     for block in _blocks("bash"):
         for line in block.splitlines():
-            for part in re.split(r"&&|\|", line.split(" #")[0]):
-                argv = shlex.split(part)
-                if argv:
-                    out.append(argv)
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)  # quotes kept, '#' comments dropped
+            argv: list[str] = []
+            for token in [*lexer, "&&"]:
+                if token in ("&&", "||", "|", ";"):
+                    if argv:
+                        out.append(argv)
+                    argv = []
+                else:
+                    argv.append(token)
     return out
 
 
