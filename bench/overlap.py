@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import gzip
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import run_metadata
+from bench.timeline import gpu_kernel_records, jax_trace
 from nanoflow_jax.models.streams import on_stream
 from pallas_kernels.decode_attention import decode_launch
 from pallas_kernels.gemm import gemm
@@ -212,31 +211,13 @@ def wall_ms(fn: Callable[..., Any], args: tuple[Any, ...], iters: int = 10) -> f
 
 
 def trace_events(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[Event]:
-    """GPU kernel records of one call, with the stream each ran on."""
+    """GPU kernel records of one call (after a warm one), with the stream each ran on."""
     jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        opts = jax.profiler.ProfileOptions()
-        opts.python_tracer_level = 0
-        with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=opts):
-            jax.block_until_ready(fn(*args))
-        trace = json.load(gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids, streams = set(), {}
-    for e in events:
-        if e.get("ph") != "M":
-            continue
-        name = str(e.get("args", {}).get("name", ""))
-        if e.get("name") == "process_name" and "GPU" in name:
-            gpu_pids.add(e["pid"])
-        elif e.get("name") == "thread_name" and "Stream" in name:
-            streams[(e["pid"], e.get("tid"))] = name
-    out = [(str(e["name"]), int(e.get("tid", 0)), float(e["ts"]), float(e["dur"])) for e in events
-           if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu_pids and (e["pid"], e.get("tid")) in streams]
-    return sorted(out, key=lambda ev: ev[2])
+    return gpu_kernel_records(jax_trace(lambda: jax.block_until_ready(fn(*args))))
 
 
 def overlap_stats(events: list[Event]) -> dict[str, float]:
-    """How much attention-kernel time ran beside a GEMM kernel on another stream."""
+    """How much attention-kernel time ran while a kernel of another stream ran."""
     attn = [e for e in events if "decode_attention" in e[0]]
     others = [e for e in events if "decode_attention" not in e[0]]
     covered = 0.0

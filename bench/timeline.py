@@ -49,10 +49,11 @@ TORCH_MARKER = "FillFunctor"
 LIBRARY = ("xla_dot", "torch_cublas", "torch_cublas_graph")
 
 
-def gpu_kernel_events(trace: dict[str, Any]) -> list[Event]:
+def gpu_kernel_records(trace: dict[str, Any]) -> list[tuple[str, int, float, float]]:
     """Kernel records of a Chrome/Perfetto trace (jax.profiler's perfetto_trace.json or
-    torch.profiler's export): XLA's GPU streams ("Stream #N" threads of a /device:GPU
-    process) or events torch files under cat "kernel". Sorted by start."""
+    torch.profiler's export) as (name, stream, start us, duration us): XLA's GPU streams
+    ("Stream #N" threads of a /device:GPU process; the stream is the thread id) or events
+    torch files under cat "kernel". Sorted by start."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu_pids, threads = set(), {}
     for e in events:
@@ -70,8 +71,24 @@ def gpu_kernel_events(trace: dict[str, Any]) -> list[Event]:
         torch_kernel = e.get("cat") == "kernel"
         xla_stream = e.get("pid") in gpu_pids and "Stream" in threads.get((e["pid"], e.get("tid")), "")
         if torch_kernel or xla_stream:
-            out.append((str(e["name"]), float(e["ts"]), float(e["dur"])))
-    return sorted(out, key=lambda ev: ev[1])
+            out.append((str(e["name"]), int(e.get("tid", 0) or 0), float(e["ts"]), float(e["dur"])))
+    return sorted(out, key=lambda ev: ev[2])
+
+
+def gpu_kernel_events(trace: dict[str, Any]) -> list[Event]:
+    """`gpu_kernel_records` without the stream."""
+    return [(name, ts, dur) for name, _, ts, dur in gpu_kernel_records(trace)]
+
+
+def jax_trace(run: Callable[[], Any]) -> dict[str, Any]:
+    """The perfetto trace of `run()` under jax.profiler."""
+    with tempfile.TemporaryDirectory() as d:
+        # No Python tracer: it records every Python call, and the trace is converted on stop.
+        opts = jax.profiler.ProfileOptions()
+        opts.python_tracer_level = 0
+        with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=opts):
+            run()
+        return json.load(gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))))
 
 
 def split_runs(events: list[Event], runs: int) -> list[list[Event]]:
@@ -199,14 +216,7 @@ def torch_graph_span_us(torch: Any, run: Callable[[], Any], reps: int, runs: int
 
 
 def traced_jax(calls: list[Callable[[], Any]], runs: int) -> list[Event]:
-    with tempfile.TemporaryDirectory() as d:
-        # No Python tracer: it records every Python call, and the trace is converted on stop.
-        opts = jax.profiler.ProfileOptions()
-        opts.python_tracer_level = 0
-        with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=opts):
-            in_rounds(calls, runs, jax.block_until_ready)
-        path = next(Path(d).rglob("perfetto_trace.json.gz"))
-        return gpu_kernel_events(json.load(gzip.open(path)))
+    return gpu_kernel_events(jax_trace(lambda: in_rounds(calls, runs, jax.block_until_ready)))
 
 
 def traced_torch(torch: Any, calls: list[Callable[[], Any]], runs: int) -> list[list[Event]]:
