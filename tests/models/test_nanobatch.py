@@ -47,6 +47,14 @@ def _random_schedule(rng: np.random.Generator, num_pages: int, rows: int, budget
     return ScheduledBatch(rows=plan, num_decode=num_decode, num_tokens=used, num_preempted=0)
 
 
+def _packed(seed: int, rows: int, budget: int):
+    """A random schedule packed by the engine's runner: (runner, schedule, BatchInputs)."""
+    runner = make_llm().engine.runner
+    batch = _random_schedule(np.random.default_rng(seed), runner.num_pages, rows=rows, budget=budget)
+    _, (tok, seq_i, _, qs, bt, nd) = runner.prepare(batch)
+    return runner, batch, unpack_batch(tok, seq_i, qs, bt, nd)
+
+
 @pytest.mark.parametrize("kernels", ["xla", "pallas"])
 def test_nanobatch_forward_matches_sequential(kernels):
     llm = make_llm()
@@ -81,12 +89,7 @@ def test_nanobatch_forward_matches_sequential(kernels):
 def test_sequential_pipeline_and_small_batches_take_forward_paged():
     # A batch no longer than its rows has nothing to split: every pipeline runs it whole.
     assert nano_split(8, 8) is None and nano_split(32, 8) == 8
-    llm = make_llm()
-    runner = llm.engine.runner
-    rng = np.random.default_rng(1)
-    batch = _random_schedule(rng, runner.num_pages, rows=3, budget=3)
-    _, (tok, seq_i, _, qs, bt, nd) = runner.prepare(batch)
-    inputs = unpack_batch(tok, seq_i, qs, bt, nd)
+    runner, _, inputs = _packed(seed=1, rows=3, budget=3)
     cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size)
     want, _ = forward_paged(tiny_params(), cache, inputs, TINY, "xla")
     # CPU buckets start at one token, so this batch fits its rows and runs unsplit (the
@@ -104,11 +107,7 @@ def test_sequential_pipeline_and_small_batches_take_forward_paged():
 
 
 def test_token_slice_keeps_decode_rows_whole():
-    llm = make_llm()
-    runner = llm.engine.runner
-    batch = _random_schedule(np.random.default_rng(2), runner.num_pages, rows=4, budget=32)
-    _, (tok, seq_i, _, qs, bt, nd) = runner.prepare(batch)
-    inputs = unpack_batch(tok, seq_i, qs, bt, nd)
+    _, _, inputs = _packed(seed=2, rows=4, budget=32)
     s = inputs.num_seqs
     a, b = inputs.token_slice(0, s), inputs.token_slice(s, inputs.num_tokens)
     assert (a.prefill_only, b.prefill_only) == (False, True)
@@ -121,11 +120,7 @@ def test_token_slice_keeps_decode_rows_whole():
 
 
 def test_nano_batches_on_their_own_sm_budgets_match_sequential():
-    llm = make_llm()
-    runner = llm.engine.runner
-    batch = _random_schedule(np.random.default_rng(4), runner.num_pages, rows=4, budget=32)
-    _, (tok, seq_i, _, qs, bt, nd) = runner.prepare(batch)
-    inputs = unpack_batch(tok, seq_i, qs, bt, nd)
+    runner, batch, inputs = _packed(seed=4, rows=4, budget=32)
     assert nano_split(inputs.num_tokens, inputs.num_seqs) is not None
     cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size)
     want, _ = jax.jit(forward_paged, static_argnames=("cfg", "kernels"))(tiny_params(), cache, inputs, TINY, "pallas")
