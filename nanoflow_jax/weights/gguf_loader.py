@@ -6,6 +6,8 @@ pairs (2i, 2i+1); our RoPE is Hugging Face's rotate-half, so the permutation is 
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,8 +115,10 @@ def load_gguf_params(f: GGUFFile, cfg: ModelConfig, progress: bool = True) -> Pa
                 return _unpermute(arr, cfg.num_kv_heads)
         return arr
 
+    # A bar redrawn with carriage returns into a log file garbles the lines after it: only
+    # on a terminal.
     with tqdm(total=names.num_tensors(cfg), desc="dequantize", unit="tensor",
-              disable=not progress, leave=False) as bar:
+              disable=not (progress and sys.stderr.isatty()), leave=False) as bar:
         try:
             return names.assemble(cfg, get, names.GGUF_LAYER, names.GGUF_TOP, fix=fix, progress=bar.update)
         except WeightLoadError as e:
