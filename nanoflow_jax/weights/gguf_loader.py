@@ -7,7 +7,6 @@ pairs (2i, 2i+1); our RoPE is Hugging Face's rotate-half, so the permutation is 
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 
