@@ -61,7 +61,8 @@ for recipe in "$@"; do
     pipelines)
       progs=(); IFS=';' read -ra specs <<< "${PROGRAMS:-}"
       for s in "${specs[@]}"; do [ -n "$s" ] && progs+=(--programs "$s"); done
-      timeout 400 python3 -m bench.pipelines "${progs[@]}" --out "$OUT/pipelines_llama3_8b.json" 2>&1 \
+      timeout 400 python3 -m bench.pipelines "${progs[@]}" --out "$OUT/pipelines_llama3_8b.json" \
+        --plot "$OUT/pipelines_llama3_8b.png" 2>&1 \
         | grep -v "^WARNING" | tail -12 | tee "$OUT/pipelines.log" ;;
     throughput)
       throughput pallas --kernels pallas ;;

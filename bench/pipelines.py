@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import run_metadata
-from bench.overlap import overlap_stats, trace_events
+from bench import pyplot, run_metadata
+from bench.overlap import Event, overlap_stats, trace_events
 from nanoflow_jax.config import PIPELINES, ModelConfig
 from nanoflow_jax.models.nanobatch import forward_pipeline
 from nanoflow_jax.models.ops import programs_key
@@ -75,6 +75,38 @@ def parse_programs(spec: str) -> tuple[dict[str, int], dict[str, int]]:
     return out[0], out[1]
 
 
+def kernel_breakdown(events: list[Event], top: int = 12) -> dict[str, float]:
+    """GPU time (us) by kernel name over one iteration, the largest `top` names and the rest."""
+    by_name: dict[str, float] = {}
+    for name, _, _, dur in events:
+        by_name[name] = by_name.get(name, 0.0) + dur
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
+    out = {name: round(us, 1) for name, us in ranked[:top]}
+    if len(ranked) > top:
+        out["(other kernels)"] = round(sum(us for _, us in ranked[top:]), 1)
+    return out
+
+
+def plot_timelines(timelines: dict[str, list[Event]], png: str, window_us: float = 6000.0) -> None:
+    """The first `window_us` of each mode's iteration, one lane per stream, attention in red."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(14, 1.6 * len(timelines) + 0.6), squeeze=False)
+    for ax, (label, events) in zip(axes[:, 0], timelines.items()):
+        t0 = min(e[2] for e in events) if events else 0.0
+        lanes = {s: i for i, s in enumerate(sorted({e[1] for e in events}))}
+        for name, stream, start, dur in events:
+            if start - t0 > window_us:
+                continue
+            color = "tab:red" if "attention" in name else "tab:blue" if ("mpmd" in name or "gemm" in name) else "0.6"
+            ax.broken_barh([(start - t0, dur)], (lanes[stream] - 0.4, 0.8), color=color)
+        ax.set_yticks(range(len(lanes)), [f"stream {i}" for i in range(len(lanes))])
+        ax.set_xlim(0, window_us)
+        ax.set_title(label, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("us from the iteration's first kernel (red: attention, blue: GEMM, grey: other)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def time_mode(params: Any, cache: KVCache, batch: BatchInputs, cfg: ModelConfig, kernels: str, pipeline: str,
               iters: int, trace: bool, programs: str = "") -> tuple[dict[str, Any], KVCache]:
     step = jax.jit(forward_pipeline, static_argnames=("cfg", "kernels", "pipeline", "nano_programs"),
@@ -101,7 +133,10 @@ def time_mode(params: Any, cache: KVCache, batch: BatchInputs, cfg: ModelConfig,
         def once():
             logits, box[0] = compiled(params, box[0], batch)
             return logits
-        row.update(overlap_stats(trace_events(lambda: once(), ())))
+        events = trace_events(lambda: once(), ())
+        row.update(overlap_stats(events))
+        row["kernel_us"] = kernel_breakdown(events)
+        row["_events"] = events
         cache = box[0]
     return row, cache
 
@@ -122,6 +157,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, help="a PNG of each mode's kernel timeline (GPU traces)")
     a = p.parse_args()
     cfg = ModelConfig.from_name(a.model)
     params = fuse_qkv(init_params(cfg, jax.random.key(0), a.dtype))
@@ -138,6 +174,10 @@ def main() -> None:
         row["of_optimal"] = round(row["optimal_ms"] / row["iteration_ms"], 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    timelines = {f'{r["pipeline"]} ({r["programs"]}): {r["iteration_ms"]} ms': r.pop("_events") for r in rows
+                 if "_events" in r}
+    if a.plot and timelines:
+        plot_timelines(timelines, a.plot)
     base = next((r["iteration_ms"] for r in rows if r["pipeline"] == "sequential"), None)
     for r in rows:
         if base:

@@ -58,3 +58,13 @@ def test_pipelines_bench_runs_every_mode_on_cpu(tmp_path, monkeypatch):
     assert all(r["iteration_ms"] > 0 for r in rows)
     with pytest.raises(ValueError, match="separated by"):
         pipelines.parse_programs("gemm=2")
+
+
+def test_kernel_breakdown_and_timeline_plot(tmp_path):
+    events = [("gemm_a", 1, 0.0, 10.0), ("paged_decode_attention", 2, 2.0, 5.0), ("gemm_a", 1, 12.0, 4.0),
+              ("norm", 1, 17.0, 1.0)]
+    assert pipelines.kernel_breakdown(events, top=2) == {"gemm_a": 14.0, "paged_decode_attention": 5.0,
+                                                         "(other kernels)": 1.0}
+    png = tmp_path / "timeline.png"
+    pipelines.plot_timelines({"nanoflow": events, "sequential": events[:1]}, str(png), window_us=20.0)
+    assert png.stat().st_size > 1000
