@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -27,52 +26,10 @@ import numpy as np
 from bench import pyplot, run_metadata
 from bench.overlap import Event, overlap_stats, trace_events
 from nanoflow_jax.config import PIPELINES, ModelConfig
-from nanoflow_jax.models.nanobatch import forward_pipeline
+from nanoflow_jax.autosearch import compile_step, mixed_batch, parse_programs, time_step
 from nanoflow_jax.models.ops import programs_key
 from nanoflow_jax.models.paged import BatchInputs, KVCache
 from nanoflow_jax.models.params import fuse_qkv, init_params
-from nanoflow_jax.models.streams import step_compiler_options
-
-
-def mixed_batch(cfg: ModelConfig, decodes: int, context: int, tokens: int, rows: int, page: int,
-                seed: int = 0) -> tuple[BatchInputs, int]:
-    """`decodes` decode rows, then one prefill chunk of the remaining tokens; S = rows.
-    Returns the batch and the pages its cache needs (each row owns just its own pages)."""
-    rng = np.random.default_rng(seed)
-    chunk = tokens - decodes
-    if decodes + 1 > rows or chunk < 1:
-        raise ValueError(f"{decodes} decodes + one chunk need {decodes + 1} <= rows={rows} and tokens > decodes")
-    need = [-(-(context + 1) // page)] * decodes + [-(-(context + chunk) // page)]
-    order = rng.permutation(np.arange(1, sum(need) + 1)).astype(np.int32)
-    table = np.zeros((rows, max(need)), np.int32)   # unused entries: the null page
-    starts = np.cumsum([0] + need)
-    for r, n in enumerate(need):
-        table[r, :n] = order[starts[r]:starts[r] + n]
-    pos = np.concatenate([np.full(decodes, context), np.arange(context, context + chunk)]).astype(np.int32)
-    seq = np.concatenate([np.arange(decodes), np.full(chunk, decodes)]).astype(np.int32)
-    qs = np.full(rows + 1, tokens, np.int32)
-    qs[: decodes + 2] = np.concatenate([np.arange(decodes + 1), [tokens]])
-    ctx = np.zeros(rows, np.int32)
-    ctx[: decodes + 1] = pos[qs[1:decodes + 2] - 1] + 1
-    batch = BatchInputs(
-        token_ids=jnp.asarray(rng.integers(0, cfg.vocab_size, tokens), jnp.int32), positions=jnp.asarray(pos),
-        slot_mapping=jnp.asarray(table[seq, pos // page] * page + pos % page), token_seq=jnp.asarray(seq),
-        query_start=jnp.asarray(qs), query_len=jnp.asarray(np.diff(qs)), context_len=jnp.asarray(ctx),
-        block_table=jnp.asarray(table), logits_index=jnp.asarray(np.maximum(qs[1:] - 1, 0)),
-        num_decode=jnp.asarray(decodes, jnp.int32))
-    return batch, int(starts[-1]) + 1
-
-
-def parse_programs(spec: str) -> tuple[dict[str, int], dict[str, int]]:
-    """'gemm=32,decode_attention=44|gemm=100' -> nano-batch A's and B's SM budgets."""
-    halves = spec.split("|")
-    if len(halves) != 2:
-        raise ValueError(f"--programs takes A's and B's budgets separated by '|', got {spec!r}")
-    out = []
-    for half in halves:
-        pairs = [kv.split("=") for kv in half.split(",") if kv]
-        out.append({k: int(v) for k, v in pairs})
-    return out[0], out[1]
 
 
 def kernel_breakdown(events: list[Event], top: int = 12) -> dict[str, float]:
@@ -109,24 +66,13 @@ def plot_timelines(timelines: dict[str, list[Event]], png: str, window_us: float
 
 def time_mode(params: Any, cache: KVCache, batch: BatchInputs, cfg: ModelConfig, kernels: str, pipeline: str,
               iters: int, trace: bool, programs: str = "") -> tuple[dict[str, Any], KVCache]:
-    step = jax.jit(forward_pipeline, static_argnames=("cfg", "kernels", "pipeline", "nano_programs"),
-                   donate_argnums=(1,))
     nano = tuple(programs_key(p) for p in parse_programs(programs)) if programs else ((), ())
     t0 = time.perf_counter()
-    lowered = step.lower(params, cache, batch, cfg, kernels, pipeline, nano)
-    compiled = lowered.compile(step_compiler_options(pipeline))
+    compiled = compile_step(params, cache, batch, cfg, kernels, pipeline, nano)
     row: dict[str, Any] = {"pipeline": pipeline, "programs": programs or "whole GPU",
                            "compile_s": round(time.perf_counter() - t0, 1)}
-    for _ in range(3):
-        _, cache = compiled(params, cache, batch)
-    jax.block_until_ready(cache)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        logits, cache = compiled(params, cache, batch)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - t)
-    row["iteration_ms"] = round(1e3 * statistics.median(times), 3)
+    ms, cache = time_step(compiled, params, cache, batch, iters)
+    row["iteration_ms"] = round(ms, 3)
     if trace and jax.default_backend() == "gpu":
         box = [cache]
 

@@ -28,6 +28,9 @@ KERNEL_SETS = ("auto", "xla", "pallas", "hybrid")
 # How one iteration runs: whole batch (sequential), two nano-batches back to back (nanobatch),
 # or two nano-batches overlapped on two GPU streams (nanoflow).
 PIPELINES = ("sequential", "nanobatch", "nanoflow")
+# What EngineConfig.pipeline takes: a mode, or auto (the searched mode for this model and GPU:
+# nanoflow_jax.autosearch; sequential where none was searched or there is no GPU).
+PIPELINE_CHOICES = ("auto", *PIPELINES)
 
 
 class ConfigError(ValueError):

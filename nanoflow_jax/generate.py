@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence, TextIO
 
 from nanoflow_jax.chat import ChatTemplateError
-from nanoflow_jax.config import KERNEL_SETS, PIPELINES, ModelConfig, available_configs
+from nanoflow_jax.config import KERNEL_SETS, PIPELINE_CHOICES, ModelConfig, available_configs
 from nanoflow_jax.weights.errors import WeightLoadError
 
 EXIT_BAD_INPUT = 2
@@ -84,9 +84,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas kernels, but XLA's "
                         "matrix multiplies")
-    p.add_argument("--pipeline", default="sequential", choices=list(PIPELINES),
-                   help="sequential: the whole batch at once; nanobatch: two nano-batches back to back; "
-                        "nanoflow: two nano-batches overlapped on two GPU streams (the same as nanobatch on CPU)")
+    p.add_argument("--pipeline", default="auto", choices=list(PIPELINE_CHOICES),
+                   help="auto: the mode nanoflow_jax.autosearch measured fastest for this model and GPU "
+                        "(sequential without one); sequential: the whole batch at once; nanobatch: two nano-batches "
+                        "back to back; nanoflow: two nano-batches overlapped on two GPU streams")
     return p
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Mapping
 
 from nanoflow_jax import env
-from nanoflow_jax.config import KERNEL_SETS, PIPELINES
+from nanoflow_jax.config import KERNEL_SETS, PIPELINE_CHOICES
 from nanoflow_jax.models.ops import programs_key
 
 
@@ -27,7 +27,8 @@ class EngineConfig:
     async_scheduling: bool = dataclasses.field(default_factory=env.async_scheduling)
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas |
                                         # hybrid (Pallas, but XLA's matrix multiplies)
-    pipeline: str = "sequential"        # sequential | nanobatch | nanoflow (models/nanobatch.py)
+    pipeline: str = "auto"              # auto | sequential | nanobatch | nanoflow (models/nanobatch.py);
+                                        # auto: configs/pipelines/ for this model and GPU, else sequential
     # Pallas SM budgets by op (models.ops.BUDGETED_OPS) for nano-batch A (the decodes) and B;
     # None: every kernel on the whole GPU.
     nano_programs: tuple[Mapping[str, int], Mapping[str, int]] | None = None
@@ -62,8 +63,8 @@ class EngineConfig:
                 raise ValueError("EngineConfig.nano_programs takes two dicts of SM budgets: nano-batch A's and B's")
             for budgets in self.nano_programs:
                 programs_key(budgets)
-        if self.pipeline not in PIPELINES:
-            raise ValueError(f"EngineConfig.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.pipeline not in PIPELINE_CHOICES:
+            raise ValueError(f"EngineConfig.pipeline must be one of {PIPELINE_CHOICES}, got {self.pipeline!r}")
         if self.kernels not in KERNEL_SETS:
             raise ValueError(f"EngineConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
         if self.min_token_bucket is not None and self.min_token_bucket < 1:

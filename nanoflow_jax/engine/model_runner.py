@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflow_jax import env
+from nanoflow_jax.autosearch import resolve_pipeline
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
@@ -136,7 +137,9 @@ class ModelRunner:
         self.width_buckets = cfg.resolved_width_buckets()
         self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs"),
                                donate_argnums=(1,))
-        self.nano_programs = tuple(programs_key(p) for p in (cfg.nano_programs or ({}, {})))
+        # `auto` becomes the searched mode (and its SM budgets, unless given) for this model and GPU.
+        self.pipeline, searched = resolve_pipeline(cfg.pipeline, cfg.nano_programs, model_cfg)
+        self.nano_programs = tuple(programs_key(p) for p in (cfg.nano_programs or searched or ({}, {})))
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
@@ -157,7 +160,7 @@ class ModelRunner:
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
-                                  kernels=self.ops, decode_only=decode_only, pipeline=self.cfg.pipeline,
+                                  kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
                                   nano_programs=self.nano_programs)
 
     def _step_temp_bytes(self, num_pages: int) -> int:
@@ -166,7 +169,7 @@ class ModelRunner:
                  self.model_cfg.head_dim)
         probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype), v=jax.ShapeDtypeStruct(shape, self.kv_dtype))
         lowered = self._lower(probe, self.token_buckets[-1], self.width_buckets[-1])
-        analysis = lowered.compile(step_compiler_options(self.cfg.pipeline)).memory_analysis()
+        analysis = lowered.compile(step_compiler_options(self.pipeline)).memory_analysis()
         return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
     def compile_all(self) -> None:
@@ -195,7 +198,7 @@ class ModelRunner:
 
     def _compile(self, t: int, w: int, decode_only: bool) -> Any:
         lowered = self._lower(self.cache, t, w, decode_only)
-        self._compiled[(t, w, decode_only)] = lowered.compile(step_compiler_options(self.cfg.pipeline))
+        self._compiled[(t, w, decode_only)] = lowered.compile(step_compiler_options(self.pipeline))
         return self._compiled[(t, w, decode_only)]
 
     def executable(self, t: int, w: int, decode_only: bool) -> Any:
