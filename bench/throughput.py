@@ -198,6 +198,7 @@ def percentiles(x: list[float]) -> dict[str, float]:
 
 
 def device_memory() -> dict[str, Any]:
+    """The first device's memory statistics after a run, when the backend reports them."""
     import jax
 
     try:
@@ -207,7 +208,8 @@ def device_memory() -> dict[str, Any]:
     if not stats:
         return {"reported": False, "note": f"the {jax.default_backend()} backend reports no memory statistics"}
     keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
-    return {"reported": True, **{k: int(stats[k]) for k in keys if k in stats}}
+    return {"reported": True, **{k: int(stats[k]) for k in keys if k in stats},
+            "note": "peak_bytes_in_use counts from the process start (with --pipeline all, earlier modes too)"}
 
 
 def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> dict[str, Any]:

@@ -116,3 +116,16 @@ def test_spec_peak_by_device_name():
     assert throughput.spec_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert throughput.spec_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert throughput.spec_peak_tflops("cpu") is None
+
+
+def test_device_memory_reports_the_backend_statistics(monkeypatch):
+    import jax
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_in_use": 5, "peak_bytes_in_use": 9, "bytes_limit": 100, "num_allocs": 3}
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
+    m = throughput.device_memory()
+    assert m["reported"] and (m["bytes_in_use"], m["peak_bytes_in_use"], m["bytes_limit"]) == (5, 9, 100)
+    assert "num_allocs" not in m
