@@ -212,6 +212,17 @@ def device_memory() -> dict[str, Any]:
             "note": "peak_bytes_in_use counts from the process start (with --pipeline all, earlier modes too)"}
 
 
+def check_pool_fits(blocks: Any, work: dict[str, Any], args: argparse.Namespace) -> None:
+    """Every request must fit the KV pool alone, or the engine rejects it and the run measures
+    fewer requests than asked: stop before timing instead."""
+    need = np.array([blocks.pages_for(int(n)) for n in work["ins"] + work["outs"]])
+    too_big = int(np.sum(need > blocks.num_usable))
+    if too_big:
+        raise SystemExit(f"bench.throughput: {too_big} of {len(need)} requests need more KV pages than the pool's "
+                         f"{blocks.num_usable} (the longest needs {need.max()} pages of {args.block_size} tokens): "
+                         f"pass --num-kv-pages {need.max() + 1} or more, or a smaller --max-model-len to cap requests")
+
+
 def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> dict[str, Any]:
     """One LLM with this pipeline: start-up, warm-up, then the timed generate of every request."""
     from nanoflow_jax import LLM, SamplingParams
@@ -235,6 +246,7 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
             raise
         startup_s = time.perf_counter() - t0
         engine = llm.engine
+        check_pool_fits(engine.blocks, work, args)
         prompts = datasets.random_prompts(work["ins"], llm.model_config.vocab_size, args.seed)
         sampling = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True) for n in work["outs"]]
 
@@ -263,6 +275,7 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         "startup_s": startup_s, "warmup_s": warmup_s, "precompiled": bool(runner.precompile),
         "compile_s": clock.seconds, "compiled_buckets": clock.buckets,
         "elapsed_s": elapsed, "requests": len(outs), "failed_requests": len(outs) - len(ok),
+        "first_error": next((o.error for o in outs if o.error is not None), None),
         "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "total_tokens": total_tokens,
         "requests_per_s": len(ok) / elapsed,
         "total_tokens_per_s": total_tokens / elapsed, "output_tokens_per_s": gen_tokens / elapsed,
@@ -281,6 +294,9 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         "memory": device_memory(),
         "step_ms": [round(t, 3) for t in rec["step_ms"]],
     }
+    if result["failed_requests"]:
+        print(f"bench.throughput: {result['failed_requests']} of {len(outs)} requests failed ({pipeline}); the "
+              f"first: {result['first_error']}", file=sys.stderr)
     del llm, engine, runner
     return result
 

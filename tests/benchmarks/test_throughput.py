@@ -129,3 +129,13 @@ def test_device_memory_reports_the_backend_statistics(monkeypatch):
     m = throughput.device_memory()
     assert m["reported"] and (m["bytes_in_use"], m["peak_bytes_in_use"], m["bytes_limit"]) == (5, 9, 100)
     assert "num_allocs" not in m
+
+
+def test_a_request_larger_than_the_kv_pool_stops_the_run_before_timing():
+    from nanoflow_jax.engine.block_manager import BlockManager
+
+    args = throughput.parse_args([*TINY, "--block-size", "16"])
+    fits = {"ins": np.array([20, 100]), "outs": np.array([10, 140])}
+    throughput.check_pool_fits(BlockManager(16, 16), fits, args)   # 240 tokens: 15 pages, all usable
+    with pytest.raises(SystemExit, match="1 of 2 requests need more KV pages than the pool's 14.*--num-kv-pages 16"):
+        throughput.check_pool_fits(BlockManager(15, 16), fits, args)
