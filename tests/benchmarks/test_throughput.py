@@ -16,7 +16,7 @@ QUANTILE_MEDIAN = datasets.QUANTILE_LEVELS.index(0.5)
 def test_throughput_cli_writes_a_consistent_result(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = throughput.main([*TINY, "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
-                            "--output-json", str(out)])
+                            "--precompile", "1", "--output-json", str(out)])
     assert code == 0
     r = json.loads(out.read_text())
     assert r["generated_tokens"] == 3 * 4 and r["total_tokens"] == 3 * (8 + 4) and r["failed_requests"] == 0
@@ -33,7 +33,9 @@ def test_throughput_cli_writes_a_consistent_result(tmp_path, capsys):
     assert 0 < r["host_ms_per_step"]["median"] <= r["host_ms_per_step"]["p90"] <= r["host_ms_per_step"]["max"]
     assert sum(r["step_ms"]) <= 1e3 * r["elapsed_s"] + 1e-3 * len(r["step_ms"])
     assert r["device_idle"]["measured"] is False and r["device_idle"]["share"] is None
-    assert r["startup_s"] > 0 and r["warmup_s"] > 0 and all(v > 0 for v in r["compile_s"].values())
+    # Precompiled: every bucket compiles inside start-up, none in the timed run.
+    assert r["precompiled"] and list(r["compile_s"]) == ["startup"] and r["compiled_buckets"]["startup"] >= 1
+    assert r["startup_s"] > r["compile_s"]["startup"] > 0 and r["warmup_s"] > 0
     kv = r["kv_pool"]
     assert kv["pages"] == 16 and kv["usable_pages"] == 15 and 0 < kv["peak_pages_used"] <= 15 and kv["bytes"] > 0
     assert r["memory"]["reported"] is False   # the CPU backend has no memory statistics
