@@ -1,31 +1,52 @@
-"""Offline serving throughput, measured against NanoFlow's yardstick.
+"""Offline serving throughput of the whole engine, measured against NanoFlow's yardstick.
 
     python -m bench.throughput --model llama-3-8b --weights random --num-prompts 512 \
         --input-len 512 --output-len 512 --max-num-batched-tokens 2048 --out bench/results/x.json
+    python -m bench.throughput --dataset splitwise-conv --max-model-len 4096 --pipeline all --plot x.png
+
+Flags follow `vllm bench throughput` where they overlap (--num-prompts, --input-len,
+--output-len, --dataset-name, --dataset-path, --max-num-seqs, --max-num-batched-tokens,
+--max-model-len, --seed, --output-json). Workloads (bench/datasets.py): constant lengths,
+or lengths drawn from the shape of a public trace (Splitwise, LMSYS-Chat-1M, ShareGPT);
+prompts are random token ids, and each request generates its own length (ignore_eos).
 
 NanoFlow's optimal throughput per GPU is GEMM peak / (2 x params) tokens/s: every
 token (prompt or generated) must at least pass through every weight once. The peak is
 measured in the same run (the faster of XLA's dot and, where installed, cuBLAS via
 torch on an 8192^3 bf16 product), so the ratio is honest on whatever card ran it.
+
+Timing: start-up (weights, KV pool and, on a GPU, every bucket's compile) is timed apart
+from the measured generate, and compile time is reported per phase. Each `LLMEngine.step()`
+call's host wall time is recorded: with async scheduling a step dispatches iteration i+1
+and then waits for iteration i, so a device-bound run's step time is the device's time
+per iteration. Device idle time between iterations is not measured: the engine exposes
+no device timestamps, and timing the device from the host would serialize the pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from bench import library_gemm_ms, nanoflow_env, run_metadata
+from bench import datasets, library_gemm_ms, nanoflow_env, pyplot, run_metadata
 from nanoflow_jax.config import KERNEL_SETS, PIPELINES
 from nanoflow_jax.engine.config import EngineConfig
+
+ALL_PIPELINES = "all"
+WARMUP_PROMPTS = 8
+IDLE_NOT_MEASURED = ("the engine exposes no device timestamps; timing the device from the host "
+                     "(block_until_ready per step) would serialize the asynchronous pipeline")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,20 +55,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default="random", choices=["auto", "random"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--dataset", "--dataset-name", dest="dataset", default=datasets.CONSTANT,
+                   help=f"request lengths: {datasets.CONSTANT} (constant --input-len / --output-len) or a "
+                        f"built-in trace shape: {', '.join(datasets.dataset_names()[1:])}")
+    p.add_argument("--dataset-path", default=None,
+                   help="a CSV length trace (ContextTokens,GeneratedTokens or input_len,output_len columns) "
+                        "to sample requests from, instead of --dataset")
+    p.add_argument("--input-len", type=int, default=512, help="prompt tokens (--dataset random)")
+    p.add_argument("--output-len", type=int, default=512, help="generated tokens (--dataset random)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="caps every request (prompt first, then output); default: the longest request")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-pages", type=int, default=None)
     p.add_argument("--kv-memory-fraction", type=float, default=None)
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas, but XLA's GEMMs")
     p.add_argument("--token-buckets", default=None, help="comma-separated dense-batch sizes to compile")
-    p.add_argument("--pipeline", default="sequential", choices=list(PIPELINES),
-                   help="sequential | nanobatch | nanoflow (EngineConfig.pipeline)")
+    p.add_argument("--pipeline", default="sequential", choices=[*PIPELINES, ALL_PIPELINES],
+                   help="sequential | nanobatch | nanoflow (EngineConfig.pipeline); all: each in turn, "
+                        "with the speed-ups over sequential")
     p.add_argument("--async-scheduling", type=int, choices=[0, 1], default=1)
+    p.add_argument("--precompile", default="auto", choices=["auto", "0", "1"],
+                   help="compile every bucket at start-up (auto: on a GPU; on CPU buckets compile when first "
+                        "needed, which may fall inside the timed run: 1 keeps it out)")
     defaults = EngineConfig()
     p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=int(defaults.fuse_qkv),
                    help="one QKV GEMM instead of three (0: three, the ablation)")
@@ -58,8 +90,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the result JSON here")
-    return p.parse_args(argv)
+    p.add_argument("--out", "--output-json", dest="out", default=None, help="write the result JSON here")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG here: length histograms, tokens/s by pipeline, step time over the run")
+    args = p.parse_args(argv)
+    if args.dataset_path is None:
+        try:
+            args.dataset = datasets.resolve(args.dataset)
+        except ValueError as e:
+            p.error(str(e))
+    elif not Path(args.dataset_path).is_file():
+        p.error(f"--dataset-path {args.dataset_path}: no such file")
+    if args.num_prompts < 1:
+        p.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    return args
 
 
 # Datasheet dense bf16 tensor-core peaks (TFLOP/s), the yardstick NanoFlow's 68.5% / 78.5%
@@ -80,38 +124,218 @@ def measure_gemm_peak(n: int = 8192) -> dict[str, float]:
     return {f"{lib}_tflops": flops / times[f"{lib}_ms"] / 1e9 for lib in ("xla", "cublas") if f"{lib}_ms" in times}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def build_workload(args: argparse.Namespace) -> dict[str, Any]:
+    """Every request's (input, output) length, capped to max_model_len."""
+    ins, outs = datasets.request_lengths(args.dataset, args.num_prompts, args.seed, args.input_len,
+                                         args.output_len, args.dataset_path)
+    max_len = args.max_model_len or int(np.max(ins + outs))
+    ins, outs, capped = datasets.cap_lengths(ins, outs, max_len)
+    return {"ins": ins, "outs": outs, "max_model_len": max_len, "capped": capped}
+
+
+def workload_summary(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
+    return {"dataset": args.dataset_path or args.dataset, "num_prompts": args.num_prompts, "seed": args.seed,
+            "max_model_len": work["max_model_len"], "requests_capped": work["capped"],
+            "input_len": datasets.length_stats(work["ins"]), "output_len": datasets.length_stats(work["outs"])}
+
+
+class CompileClock:
+    """Seconds spent compiling step buckets, by phase, timed around ModelRunner._compile
+    (start-up compiles every bucket on a GPU; on CPU each compiles when first needed)."""
+
+    def __init__(self) -> None:
+        self.phase = "startup"
+        self.seconds: dict[str, float] = {}
+        self.buckets: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from nanoflow_jax.engine.model_runner import ModelRunner
+
+        original = ModelRunner._compile
+        clock = self
+
+        def timed(runner: Any, *a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return original(runner, *a, **k)
+            finally:
+                clock.seconds[clock.phase] = clock.seconds.get(clock.phase, 0.0) + time.perf_counter() - t
+                clock.buckets[clock.phase] = clock.buckets.get(clock.phase, 0) + 1
+
+        ModelRunner._compile = timed
+        try:
+            yield
+        finally:
+            ModelRunner._compile = original
+
+
+@contextlib.contextmanager
+def step_recorder(engine: Any) -> Iterator[dict[str, list]]:
+    """Host wall time of each engine.step() call and the KV pages in use after it."""
+    record: dict[str, list] = {"step_ms": [], "pages_used": []}
+    inner = engine.step
+    blocks = engine.blocks
+
+    def timed() -> Any:
+        t = time.perf_counter()
+        try:
+            return inner()
+        finally:
+            record["step_ms"].append(1e3 * (time.perf_counter() - t))
+            record["pages_used"].append(blocks.num_usable - blocks.num_free)
+
+    engine.step = timed   # an instance attribute: LLM calls engine.step() per iteration
+    try:
+        yield record
+    finally:
+        del engine.step
+
+
+def percentiles(x: list[float]) -> dict[str, float]:
+    if not x:
+        return {}
+    a = np.asarray(x)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
+            "max": float(a.max())}
+
+
+def device_memory() -> dict[str, Any]:
+    """The first device's memory statistics after a run, when the backend reports them."""
     import jax
 
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if not stats:
+        return {"reported": False, "note": f"the {jax.default_backend()} backend reports no memory statistics"}
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+    return {"reported": True, **{k: int(stats[k]) for k in keys if k in stats},
+            "note": "peak_bytes_in_use counts from the process start (with --pipeline all, earlier modes too)"}
+
+
+def check_pool_fits(blocks: Any, work: dict[str, Any], args: argparse.Namespace) -> None:
+    """Every request must fit the KV pool alone, or the engine rejects it and the run measures
+    fewer requests than asked: stop before timing instead."""
+    need = np.array([blocks.pages_for(int(n)) for n in work["ins"] + work["outs"]])
+    too_big = int(np.sum(need > blocks.num_usable))
+    if too_big:
+        raise SystemExit(f"bench.throughput: {too_big} of {len(need)} requests need more KV pages than the pool's "
+                         f"{blocks.num_usable} (the longest needs {need.max()} pages of {args.block_size} tokens): "
+                         f"pass --num-kv-pages {need.max() + 1} or more, or a smaller --max-model-len to cap requests")
+
+
+def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> dict[str, Any]:
+    """One LLM with this pipeline: start-up, warm-up, then the timed generate of every request."""
     from nanoflow_jax import LLM, SamplingParams
 
-    max_len = args.max_model_len or args.input_len + args.output_len
-    llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=max_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              block_size=args.block_size, num_kv_pages=args.num_kv_pages,
-              kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels, pipeline=args.pipeline,
-              async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
-              decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
-              seed=args.seed,
-              token_buckets=tuple(int(b) for b in args.token_buckets.split(",")) if args.token_buckets else None)
-    vocab = llm.model_config.vocab_size
-    rng = np.random.default_rng(args.seed)
-    prompts = [rng.integers(10, vocab - 10, size=args.input_len).tolist() for _ in range(args.num_prompts)]
-    sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    clock = CompileClock()
+    with clock.installed():
+        t0 = time.perf_counter()
+        try:
+            llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=work["max_model_len"],
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      block_size=args.block_size, num_kv_pages=args.num_kv_pages,
+                      kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels, pipeline=pipeline,
+                      async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
+                      decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
+                      seed=args.seed, precompile=None if args.precompile == "auto" else args.precompile == "1",
+                      token_buckets=tuple(int(b) for b in args.token_buckets.split(",")) if args.token_buckets else None)
+        except ValueError as e:
+            if args.max_model_len is None and "max_position_embeddings" in str(e):
+                raise SystemExit(f"bench.throughput: the longest request has {work['max_model_len']} tokens, more "
+                                 f"than the model allows ({e}): pass --max-model-len to cap the requests") from None
+            raise
+        startup_s = time.perf_counter() - t0
+        engine = llm.engine
+        check_pool_fits(engine.blocks, work, args)
+        prompts = datasets.random_prompts(work["ins"], llm.model_config.vocab_size, args.seed)
+        sampling = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True) for n in work["outs"]]
 
-    it0 = llm.engine.num_iterations
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
-    iters = llm.engine.num_iterations - it0
-    gen_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    total_tokens = gen_tokens + args.num_prompts * args.input_len
-    params = llm.model_config.num_params()
+        clock.phase = "warmup"
+        t0 = time.perf_counter()
+        llm.generate(prompts[:WARMUP_PROMPTS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        warmup_s = time.perf_counter() - t0
 
-    peak = {"given_tflops": args.gemm_peak_tflops} if args.gemm_peak_tflops else (
-        measure_gemm_peak() if jax.default_backend() == "gpu" else {})
-    meta = run_metadata("bench.throughput") if jax.default_backend() == "gpu" else {}
+        clock.phase = "timed_run"
+        it0, pre0 = engine.num_iterations, engine.scheduler.num_preemptions
+        with step_recorder(engine) as rec:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, sampling, use_tqdm=True)
+            elapsed = time.perf_counter() - t0
+    iters = engine.num_iterations - it0
+    ok = [i for i, o in enumerate(outs) if o.error is None]
+    gen_tokens = sum(len(outs[i].outputs[0].token_ids) for i in ok)
+    prompt_tokens = int(sum(work["ins"][i] for i in ok))
+    total_tokens = gen_tokens + prompt_tokens
+    runner = engine.runner
+    cache_bytes = int(runner.cache.k.nbytes + runner.cache.v.nbytes)
+    result: dict[str, Any] = {
+        "pipeline": pipeline, "params": llm.model_config.num_params(),
+        "engine": {k: v for k, v in vars(llm.engine_config).items() if isinstance(v, (int, float, str, bool))},
+        "dtype": str(runner.kv_dtype),
+        "startup_s": startup_s, "warmup_s": warmup_s, "precompiled": bool(runner.precompile),
+        "compile_s": clock.seconds, "compiled_buckets": clock.buckets,
+        "elapsed_s": elapsed, "requests": len(outs), "failed_requests": len(outs) - len(ok),
+        "first_error": next((o.error for o in outs if o.error is not None), None),
+        "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "total_tokens": total_tokens,
+        "requests_per_s": len(ok) / elapsed,
+        "total_tokens_per_s": total_tokens / elapsed, "output_tokens_per_s": gen_tokens / elapsed,
+        # The engine runs on one device: per device equals the totals.
+        "devices": 1,
+        "total_tokens_per_s_per_device": total_tokens / elapsed, "output_tokens_per_s_per_device": gen_tokens / elapsed,
+        "iterations": iters, "ms_per_iteration": 1e3 * elapsed / max(iters, 1),
+        "steps": len(rec["step_ms"]), "host_ms_per_step": percentiles(rec["step_ms"]),
+        # Wall time of the generate call outside engine.step (routing outputs, the progress bar).
+        "host_s_outside_steps": elapsed - 1e-3 * sum(rec["step_ms"]),
+        "device_idle": {"measured": False, "share": None, "note": IDLE_NOT_MEASURED},
+        "preemptions": engine.scheduler.num_preemptions - pre0,
+        "kv_pool": {"pages": runner.num_pages, "usable_pages": engine.blocks.num_usable,
+                    "block_size": args.block_size, "bytes": cache_bytes,
+                    "peak_pages_used": max(rec["pages_used"], default=0)},
+        "memory": device_memory(),
+        "step_ms": [round(t, 3) for t in rec["step_ms"]],
+    }
+    if clock.seconds.get("timed_run"):
+        print(f"bench.throughput: {clock.seconds['timed_run']:.1f} s of the timed run ({pipeline}) compiled "
+              f"{clock.buckets['timed_run']} step buckets first needed then: pass --precompile 1 to keep "
+              "compiling out of the measurement", file=sys.stderr)
+    if result["failed_requests"]:
+        print(f"bench.throughput: {result['failed_requests']} of {len(outs)} requests failed ({pipeline}); the "
+              f"first: {result['first_error']}", file=sys.stderr)
+    del llm, engine, runner
+    return result
+
+
+def add_optimal(result: dict[str, Any], peak: dict[str, float], spec: float | None, params: int) -> None:
+    if peak:
+        optimal = max(peak.values()) * 1e12 / (2 * params)
+        result["optimal_tokens_per_s"] = optimal
+        result["fraction_of_optimal"] = result["total_tokens_per_s"] / optimal
+    if spec:  # against the datasheet peak: stable across runs, and NanoFlow's yardstick
+        result["spec_peak_tflops"] = spec
+        result["fraction_of_spec_optimal"] = result["total_tokens_per_s"] * 2 * params / (spec * 1e12)
+
+
+def run(args: argparse.Namespace, work: dict[str, Any] | None = None) -> dict[str, Any]:
+    import jax
+
+    work = work or build_workload(args)
+    modes = list(PIPELINES) if args.pipeline == ALL_PIPELINES else [args.pipeline]
+    results: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        results[mode] = run_mode(args, mode, work)
+        gc.collect()   # one LLM at a time: its KV pool and weights go before the next starts
+    params = next(iter(results.values())).pop("params")
+    for r in results.values():
+        r.pop("params", None)
+    on_gpu = jax.default_backend() == "gpu"
+    peak = {"given_tflops": args.gemm_peak_tflops} if args.gemm_peak_tflops else (measure_gemm_peak() if on_gpu else {})
+    spec = spec_peak_tflops(jax.devices()[0].device_kind)
+    for r in results.values():
+        add_optimal(r, peak, spec, params)
+    meta = run_metadata("bench.throughput") if on_gpu else {}
     result: dict[str, Any] = {
         "command": "python -m bench.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "env": nanoflow_env(),
@@ -119,35 +343,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": meta.get("device_nvidia_smi", jax.devices()[0].device_kind), "jax": jax.__version__,
         "python": platform.python_version(),
         "model": args.model, "weights": args.weights, "params": params,
-        "dtype": str(llm.engine.runner.dtype) if hasattr(llm.engine.runner, "dtype") else args.dtype,
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-        "engine": {k: v for k, v in vars(llm.engine_config).items() if isinstance(v, (int, float, str, bool))},
-        "elapsed_s": elapsed, "iterations": iters, "ms_per_iteration": 1e3 * elapsed / max(iters, 1),
-        "generated_tokens": gen_tokens, "total_tokens": total_tokens,
-        "total_tokens_per_s": total_tokens / elapsed, "output_tokens_per_s": gen_tokens / elapsed,
-        "preemptions": llm.engine.scheduler.num_preemptions,
+        "workload": workload_summary(args, work),
         "gemm_peak": peak,
     }
-    if peak:
-        best = max(peak.values())
-        optimal = best * 1e12 / (2 * params)
-        result["optimal_tokens_per_s"] = optimal
-        result["fraction_of_optimal"] = result["total_tokens_per_s"] / optimal
-    spec = spec_peak_tflops(jax.devices()[0].device_kind)
-    if spec:  # against the datasheet peak: stable across runs, and NanoFlow's yardstick
-        result["spec_peak_tflops"] = spec
-        result["fraction_of_spec_optimal"] = result["total_tokens_per_s"] * 2 * params / (spec * 1e12)
+    if args.pipeline != ALL_PIPELINES:
+        return {**result, **results[args.pipeline]}
+    base = results["sequential"]["total_tokens_per_s"]
+    result["modes"] = results
+    result["speedup_over_sequential"] = {m: r["total_tokens_per_s"] / base for m, r in results.items()
+                                         if m != "sequential"}
     return result
+
+
+def plot(result: dict[str, Any], work: dict[str, Any], png: str) -> None:
+    """Input and output length histograms, tokens/s by pipeline, and each step's host time over the run."""
+    plt = pyplot()
+    modes = result.get("modes") or {result["pipeline"]: result}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, key, label in ((axes[0, 0], "ins", "input"), (axes[0, 1], "outs", "output")):
+        x = work[key]
+        ax.hist(x, bins=min(60, max(5, len(np.unique(x)))), color="tab:blue" if key == "ins" else "tab:orange")
+        ax.set_title(f"{label} lengths: mean {np.mean(x):.0f}, median {np.median(x):.0f} ({len(x)} requests)")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("requests")
+    ax = axes[1, 0]
+    names = list(modes)
+    pos = np.arange(len(names))
+    ax.bar(pos - 0.2, [modes[m]["total_tokens_per_s"] for m in names], 0.4, label="total")
+    ax.bar(pos + 0.2, [modes[m]["output_tokens_per_s"] for m in names], 0.4, label="output")
+    ax.set_xticks(pos, names)
+    ax.set_ylabel("tokens/s per device")
+    ax.set_title("throughput by pipeline")
+    ax.legend()
+    ax = axes[1, 1]
+    for m in names:
+        ax.plot(modes[m]["step_ms"], lw=0.8, label=m)
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("host ms per step")
+    ax.set_title("step time over the run")
+    ax.legend()
+    fig.suptitle(f"{result['model']} on {result['device']}: {result['workload']['dataset']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    work = build_workload(args)
+    result = run(args, work)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(result, work, args.plot)
     return 0
 
 
