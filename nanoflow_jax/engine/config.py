@@ -43,6 +43,9 @@ class EngineConfig:
                                          # attention gathers pages per token, so padding costs)
     precompile: bool | None = None      # compile every bucket at start-up (None: on a GPU; on CPU a
                                         # bucket compiles when a batch first needs it)
+    # Buckets compiled at once, on threads (XLA compiles without the GIL); None: one per
+    # bucket up to the available CPU cores; 1: one after another.
+    compile_workers: int | None = None
     compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
 
@@ -69,6 +72,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
         if self.min_token_bucket is not None and self.min_token_bucket < 1:
             raise ValueError(f"EngineConfig.min_token_bucket must be >= 1, got {self.min_token_bucket}")
+        if self.compile_workers is not None and (
+                isinstance(self.compile_workers, bool) or not isinstance(self.compile_workers, int)
+                or self.compile_workers < 1):
+            raise ValueError(f"EngineConfig.compile_workers must be a positive integer (threads compiling "
+                             f"at once) or None (one per CPU core), got {self.compile_workers!r}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

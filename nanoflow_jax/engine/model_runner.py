@@ -3,8 +3,8 @@
 One jitted function per iteration: gather decode inputs from the previous iteration's
 sampled tokens, the forward of the configured pipeline (`models.nanobatch.forward_pipeline`),
 then sample, with the cache donated so it is updated in place. Batches are padded to a small fixed set of shape buckets (T tokens, S = min(T,
-max_num_seqs) rows, W block-table columns), all compiled at start-up, so steady serving
-never compiles. Host inputs travel as five packed arrays because every argument of a
+max_num_seqs) rows, W block-table columns), all compiled at start-up (several at once,
+`engine.compiler`), so steady serving never compiles. Host inputs travel as five packed arrays because every argument of a
 jitted call costs dispatch time.
 """
 
@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import numpy as np
 from nanoflow_jax import env
 from nanoflow_jax.autosearch import resolve_pipeline
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.engine import compiler
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import SamplingArrays, sample
 from nanoflow_jax.engine.scheduler import ScheduledBatch
@@ -39,6 +40,11 @@ SEQ_INT_FIELDS = 6   # query_len, context_len, logits_index, top_k, seed, gen_in
 SEQ_FLOAT_FIELDS = 3  # temperature, top_p, min_p
 DEFAULT_GPU_FRACTION = 0.8  # of free device memory; the rest is activation headroom
 CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+def _bucket_label(key: tuple[int, int, bool]) -> str:
+    t, w, decode_only = key
+    return f"T={t} W={w}" + (" decode" if decode_only else "")
 
 
 def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_decode: Any,
@@ -82,10 +88,10 @@ def enable_compilation_cache(path: str | None) -> None:
 
 
 def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtype,
-                      step_temp_bytes: Callable[[int], int]) -> int:
+                      step_temp_bytes: Callable[[Sequence[int]], list[int]]) -> int:
     """Pages in the pool: explicit, a fraction of free device memory, or a CPU default.
 
-    `step_temp_bytes(num_pages)` is the compiled step's scratch memory with that pool. It
+    `step_temp_bytes(pool_sizes)` is the compiled step's scratch memory with each pool. It
     is measured at two pool sizes and fitted as a + b * pages, because the scratch may
     grow with the pool (e.g. a layer scan that rebuilds the cache rather than updating it
     in place): the pool is then sized so that pool + scratch fit the memory budget.
@@ -101,7 +107,7 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         budget = free * (cfg.kv_memory_fraction or DEFAULT_GPU_FRACTION)
         p1, p2 = 16, 16 + 4096
-        t1, t2 = step_temp_bytes(p1), step_temp_bytes(p2)
+        t1, t2 = step_temp_bytes([p1, p2])
         slope = max(0.0, (t2 - t1) / (p2 - p1))
         base = max(0.0, t1 - slope * p1)
         n = int((budget - base) // (per_page + slope))
@@ -163,35 +169,55 @@ class ModelRunner:
                                   kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
                                   nano_programs=self.nano_programs)
 
-    def _step_temp_bytes(self, num_pages: int) -> int:
-        """Scratch memory of the largest bucket's step with a pool of `num_pages` pages."""
-        shape = (self.model_cfg.num_layers, num_pages, self.cfg.block_size, self.model_cfg.num_kv_heads,
-                 self.model_cfg.head_dim)
-        probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype), v=jax.ShapeDtypeStruct(shape, self.kv_dtype))
-        lowered = self._lower(probe, self.token_buckets[-1], self.width_buckets[-1])
-        analysis = lowered.compile(step_compiler_options(self.pipeline)).memory_analysis()
-        return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+    def _step_temp_bytes(self, pool_sizes: Sequence[int]) -> list[int]:
+        """Scratch memory of the largest bucket's step with each pool size (in pages)."""
+        t, w = self.token_buckets[-1], self.width_buckets[-1]
+
+        def lower(num_pages: int) -> Any:
+            shape = (self.model_cfg.num_layers, num_pages, self.cfg.block_size, self.model_cfg.num_kv_heads,
+                     self.model_cfg.head_dim)
+            probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype),
+                            v=jax.ShapeDtypeStruct(shape, self.kv_dtype))
+            return self._lower(probe, t, w)
+
+        compiled = compiler.compile_all(
+            pool_sizes, lower, step_compiler_options(self.pipeline),
+            compiler.resolve_workers(self.cfg.compile_workers, len(pool_sizes)),
+            label=lambda n: f"T={t} W={w} with a pool of {n} KV pages (memory probe)")
+        return [int(getattr(compiled[n].memory_analysis(), "temp_size_in_bytes", 0) or 0) for n in pool_sizes]
+
+    def bucket_keys(self) -> list[tuple[int, int, bool]]:
+        """Every (T, W, decode_only) step that serving can dispatch."""
+        keys = [(t, w, False) for t in self.token_buckets for w in self.width_buckets]
+        if self.decode_only_steps:  # a pure-decode batch has at most max_num_seqs tokens
+            top = next((b for b in self.token_buckets if b >= self.cfg.max_num_seqs), self.token_buckets[-1])
+            keys += [(t, w, True) for t, w, _ in keys if t <= top]
+        return keys
 
     def compile_all(self) -> None:
-        """Compile every (T, W) bucket ahead of time, with a progress bar on stderr.
+        """Compile every bucket ahead of time, `EngineConfig.compile_workers` at once, with a
+        progress bar on stderr that advances as each compile finishes.
 
         The bar is drawn only on a terminal: redrawn with carriage returns into a log
         file it would garble the lines after it, so there one line opens and one closes."""
         from tqdm import tqdm
 
-        keys = [(t, w, False) for t in self.token_buckets for w in self.width_buckets]
-        if self.decode_only_steps:  # a pure-decode batch has at most max_num_seqs tokens
-            top = next((b for b in self.token_buckets if b >= self.cfg.max_num_seqs), self.token_buckets[-1])
-            keys += [(t, w, True) for t, w, _ in keys if t <= top]
+        keys = [k for k in self.bucket_keys() if k not in self._compiled]
+        workers = compiler.resolve_workers(self.cfg.compile_workers, len(keys))
         show = self.cfg.show_progress
         live = show and sys.stderr.isatty()
         if show and not live:
-            print(f"compiling {len(keys)} step buckets ...", file=sys.stderr, flush=True)
+            print(f"compiling {len(keys)} step buckets, {workers} at a time ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        with tqdm(keys, desc="compiling step buckets", unit="bucket", disable=not live, leave=True) as bar:
-            for t, w, dec in bar:
-                bar.set_postfix_str(f"T={t} W={w}" + (" decode" if dec else ""))
-                self._compile(t, w, dec)
+        with tqdm(total=len(keys), desc=f"compiling step buckets ({workers} at a time)", unit="bucket",
+                  disable=not live, leave=True) as bar:
+            def finished(key: tuple[int, int, bool]) -> None:
+                bar.set_postfix_str(_bucket_label(key), refresh=False)
+                bar.update(1)
+
+            self._compiled.update(compiler.compile_all(
+                keys, lambda k: self._lower(self.cache, *k), step_compiler_options(self.pipeline),
+                workers, label=_bucket_label, on_done=finished))
         if show and not live:
             print(f"compiled {len(keys)} step buckets in {time.perf_counter() - start:.1f} s",
                   file=sys.stderr, flush=True)
