@@ -152,22 +152,27 @@ class CompileClock:
     def installed(self) -> Iterator[None]:
         from nanoflow_jax.engine.model_runner import ModelRunner
 
-        original = ModelRunner._compile
+        originals = {name: getattr(ModelRunner, name) for name in ("_compile", "compile_all")}
         clock = self
 
-        def timed(runner: Any, *a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return original(runner, *a, **k)
-            finally:
-                clock.seconds[clock.phase] = clock.seconds.get(clock.phase, 0.0) + time.perf_counter() - t
-                clock.buckets[clock.phase] = clock.buckets.get(clock.phase, 0) + 1
+        def timed(original: Any) -> Any:
+            # compile_all compiles many buckets on its own pool; _compile one on first use.
+            def run(runner: Any, *a: Any, **k: Any) -> Any:
+                t, before = time.perf_counter(), len(runner._compiled)
+                try:
+                    return original(runner, *a, **k)
+                finally:
+                    clock.seconds[clock.phase] = clock.seconds.get(clock.phase, 0.0) + time.perf_counter() - t
+                    clock.buckets[clock.phase] = clock.buckets.get(clock.phase, 0) + len(runner._compiled) - before
+            return run
 
-        ModelRunner._compile = timed
+        for name, original in originals.items():
+            setattr(ModelRunner, name, timed(original))
         try:
             yield
         finally:
-            ModelRunner._compile = original
+            for name, original in originals.items():
+                setattr(ModelRunner, name, original)
 
 
 @contextlib.contextmanager
