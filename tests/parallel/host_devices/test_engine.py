@@ -1,0 +1,37 @@
+"""The engine at TP=2 and TP=4 gives TP=1's greedy tokens (and forward_dense's), in every pipeline mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoflow_jax.config import PIPELINES
+from tests.engine.conftest import random_prompts, reference_greedy
+from tests.parallel.host_devices.conftest import assert_split_over, greedy_tokens
+
+# Long enough to be chunked (the budget is 32 tokens), so batches mix prefill and decode
+# and the nano-batch modes really split.
+PROMPTS = random_prompts(4, lengths=[5, 40, 3, 17], seed=7)
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def one_device() -> list[list[int]]:
+    tokens, runner = greedy_tokens(1, PROMPTS, MAX_TOKENS)
+    assert runner.tp is None
+    assert tokens == reference_greedy(PROMPTS, MAX_TOKENS)
+    return tokens
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_tp_greedy_equals_one_device(one_device, size):
+    tokens, runner = greedy_tokens(size, PROMPTS, MAX_TOKENS, pipeline="sequential")
+    assert tokens == one_device
+    assert_split_over(runner.cache.k, size, axis=3)
+    assert_split_over(runner.params["layers"]["w_gate"], size, axis=2)
+
+
+@pytest.mark.parametrize("pipeline", [p for p in PIPELINES if p != "sequential"])
+def test_tp_pipelines_equal_one_device(one_device, pipeline):
+    tokens, runner = greedy_tokens(2, PROMPTS, MAX_TOKENS, pipeline=pipeline)
+    assert runner.pipeline == pipeline
+    assert tokens == one_device
