@@ -25,22 +25,31 @@ def check_size(n: object) -> int:
     return n
 
 
-def _divisors(n: int) -> str:
-    ds = [d for d in range(1, n + 1) if n % d == 0]
-    return ", ".join(map(str, ds[:-1])) + f" or {ds[-1]}" if len(ds) > 1 else str(ds[0])
+def _problem(n: int, cfg: ModelConfig) -> str | None:
+    """What N does not split in this model, or None."""
+    if cfg.num_heads % n:
+        return f"must divide num_attention_heads={cfg.num_heads}"
+    if cfg.num_kv_heads % n and n % cfg.num_kv_heads:
+        return (f"and num_key_value_heads={cfg.num_kv_heads}: one must divide the other (KV heads are split, "
+                f"or kept on every device of a group)")
+    if cfg.intermediate_size % n:
+        return f"must divide intermediate_size={cfg.intermediate_size}"
+    return None
+
+
+def allowed_sizes(cfg: ModelConfig) -> list[int]:
+    """Every tensor-parallel size this model splits evenly."""
+    return [n for n in range(1, cfg.num_heads + 1) if _problem(n, cfg) is None]
 
 
 def check_model(n: int, cfg: ModelConfig) -> None:
-    """Raise a ValueError naming the model dimension that N does not split."""
+    """Raise a ValueError naming the model dimension that N does not split, and the sizes that do."""
     check_size(n)
-    if cfg.num_heads % n:
-        raise ValueError(f"tensor_parallel_size={n} must divide num_attention_heads={cfg.num_heads}; "
-                         f"use {_divisors(cfg.num_heads)}")
-    if cfg.num_kv_heads % n and n % cfg.num_kv_heads:
-        raise ValueError(f"tensor_parallel_size={n} and num_key_value_heads={cfg.num_kv_heads}: one must divide "
-                         f"the other (KV heads are split, or kept on every device of a group)")
-    if cfg.intermediate_size % n:
-        raise ValueError(f"tensor_parallel_size={n} must divide intermediate_size={cfg.intermediate_size}")
+    problem = _problem(n, cfg)
+    if problem is not None:
+        sizes = [str(s) for s in allowed_sizes(cfg)]
+        choice = sizes[0] if len(sizes) == 1 else ", ".join(sizes[:-1]) + f" or {sizes[-1]}"
+        raise ValueError(f"tensor_parallel_size={n} {problem}; use {choice}")
 
 
 def check_devices(n: int) -> None:
