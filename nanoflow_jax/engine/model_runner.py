@@ -138,12 +138,13 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
 class ModelRunner:
     def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.params = fuse_qkv(params) if cfg.fuse_qkv else params
         # Tensor parallelism: the parameters split over a mesh (nanoflow_jax/parallel/).
         self.tp = (TensorParallel.create(model_cfg, cfg.tensor_parallel_size)
                    if cfg.tensor_parallel_size > 1 else None)
-        if self.tp is not None:
-            self.params = self.tp.shard_params(self.params)
+        if self.tp is None:
+            self.params = fuse_qkv(params) if cfg.fuse_qkv else params
+        else:
+            self.params = self.tp.shard_params(params, fuse_qkv=cfg.fuse_qkv)
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         on_cpu = jax.default_backend() == "cpu"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +29,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models.paged import KVCache
-from nanoflow_jax.models.params import Params
+from nanoflow_jax.models.params import Params, param_shapes
 from nanoflow_jax.parallel.mesh import TP_AXIS, check_model, make_mesh
 
 COLUMN_PARALLEL = ("wq", "wk", "wv", "wqkv", "bq", "bk", "bv", "bqkv", "w_gate", "w_up")
 ROW_PARALLEL = ("wo", "w_down")
+KV_COLUMNS = ("wk", "wv", "bk", "bv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +89,30 @@ class TensorParallel:
     def kv_spec(self) -> P:
         return P(None, None, None, TP_AXIS, None)
 
+    def _spec(self, name: str | None, ndim: int) -> P:
+        lead = [None] * (ndim - 1)
+        if name in COLUMN_PARALLEL:
+            return P(*lead, TP_AXIS)
+        if name in ROW_PARALLEL:
+            return P(*lead[:-1], TP_AXIS, None)
+        return P()
+
     def param_specs(self, params: Params) -> Any:
-        """A PartitionSpec for every leaf of the parameter pytree."""
-        def spec(path: tuple[Any, ...], leaf: Any) -> P:
+        """A PartitionSpec for every leaf of the (re-laid) parameter pytree."""
+        return jax.tree_util.tree_map_with_path(lambda path, a: self._spec(getattr(path[-1], "key", None), a.ndim),
+                                                params)
+
+    def load_shardings(self) -> Any:
+        """Where each parameter of `param_shapes(cfg)` is born, before the re-layout: as
+        `param_specs`, except K/V columns, which are split only when the KV heads are."""
+        def sharding(path: tuple[Any, ...], shape: tuple[int, ...]) -> NamedSharding:
             name = getattr(path[-1], "key", None)
-            lead = [None] * (leaf.ndim - 1)
-            if name in COLUMN_PARALLEL:
-                return P(*lead, TP_AXIS)
-            if name in ROW_PARALLEL:
-                return P(*lead[:-1], TP_AXIS, None)
-            return P()
-        return jax.tree_util.tree_map_with_path(spec, params)
+            split_kv = self.cfg.num_kv_heads % self.size == 0
+            spec = P() if name in KV_COLUMNS and not split_kv else self._spec(name, len(shape))
+            return NamedSharding(self.mesh, spec)
+        return jax.tree_util.tree_map_with_path(sharding, param_shapes(self.cfg),
+                                                is_leaf=lambda x: isinstance(x, tuple) and all(
+                                                    isinstance(i, int) for i in x))
 
     # ---- placement ------------------------------------------------------------------
 
@@ -116,22 +130,33 @@ class TensorParallel:
         out = jnp.concatenate(parts, axis=-1)
         return out.reshape(*a.shape[:-1], -1)
 
-    def relayout(self, params: Params) -> Params:
-        """The parameters with K/V columns per KV slot and a fused QKV per device (not yet placed)."""
-        layers = dict(params["layers"])
-        for name in ("wk", "wv", "bk", "bv"):
-            if name in layers:
-                layers[name] = self._kv_columns(layers[name])
-        for name in ("wqkv", "bqkv"):
-            if name in layers:
-                layers[name] = self._fused_qkv(layers[name])
-        return {**params, "layers": layers}
+    def _place(self, fn: Callable[..., jax.Array], name: str, *arrays: jax.Array) -> jax.Array:
+        """fn(*arrays) computed inside jit straight into leaf `name`'s sharding."""
+        target = NamedSharding(self.mesh, self._spec(name, arrays[0].ndim))
+        return jax.jit(fn, out_shardings=target)(*arrays)
 
-    def shard_params(self, params: Params) -> Params:
-        """The parameters re-laid and placed on the mesh, each leaf split by `param_specs`."""
-        params = self.relayout(params)
-        specs = self.param_specs(params)
-        return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, NamedSharding(self.mesh, s)), params, specs)
+    def shard_params(self, params: Params, fuse_qkv: bool = False) -> Params:
+        """The parameters re-laid (K/V columns per slot; Q, K, V fused per device when
+        `fuse_qkv` or already fused) and placed on the mesh, each leaf split by
+        `param_specs`. Leaf by leaf, inside jit, so a model born split (`load_shardings`)
+        is never gathered onto one device."""
+        layers = dict(params["layers"])
+        fused = {}
+        for fused_name, names in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
+            if fuse_qkv and names[0] in layers:
+                parts = [layers.pop(n) for n in names]
+                fused[fused_name] = self._place(lambda *p: self._fused_qkv(jnp.concatenate(p, axis=-1)),
+                                                fused_name, *parts)
+        relayouts = {"wk": self._kv_columns, "wv": self._kv_columns, "bk": self._kv_columns,
+                     "bv": self._kv_columns, "wqkv": self._fused_qkv, "bqkv": self._fused_qkv}
+
+        def place(path: tuple[Any, ...], a: jax.Array) -> jax.Array:
+            name = getattr(path[-1], "key", None)
+            if name not in relayouts:   # no copy when already where it belongs
+                return jax.device_put(a, NamedSharding(self.mesh, self._spec(name, a.ndim)))
+            return self._place(relayouts[name], name, a)
+        placed = jax.tree_util.tree_map_with_path(place, {**params, "layers": layers})
+        return {**placed, "layers": {**placed["layers"], **fused}}
 
     def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
         cfg = self.cfg

@@ -35,3 +35,21 @@ def test_tp_pipelines_equal_one_device(one_device, pipeline):
     tokens, runner = greedy_tokens(2, PROMPTS, MAX_TOKENS, pipeline=pipeline)
     assert runner.pipeline == pipeline
     assert tokens == one_device
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_random_weights_loaded_split_equal_one_device(tmp_path, size):
+    """A model folder with --weights random: born split under TP, the same tokens as TP=1."""
+    import json
+
+    from nanoflow_jax import LLM, SamplingParams
+    from tests.engine.conftest import ENGINE_KW, TINY
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens = {}
+    for n in (1, size):
+        llm = LLM(str(tmp_path), weights="random", tensor_parallel_size=n, **ENGINE_KW)
+        tokens[n] = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy)]
+    assert_split_over(llm.engine.runner.params["layers"]["wqkv"], size, axis=2)
+    assert tokens[size] == tokens[1]

@@ -50,3 +50,22 @@ def test_each_device_holds_its_own_qkv_columns():
                                np.asarray(lay["wk"])[..., kv * d:(kv + 1) * d],
                                np.asarray(lay["wv"])[..., kv * d:(kv + 1) * d]], axis=-1)
         np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_weights_born_split_equal_weights_born_whole(size):
+    """Random weights created straight onto their devices (a model too big for one) have
+    the values of the one-device initialisation, each leaf split as `load_shardings` says."""
+    import jax
+
+    from nanoflow_jax.models.params import init_params
+
+    tp = TensorParallel.create(TINY, size)
+    whole = init_params(TINY, jax.random.key(5))
+    split = init_params(TINY, jax.random.key(5), shardings=tp.load_shardings())
+    assert_split_over(split["layers"]["w_up"], size, axis=2)
+    assert_split_over(split["layers"]["wo"], size, axis=1)
+    kv_split = TINY.num_kv_heads % size == 0
+    assert split["layers"]["wk"].sharding.is_fully_replicated == (not kv_split)
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(split)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
