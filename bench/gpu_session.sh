@@ -18,12 +18,23 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
+#   tp_tests    (4 GPUs) the tensor-parallel tests of tests/parallel/host_devices on the GPUs
+#                                                                        -> tp_tests.log
+#   tp          Llama-3-8B throughput (the `throughput` workload) at TP = each of TP_SIZES
+#               (default "1 2 4", those the machine has GPUs for), pipeline TP_PIPELINE
+#               (default sequential)                                     -> throughput_llama3_8b_tp<N>_<pipeline>.json
+#   tp70b       (4 GPUs) Llama-2-70B, random bf16, TP=4, 256 x (1024 in, 512 out), pipeline
+#               TP_PIPELINE                                              -> throughput_llama2_70b_tp4_<pipeline>.json
+#   The tp recipes set NCCL_NVLS_ENABLE=0. One command may run 10 minutes: give tp one size
+#   or one pipeline at a time (TP_SIZES=2 TP_PIPELINE=nanoflow ...).
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+gpus=$(nvidia-smi -L | wc -l)
+export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on the lent machines
 
 throughput() {  # $1: result name; the rest: extra bench.throughput flags
   local name=$1; shift
@@ -72,12 +83,29 @@ for recipe in "$@"; do
       timeout 260 python3 -m bench.gemm_tune --ms 256,512 --budget-s 230 --out "$OUT/gemm_tune.json" \
         --table-out "$OUT/gemm_table.json" 2>&1 | grep "^M=" | tee "$OUT/gemm_tune.log"
       [ -f "$OUT/gemm_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_table.json" throughput pallas_gemm_table --kernels pallas ;;
+    tp_tests)
+      [ "$gpus" -ge 4 ] || { echo "tp_tests needs 4 GPUs, this machine has $gpus" >&2; continue; }
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/parallel/host_devices -m "not slow" 2>&1 \
+        | tail -8 | tee "$OUT/tp_tests.log" ;;
+    tp)
+      for n in ${TP_SIZES:-1 2 4}; do
+        [ "$n" -le "$gpus" ] || continue
+        throughput "tp${n}_${TP_PIPELINE:-sequential}" --kernels pallas --tensor-parallel-size "$n" \
+          --pipeline "${TP_PIPELINE:-sequential}"
+      done ;;
+    tp70b)
+      [ "$gpus" -ge 4 ] || { echo "tp70b needs 4 GPUs, this machine has $gpus" >&2; continue; }
+      timeout 580 python3 -m bench.throughput --model llama-2-70b --weights random --dtype bfloat16 \
+        --tensor-parallel-size 4 --input-len 1024 --output-len 512 --num-prompts 256 --max-num-seqs 256 \
+        --max-num-batched-tokens 2048 --token-buckets 256,2048 --kernels pallas --pipeline "${TP_PIPELINE:-sequential}" \
+        --out "$OUT/throughput_llama2_70b_tp4_${TP_PIPELINE:-sequential}.json" 2>&1 | grep -v "^WARNING" | tail -8 \
+        | tee -a "$OUT/throughput.log" ;;
     ab)
       timeout 300 python3 -m bench.gemm_tune --ab --out "$OUT/gemm_ab.json" --table-out "$OUT/gemm_ab_table.json" 2>&1 \
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune or ab" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done
