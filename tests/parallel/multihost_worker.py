@@ -2,8 +2,8 @@
 
 Joins the run through `distributed.initialize()` (the NANOFLOW_* variables), checks the
 process and device counts, all-reduces each device's index over a mesh spanning both
-processes, then serves the tiny model split over all devices and on this process's own
-device alone. Prints one JSON line of what it saw.
+processes, then serves the tiny model split over all devices. Prints one JSON line of
+what it saw.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 
 from nanoflow_jax.parallel import distributed
+
+# Byte-token prompts, one of them long enough to be chunked (the budget is 32 tokens).
+PROMPTS = [[17, 203, 5, 88, 140], [(7 * i + 3) % 256 for i in range(40)], [1, 2, 3]]
+MAX_TOKENS = 5
 
 
 def main() -> None:
@@ -20,7 +24,6 @@ def main() -> None:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from nanoflow_jax.parallel.mesh import TP_AXIS, make_mesh
-    from tests.engine.conftest import random_prompts
     from tests.parallel.host_devices.conftest import greedy_tokens
 
     n = jax.device_count()
@@ -29,12 +32,10 @@ def main() -> None:
                                          lambda idx: np.arange(n, dtype=np.float32)[idx])
     total = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, TP_AXIS), mesh=mesh, in_specs=P(TP_AXIS),
                                   out_specs=P()))(index)
-    prompts = random_prompts(3, lengths=[5, 40, 3], seed=3)
-    split, runner = greedy_tokens(n, prompts, 5)
-    alone, _ = greedy_tokens(1, prompts, 5)
+    split, runner = greedy_tokens(n, PROMPTS, MAX_TOKENS)
     print(json.dumps(dict(joined=joined, process=jax.process_index(), processes=jax.process_count(),
                           devices=n, local_devices=jax.local_device_count(), psum=float(np.asarray(total)[0]),
-                          cache_devices=len(runner.cache.k.sharding.device_set), split=split, alone=alone)),
+                          cache_devices=len(runner.cache.k.sharding.device_set), split=split)),
           flush=True)
 
 

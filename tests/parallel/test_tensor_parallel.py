@@ -19,5 +19,6 @@ def test_tensor_parallel_on_four_host_devices():
 
 
 @pytest.mark.slow
-def test_default_model_tensor_parallel_on_three_host_devices():
-    _check(run_on_host_devices("tests/parallel/host_devices/test_default_model.py", "-m", "slow"))
+def test_default_model_and_pallas_kernels_on_host_devices():
+    """The default model at TP=3, and the Pallas kernels (interpreted) inside the map."""
+    _check(run_on_host_devices("tests/parallel/host_devices", "-m", "slow"))

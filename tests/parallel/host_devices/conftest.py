@@ -10,12 +10,17 @@ import numpy as np
 from tests.engine.conftest import TINY, make_llm, tiny_params
 
 
+# One step bucket (32 tokens, full block-table width) instead of twelve: every engine here
+# compiles once. Decodes are padded to 32 tokens, so the nano-batch modes always split.
+FEW_BUCKETS = dict(token_buckets=(32,), block_table_buckets=(32,))
+
+
 def greedy_tokens(tensor_parallel_size: int, prompts: list[list[int]], max_tokens: int,
                   **engine: Any) -> tuple[list[list[int]], Any]:
     """Greedy continuations from the tiny model's engine at this TP size, and its runner."""
     from nanoflow_jax import SamplingParams
 
-    llm = make_llm(tensor_parallel_size=tensor_parallel_size, **engine)
+    llm = make_llm(tensor_parallel_size=tensor_parallel_size, **{**FEW_BUCKETS, **engine})
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     assert all(o.error is None for o in outs)
     return [list(o.outputs[0].token_ids) for o in outs], llm.engine.runner
@@ -28,4 +33,4 @@ def assert_split_over(array: jax.Array, devices: int, axis: int) -> None:
     assert shards[0].data.shape[axis] * devices == array.shape[axis]
 
 
-__all__ = ["TINY", "tiny_params", "greedy_tokens", "assert_split_over", "np"]
+__all__ = ["TINY", "FEW_BUCKETS", "tiny_params", "greedy_tokens", "assert_split_over", "np"]

@@ -6,7 +6,7 @@ import pytest
 
 from nanoflow_jax.config import PIPELINES
 from tests.engine.conftest import random_prompts, reference_greedy
-from tests.parallel.host_devices.conftest import assert_split_over, greedy_tokens
+from tests.parallel.host_devices.conftest import FEW_BUCKETS, assert_split_over, greedy_tokens
 
 # Long enough to be chunked (the budget is 32 tokens), so batches mix prefill and decode
 # and the nano-batch modes really split.
@@ -37,19 +37,16 @@ def test_tp_pipelines_equal_one_device(one_device, pipeline):
     assert tokens == one_device
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_random_weights_loaded_split_equal_one_device(tmp_path, size):
-    """A model folder with --weights random: born split under TP, the same tokens as TP=1."""
+def test_random_weights_loaded_split_equal_one_device(one_device, tmp_path):
+    """A model folder with weights="random" (seed 0, as tiny_params): born split over 4
+    devices, each KV head kept on a group of 2, the same tokens as one device."""
     import json
 
     from nanoflow_jax import LLM, SamplingParams
     from tests.engine.conftest import ENGINE_KW, TINY
 
     (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    tokens = {}
-    for n in (1, size):
-        llm = LLM(str(tmp_path), weights="random", tensor_parallel_size=n, **ENGINE_KW)
-        tokens[n] = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy)]
-    assert_split_over(llm.engine.runner.params["layers"]["wqkv"], size, axis=2)
-    assert tokens[size] == tokens[1]
+    llm = LLM(str(tmp_path), weights="random", tensor_parallel_size=4, **{**ENGINE_KW, **FEW_BUCKETS})
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert_split_over(llm.engine.runner.params["layers"]["wqkv"], 4, axis=2)
+    assert [list(o.outputs[0].token_ids) for o in outs] == one_device

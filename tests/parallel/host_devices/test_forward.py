@@ -42,9 +42,14 @@ def _cache(seed: int) -> KVCache:
     return KVCache(k=k, v=v)
 
 
-@pytest.mark.parametrize("size,fused", [(2, True), (2, False), (4, True)])
-@pytest.mark.parametrize("pipeline", PIPELINES)
-def test_sharded_forward_matches_one_device(size, fused, pipeline):
+CASES = [*[(2, True, "xla", pipeline) for pipeline in PIPELINES], (2, False, "xla", "sequential"),
+         (4, True, "xla", "nanobatch"),
+         # The Pallas kernels (interpreted on CPU: slow) run per device on local heads, as XLA's ops do.
+         pytest.param(2, True, "pallas", "sequential", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("size,fused,kernels,pipeline", CASES)
+def test_sharded_forward_matches_one_device(size, fused, kernels, pipeline):
     params = fuse_qkv(tiny_params()) if fused else tiny_params()
     cache, batch = _cache(size), _batch(size)
     ref_logits, ref_cache = jax.jit(lambda p, c, b: forward_paged(p, c, b, TINY))(params, cache, batch)
@@ -54,7 +59,7 @@ def test_sharded_forward_matches_one_device(size, fused, pipeline):
     slots = tp.kv_head_map()
     kv = NamedSharding(tp.mesh, tp.kv_spec)
     tp_cache = KVCache(k=jax.device_put(cache.k[..., slots, :], kv), v=jax.device_put(cache.v[..., slots, :], kv))
-    run = jax.jit(lambda p, c, b: sharded_forward(tp, p, c, b, TINY, "xla", pipeline))
+    run = jax.jit(lambda p, c, b: sharded_forward(tp, p, c, b, TINY, kernels, pipeline))
     logits, out = run(sharded, tp_cache, batch)
 
     assert_split_over(out.k, size, axis=3)
