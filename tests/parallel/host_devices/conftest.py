@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 
 from tests.engine.conftest import TINY, make_llm, tiny_params
 
@@ -33,4 +32,4 @@ def assert_split_over(array: jax.Array, devices: int, axis: int) -> None:
     assert shards[0].data.shape[axis] * devices == array.shape[axis]
 
 
-__all__ = ["TINY", "FEW_BUCKETS", "tiny_params", "greedy_tokens", "assert_split_over", "np"]
+__all__ = ["TINY", "FEW_BUCKETS", "tiny_params", "greedy_tokens", "assert_split_over"]
