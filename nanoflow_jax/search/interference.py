@@ -102,18 +102,14 @@ class Interference:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Interference":
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not an interference table (format {d.get('format')!r}, want {FORMAT!r})")
         pairs = {tuple(k.split("/")): tuple(Point(**p) for p in v) for k, v in d["pairs"].items()}
         return cls(points=pairs, unmeasured=float(d.get("unmeasured", 1.0)), notes=d.get("notes", ""))
 
     @classmethod
     def load(cls, path: str | Path) -> "Interference":
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not an interference table written by `python -m "
-                             f"nanoflow_jax.autosearch --search` ({e})") from e
+        from nanoflow_jax.search.profile import load_json
+
+        return load_json(path, FORMAT, "an interference table", cls.from_json)
 
 
 def _chain(gemm: int, attn: int, seq: float, ovl: float, source: str) -> Point:

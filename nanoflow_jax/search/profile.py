@@ -161,19 +161,26 @@ class Profile:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Profile":
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a kernel profile (format {d.get('format')!r}, want {FORMAT!r})")
         return cls(device=d["device"], num_sms=int(d["num_sms"]), shape=d["shape"], dtype=d["dtype"],
                    ops={op: OpTable.from_json(t) for op, t in d["ops"].items()}, source=d.get("source", "measured"),
                    memory_bytes=int(d.get("memory_bytes", 0)), meta=d.get("meta", {}))
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a kernel profile written by `python -m nanoflow_jax.autosearch "
-                             f"--search` ({e})") from e
+        return load_json(path, FORMAT, "a kernel profile", cls.from_json)
+
+
+def load_json(path: str | Path, fmt: str, what: str, build: Callable[[Mapping[str, Any]], Any]) -> Any:
+    """build(the JSON in path), which must carry format `fmt`; else a ValueError naming the file,
+    what it should be and the command that writes one."""
+    hint = f"{path} is not {what} written by `python -m nanoflow_jax.autosearch --search`"
+    try:
+        d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict) or d.get("format") != fmt:
+            raise ValueError(f"format {d.get('format') if isinstance(d, dict) else None!r}, want {fmt!r}")
+        return build(d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{hint} ({e})") from e
 
 
 # ---- measuring on a GPU -----------------------------------------------------------------

@@ -294,6 +294,16 @@ def nano_programs(shares: Shares, sms: int) -> list[dict[str, int]]:
     return out
 
 
+def predict(model: CostModel, w: Workload, pipeline: str, budgets: Sequence[dict[str, int]]) -> float:
+    """Predicted iteration ms of an engine mode with `nano_programs` budgets (gemm and
+    decode_attention stand for a nano-batch's compute and memory shares)."""
+    s = engine_structures(w)[pipeline]
+    shares: Shares = ((model.sms, model.sms),)
+    if s.overlapped:
+        shares = tuple((b.get("gemm", model.sms), b.get("decode_attention", model.sms)) for b in budgets)
+    return model.evaluate(s, w, shares).iteration_ms
+
+
 def programs_spec(budgets: Sequence[dict[str, int]]) -> str:
     """[A, B] budgets -> autosearch's 'op=n,...|op=n,...' candidate string."""
     return "|".join(",".join(f"{op}={n}" for op, n in sorted(b.items())) for b in budgets)

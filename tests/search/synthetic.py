@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nanoflow_jax.autosearch import shape_key
 from nanoflow_jax.search.profile import OPS, UNBUDGETED, OpTable, Profile
 
 TOKENS = (16, 64, 256, 1024, 4096)
@@ -46,5 +47,5 @@ def synthetic_profile(cfg: Any, *, sms: int = 132, peak_tflops: float = 700.0, b
         progs = (sms,) if op in UNBUDGETED else tuple(p for p in PROGRAMS if p < sms) + (sms,)
         tables[op] = OpTable(tuple(float(w) for w in work), progs,
                              tuple(tuple(launch_ms + cost[op](w, p) for p in progs) for w in work))
-    return Profile(device=device, num_sms=sms, shape="synthetic", dtype="bfloat16", ops=tables, source="synthetic",
+    return Profile(device=device, num_sms=sms, shape=shape_key(cfg), dtype="bfloat16", ops=tables, source="synthetic",
                    memory_bytes=memory_bytes, meta={"note": "synthetic roofline for tests, not a measurement"})
