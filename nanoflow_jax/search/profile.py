@@ -216,16 +216,19 @@ def _cases(bench: Any, dtype: Any) -> dict[str, Callable[[Any], tuple[float, lis
 
     e, h, k, d, f, v = (bench.m[c] for c in "EHKDFV")
     scale = d ** -0.5
+    # bench.kernels' smoke runs (CPU) interpret the kernels, GEMMs on the Triton backend.
+    kw: dict[str, Any] = {"interpret": True, "backend": "triton"} if bench.smoke else {}
+    akw = {"interpret": True} if bench.smoke else {}
 
     def gemm(kd: int, nd: int, residual: bool, silu: bool = False):
         def case(t: int) -> tuple[float, list[Part]]:
             x, w = bench.rand(t, kd, dtype=dtype), bench.rand(kd, nd, dtype=dtype) / 30
             if silu:
                 u = bench.rand(kd, nd, dtype=dtype) / 30
-                return t, [(1.0, lambda p: (lambda a, b, c: pk.gemm_silu_mul(a, b, c, num_programs=p)),
+                return t, [(1.0, lambda p: (lambda a, b, c: pk.gemm_silu_mul(a, b, c, num_programs=p, **kw)),
                             (x, *bench.cold(w, u)), (1, 2), 0)]
             r = bench.rand(t, nd, dtype=dtype) if residual else None
-            return t, [(1.0, lambda p: (lambda a, b, c: pk.gemm(a, b, residual=c, num_programs=p)),
+            return t, [(1.0, lambda p: (lambda a, b, c: pk.gemm(a, b, residual=c, num_programs=p, **kw)),
                         (x, *bench.cold(w), r), (1,), 0)]
         return case
 
@@ -241,7 +244,7 @@ def _cases(bench: Any, dtype: Any) -> dict[str, Callable[[Any], tuple[float, lis
         args = (bench.rand(new, h, d), g["k"], g["v"], jnp.zeros((new,), jnp.int32), pos, g["bt"],
                 jnp.full((1,), cached + new, jnp.int32))
         keys = new * cached + new * (new + 1) // 2
-        return keys, [(1.0, lambda p: (lambda *a: pk.paged_prefill_attention(*a, scale=scale, num_programs=p)),
+        return keys, [(1.0, lambda p: (lambda *a: pk.paged_prefill_attention(*a, scale=scale, num_programs=p, **akw)),
                        args, (), 0)]
 
     def norm_rope(t: int) -> tuple[float, list[Part]]:
@@ -271,8 +274,9 @@ def measure_profile(cfg: Any, dtype: str = "bfloat16", *, shape: str = "", token
                     prefill: Sequence[tuple[int, int]] = DEFAULT_PREFILL, programs: Sequence[int] | None = None,
                     ops: Sequence[str] = tuple(OPS), log: Callable[[str], None] = print) -> Profile:
     """Times every op of `cfg`'s layer at each work point and SM budget on this GPU."""
+    import re
+
     import jax
-    import jax.numpy as jnp
 
     if jax.default_backend() != "gpu":
         raise ProfileUnavailable(f"kernel profiling times the Pallas kernels on a GPU; this backend is "
@@ -282,27 +286,38 @@ def measure_profile(cfg: Any, dtype: str = "bfloat16", *, shape: str = "", token
 
     bench = Bench(smoke=False, budget_s=1e9, out_path=os.devnull, sections=())
     bench.m = model_dims(cfg)
+    t0 = time.time()
+    tables = fill_tables(bench, dtype, {"tokens": tokens, "rows": rows, "decode_attention": decode,
+                                        "prefill_attention": prefill}, programs, ops, log)
+    dev = jax.devices()[0]
+    # The device's whole memory (nvidia-smi's "..., 143771 MiB"), else what JAX may allocate.
+    smi = re.search(r"(\d+) MiB", str(bench.res["meta"].get("device_nvidia_smi", "")))
+    memory = int(smi.group(1)) << 20 if smi else int((dev.memory_stats() or {}).get("bytes_limit", 0))
+    return Profile(device=dev.device_kind, num_sms=bench.sms, shape=shape, dtype=dtype, ops=tables,
+                   source="measured", memory_bytes=memory,
+                   meta={**bench.res["meta"], "profile_s": round(time.time() - t0, 1)})
+
+
+def fill_tables(bench: Any, dtype: str, points: Mapping[str, Sequence[Any]], programs: Sequence[int] | None,
+                ops: Sequence[str], log: Callable[[str], None]) -> dict[str, OpTable]:
+    """Each op's table, timed with `bench` (a bench.kernels.Bench: its operands, its timing):
+    points["tokens"] / ["rows"] for ops on those axes, points[op] for the attentions."""
+    import jax.numpy as jnp
+
     sms = bench.sms
     progs = tuple(programs or default_programs(sms))
-    jdtype = jnp.dtype(dtype)
-    cases = _cases(bench, jdtype)
-    points: dict[str, Sequence[Any]] = {"decode_attention": decode, "prefill_attention": prefill,
-                                        "lm_head": rows, "sampler": rows}
-    tables, t0 = {}, time.time()
+    cases = _cases(bench, jnp.dtype(dtype))
+    tables = {}
     for op in ops:
         cols = (sms,) if op in UNBUDGETED else progs
         measured: dict[float, list[float]] = {}
-        for point in points.get(op, tokens):
+        for point in points.get(op, points[OPS[op][1]] if OPS[op][1] in points else ()):
             work, parts = cases[op](point)
             # The largest budget is the kernel's own launch (num_programs=None).
             measured[float(work)] = [sum(w * bench.t(make(None if p == sms else p), *args, thread=thread,
                                                      rotate=rotate) for w, make, args, rotate, thread in parts)
                                      for p in cols]
             log(f"[profile] {op} work={work} ms={[round(x, 4) for x in measured[float(work)]]}")
-        work = sorted(measured)
-        tables[op] = OpTable(tuple(work), tuple(cols), tuple(tuple(measured[w]) for w in work))
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() or {}
-    return Profile(device=dev.device_kind, num_sms=sms, shape=shape, dtype=dtype, ops=tables, source="measured",
-                   memory_bytes=int(stats.get("bytes_limit", 0)),
-                   meta={**bench.res["meta"], "profile_s": round(time.time() - t0, 1)})
+        work_points = sorted(measured)
+        tables[op] = OpTable(tuple(work_points), tuple(cols), tuple(tuple(measured[w]) for w in work_points))
+    return tables

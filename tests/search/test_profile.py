@@ -113,3 +113,25 @@ def test_measure_profile_on_a_gpu():
     for op in OPS:
         assert prof.time(op, 300 if OPS[op][1] == "tokens" else 64 if OPS[op][1] == "rows" else 3e4) > 0
     assert prof.time("gate_up", 512) > prof.time("gate_up", 128) * 0.9
+
+
+def test_profiling_routine_times_every_op_class_interpreted_on_cpu(monkeypatch):
+    """measure_profile's timing loop (fill_tables) with bench.kernels' smoke set-up: the kernels
+    interpreted on tiny shapes, so the GPU routine's every op case runs here too (qkv and down
+    share o's GEMM case)."""
+    import os
+
+    from bench.kernels import Bench
+    from nanoflow_jax.search.profile import fill_tables, model_dims
+    from tests.engine.conftest import TINY
+
+    monkeypatch.setenv("NANOFLOW_BENCH_TIMING", "ordered")  # one timed program per point, not two
+    bench = Bench(smoke=True, budget_s=1e9, out_path=os.devnull, sections=())
+    bench.m = model_dims(TINY)
+    ops = ("o", "gate_up", "lm_head", "prefill_attention", "decode_attention", "norm_rope", "sampler")
+    points = {"tokens": (8,), "rows": (4,), "decode_attention": ((2, 24),), "prefill_attention": ((3, 5),)}
+    tables = fill_tables(bench, "float32", points, (bench.sms,), ops, log=lambda _: None)
+    assert set(tables) == set(ops)
+    assert tables["decode_attention"].work == (48.0,) and tables["prefill_attention"].work == (3 * 5 + 15.0,)
+    assert tables["sampler"].programs == (bench.sms,) and tables["o"].programs == (bench.sms,)
+    assert all(v > 0 for t in tables.values() for row in t.ms for v in row)
