@@ -18,10 +18,16 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
+#   profile     the model-based auto-search's measurements for Llama-3-8B shapes: every kernel's time
+#               against tokens and SM budget, the interference of overlapped pairs, and the predicted
+#               choice (nanoflow_jax.autosearch --search --verify 0)    -> pipelines/*.{profile,interference}.json
+#   search      the full auto-search from profile's files (profile first if they are missing): the
+#               two-stage search, its 3 best nanoflow budgets timed with every mode, the choice written
+#               (copy it to configs/pipelines/)                         -> pipelines/<shape>-<gpu>.json, search.log
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^# Example/p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 
@@ -52,6 +58,12 @@ kernels() {
   [ "${RUNS:-1}" = 1 ] || python3 -m bench.targets "${runs[@]}"
 }
 
+autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
+  mkdir -p "$OUT/pipelines"
+  timeout 590 python3 -m nanoflow_jax.autosearch --model llama-3-8b --search --out-dir "$OUT/pipelines" "$@" 2>&1 \
+    | grep -v "^WARNING" | tail -25 | tee -a "$OUT/search.log"
+}
+
 for recipe in "$@"; do
   case "$recipe" in
     tests)
@@ -77,7 +89,13 @@ for recipe in "$@"; do
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
+    profile)
+      autosearch --interference measure --verify 0 ;;
+    search)
+      ls "$OUT"/pipelines/*.profile.json >/dev/null 2>&1 || autosearch --interference measure --verify 0
+      autosearch --profile "$(ls "$OUT"/pipelines/*.profile.json | head -1)" \
+        --interference "$(ls "$OUT"/pipelines/*.interference.json | head -1)" --verify 3 ;;
     *)
-      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune or ab" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile or search" >&2; exit 2 ;;
   esac
 done

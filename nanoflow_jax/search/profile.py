@@ -185,15 +185,19 @@ def load_json(path: str | Path, fmt: str, what: str, build: Callable[[Mapping[st
 
 # ---- measuring on a GPU -----------------------------------------------------------------
 
-DEFAULT_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_TOKENS = (128, 256, 512, 1024, 2048, 4096)
 DEFAULT_ROWS = (64, 128, 256, 512)
 DEFAULT_DECODE = ((64, 512), (64, 2048), (256, 1280), (256, 2048), (512, 2048))  # rows x context
 DEFAULT_PREFILL = ((0, 128), (0, 512), (512, 512), (1280, 1024), (0, 2048))      # cached x new, 1 request
 
 
-def default_programs(num_sms: int) -> tuple[int, ...]:
-    """1/8 .. 8/8 of the SMs (8/8: the kernel's own launch)."""
-    return tuple(sorted({max(1, round(num_sms * i / 8)) for i in range(1, 9)}))
+# SM shares the search assigns, as fractions of the SM count (1: the kernel's own launch);
+# profiled at the same points, so the search reads measured times, not interpolated ones.
+SHARE_FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4, 1.0)
+
+
+def default_programs(num_sms: int, fractions: Sequence[float] = SHARE_FRACTIONS) -> tuple[int, ...]:
+    return tuple(sorted({max(1, round(num_sms * f)) for f in fractions}))
 
 
 def model_dims(cfg: Any) -> dict[str, int]:

@@ -38,15 +38,13 @@ import math
 from typing import Any, Iterator, Sequence
 
 from nanoflow_jax.search.interference import Interference
-from nanoflow_jax.search.profile import Profile
+from nanoflow_jax.search.profile import SHARE_FRACTIONS, Profile, default_programs
 
 # Gaps between a stream's kernels inside one JAX program (bench/RESULTS.md, "Answered
 # questions": 0.0-0.3 us with XLA's command buffers, 1.3 us without; the overlapped step
 # compiles without them, models.streams.step_compiler_options).
 GAP_MS_GRAPHS = 0.0003
 GAP_MS_STREAMS = 0.0013
-# SM shares stage 2 tries, as fractions of the SM count (1: the kernel's own launch).
-SHARE_FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4, 1.0)
 LAYER_OPS = ("decode_attention", "prefill_attention", "o", "gate_up", "down", "norm_rope", "qkv")
 
 Op = tuple[str, float]                 # (profile op, work); ("gap", ms) is a launch gap
@@ -123,7 +121,7 @@ class CostModel:
         self.profile, self.interference, self.num_layers = profile, interference, num_layers
         self.sms = profile.num_sms
         self.gaps = (gap_graphs_ms, gap_streams_ms)
-        self.share_grid = sorted({max(1, round(self.sms * f)) for f in share_fractions})
+        self.share_grid = list(default_programs(self.sms, share_fractions))
         self._factors: dict[tuple[str, float, str, float], float] = {}
 
     def gap(self, s: Structure) -> float:
