@@ -201,26 +201,17 @@ def search(cfg: ModelConfig, params: Any, *, kernels: str = "auto", tokens: int 
             "measured": measured, "best": best}
 
 
-def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) -> tuple[str, dict[str, Any]]:
-    """--search: profile (or --profile), interference, batch sizing, the two-stage search, then
-    the --verify best candidates measured. Returns the device the choice is for and the record."""
-    from nanoflow_jax.search import search as ms
+def search_inputs(a: argparse.Namespace, cfg: ModelConfig, stem: Path) -> tuple[Any, Any]:
+    """--search's profile and interference model: read from files, seeded, or measured on this
+    GPU (then saved beside the choice as <stem>.profile.json / .interference.json)."""
     from nanoflow_jax.search.interference import DEFAULT, Interference, measure_interference
     from nanoflow_jax.search.profile import Profile, measure_profile
 
-    stem = choice_path(cfg, jax.devices()[0].device_kind, out_dir).with_suffix("")
     if a.profile:
         profile = Profile.load(a.profile)
     else:
         profile = measure_profile(cfg, a.dtype, shape=shape_key(cfg))  # ProfileUnavailable off a GPU
         profile.save(f"{stem}.profile.json")
-    if a.interference == "default":
-        interference = DEFAULT
-    elif a.interference == "measure":
-        interference = measure_interference()
-        interference.save(f"{stem}.interference.json")
-    else:
-        interference = Interference.load(a.interference)
     here = jax.devices()[0].device_kind
     if a.verify and here != profile.device:
         raise ValueError(f"verifying by measurement needs the profiled GPU ({profile.device}); this is {here}. "
@@ -230,6 +221,23 @@ def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) 
     if profile.source != "measured":
         log.warning("%s is a %s profile, not a measurement: its choice says nothing about a real GPU",
                     a.profile, profile.source)
+    if a.interference == "default":
+        return profile, DEFAULT
+    if a.interference == "measure":
+        interference = measure_interference()
+        interference.save(f"{stem}.interference.json")
+        return profile, interference
+    return profile, Interference.load(a.interference)
+
+
+def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) -> tuple[str, dict[str, Any]]:
+    """--search: profile and interference, batch sizing, the two-stage search, then the --verify
+    best candidates measured. Returns the device the choice is for and the record."""
+    from nanoflow_jax.search import search as ms
+
+    stem = choice_path(cfg, jax.devices()[0].device_kind, out_dir).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    profile, interference = search_inputs(a, cfg, stem)
     memory = int(a.gpu_memory_gib * 2**30) if a.gpu_memory_gib else profile.memory_bytes
     if memory <= 0:
         raise ValueError("the profile records no device memory: pass --gpu-memory-gib")
@@ -260,7 +268,7 @@ def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) 
                       show_progress=sys.stderr.isatty())
     for r in measured["measured"]:
         r["predicted_ms"] = round(ms.predict(model, w, r["pipeline"], r["nano_programs"]), 3)
-    return here, {**record, **measured, "verified": True}
+    return profile.device, {**record, **measured, "verified": True}
 
 
 def main(argv: list[str] | None = None) -> int:

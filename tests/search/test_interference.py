@@ -75,3 +75,10 @@ def test_interference_profiling_needs_a_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(ProfileUnavailable, match="--interference FILE"):
         measure_interference()
+
+
+@pytest.mark.gpu
+def test_measure_interference_on_a_gpu():
+    table = measure_interference(splits=((88, 44),), layers=2, log=lambda _: None)
+    (point,) = table.points[("compute", "memory")]
+    assert point.memory_share == pytest.approx(1 / 3) and point.factor >= 1.0 and "measured" in point.source
