@@ -20,10 +20,12 @@
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
 #   profile     the model-based auto-search's measurements for Llama-3-8B shapes: every kernel's time
 #               against tokens and SM budget, the interference of overlapped pairs, and the predicted
-#               choice (nanoflow_jax.autosearch --search --verify 0)    -> pipelines/*.{profile,interference}.json
-#   search      the full auto-search from profile's files (profile first if they are missing): the
-#               two-stage search, its 3 best nanoflow budgets timed with every mode, the choice written
-#               (copy it to configs/pipelines/)                         -> pipelines/<shape>-<gpu>.json, search.log
+#               choice (nanoflow_jax.autosearch --search --verify 0); cut off by its time limit, it
+#               resumes from pipelines/*.profile.partial.json when run again
+#                                                                        -> pipelines/*.{profile,interference}.json
+#   search      the full auto-search from profile's files (measuring what is missing): the two-stage
+#               search, its 3 best nanoflow budgets timed with every mode, the choice written (copy it
+#               to configs/pipelines/)                                  -> pipelines/<shape>-<gpu>.json, search.log
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -92,9 +94,9 @@ for recipe in "$@"; do
     profile)
       autosearch --interference measure --verify 0 ;;
     search)
-      ls "$OUT"/pipelines/*.profile.json >/dev/null 2>&1 || autosearch --interference measure --verify 0
-      autosearch --profile "$(ls "$OUT"/pipelines/*.profile.json | head -1)" \
-        --interference "$(ls "$OUT"/pipelines/*.interference.json | head -1)" --verify 3 ;;
+      prof=$(ls "$OUT"/pipelines/*.profile.json 2>/dev/null | head -1)
+      inter=$(ls "$OUT"/pipelines/*.interference.json 2>/dev/null | head -1)
+      autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
     *)
       echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile or search" >&2; exit 2 ;;
   esac

@@ -210,8 +210,11 @@ def search_inputs(a: argparse.Namespace, cfg: ModelConfig, stem: Path) -> tuple[
     if a.profile:
         profile = Profile.load(a.profile)
     else:
-        profile = measure_profile(cfg, a.dtype, shape=shape_key(cfg))  # ProfileUnavailable off a GPU
+        # ProfileUnavailable off a GPU; a run cut off by a time limit resumes from the partial file.
+        partial = Path(f"{stem}.profile.partial.json")
+        profile = measure_profile(cfg, a.dtype, shape=shape_key(cfg), partial=partial)
         profile.save(f"{stem}.profile.json")
+        partial.unlink(missing_ok=True)
     here = jax.devices()[0].device_kind
     if a.verify and here != profile.device:
         raise ValueError(f"verifying by measurement needs the profiled GPU ({profile.device}); this is {here}. "

@@ -276,8 +276,13 @@ def _cases(bench: Any, dtype: Any) -> dict[str, Callable[[Any], tuple[float, lis
 def measure_profile(cfg: Any, dtype: str = "bfloat16", *, shape: str = "", tokens: Sequence[int] = DEFAULT_TOKENS,
                     rows: Sequence[int] = DEFAULT_ROWS, decode: Sequence[tuple[int, int]] = DEFAULT_DECODE,
                     prefill: Sequence[tuple[int, int]] = DEFAULT_PREFILL, programs: Sequence[int] | None = None,
-                    ops: Sequence[str] = tuple(OPS), log: Callable[[str], None] = print) -> Profile:
-    """Times every op of `cfg`'s layer at each work point and SM budget on this GPU."""
+                    ops: Sequence[str] = tuple(OPS), log: Callable[[str], None] = print,
+                    partial: str | Path | None = None) -> Profile:
+    """Times every op of `cfg`'s layer at each work point and SM budget on this GPU.
+
+    partial: a file that holds each op's table as soon as it is measured; a later call with
+    the same file (same GPU, shape and dtype) keeps those and times only the rest, so a
+    profile cut off by a time limit resumes where it stopped."""
     import re
 
     import jax
@@ -288,12 +293,27 @@ def measure_profile(cfg: Any, dtype: str = "bfloat16", *, shape: str = "", token
                                  f"to search from a profile measured there")
     from bench.kernels import Bench  # the benchmarks' operands and timing (device_ms, weights past L2)
 
+    dev = jax.devices()[0]
+    key = {"format": FORMAT + "+partial", "device": dev.device_kind, "shape": shape, "dtype": dtype}
+    done: dict[str, Any] = {}
+    if partial and Path(partial).exists():
+        saved = json.loads(Path(partial).read_text())
+        if {k: saved.get(k) for k in key} == key:
+            done = saved["ops"]
+            log(f"[profile] resuming {partial}: {sorted(done)} already measured")
+
+    def keep(op: str, table: OpTable) -> None:
+        done[op] = table.to_json()
+        if partial:
+            Path(partial).write_text(json.dumps({**key, "ops": done}) + "\n")
+
     bench = Bench(smoke=False, budget_s=1e9, out_path=os.devnull, sections=())
     bench.m = model_dims(cfg)
     t0 = time.time()
-    tables = fill_tables(bench, dtype, {"tokens": tokens, "rows": rows, "decode_attention": decode,
-                                        "prefill_attention": prefill}, programs, ops, log)
-    dev = jax.devices()[0]
+    fill_tables(bench, dtype, {"tokens": tokens, "rows": rows, "decode_attention": decode,
+                               "prefill_attention": prefill}, programs, [op for op in ops if op not in done], log,
+                on_table=keep)
+    tables = {op: OpTable.from_json(t) for op, t in done.items()}
     # The device's whole memory (nvidia-smi's "..., 143771 MiB"), else what JAX may allocate.
     smi = re.search(r"(\d+) MiB", str(bench.res["meta"].get("device_nvidia_smi", "")))
     memory = int(smi.group(1)) << 20 if smi else int((dev.memory_stats() or {}).get("bytes_limit", 0))
@@ -303,9 +323,11 @@ def measure_profile(cfg: Any, dtype: str = "bfloat16", *, shape: str = "", token
 
 
 def fill_tables(bench: Any, dtype: str, points: Mapping[str, Sequence[Any]], programs: Sequence[int] | None,
-                ops: Sequence[str], log: Callable[[str], None]) -> dict[str, OpTable]:
+                ops: Sequence[str], log: Callable[[str], None],
+                on_table: Callable[[str, OpTable], None] = lambda op, table: None) -> dict[str, OpTable]:
     """Each op's table, timed with `bench` (a bench.kernels.Bench: its operands, its timing):
-    points["tokens"] / ["rows"] for ops on those axes, points[op] for the attentions."""
+    points["tokens"] / ["rows"] for ops on those axes, points[op] for the attentions;
+    on_table(op, table) as each is done."""
     import jax.numpy as jnp
 
     sms = bench.sms
@@ -324,4 +346,5 @@ def fill_tables(bench: Any, dtype: str, points: Mapping[str, Sequence[Any]], pro
             log(f"[profile] {op} work={work} ms={[round(x, 4) for x in measured[float(work)]]}")
         work_points = sorted(measured)
         tables[op] = OpTable(tuple(work_points), tuple(cols), tuple(tuple(measured[w]) for w in work_points))
+        on_table(op, tables[op])
     return tables

@@ -135,3 +135,35 @@ def test_profiling_routine_times_every_op_class_interpreted_on_cpu(monkeypatch):
     assert tables["decode_attention"].work == (48.0,) and tables["prefill_attention"].work == (3 * 5 + 15.0,)
     assert tables["sampler"].programs == (bench.sms,) and tables["o"].programs == (bench.sms,)
     assert all(v > 0 for t in tables.values() for row in t.ms for v in row)
+
+
+def test_a_cut_off_profile_resumes_from_its_partial_file(tmp_path, monkeypatch):
+    """measure_profile keeps each op's table as it is done; a second call times only the rest."""
+    import jax
+
+    from nanoflow_jax.search import profile as profile_mod
+
+    cfg = ModelConfig.from_name("smollm2-135m")
+    want = synthetic_profile(cfg).ops
+    asked: list[list[str]] = []
+
+    def fake_fill(bench, dtype, points, programs, ops, log, on_table):
+        asked.append(list(ops))
+        for op in ops:
+            on_table(op, want[op])
+            if op == "gate_up" and len(asked) == 1:
+                raise TimeoutError("cut off")
+        return {op: want[op] for op in ops}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(profile_mod, "fill_tables", fake_fill)
+    partial = tmp_path / "p.partial.json"
+    with pytest.raises(TimeoutError):
+        measure_profile(cfg, shape="s", partial=partial, log=lambda _: None)
+    prof = measure_profile(cfg, shape="s", partial=partial, log=lambda _: None)
+    order = list(OPS)
+    assert asked == [order, order[order.index("gate_up") + 1:]]
+    assert prof.source == "measured" and dict(prof.ops) == dict(want)
+    # Another shape does not reuse it.
+    measure_profile(cfg, shape="other", partial=partial, log=lambda _: None)
+    assert asked[-1] == order
