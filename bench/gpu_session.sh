@@ -3,7 +3,7 @@
 #
 # Usage: OUT=/some/dir bash bench/gpu_session.sh RECIPE [RECIPE ...]
 #   tests       the GPU-marked tests (tests/test_gpu.py), then the pipeline tests on the GPU
-#               (two real streams)                                       -> gpu_tests.log
+#               (two real streams), then the auto-search's profiling tests -> gpu_tests.log
 #   pipelines   one mixed batch's iteration time in each pipeline mode, Llama-3-8B shapes
 #               (bench.pipelines); PROGRAMS='A|B;A|B' adds nanoflow runs on those SM budgets
 #                                                                        -> pipelines_llama3_8b.json
@@ -71,7 +71,8 @@ for recipe in "$@"; do
     tests)
       timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
       timeout 200 python3 -m pytest -q tests/models/test_nanobatch.py tests/models/test_streams.py \
-        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
+        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log"
+      timeout 300 python3 -m pytest -q -m gpu tests/search 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
     pipelines)
       progs=(); IFS=';' read -ra specs <<< "${PROGRAMS:-}"
       for s in "${specs[@]}"; do [ -n "$s" ] && progs+=(--programs "$s"); done

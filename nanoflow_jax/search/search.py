@@ -131,10 +131,12 @@ class CostModel:
         """The LM head and the sampler over the request rows (after the layers, in every mode)."""
         return self.profile.time("lm_head", w.rows) + self.profile.time("sampler", w.rows)
 
-    def layer_ms(self, chains: list[list[Op]], shares: Shares) -> float:
-        """Both chains from a common start to the last op's end (event simulation)."""
+    def layer_ms(self, chains: list[list[Op]], shares: Shares, trace: list[dict[str, Any]] | None = None) -> float:
+        """Both chains from a common start to the last op's end (event simulation); `trace`
+        collects each op's stream, start and end."""
         time, kind, factor = self.profile.time, self.profile.kind, self._factor
         idx, left, t = [0] * len(chains), [1.0] * len(chains), 0.0
+        began = [0.0] * len(chains)
         while True:
             active = [s for s in range(len(chains)) if idx[s] < len(chains[s])]
             if not active:
@@ -159,7 +161,10 @@ class CostModel:
             for s in active:
                 left[s] -= dt / dur[s] if dur[s] > 0 else 1.0
                 if left[s] <= 1e-9:
-                    idx[s], left[s] = idx[s] + 1, 1.0
+                    if trace is not None and ops[s][0] != "gap":
+                        trace.append({"stream": s + 1, "op": ops[s][0], "work": ops[s][1],
+                                      "start_ms": round(began[s], 4), "end_ms": round(t, 4)})
+                    idx[s], left[s], began[s] = idx[s] + 1, 1.0, t
 
     def _factor(self, kind: str, p: float, other: str, po: float) -> float:
         key = (kind, p, other, po)
@@ -326,6 +331,8 @@ def search(model: CostModel, w: Workload, *, max_nano: int = 3, cut_step: int | 
             break
     space = structures(w, max_nano, cut_step)
     best, searched = two_stage(model, w, space)
+    timeline: list[dict[str, Any]] = []
+    model.layer_ms(best.structure.chains(w, model.gap(best.structure)), best.shares, timeline)
     name = min(predicted, key=lambda m: predicted[m].iteration_ms)
     choice = {"pipeline": name, "predicted_ms": round(predicted[name].iteration_ms, 3),
               "nano_programs": nano_programs(predicted[name].shares, model.sms) if name == "nanoflow" else [{}, {}]}
@@ -336,7 +343,7 @@ def search(model: CostModel, w: Workload, *, max_nano: int = 3, cut_step: int | 
         "best": choice,
         "optimum": {**best.structure.describe(), "shares": [list(s) for s in best.shares],
                     "predicted_ms": round(best.iteration_ms, 3), "structures": len(space),
-                    "structures_searched": searched},
+                    "structures_searched": searched, "layer_timeline": timeline},
     }
 
 

@@ -54,6 +54,10 @@ def test_layer_simulation_by_hand():
     # Both asking for the whole GPU get half each until attention ends at 3 ms; then the GEMM's
     # waiting programs take every SM: its last half takes 1 ms.
     assert model.layer_ms(chains, ((100, 100), (100, 100))) == pytest.approx(4.0)
+    trace: list = []
+    model.layer_ms(chains, ((50, 50), (50, 50)), trace)
+    assert trace == [{"stream": 2, "op": "decode_attention", "work": 1.0, "start_ms": 0.0, "end_ms": 3.0},
+                     {"stream": 1, "op": "gate_up", "work": 1.0, "start_ms": 0.0, "end_ms": 5.0}]
     # A launch gap delays its stream without slowing the other.
     gapped = [[("gap", 1.0), ("gate_up", 1.0)], [("decode_attention", 1.0)]]
     # 0-1: attention alone (100 programs wanted -> 1 ms/ms: done at 1); then the GEMM alone, 2 ms.
