@@ -336,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": a.dtype, "kernels": a.kernels,
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, **result}
     path.write_text(json.dumps(record, indent=1) + "\n")
+    if "engine" in result:
+        e = result["engine"]
+        print(f"sized from KV memory: max_num_seqs {e['max_num_seqs']}, max_num_batched_tokens "
+              f"{e['max_num_batched_tokens']} ({e['input_len']} + {e['output_len']}-token requests)")
     for mode, ms in result.get("predicted", {}).items():
         print(f"{mode:>10} predicted: {ms:.2f} ms")
     for r in result.get("measured", []):
