@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in result.get("measured", []):
         print(f"{r['pipeline']:>10} {json.dumps(r['nano_programs'])}: {r['iteration_ms']:.2f} ms")
     best = result["best"]
-    how = f"{best['iteration_ms']:.2f} ms measured" if "iteration_ms" in best else f"{best['predicted_ms']:.2f} ms predicted"
+    how = (f"{best['iteration_ms']:.2f} ms measured" if "iteration_ms" in best
+           else f"{best['predicted_ms']:.2f} ms predicted")
     print(f"best: {best['pipeline']} {json.dumps(best['nano_programs'])} ({how}) -> {path}")
     return 0
 
