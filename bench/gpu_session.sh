@@ -3,7 +3,7 @@
 #
 # Usage: OUT=/some/dir bash bench/gpu_session.sh RECIPE [RECIPE ...]
 #   tests       the GPU-marked tests (tests/test_gpu.py), then the pipeline tests on the GPU
-#               (two real streams)                                       -> gpu_tests.log
+#               (two real streams), then the auto-search's profiling tests -> gpu_tests.log
 #   pipelines   one mixed batch's iteration time in each pipeline mode, Llama-3-8B shapes
 #               (bench.pipelines); PROGRAMS='A|B;A|B' adds nanoflow runs on those SM budgets
 #                                                                        -> pipelines_llama3_8b.json
@@ -27,10 +27,18 @@
 #               TP_PIPELINE                                              -> throughput_llama2_70b_tp4_<pipeline>.json
 #   The tp recipes set NCCL_NVLS_ENABLE=0. One command may run 10 minutes: give tp one size
 #   or one pipeline at a time (TP_SIZES=2 TP_PIPELINE=nanoflow ...).
+#   profile     the model-based auto-search's measurements for Llama-3-8B shapes: every kernel's time
+#               against tokens and SM budget, the interference of overlapped pairs, and the predicted
+#               choice (nanoflow_jax.autosearch --search --verify 0); cut off by its time limit, it
+#               resumes from pipelines/*.profile.partial.json when run again
+#                                                                        -> pipelines/*.{profile,interference}.json
+#   search      the full auto-search from profile's files (measuring what is missing): the two-stage
+#               search, its 3 best nanoflow budgets timed with every mode, the choice written (copy it
+#               to configs/pipelines/)                                  -> pipelines/<shape>-<gpu>.json, search.log
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^# Example/p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 gpus=$(nvidia-smi -L | wc -l)
@@ -63,12 +71,19 @@ kernels() {
   [ "${RUNS:-1}" = 1 ] || python3 -m bench.targets "${runs[@]}"
 }
 
+autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
+  mkdir -p "$OUT/pipelines"
+  timeout 590 python3 -m nanoflow_jax.autosearch --model llama-3-8b --search --out-dir "$OUT/pipelines" "$@" 2>&1 \
+    | grep -v "^WARNING" | tail -25 | tee -a "$OUT/search.log"
+}
+
 for recipe in "$@"; do
   case "$recipe" in
     tests)
       timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
       timeout 200 python3 -m pytest -q tests/models/test_nanobatch.py tests/models/test_streams.py \
-        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
+        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log"
+      timeout 300 python3 -m pytest -q -m gpu tests/search 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
     pipelines)
       progs=(); IFS=';' read -ra specs <<< "${PROGRAMS:-}"
       for s in "${specs[@]}"; do [ -n "$s" ] && progs+=(--programs "$s"); done
@@ -105,7 +120,13 @@ for recipe in "$@"; do
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
+    profile)
+      autosearch --interference measure --verify 0 ;;
+    search)
+      prof=$(ls "$OUT"/pipelines/*.profile.json 2>/dev/null | head -1)
+      inter=$(ls "$OUT"/pipelines/*.interference.json 2>/dev/null | head -1)
+      autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done
