@@ -58,13 +58,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="a prompt as comma-separated token ids, sent without a chat template; repeat for more "
                         "prompts. Needed for models without a tokenizer (a config name with --weights random), "
                         "whose replies print as token ids")
-    p.add_argument("--model", default=None,
-                   help="a .gguf file, a Hugging Face folder, an Orbax folder, or a config name with --weights "
-                        f"random ({', '.join(available_configs())}) (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--weights", default="auto", choices=["auto", "random"],
-                   help="random: random parameters of the model's shapes (benchmarks)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    add_model_args(p)
     p.add_argument("--max-tokens", type=int, metavar="N", default=256, help="reply length cap (default: 256)")
     p.add_argument("--temperature", type=float, metavar="X", default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, metavar="X", default=1.0, help="1 = off")
@@ -72,6 +66,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, metavar="X", default=0.0, help="0 = off")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="makes sampling repeatable")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    add_engine_args(p)
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --weights, --dtype: which model to load (shared with `nanoflow_jax.serve`)."""
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, a Hugging Face folder, an Orbax folder, or a config name with --weights "
+                        f"random ({', '.join(available_configs())}) (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--weights", default="auto", choices=["auto", "random"],
+                   help="random: random parameters of the model's shapes (benchmarks)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, EngineConfig fields (shared with `nanoflow_jax.serve`)."""
     p.add_argument("--max-model-len", type=int, metavar="N", default=None,
                    help="prompt + reply tokens of one request (default: the model's, at most 2048)")
     p.add_argument("--max-num-seqs", type=int, metavar="N", default=None, help="requests in one iteration (default: 64)")
@@ -88,7 +99,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="auto: the mode nanoflow_jax.autosearch measured fastest for this model and GPU "
                         "(sequential without one); sequential: the whole batch at once; nanobatch: two nano-batches "
                         "back to back; nanoflow: two nano-batches overlapped on two GPU streams")
-    return p
 
 
 def _program_name() -> str:
@@ -220,7 +230,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
     from nanoflow_jax.engine.config import EngineConfig
 
     # Built only to validate: LLM builds its own once the model's length limit is known.
-    EngineConfig(max_model_len=args.max_model_len or 2048, **_engine_args(args))
+    EngineConfig(max_model_len=args.max_model_len or 2048, **engine_args(args))
     config_name = (args.model is not None and args.model in available_configs()
                    and not Path(args.model).expanduser().exists())
     if config_name and args.weights != "random":
@@ -239,7 +249,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
         raise ValueError(f"--prompt-ids {bad[:5]} are outside {args.model}'s vocabulary [0, {cfg.vocab_size})")
 
 
-def _engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
+def engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
     names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
@@ -261,7 +271,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stdin: TextIO, flags: dict[str
     if not live:
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=args.max_model_len,
-              kernels=args.kernels, show_progress=live, **_engine_args(args))
+              kernels=args.kernels, show_progress=live, **engine_args(args))
     if not live:
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     text_prompts = isinstance(prompts[0], str)
