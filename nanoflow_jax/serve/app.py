@@ -82,6 +82,7 @@ class Serving:
 def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     """An app over `llm` (an `LLM`); its engine thread starts and stops with the app's lifespan."""
     serving = Serving(llm, config)
+    kv_pages = llm.engine.stats()["kv_pages_total"]   # read before the engine thread owns the engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +104,16 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, Any]:
+        """What runs the model (benchmarks record it: their client must not touch the GPU)."""
+        import jax
+
+        return {"jax": jax.__version__, "backend": jax.default_backend(),
+                "device": jax.devices()[0].device_kind, "model": config.served_model_name,
+                "engine_config": dataclasses.asdict(llm.engine_config),
+                "kv_pages": kv_pages}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -185,7 +196,10 @@ def _event(data: dict[str, Any]) -> str:
 
 async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: Any,
                include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per update with new text, the usage if asked, then [DONE]."""
+    """Server-sent events: one chunk per update with new tokens, the usage if asked, then [DONE].
+
+    An update whose tokens add no text yet (half a UTF-8 character, a possible stop string,
+    or a model without a tokenizer) still sends a chunk, so clients see every token arrive."""
     opened: set[int] = set()
     try:
         out = first
@@ -193,7 +207,7 @@ async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: An
             index = group.index[out.request_id]
             text = out.outputs[0].delta_text
             reason = protocol.finish_reason(out) if out.finished else None
-            if text or reason or (builder.chat and index not in opened):
+            if text or reason or out.outputs[0].delta_token_ids or (builder.chat and index not in opened):
                 yield _event(builder.chunk(index, text, reason, first=index not in opened))
                 opened.add(index)
             if not group.pending:
