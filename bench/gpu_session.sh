@@ -18,10 +18,15 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
+#   serving     the offline engine throughput (bench.throughput), then the HTTP server on the same
+#               workload and settings: bench.serving at saturation (rate inf, with the ratio to the
+#               offline tokens/s), then a sweep at 1/4, 1/2 and 3/4 of the saturated request rate
+#               (TTFT p99 at half load)  -> throughput_llama3_8b_serving_offline.json,
+#                                           serving_llama3_8b_{saturation,sweep}.json, serving_llama3_8b_sweep.png
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 
@@ -52,6 +57,26 @@ kernels() {
   [ "${RUNS:-1}" = 1 ] || python3 -m bench.targets "${runs[@]}"
 }
 
+serving() {  # one workload (512 requests of 512 + 256 tokens) offline, then online over HTTP
+  local work=(--num-prompts 512 --input-len 512 --output-len 256)
+  throughput serving_offline --kernels pallas "${work[@]}" --max-model-len 768
+  python3 -m nanoflow_jax.serve --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
+    --max-num-seqs 128 --max-num-batched-tokens 2048 --token-buckets 128,2048 --num-kv-pages 16384 \
+    --max-model-len 768 --port 8000 --log-level warning > "$OUT/serve.log" 2>&1 &
+  local pid=$! i
+  for i in $(seq 360); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+  timeout 150 python3 -m bench.serving --port 8000 "${work[@]}" --request-rate inf \
+    --offline-json "$OUT/throughput_llama3_8b_serving_offline.json" \
+    --out "$OUT/serving_llama3_8b_saturation.json" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
+  local rates
+  rates=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['runs'][0]['request_throughput']
+print(','.join(f'{f * r:.3f}' for f in (0.25, 0.5, 0.75)))" "$OUT/serving_llama3_8b_saturation.json") &&
+  timeout 300 python3 -m bench.serving --port 8000 "${work[@]}" --request-rate "$rates" \
+    --goodput ttft:500 tpot:50 --out "$OUT/serving_llama3_8b_sweep.json" \
+    --plot "$OUT/serving_llama3_8b_sweep.png" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
+  kill -TERM "$pid"; wait "$pid"; echo "server exit code $?" | tee -a "$OUT/serving.log"
+}
+
 for recipe in "$@"; do
   case "$recipe" in
     tests)
@@ -77,7 +102,9 @@ for recipe in "$@"; do
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
+    serving)
+      serving ;;
     *)
-      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune or ab" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune, ab or serving" >&2; exit 2 ;;
   esac
 done

@@ -92,6 +92,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache pages of 16 tokens (default: a fraction of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--kv-memory-fraction", type=float, metavar="X", default=None,
                    help="share of free GPU memory for the KV cache (default: 0.8)")
+    p.add_argument("--token-buckets", type=_parse_buckets, metavar="N,N,...", default=None,
+                   help="dense-batch sizes (tokens) to compile, e.g. 128,2048 (default: powers of 2 up to "
+                        "--max-num-batched-tokens)")
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas kernels, but XLA's "
                         "matrix multiplies")
@@ -99,6 +102,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: the mode nanoflow_jax.autosearch measured fastest for this model and GPU "
                         "(sequential without one); sequential: the whole batch at once; nanobatch: two nano-batches "
                         "back to back; nanoflow: two nano-batches overlapped on two GPU streams")
+
+
+def _parse_buckets(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated token counts, e.g. 128,2048") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more token counts >= 1")
+    return sizes
 
 
 def _program_name() -> str:
@@ -249,8 +262,9 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
         raise ValueError(f"--prompt-ids {bad[:5]} are outside {args.model}'s vocabulary [0, {cfg.vocab_size})")
 
 
-def engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
-    names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline")
+def engine_args(args: argparse.Namespace) -> dict[str, int | float | str | tuple[int, ...]]:
+    names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline",
+             "token_buckets")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
