@@ -60,8 +60,9 @@ class Serving:
 
     def check_open(self) -> None:
         if self.draining:
-            self.metrics.rejected.labels(reason="draining").inc()
-            raise unavailable("the server is shutting down: retry on another replica", self.config.retry_after)
+            self.metrics.rejected.labels(reason="shutting_down").inc()
+            raise unavailable("the server is shutting down: retry on another replica", self.config.retry_after,
+                              "shutting_down")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name and model not in self.config.model_aliases:
@@ -74,8 +75,8 @@ class Serving:
         try:
             return RequestGroup(self.thread, f"{prefix}-{uuid.uuid4().hex}", prompts, params,
                                 add_special_tokens=add_special_tokens, timeout=self.config.request_timeout)
-        except APIError:
-            self.metrics.rejected.labels(reason="overloaded").inc()
+        except APIError as e:
+            self.metrics.rejected.labels(reason=e.code or "unavailable").inc()
             raise
 
 
@@ -89,7 +90,7 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
         serving.thread.start(asyncio.get_running_loop())
         yield
         serving.drain()
-        await asyncio.to_thread(serving.thread.stop)
+        await asyncio.to_thread(serving.thread.stop, 60.0)   # a step stuck on the device: exit anyway
 
     app = FastAPI(title="nanoflow_jax", lifespan=lifespan)
     app.state.serving = serving
@@ -202,17 +203,23 @@ async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: An
     or a model without a tokenizer) still sends a chunk, so clients see every token arrive."""
     opened: set[int] = set()
     try:
-        out = first
+        updates = [first]
         while True:
-            index = group.index[out.request_id]
-            text = out.outputs[0].delta_text
-            reason = protocol.finish_reason(out) if out.finished else None
-            if text or reason or out.outputs[0].delta_token_ids or (builder.chat and index not in opened):
-                yield _event(builder.chunk(index, text, reason, first=index not in opened))
-                opened.add(index)
+            # Updates that queued up while the client was being written to go in one write.
+            updates += group.ready()
+            events = []
+            for out in updates:
+                index = group.index[out.request_id]
+                text = out.outputs[0].delta_text
+                reason = protocol.finish_reason(out) if out.finished else None
+                if text or reason or out.outputs[0].delta_token_ids or (builder.chat and index not in opened):
+                    events.append(_event(builder.chunk(index, text, reason, first=index not in opened)))
+                    opened.add(index)
+            if events:
+                yield "".join(events)
             if not group.pending:
                 break
-            out = await group.next()
+            updates = [await group.next()]
         if include_usage:
             yield _event(builder.usage_chunk([group.final[i] for i in range(len(group.ids))]))
     except APIError as e:

@@ -37,9 +37,8 @@ _REQUEST_PREFIX = re.compile(r"^request '[^']*': ")
 Event = RequestOutput | APIError
 
 
-def unavailable(message: str, retry_after: int) -> APIError:
-    return APIError(503, message, type="service_unavailable", code="overloaded",
-                    headers={"Retry-After": str(retry_after)})
+def unavailable(message: str, retry_after: int, code: str = "overloaded") -> APIError:
+    return APIError(503, message, type="service_unavailable", code=code, headers={"Retry-After": str(retry_after)})
 
 
 @dataclasses.dataclass
@@ -101,7 +100,8 @@ class EngineThread:
         """Hand requests over, all or none; raises the 503 APIError when full or closed."""
         with self._lock:
             if self._closed:
-                raise unavailable("the server is shutting down: retry on another replica", self.retry_after)
+                raise unavailable("the server is shutting down: retry on another replica", self.retry_after,
+                                  "shutting_down")
             if self.max_waiting is not None and self._unstarted + len(subs) > self.max_waiting:
                 raise unavailable(f"the server is overloaded: {self._unstarted} requests wait for the engine "
                                   f"(--max-waiting-requests {self.max_waiting}); retry after "
@@ -159,8 +159,8 @@ class EngineThread:
                 self._abort(item)
         self._expire(time.monotonic(), events)
         if stopping:
-            self._fail_all(unavailable("the server shut down before this request finished", self.retry_after),
-                           events)
+            self._fail_all(unavailable("the server shut down before this request finished", self.retry_after,
+                                       "shutting_down"), events)
             self._deliver(events)
             self._publish()
             return False
@@ -299,7 +299,16 @@ class RequestGroup:
 
     async def next(self) -> RequestOutput:
         """The next update of any of the group's requests; an APIError aborts the rest and raises."""
-        event = await self.queue.get()
+        return self._take(await self.queue.get())
+
+    def ready(self) -> list[RequestOutput]:
+        """The updates already queued, without waiting (a stream sends them in one write)."""
+        out = []
+        while self.pending and not self.queue.empty():
+            out.append(self._take(self.queue.get_nowait()))
+        return out
+
+    def _take(self, event: Event) -> RequestOutput:
         if isinstance(event, APIError):
             self.close()
             raise event

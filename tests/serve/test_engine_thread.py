@@ -67,7 +67,7 @@ def test_abort_stops_updates_and_reaches_the_engine():
     engine = FakeEngine()
 
     async def go(thread):
-        g = RequestGroup(thread, "a", ["x", "y"], SamplingParams(max_tokens=1000))
+        g = RequestGroup(thread, "a", ["x", "y"], SamplingParams(max_tokens=10**9))
         first = await g.next()
         g.close()
         await asyncio.sleep(0.1)
@@ -104,7 +104,7 @@ def test_refused_and_failed_requests_fail_alone():
     engine = FakeEngine()
 
     async def go(thread):
-        bad = RequestGroup(thread, "bad", ["ok", "reject"], SamplingParams(max_tokens=50))
+        bad = RequestGroup(thread, "bad", ["ok", "reject"], SamplingParams(max_tokens=10**9))
         boom = RequestGroup(thread, "boom", ["boom"], SamplingParams())
         good = RequestGroup(thread, "good", ["fine"], SamplingParams(max_tokens=3))
         errors = []
