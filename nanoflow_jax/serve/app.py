@@ -160,11 +160,7 @@ async def _unless_disconnected(request: Request, work: Any, group: RequestGroup)
     watch = asyncio.ensure_future(_until_disconnect(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            group.close()
-            return None
-        return task.result()
+        return task.result() if task.done() else None
     finally:
         watch.cancel()
         if not task.done():
@@ -232,7 +228,7 @@ async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: An
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return api_error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:

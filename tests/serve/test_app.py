@@ -101,3 +101,14 @@ def test_unknown_routes_and_methods_use_the_openai_error_shape(engine):
         assert _error(client.get("/v1/completions"), 405)
         models = client.get("/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["fake"] and models["data"][0]["max_model_len"] == 128
+
+
+def test_a_stream_past_its_timeout_ends_with_an_error_event(engine):
+    with TestClient(_app(engine, request_timeout=0.5)) as client:
+        resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 10**9, "stream": True})
+        assert resp.status_code == 200   # the stream had started: the error comes in it
+        events = [e for e in resp.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]" and len(events) > 3
+        err = json.loads(events[-2][6:])["error"]
+        assert err["code"] == "request_timeout" and err["type"] == "timeout_error"
+        assert engine.aborted == [json.loads(events[0][6:])["id"] + "-0"] and not engine.reqs

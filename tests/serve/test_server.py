@@ -86,18 +86,23 @@ def test_32_concurrent_streams_each_complete_once(client, server):
     assert _finished(server) - before == 33
 
 
-def test_disconnect_mid_stream_aborts_and_frees_pages(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_has_its_request_aborted(server, stream):
+    """Mid-stream, or while a non-streamed reply is being generated: pages freed, nothing runs."""
     before = metrics(server).get('nanoflow_request_finished_total{finished_reason="abort"}', 0.0)
-    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": 200, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server + "/v1/completions", json=body) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
-            assert metrics(server)["nanoflow_num_requests_running"] == 1
-        # leaving the block closes the connection mid-stream
+    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": 240, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", server + "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+                assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+                assert metrics(server)["nanoflow_num_requests_running"] == 1
+            # leaving the blocks closes the connection mid-stream
+    else:
+        with pytest.raises(httpx.ReadTimeout):   # the client gives up and closes the connection
+            httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
     m = wait_for_idle(server)
     assert m["nanoflow_num_requests_running"] == 0 and m["nanoflow_kv_pages_free"] == NUM_USABLE_PAGES
     assert m['nanoflow_request_finished_total{finished_reason="abort"}'] == before + 1
