@@ -53,6 +53,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.request_timeout < 0 or args.drain_timeout < 0:
         raise ValueError("--request-timeout and --drain-timeout are seconds >= 0")
     EngineConfig(max_model_len=args.max_model_len or 2048, **engine_args(args))
+    for module in ("fastapi", "uvicorn", "prometheus_client", "pydantic"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise RuntimeError(f"the server needs {module}, which is not installed: "
+                               "pip install -e '.[serve]' (or pip install nanoflow_jax[serve])") from None
 
 
 def served_name(args: argparse.Namespace) -> str:

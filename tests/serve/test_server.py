@@ -63,6 +63,7 @@ def test_chat_streamed_and_not(client):
 
 def test_32_concurrent_streams_each_complete_once(client, server):
     before = _finished(server)
+    m0 = metrics(server)
     prompts = [f"Count from {i} to {i + 5}:" for i in range(32)]
 
     def run(prompt: str) -> tuple[str, list[str | None]]:
@@ -84,6 +85,12 @@ def test_32_concurrent_streams_each_complete_once(client, server):
     assert m["nanoflow_kv_pages_free"] == NUM_USABLE_PAGES and m["nanoflow_kv_pages_used"] == 0
     assert m["nanoflow_num_requests_running"] == 0 and m["nanoflow_num_requests_waiting"] == 0
     assert _finished(server) - before == 33
+    grew = {k: m[k] - m0[k] for k in ("nanoflow_time_to_first_token_seconds_count", "nanoflow_generation_tokens_total",
+                                      "nanoflow_e2e_request_latency_seconds_count",
+                                      "nanoflow_inter_token_latency_seconds_count")}
+    assert grew == {"nanoflow_time_to_first_token_seconds_count": 33, "nanoflow_generation_tokens_total": 33 * 6,
+                    "nanoflow_e2e_request_latency_seconds_count": 33,
+                    "nanoflow_inter_token_latency_seconds_count": 33 * 5}
 
 
 @pytest.mark.parametrize("stream", [True, False])
