@@ -81,7 +81,10 @@ class Serving:
 
 
 def create_app(llm: Any, config: ServerConfig) -> FastAPI:
-    """An app over `llm` (an `LLM`); its engine thread starts and stops with the app's lifespan."""
+    """An app over `llm` (an `LLM`); its engine thread starts and stops with the app's lifespan.
+
+    From start-up to shutdown the app's thread alone drives `llm.engine`: calling
+    `llm.generate` or `llm.stream` meanwhile would take the server's updates."""
     serving = Serving(llm, config)
     kv_pages = llm.engine.stats()["kv_pages_total"]   # read before the engine thread owns the engine
 

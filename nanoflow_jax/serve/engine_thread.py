@@ -161,14 +161,14 @@ class EngineThread:
         if stopping:
             self._fail_all(unavailable("the server shut down before this request finished", self.retry_after,
                                        "shutting_down"), events)
-            self._deliver(events)
             self._publish()
+            self._deliver(events)
             return False
         stepped = self.engine.has_unfinished()
         if stepped:
             self._step(events)
+        self._publish()   # before the updates go out: a client that saw its token sees the gauges too
         self._deliver(events)
-        self._publish()
         if not stepped:
             self._wake.wait(self._idle_timeout())
         return True
