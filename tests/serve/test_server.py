@@ -103,7 +103,9 @@ def test_a_client_that_disconnects_has_its_request_aborted(server, stream):
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", server + "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200
-                first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+                # Keep the line iterator referenced: a dropped one closes the connection at once.
+                lines = resp.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
                 assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
                 assert metrics(server)["nanoflow_num_requests_running"] == 1
             # leaving the blocks closes the connection mid-stream
