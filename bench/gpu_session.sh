@@ -35,6 +35,11 @@
 #   search      the full auto-search from profile's files (measuring what is missing): the two-stage
 #               search, its 3 best nanoflow budgets timed with every mode, the choice written (copy it
 #               to configs/pipelines/)                                  -> pipelines/<shape>-<gpu>.json, search.log
+#   serving     the offline engine throughput (bench.throughput), then the HTTP server on the same
+#               workload and settings: bench.serving at saturation (rate inf, with the ratio to the
+#               offline tokens/s), then a sweep at 1/4, 1/2 and 3/4 of the saturated request rate
+#               (TTFT p99 at half load)  -> throughput_llama3_8b_serving_offline.json,
+#                                           serving_llama3_8b_{saturation,sweep}.json, serving_llama3_8b_sweep.png
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -75,6 +80,36 @@ autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
   mkdir -p "$OUT/pipelines"
   timeout 590 python3 -m nanoflow_jax.autosearch --model llama-3-8b --search --out-dir "$OUT/pipelines" "$@" 2>&1 \
     | grep -v "^WARNING" | tail -25 | tee -a "$OUT/search.log"
+}
+
+serving() {  # one workload (512 requests of 512 + 256 tokens) offline, then online over HTTP
+  python3 -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2> /dev/null || {
+    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, pydantic," \
+      "pydantic-core, annotated-types, typing-inspection) in .whl and pip install them first" | tee -a "$OUT/serving.log"
+    return 1; }
+  local work=(--input-len 512 --output-len 256)
+  throughput serving_offline --kernels pallas --num-prompts 512 "${work[@]}" --max-model-len 768
+  python3 -m nanoflow_jax.serve --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
+    --max-num-seqs 128 --max-num-batched-tokens 2048 --token-buckets 128,2048 --num-kv-pages 16384 \
+    --max-model-len 768 --port 8000 --log-level warning > "$OUT/serve.log" 2>&1 &
+  local pid=$! rates
+  python3 -c "
+import sys, time, httpx
+for _ in range(300):
+    try:
+        if httpx.get('http://127.0.0.1:8000/health', timeout=2).status_code == 200: sys.exit(0)
+    except httpx.HTTPError: pass
+    time.sleep(1)
+sys.exit('serving: the server did not come up; see serve.log')" || { kill "$pid"; return 1; }
+  timeout 150 python3 -m bench.serving --port 8000 --num-prompts 512 "${work[@]}" --request-rate inf \
+    --offline-json "$OUT/throughput_llama3_8b_serving_offline.json" \
+    --out "$OUT/serving_llama3_8b_saturation.json" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
+  rates=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['runs'][0]['request_throughput']
+print(','.join(f'{f * r:.3f}' for f in (0.25, 0.5, 0.75)))" "$OUT/serving_llama3_8b_saturation.json") &&
+  timeout 200 python3 -m bench.serving --port 8000 --num-prompts 256 "${work[@]}" --request-rate "$rates" \
+    --goodput ttft:500 tpot:50 --out "$OUT/serving_llama3_8b_sweep.json" \
+    --plot "$OUT/serving_llama3_8b_sweep.png" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
+  kill -TERM "$pid"; wait "$pid"; echo "server exit code $?" | tee -a "$OUT/serving.log"
 }
 
 for recipe in "$@"; do
@@ -126,7 +161,9 @@ for recipe in "$@"; do
       prof=$(ls "$OUT"/pipelines/*.profile.json 2>/dev/null | head -1)
       inter=$(ls "$OUT"/pipelines/*.interference.json 2>/dev/null | head -1)
       autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
+    serving)
+      serving ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, serving, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done

@@ -58,13 +58,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="a prompt as comma-separated token ids, sent without a chat template; repeat for more "
                         "prompts. Needed for models without a tokenizer (a config name with --weights random), "
                         "whose replies print as token ids")
-    p.add_argument("--model", default=None,
-                   help="a .gguf file, a Hugging Face folder, an Orbax folder, or a config name with --weights "
-                        f"random ({', '.join(available_configs())}) (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--weights", default="auto", choices=["auto", "random"],
-                   help="random: random parameters of the model's shapes (benchmarks)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    add_model_args(p)
     p.add_argument("--max-tokens", type=int, metavar="N", default=256, help="reply length cap (default: 256)")
     p.add_argument("--temperature", type=float, metavar="X", default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, metavar="X", default=1.0, help="1 = off")
@@ -72,6 +66,36 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, metavar="X", default=0.0, help="0 = off")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="makes sampling repeatable")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    add_engine_args(p)
+    add_multi_host_args(p)
+    return p
+
+
+def add_multi_host_args(p: argparse.ArgumentParser) -> None:
+    """--coordinator-address, --num-processes, --process-id: `parallel.distributed.initialize`'s inputs."""
+    multi = p.add_argument_group("multi-host (one process per host, all started with the same flags and prompts; "
+                                 "process 0 prints)")
+    multi.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                       help="process 0's address (default: $NANOFLOW_COORDINATOR_ADDRESS, else one process)")
+    multi.add_argument("--num-processes", type=int, metavar="N", default=None,
+                       help="processes in the run (default: $NANOFLOW_NUM_PROCESSES, else JAX's cluster detection)")
+    multi.add_argument("--process-id", type=int, metavar="I", default=None,
+                       help="this process's index (default: $NANOFLOW_PROCESS_ID, else JAX's cluster detection)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --weights, --dtype: which model to load (shared with `nanoflow_jax.serve`)."""
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, a Hugging Face folder, an Orbax folder, or a config name with --weights "
+                        f"random ({', '.join(available_configs())}) (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--weights", default="auto", choices=["auto", "random"],
+                   help="random: random parameters of the model's shapes (benchmarks)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, EngineConfig fields (shared with `nanoflow_jax.serve`)."""
     p.add_argument("--max-model-len", type=int, metavar="N", default=None,
                    help="prompt + reply tokens of one request (default: the model's, at most 2048)")
     p.add_argument("--max-num-seqs", type=int, metavar="N", default=None, help="requests in one iteration (default: 64)")
@@ -81,6 +105,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="KV-cache pages of 16 tokens (default: a fraction of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--kv-memory-fraction", type=float, metavar="X", default=None,
                    help="share of free GPU memory for the KV cache (default: 0.8)")
+    p.add_argument("--token-buckets", type=_parse_buckets, metavar="N,N,...", default=None,
+                   help="dense-batch sizes (tokens) to compile, e.g. 128,2048 (default: powers of 2 up to "
+                        "--max-num-batched-tokens)")
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_SETS),
                    help="auto: Pallas kernels on a GPU, XLA ops on CPU; hybrid: Pallas kernels, but XLA's "
                         "matrix multiplies")
@@ -90,15 +117,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "back to back; nanoflow: two nano-batches overlapped on two GPU streams")
     p.add_argument("--tensor-parallel-size", type=int, metavar="N", default=None,
                    help="split the model's heads and MLP over N devices (default: 1)")
-    multi = p.add_argument_group("multi-host (one process per host, all started with the same flags and prompts; "
-                                 "process 0 prints)")
-    multi.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
-                       help="process 0's address (default: $NANOFLOW_COORDINATOR_ADDRESS, else one process)")
-    multi.add_argument("--num-processes", type=int, metavar="N", default=None,
-                       help="processes in the run (default: $NANOFLOW_NUM_PROCESSES, else JAX's cluster detection)")
-    multi.add_argument("--process-id", type=int, metavar="I", default=None,
-                       help="this process's index (default: $NANOFLOW_PROCESS_ID, else JAX's cluster detection)")
-    return p
+
+
+def _parse_buckets(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated token counts, e.g. 128,2048") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more token counts >= 1")
+    return sizes
 
 
 def _program_name() -> str:
@@ -232,7 +260,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
     from nanoflow_jax.parallel.mesh import check_devices, check_model
 
     # Built only to validate: LLM builds its own once the model's length limit is known.
-    engine_cfg = EngineConfig(max_model_len=args.max_model_len or 2048, **_engine_args(args))
+    engine_cfg = EngineConfig(max_model_len=args.max_model_len or 2048, **engine_args(args))
     check_devices(engine_cfg.tensor_parallel_size)
     config_name = (args.model is not None and args.model in available_configs()
                    and not Path(args.model).expanduser().exists())
@@ -253,9 +281,9 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
         raise ValueError(f"--prompt-ids {bad[:5]} are outside {args.model}'s vocabulary [0, {cfg.vocab_size})")
 
 
-def _engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
+def engine_args(args: argparse.Namespace) -> dict[str, int | float | str | tuple[int, ...]]:
     names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline",
-             "tensor_parallel_size")
+             "token_buckets", "tensor_parallel_size")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -283,7 +311,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stdin: TextIO, flags: dict[str
     if not live:
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=args.max_model_len,
-              kernels=args.kernels, show_progress=live, **_engine_args(args))
+              kernels=args.kernels, show_progress=live, **engine_args(args))
     if not live:
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     text_prompts = isinstance(prompts[0], str)

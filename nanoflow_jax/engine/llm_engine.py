@@ -115,6 +115,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carry)
 
+    def stats(self) -> dict[str, int]:
+        """Counts a server exports as metrics: requests by state, KV pages, preemptions so far."""
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_pages_total": self.blocks.num_usable, "kv_pages_free": self.blocks.num_free,
+                "num_preemptions": self.scheduler.num_preemptions, "num_iterations": self.num_iterations}
+
     def _output(self, seq: Sequence) -> RequestOutput:
         """The update for one request (a finished one is forgotten: it reports only once)."""
         if seq.is_finished:

@@ -1,0 +1,111 @@
+"""OpenAI request fields mapped to SamplingParams, refused fields, prompt shapes, responses."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from nanoflow_jax.engine.sampling_params import SamplingParams
+from nanoflow_jax.engine.sequence import CompletionOutput, RequestOutput
+from nanoflow_jax.serve import protocol
+from nanoflow_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+
+def test_completion_fields_map_to_sampling_params():
+    req = CompletionRequest(prompt="x", temperature=0, top_p=0.5, seed=7, stop=["\n", "END"], max_tokens=9,
+                            top_k=3, min_p=0.1, ignore_eos=True, stop_token_ids=[2])
+    assert protocol.completion_params(req) == SamplingParams(temperature=0.0, top_p=0.5, seed=7, stop=("\n", "END"),
+                                                             max_tokens=9, top_k=3, min_p=0.1, ignore_eos=True,
+                                                             stop_token_ids=(2,))
+    # OpenAI's defaults: 16 tokens for a completion, temperature 1, no limit for chat
+    assert protocol.completion_params(CompletionRequest(prompt="x")) == SamplingParams(max_tokens=16)
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop="!")
+    assert protocol.chat_params(chat) == SamplingParams(max_tokens=None, stop="!")
+
+
+def test_chat_max_completion_tokens_wins_and_errors_name_it():
+    msgs = [{"role": "user", "content": "hi"}]
+    req = ChatCompletionRequest(messages=msgs, max_tokens=5, max_completion_tokens=7)
+    assert protocol.chat_params(req).max_tokens == 7
+    with pytest.raises(APIError) as e:
+        protocol.chat_params(ChatCompletionRequest(messages=msgs, max_completion_tokens=0))
+    assert e.value.status == 400 and e.value.param == "max_completion_tokens"
+    assert e.value.message.startswith("max_completion_tokens=0 is invalid")
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("seed", -3), ("top_k", -5),
+                                          ("stop", [""])])
+def test_values_sampling_params_refuses_are_400_naming_the_field(field, value):
+    with pytest.raises(APIError) as e:
+        protocol.completion_params(CompletionRequest(prompt="x", **{field: value}))
+    assert e.value.status == 400 and e.value.param == field and "SamplingParams" not in e.value.message
+
+
+@pytest.mark.parametrize("field, value, neutral", [
+    ("n", 2, 1), ("best_of", 3, 1), ("presence_penalty", 0.5, 0.0), ("frequency_penalty", -1.0, 0.0),
+    ("logit_bias", {"5": 1.0}, {}), ("logprobs", 2, None), ("echo", True, False), ("suffix", "x", None)])
+def test_features_the_sampler_lacks_are_refused_unless_neutral(field, value, neutral):
+    with pytest.raises(APIError) as e:
+        protocol.completion_params(CompletionRequest(prompt="x", **{field: value}))
+    assert e.value.param == field and e.value.code == "unsupported_parameter" and "not supported" in e.value.message
+    if neutral is not None:
+        protocol.completion_params(CompletionRequest(prompt="x", **{field: neutral}))
+
+
+def test_chat_only_fields_are_refused_too():
+    msgs = [{"role": "user", "content": "hi"}]
+    for field, value in (("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+                         ("response_format", {"type": "json_object"})):
+        with pytest.raises(APIError) as e:
+            protocol.chat_params(ChatCompletionRequest(messages=msgs, **{field: value}))
+        assert e.value.param == field
+    protocol.chat_params(ChatCompletionRequest(messages=msgs, logprobs=False, response_format={"type": "text"}))
+
+
+def test_strict_types_and_unknown_fields():
+    for bad in ({"prompt": "x", "temperature": "0.5"}, {"prompt": "x", "stream": "yes"},
+                {"prompt": "x", "max_tokens": 2.5}, {"prompt": "x", "temprature": 1}, {"prompt": 5},
+                {"prompt": ["a", 1]}):
+        with pytest.raises(pydantic.ValidationError):
+            CompletionRequest.model_validate(bad)
+    assert CompletionRequest.model_validate({"prompt": "x", "temperature": 1}).temperature == 1.0
+
+
+def test_prompt_shapes():
+    for given, want in (("hi", ["hi"]), (["a", "b"], ["a", "b"]), ([1, 2], [[1, 2]]), ([[1], [2, 3]], [[1], [2, 3]])):
+        assert protocol.completion_prompts(CompletionRequest(prompt=given)) == want
+    with pytest.raises(APIError):
+        protocol.completion_prompts(CompletionRequest(prompt=[]))
+
+
+def test_chat_messages_join_text_parts_and_keep_extra_fields():
+    req = ChatCompletionRequest(messages=[
+        {"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+        {"role": "assistant", "content": None, "tool_calls": []}, {"role": "user", "content": "hi", "name": "bo"}])
+    assert protocol.chat_messages(req) == [{"role": "system", "content": "be brief"},
+                                           {"role": "assistant", "content": "", "tool_calls": []},
+                                           {"role": "user", "content": "hi", "name": "bo"}]
+    with pytest.raises(pydantic.ValidationError):   # images are not text
+        ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    with pytest.raises(APIError):
+        protocol.chat_messages(ChatCompletionRequest(messages=[]))
+
+
+def _out(rid: str, prompt_len: int, tokens: int, reason: str) -> RequestOutput:
+    comp = CompletionOutput(0, "t" * tokens, list(range(tokens)), reason)
+    return RequestOutput(rid, None, list(range(prompt_len)), [comp], True)
+
+
+def test_responses_carry_choices_in_order_and_usage():
+    outs = [_out("a", 3, 2, "stop"), _out("b", 4, 5, "length")]
+    body = protocol.ResponseBuilder(False, "cmpl-1", "m").response(outs)
+    assert body["object"] == "text_completion" and body["model"] == "m" and body["id"] == "cmpl-1"
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [(0, "tt", "stop"),
+                                                                                      (1, "ttttt", "length")]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
+    chat = protocol.ResponseBuilder(True, "c", "m")
+    assert chat.response(outs[:1])["choices"][0]["message"] == {"role": "assistant", "content": "tt"}
+    assert chat.chunk(0, "x", None, first=True)["choices"][0]["delta"] == {"role": "assistant", "content": "x"}
+    assert chat.chunk(0, "y", "stop")["choices"][0] == {"index": 0, "delta": {"content": "y"}, "logprobs": None,
+                                                       "finish_reason": "stop"}
+    assert chat.usage_chunk(outs)["choices"] == [] and chat.usage_chunk(outs)["object"] == "chat.completion.chunk"
