@@ -4,6 +4,10 @@ Every row carries its own settings, so one compiled function serves any mix of g
 sampled requests. Row r's randomness is `fold_in(PRNGKey(seed_r), gen_index_r)`, where
 gen_index is the index of the output token being drawn: a seeded request draws the same
 tokens whatever else is in the batch, and again after a preemption recomputes it.
+
+Penalties, `logit_bias` and `min_tokens` (vLLM's meanings) adjust the logits before the
+draw, from each row's token history; a batch where no row uses them skips that work on
+the device. Log-probabilities are taken from the raw logits, before any adjustment.
 """
 
 from __future__ import annotations
@@ -26,6 +30,55 @@ class SamplingArrays:
     top_k: jax.Array        # int32; <= 0 = off
     seed: jax.Array         # int32 (a uint32 seed's bits)
     gen_index: jax.Array    # int32; index of the output token drawn
+    penalties: "Penalties | None" = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Penalties:
+    """Per-row logit adjustments. Rows with presence = frequency = 0, repetition = 1 and no
+    bias entry are left alone; a batch without any such row does no work at all."""
+
+    presence: jax.Array     # [S] f32, subtracted once from each generated token's logit
+    frequency: jax.Array    # [S] f32, subtracted per occurrence in the generated tokens
+    repetition: jax.Array   # [S] f32, on every prompt or generated token: l / r if l > 0 else l * r
+    prompt_len: jax.Array   # [S] int32: history[:, :prompt_len] is the prompt
+    history: jax.Array      # [S, H] int32: the prompt, then the generated tokens; -1 pads
+    bias_ids: jax.Array     # [S, A] int32: tokens whose logit gets bias_values added; -1 pads
+    bias_values: jax.Array  # [S, A] f32 (logit_bias; -inf blocks a stop token under min_tokens)
+
+
+def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
+    """vLLM's order: logit_bias and min_tokens first, then repetition, frequency, presence."""
+    def adjust(logits: jax.Array) -> jax.Array:
+        rows_n, vocab = logits.shape
+        rows = jnp.arange(rows_n)[:, None]
+        logits = logits.astype(jnp.float32)
+        # Out-of-range ids (the -1 padding, remapped to `vocab`) are dropped by the scatters.
+        bias_ids = jnp.where(pen.bias_ids >= 0, pen.bias_ids, vocab)
+        logits = logits.at[rows, bias_ids].add(pen.bias_values, mode="drop")
+        valid = pen.history >= 0
+        ids = jnp.where(valid, pen.history, vocab)
+        generated = valid & (jnp.arange(pen.history.shape[1])[None, :] >= pen.prompt_len[:, None])
+        counts = jnp.zeros_like(logits).at[rows, ids].add(generated.astype(jnp.float32), mode="drop")
+        seen = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
+        rep = pen.repetition[:, None]
+        logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+        return logits - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
+
+    active = ((pen.presence != 0) | (pen.frequency != 0) | (pen.repetition != 1)
+              | jnp.any(pen.bias_ids >= 0, axis=1))
+    return jax.lax.cond(jnp.any(active), adjust, lambda x: x.astype(jnp.float32), logits)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int) -> tuple[jax.Array, jax.Array]:
+    """Raw log-probabilities: (f32 [S, 1 + num_top]: the token's, then the top ones;
+    int32 [S, 1 + num_top]: the token's rank (1 = most likely), then the top ids)."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)
+    rank = 1 + jnp.sum(lp > chosen, axis=-1, keepdims=True, dtype=jnp.int32)
+    top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    return jnp.concatenate([chosen, top_lp], axis=1), jnp.concatenate([rank, top_ids.astype(jnp.int32)], axis=1)
 
 
 def sampling_arrays_np(num_rows: int) -> SamplingArrays:
@@ -63,7 +116,10 @@ def filtered_logits(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, ja
 
 
 def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
-    """One token per row: argmax where temperature == 0, else a filtered categorical draw."""
+    """One token per row: argmax where temperature == 0, else a filtered categorical draw
+    (both after the row's penalties, if any)."""
+    if p.penalties is not None:
+        logits = apply_penalties(logits, p.penalties)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_: None) -> jax.Array:
