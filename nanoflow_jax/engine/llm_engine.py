@@ -105,6 +105,8 @@ class LLMEngine:
                        min_tokens_blocked=blocked, metrics=RequestMetrics(arrival_time=now))
         if params.logprobs is not None:
             seq.logprobs, seq.cumulative_logprob = [], 0.0
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = self._prompt_logprobs(ids, params.prompt_logprobs)
         if self.tokenizer is not None:
             seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
         self.scheduler.add(seq)
@@ -283,6 +285,12 @@ class LLMEngine:
                 except Exception as e:
                     outputs.append(self._fail(seq, f"detokenizing token {token}", e))
             batch.num_read = i + 1
+
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[PositionLogprobs | None]:
+        """vLLM's prompt_logprobs: None for the first token, then each token's entry."""
+        lp, top = self.runner.prompt_logprobs(ids)
+        return [None] + [self.position_logprobs(ids[j + 1], float(lp[j, 0]), int(top[j, 0]), top[j, 1:1 + k],
+                                                lp[j, 1:1 + k]) for j in range(len(ids) - 1)]
 
     def _append_logprobs(self, seq: Sequence, token: int, lp: np.ndarray, ids: np.ndarray) -> None:
         """The sampled token's logprob and rank (column 0), then the request's top ones."""

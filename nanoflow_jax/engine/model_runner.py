@@ -28,6 +28,7 @@ from nanoflow_jax.engine import compiler
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import Penalties, SamplingArrays, sample, token_logprobs
 from nanoflow_jax.engine.scheduler import ScheduledBatch
+from nanoflow_jax.models.llama import forward_dense
 from nanoflow_jax.models.nanobatch import forward_pipeline
 from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops, programs_key
 from nanoflow_jax.models.streams import step_compiler_options
@@ -92,6 +93,13 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
         lambda: (jnp.zeros((rows, num_logprobs + 1), jnp.float32), jnp.zeros((rows, num_logprobs + 1), jnp.int32)))
     # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
     return jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens), cache, logprobs
+
+
+def _score(params: Any, tokens: jax.Array, targets: jax.Array, *, cfg: ModelConfig,
+           num_logprobs: int) -> tuple[jax.Array, jax.Array]:
+    """Logprobs of `targets` (each prompt token's successor) under a dense causal forward."""
+    logits = forward_dense(params, tokens[None], cfg)[0]
+    return token_logprobs(logits, targets, num_logprobs)
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -166,6 +174,7 @@ class ModelRunner:
                                donate_argnums=(1,))
         self.num_logprobs = min(cfg.max_logprobs, model_cfg.vocab_size)
         self._no_penalties: dict[int, jax.Array] = {}   # per S bucket: the packed "nothing" on the device
+        self._score = jax.jit(_score, static_argnames=("cfg", "num_logprobs"))
         # `auto` becomes the searched mode (and its SM budgets, unless given) for this model and GPU.
         self.pipeline, searched = resolve_pipeline(cfg.pipeline, cfg.nano_programs, model_cfg)
         self.nano_programs = tuple(programs_key(p) for p in (cfg.nano_programs or searched or ({}, {})))
@@ -340,6 +349,18 @@ class ModelRunner:
         pen = np.full((PEN_FIELDS, s_pad, self.cfg.max_model_len), -1, np.int32)
         pen[2] = 0
         return pen
+
+    def prompt_logprobs(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logprobs of prompt tokens 1.. (`sampler.token_logprobs` rows, one per token),
+        from one dense forward over the prompt padded to a power of two (few compiles)."""
+        n = len(ids)
+        length = min(max(16, 1 << (n - 1).bit_length()), self.cfg.max_model_len)
+        tokens = np.zeros(length, np.int32)
+        tokens[:n] = ids
+        targets = np.zeros(length, np.int32)
+        targets[:n - 1] = ids[1:]
+        lp_f, lp_i = self._score(self.params, tokens, targets, cfg=self.model_cfg, num_logprobs=self.num_logprobs)
+        return np.asarray(lp_f)[:n - 1], np.asarray(lp_i)[:n - 1]
 
     def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> tuple[jax.Array, Any]:
         """Launch one iteration without waiting; returns its sampled tokens [max_num_seqs]
