@@ -132,6 +132,17 @@ class LLMEngine:
                                     f"held by min_tokens); at most max_model_len={self.cfg.max_model_len} fit")
         return blocked
 
+    def update_params(self, params: Any) -> None:
+        """New weights for the next requests (same tree, shapes, dtypes); nothing recompiles,
+        the KV pool stays, and any prefix cache is dropped (its K/V came from the old weights)."""
+        if self.has_unfinished():
+            raise RuntimeError("update_params swaps weights between requests, but some are still running: "
+                               "wait for them (or abort them) first")
+        self.runner.update_params(params)
+        reset = getattr(self, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its pages are freed. None if it is unknown or already done."""
         seq = self._seqs.get(str(request_id))

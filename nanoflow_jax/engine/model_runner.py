@@ -25,6 +25,7 @@ from nanoflow_jax import env
 from nanoflow_jax.autosearch import resolve_pipeline
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine import compiler
+from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sampler import Penalties, SamplingArrays, sample, token_logprobs
 from nanoflow_jax.engine.scheduler import ScheduledBatch
@@ -158,7 +159,10 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
 class ModelRunner:
     def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.params = fuse_qkv(params) if cfg.fuse_qkv else params
+        self._param_spec = param_update.param_spec(params)   # what update_params must match
+        self._layout = fuse_qkv if cfg.fuse_qkv else (lambda p: p)
+        self._relayout = param_update.relayout_fn(self._layout)
+        self.params = self._layout(params)
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         on_cpu = jax.default_backend() == "cpu"
@@ -349,6 +353,17 @@ class ModelRunner:
         pen = np.full((PEN_FIELDS, s_pad, self.cfg.max_model_len), -1, np.int32)
         pen[2] = 0
         return pen
+
+    def update_params(self, params: Any) -> None:
+        """Swap in new weights of the same tree, shapes and dtypes (`engine.param_update`):
+        the compiled steps and the KV pool stay; the old weights' buffers are reused."""
+        params = param_update.as_plain_dicts(params)
+        param_update.check_like(self._param_spec, params)
+        leaves = {jax.tree_util.keystr(path): x.sharding
+                  for path, x in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+        fallback = next(iter(leaves.values()))
+        moved = param_update.move_to(params, lambda path: leaves.get(path, fallback))
+        self.params = self._relayout(self.params, moved)
 
     def prompt_logprobs(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Raw logprobs of prompt tokens 1.. (`sampler.token_logprobs` rows, one per token),
