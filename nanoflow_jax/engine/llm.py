@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence as Seq
 import jax
 
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.llm_engine import LLMEngine, RequestError
 from nanoflow_jax.engine.sampling_params import SamplingParams
@@ -60,6 +61,8 @@ class LLM:
             if config is None:
                 raise ValueError("LLM(params=...) also needs config=ModelConfig(...)")
             loaded = from_params(params, config, None if dtype == "auto" else dtype, tokenizer)
+            # The caller keeps (and trains) its arrays; update_params donates the engine's.
+            loaded.params = param_update.own_copy(param_update.as_plain_dicts(loaded.params))
         else:
             if dtype == "auto":
                 dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"

@@ -6,6 +6,8 @@ mesh) are moved to the engine's sharding with `jax.device_put`, device to device
 engine's layout (e.g. `fuse_qkv`) is then applied by one jitted call that donates the old
 engine parameters, so the new ones are written into their buffers and peak memory stays
 at one engine copy (plus the caller's own). Shapes never change, so nothing recompiles.
+The engine owns its weights: `LLM(params=...)` copies the caller's (`own_copy`), and an
+`LLMEngine` takes ownership of the arrays it is given.
 """
 
 from __future__ import annotations
@@ -70,9 +72,18 @@ def move_to(params: Params, like: Callable[[str], Any]) -> Params:
     return jax.tree_util.tree_map_with_path(put, params)
 
 
+@jax.jit
+def own_copy(params: Params) -> Params:
+    """A copy on the same devices: the engine's weights must not alias the caller's, because
+    `update_params` donates the engine's old weights."""
+    return jax.tree_util.tree_map(jnp.copy, params)
+
+
 def relayout_fn(layout: Callable[[Params], Params]) -> Callable[[Params, Params], Params]:
     """jit of (old engine params, new params) -> a copy of layout(new), the old ones donated.
 
     The copy keeps the engine's arrays its own: a trainer that donates or deletes its
-    params after the update cannot pull them from under the engine."""
-    return jax.jit(lambda old, new: jax.tree_util.tree_map(jnp.copy, layout(new)), donate_argnums=(0,))
+    params after the update cannot pull them from under the engine. `keep_unused`: the
+    old params are not read, and jit would otherwise drop them, donation and all."""
+    return jax.jit(lambda old, new: jax.tree_util.tree_map(jnp.copy, layout(new)), donate_argnums=(0,),
+                   keep_unused=True)

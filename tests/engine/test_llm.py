@@ -42,8 +42,10 @@ def test_update_params_follows_the_new_weights_without_compiling():
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
         reference_greedy(prompts, GREEDY.max_tokens)
     compiled = dict(runner._compiled)
-    new = tiny_params(1)
+    new, old = tiny_params(1), runner.params
     llm.update_params(new)   # the first update compiles the re-layout (once per engine shape)
+    # The old weights' buffers were donated to the new ones: one engine copy at a time.
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old))
     with count_compiles() as events:
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert events == [], events
