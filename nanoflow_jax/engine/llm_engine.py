@@ -35,6 +35,11 @@ from nanoflow_jax.engine.stop import finish_check
 log = logging.getLogger(__name__)
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of an n > 1 request (sample 0 keeps the request's own)."""
+    return (seed + index * 0x9E3779B9) % 2**32
+
+
 class RequestError(ValueError):
     """One request is malformed; the engine and all other requests carry on."""
 
@@ -100,17 +105,25 @@ class LLMEngine:
             raise RequestError(rid, "stop strings need a tokenizer: use stop_token_ids instead")
         blocked = self._check_logit_inputs(rid, params)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**32))
-        seq = Sequence(request_id=rid, arrival=arrival, prompt=prompt if isinstance(prompt, str) else None,
-                       prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens,
-                       min_tokens_blocked=blocked, metrics=RequestMetrics(arrival_time=now))
-        if params.logprobs is not None:
-            seq.logprobs, seq.cumulative_logprob = [], 0.0
-        if params.prompt_logprobs is not None:
-            seq.prompt_logprobs = self._prompt_logprobs(ids, params.prompt_logprobs)
-        if self.tokenizer is not None:
-            seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
-        self.scheduler.add(seq)
-        self._seqs[rid] = seq
+        prompt_lps = None if params.prompt_logprobs is None else self._prompt_logprobs(ids, params.prompt_logprobs)
+        metrics = RequestMetrics(arrival_time=now)   # one per request, shared by its n samples
+        group: list[Sequence] = []
+        for i in range(params.n):
+            # Sample i > 0 is an internal sequence of its own (own id, seed stream and
+            # pages past the shared prompt); the outputs report them all under `rid`.
+            seq = Sequence(request_id=rid if i == 0 else f"{rid}[{i}]", arrival=arrival if i == 0 else next(self._arrival),
+                           prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=ids, params=params,
+                           seed=sample_seed(seed, i), max_tokens=max_tokens, min_tokens_blocked=blocked,
+                           metrics=metrics, prompt_logprobs=prompt_lps, index=i,
+                           group=group if params.n > 1 else None, leader=group[0] if i else None)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            if self.tokenizer is not None:
+                seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
+            group.append(seq)
+        for seq in group:
+            self.scheduler.add(seq)
+        self._seqs[rid] = group[0]
         return rid
 
     def _check_logit_inputs(self, rid: str, params: SamplingParams) -> list[int]:
@@ -148,7 +161,9 @@ class LLMEngine:
         seq = self._seqs.get(str(request_id))
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        for member in seq.group or [seq]:
+            if not member.is_finished:
+                self.scheduler.finish(member, "abort")
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
@@ -156,11 +171,17 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The update for one request (a finished one is forgotten: it reports only once)."""
-        if seq.is_finished:
-            self._seqs.pop(seq.request_id, None)
+        members = seq.group or [seq]
+        if all(m.is_finished for m in members):
+            self._seqs.pop(members[0].request_id, None)
             if seq.metrics is not None and seq.metrics.finished_time is None:
                 seq.metrics.finished_time = time.time()
         return RequestOutput.from_sequence(seq, seq.take_delta(), seq.take_token_delta())
+
+    def _reports(self, seq: Sequence) -> bool:
+        """Its request has not given its final update yet (n > 1: its leader is still known)."""
+        lead = (seq.group or [seq])[0]
+        return self._seqs.get(lead.request_id) is lead
 
     def _fail(self, seq: Sequence, what: str, error: BaseException) -> RequestOutput:
         """End one request with finish_reason "error"; its pages go back to the pool."""
@@ -213,7 +234,7 @@ class LLMEngine:
             for row in batch.rows[batch.num_read:]:
                 if not row.seq.is_finished and row.samples:
                     outputs.append(self._fail(row.seq, "reading back its batch", e))
-                elif self._seqs.get(row.seq.request_id) is row.seq and row.seq.is_finished:
+                elif row.seq.is_finished and self._reports(row.seq):
                     outputs.append(self._output(row.seq))
             raise
 

@@ -77,6 +77,11 @@ class Sequence:
     cumulative_logprob: float | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
+    # n > 1: sample `index` of a request; `group` lists all its samples (index order) and
+    # `leader` is sample 0, whose prompt pages the others share (None for the leader).
+    index: int = 0
+    group: list["Sequence"] | None = dataclasses.field(default=None, repr=False)
+    leader: "Sequence | None" = dataclasses.field(default=None, repr=False)
 
     @property
     def prompt_len(self) -> int:
@@ -163,6 +168,14 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+def _completion(seq: Sequence, delta_text: str, delta_token_ids: list[int] | None) -> CompletionOutput:
+    return CompletionOutput(index=seq.index, text=seq.text[:seq.num_emitted], token_ids=list(seq.output_token_ids),
+                            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                            delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()),
+                            cumulative_logprob=seq.cumulative_logprob,
+                            logprobs=None if seq.logprobs is None else list(seq.logprobs))
+
+
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str
@@ -177,16 +190,17 @@ class RequestOutput:
     @classmethod
     def from_sequence(cls, seq: Sequence, delta_text: str = "",
                       delta_token_ids: list[int] | None = None) -> "RequestOutput":
-        """The request as streamed so far: `text` holds what the deltas handed out."""
-        comp = CompletionOutput(index=0, text=seq.text[:seq.num_emitted], token_ids=list(seq.output_token_ids),
-                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                                delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()),
-                                cumulative_logprob=seq.cumulative_logprob,
-                                logprobs=None if seq.logprobs is None else list(seq.logprobs))
-        return cls(request_id=seq.request_id, prompt=seq.prompt,
-                   prompt_token_ids=list(seq.prompt_token_ids), outputs=[comp],
-                   finished=seq.is_finished, error=seq.error, prompt_logprobs=seq.prompt_logprobs,
-                   metrics=None if seq.metrics is None else dataclasses.replace(seq.metrics))
+        """The request as streamed so far: `text` holds what the deltas handed out. For
+        n > 1, one CompletionOutput per sample; only `seq`'s carries this update's delta."""
+        members = seq.group or [seq]
+        comps = [_completion(m, delta_text if m is seq else "", delta_token_ids if m is seq else None)
+                 for m in members]
+        lead = members[0]
+        return cls(request_id=lead.request_id, prompt=lead.prompt,
+                   prompt_token_ids=list(lead.prompt_token_ids), outputs=comps,
+                   finished=all(m.is_finished for m in members),
+                   error=next((m.error for m in members if m.error), None), prompt_logprobs=lead.prompt_logprobs,
+                   metrics=None if lead.metrics is None else dataclasses.replace(lead.metrics))
 
     @classmethod
     def rejected(cls, request_id: str, prompt: Any, error: str) -> "RequestOutput":
