@@ -18,10 +18,13 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
+#   rollouts    RL rollouts, Llama-3-8B shapes, random weights: 256 prompts x n=8 x 512 tokens as
+#               grouped requests vs 2,048 separate ones, and update_params (bench.rollouts)
+#                                                                        -> rollouts_llama3_8b.json
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 
@@ -77,7 +80,11 @@ for recipe in "$@"; do
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
+    rollouts)
+      timeout 900 python3 -m bench.rollouts --out "$OUT/rollouts_llama3_8b.json" 2>&1 | grep -v "^WARNING" \
+        | grep -E '"(output_tokens_per_s|speedup_grouped_over_separate|same_tokens|median_s|first_s|elapsed_s)"' \
+        | tee "$OUT/rollouts.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune or ab" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune, ab or rollouts" >&2; exit 2 ;;
   esac
 done

@@ -90,7 +90,7 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
     rows = tokens.shape[0]
     # Log-probabilities only when a row asks (the top-k over the vocabulary is not free).
     logprobs = jax.lax.cond(
-        jnp.any(seq_i[6] >= 0), lambda: token_logprobs(logits, tokens, num_logprobs),
+        jnp.any(seq_i[6] >= 0), lambda: token_logprobs(logits, tokens, num_logprobs, jnp.any(seq_i[6] > 0)),
         lambda: (jnp.zeros((rows, num_logprobs + 1), jnp.float32), jnp.zeros((rows, num_logprobs + 1), jnp.int32)))
     # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
     return jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens), cache, logprobs

@@ -71,13 +71,18 @@ def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
     return jax.lax.cond(jnp.any(active), adjust, lambda x: x.astype(jnp.float32), logits)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int,
+                   want_top: jax.Array | bool = True) -> tuple[jax.Array, jax.Array]:
     """Raw log-probabilities: (f32 [S, 1 + num_top]: the token's, then the top ones;
-    int32 [S, 1 + num_top]: the token's rank (1 = most likely), then the top ids)."""
+    int32 [S, 1 + num_top]: the token's rank (1 = most likely), then the top ids).
+    `want_top` False skips the top-k over the vocabulary (zeros in its place)."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)
     rank = 1 + jnp.sum(lp > chosen, axis=-1, keepdims=True, dtype=jnp.int32)
-    top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    rows = lp.shape[0]
+    top_lp, top_ids = jax.lax.cond(
+        want_top, lambda: tuple(jax.lax.top_k(lp, num_top)),
+        lambda: (jnp.zeros((rows, num_top), jnp.float32), jnp.zeros((rows, num_top), jnp.int32)))
     return jnp.concatenate([chosen, top_lp], axis=1), jnp.concatenate([rank, top_ids.astype(jnp.int32)], axis=1)
 
 
