@@ -60,9 +60,10 @@ class LLM:
         if params is not None:
             if config is None:
                 raise ValueError("LLM(params=...) also needs config=ModelConfig(...)")
-            loaded = from_params(params, config, None if dtype == "auto" else dtype, tokenizer)
+            loaded = from_params(param_update.as_plain_dicts(params), config, None if dtype == "auto" else dtype,
+                                 tokenizer)
             # The caller keeps (and trains) its arrays; update_params donates the engine's.
-            loaded.params = param_update.own_copy(param_update.as_plain_dicts(loaded.params))
+            loaded.params = param_update.own_copy(loaded.params)
         else:
             if dtype == "auto":
                 dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
