@@ -64,12 +64,10 @@ def _penalties(pen: jax.Array, seq_i: jax.Array, seq_f: jax.Array, last_token: j
     """The packed penalty inputs; the row's last input token joins its history here, on
     the device, because a decode's input may be the in-flight iteration's sample."""
     context_len, gen_index = seq_i[1], seq_i[5]
-    width = pen.shape[2]
-    at = jnp.where(context_len > 0, context_len - 1, width)   # padding rows: dropped
-    history = pen[0].at[jnp.arange(pen.shape[1]), at].set(last_token, mode="drop")
     return Penalties(presence=seq_f[3], frequency=seq_f[4], repetition=seq_f[5],
-                     prompt_len=context_len - gen_index, history=history, bias_ids=pen[1],
-                     bias_values=jax.lax.bitcast_convert_type(pen[2], jnp.float32))
+                     prompt_len=context_len - gen_index, history=pen[0], bias_ids=pen[1],
+                     bias_values=jax.lax.bitcast_convert_type(pen[2], jnp.float32),
+                     last_token=last_token, last_at=context_len - 1)
 
 
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,

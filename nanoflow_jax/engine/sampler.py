@@ -46,6 +46,10 @@ class Penalties:
     history: jax.Array      # [S, H] int32: the prompt, then the generated tokens; -1 pads
     bias_ids: jax.Array     # [S, A] int32: tokens whose logit gets bias_values added; -1 pads
     bias_values: jax.Array  # [S, A] f32 (logit_bias; -inf blocks a stop token under min_tokens)
+    # Optional: a token known only on the device (a decode's input, sampled by the step in
+    # flight) that joins the history at column last_at (< 0: none).
+    last_token: jax.Array | None = None   # [S] int32
+    last_at: jax.Array | None = None      # [S] int32
 
 
 def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
@@ -57,9 +61,13 @@ def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
         # Out-of-range ids (the -1 padding, remapped to `vocab`) are dropped by the scatters.
         bias_ids = jnp.where(pen.bias_ids >= 0, pen.bias_ids, vocab)
         logits = logits.at[rows, bias_ids].add(pen.bias_values, mode="drop")
-        valid = pen.history >= 0
-        ids = jnp.where(valid, pen.history, vocab)
-        generated = valid & (jnp.arange(pen.history.shape[1])[None, :] >= pen.prompt_len[:, None])
+        history, width = pen.history, pen.history.shape[1]
+        if pen.last_token is not None:
+            at = jnp.where(pen.last_at >= 0, pen.last_at, width)   # negative: dropped, not wrapped
+            history = history.at[jnp.arange(rows_n), at].set(pen.last_token, mode="drop")
+        valid = history >= 0
+        ids = jnp.where(valid, history, vocab)
+        generated = valid & (jnp.arange(width)[None, :] >= pen.prompt_len[:, None])
         counts = jnp.zeros_like(logits).at[rows, ids].add(generated.astype(jnp.float32), mode="drop")
         seen = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
         rep = pen.repetition[:, None]
