@@ -148,9 +148,13 @@ class LLMEngine:
     def update_params(self, params: Any) -> None:
         """New weights for the next requests (same tree, shapes, dtypes); nothing recompiles,
         the KV pool stays, and any prefix cache is dropped (its K/V came from the old weights)."""
-        if self.has_unfinished():
+        if self.scheduler.has_unfinished() or self._carry:
             raise RuntimeError("update_params swaps weights between requests, but some are still running: "
                                "wait for them (or abort them) first")
+        if self._inflight is not None:
+            # The token a request sampled after its late-seen stop is still on its way:
+            # read it (and drop it) before the weights it was computed with go.
+            self._carry = self.step()
         self.runner.update_params(params)
         reset = getattr(self, "reset_prefix_cache", None)
         if reset is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanoflow_jax import SamplingParams
-from tests.engine.conftest import count_compiles, make_llm, random_prompts, reference_greedy, tiny_params
+from tests.engine.conftest import IM_END, count_compiles, make_llm, random_prompts, reference_greedy, tiny_params
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -75,6 +75,13 @@ def test_update_params_names_the_mismatching_leaf_and_keeps_serving():
         llm.update_params({**good, "embed": good["embed"].astype(jnp.bfloat16)})
     with pytest.raises(ValueError, match="missing final_norm"):
         llm.update_params({k: v for k, v in good.items() if k != "final_norm"})
+    # A stop is seen one iteration late: the batch sampled meanwhile is still in flight
+    # when generate returns, and update_params reads it rather than refuse.
+    eos_first = SamplingParams(temperature=0.0, max_tokens=8, logit_bias={IM_END: 100.0})
+    assert llm.generate([[1, 2]], eos_first, use_tqdm=False)[0].outputs[0].token_ids == [IM_END]
+    assert llm.engine._inflight is not None
+    llm.update_params(good)
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.all_free()
     stream = llm.stream([[1, 2, 3]], GREEDY)
     next(stream)
     with pytest.raises(RuntimeError, match="still running"):
