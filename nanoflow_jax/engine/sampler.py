@@ -53,30 +53,43 @@ class Penalties:
 
 
 def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
-    """vLLM's order: logit_bias and min_tokens first, then repetition, frequency, presence."""
-    def adjust(logits: jax.Array) -> jax.Array:
-        rows_n, vocab = logits.shape
-        rows = jnp.arange(rows_n)[:, None]
-        logits = logits.astype(jnp.float32)
-        # Out-of-range ids (the -1 padding, remapped to `vocab`) are dropped by the scatters.
-        bias_ids = jnp.where(pen.bias_ids >= 0, pen.bias_ids, vocab)
-        logits = logits.at[rows, bias_ids].add(pen.bias_values, mode="drop")
-        history, width = pen.history, pen.history.shape[1]
-        if pen.last_token is not None:
-            at = jnp.where(pen.last_at >= 0, pen.last_at, width)   # negative: dropped, not wrapped
-            history = history.at[jnp.arange(rows_n), at].set(pen.last_token, mode="drop")
-        valid = history >= 0
-        ids = jnp.where(valid, history, vocab)
-        generated = valid & (jnp.arange(width)[None, :] >= pen.prompt_len[:, None])
-        counts = jnp.zeros_like(logits).at[rows, ids].add(generated.astype(jnp.float32), mode="drop")
-        seen = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
-        rep = pen.repetition[:, None]
-        logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-        return logits - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
+    """vLLM's order: logit_bias and min_tokens first, then repetition, frequency, presence.
 
-    active = ((pen.presence != 0) | (pen.frequency != 0) | (pen.repetition != 1)
-              | jnp.any(pen.bias_ids >= 0, axis=1))
-    return jax.lax.cond(jnp.any(active), adjust, lambda x: x.astype(jnp.float32), logits)
+    Works on each row's history sorted by token id, so its scratch is [S, H] rather than
+    [S, vocab]: each distinct token's logit is gathered once, adjusted by its generated
+    count and written back. Rows without settings come out unchanged (`sample` skips all
+    of it when no row has any)."""
+    rows_n, vocab = logits.shape
+    rows = jnp.arange(rows_n)[:, None]
+    logits = logits.astype(jnp.float32)
+    # Out-of-range ids (the -1 padding, remapped to `vocab`) are dropped by the scatters.
+    bias_ids = jnp.where(pen.bias_ids >= 0, pen.bias_ids, vocab)
+    logits = logits.at[rows, bias_ids].add(pen.bias_values, mode="drop")
+    history, width = pen.history, pen.history.shape[1]
+    if pen.last_token is not None:
+        at = jnp.where(pen.last_at >= 0, pen.last_at, width)   # negative: dropped, not wrapped
+        history = history.at[jnp.arange(rows_n), at].set(pen.last_token, mode="drop")
+    generated = jnp.arange(width)[None, :] >= pen.prompt_len[:, None]
+    key = jnp.where(history >= 0, history, vocab)
+    order = jnp.argsort(key, axis=1)
+    tokens = jnp.take_along_axis(key, order, axis=1)
+    gen = jnp.take_along_axis(generated, order, axis=1) & (tokens < vocab)
+    first = jnp.concatenate([jnp.ones((rows_n, 1), bool), tokens[:, 1:] != tokens[:, :-1]], axis=1)
+    run = jnp.cumsum(first, axis=1) - 1   # which distinct token each sorted place belongs to
+    counts = jnp.zeros((rows_n, width), jnp.float32).at[rows, run].add(gen.astype(jnp.float32))
+    count = jnp.take_along_axis(counts, run, axis=1)
+    value = jnp.take_along_axis(logits, jnp.minimum(tokens, vocab - 1), axis=1)
+    rep = pen.repetition[:, None]
+    value = jnp.where(value > 0, value / rep, value * rep)
+    value = value - pen.frequency[:, None] * count - pen.presence[:, None] * (count > 0)
+    write = jnp.where(first & (tokens < vocab), tokens, vocab)   # once per distinct token
+    return logits.at[rows, write].set(value, mode="drop")
+
+
+def penalties_active(pen: Penalties) -> jax.Array:
+    """Whether any row has a penalty, a bias or a blocked token."""
+    return jnp.any((pen.presence != 0) | (pen.frequency != 0) | (pen.repetition != 1)
+                   | jnp.any(pen.bias_ids >= 0, axis=1))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int,
@@ -131,8 +144,15 @@ def filtered_logits(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, ja
 def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     """One token per row: argmax where temperature == 0, else a filtered categorical draw
     (both after the row's penalties, if any)."""
-    if p.penalties is not None:
-        logits = apply_penalties(logits, p.penalties)
+    if p.penalties is None:
+        return _sample(logits, p)
+    # The whole draw sits in each branch: a branch that handed the [S, V] logits back
+    # unchanged would cost a copy of them in every batch without penalties.
+    return jax.lax.cond(penalties_active(p.penalties), lambda: _sample(apply_penalties(logits, p.penalties), p),
+                        lambda: _sample(logits, p))
+
+
+def _sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_: None) -> jax.Array:

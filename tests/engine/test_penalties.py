@@ -3,13 +3,15 @@ greedy outputs against a numpy loop over forward_dense's logits."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from nanoflow_jax import SamplingParams
-from nanoflow_jax.engine.sampler import Penalties, apply_penalties
+from nanoflow_jax.engine.sampler import Penalties, apply_penalties, penalties_active
 from tests.engine.conftest import IM_END, VOCAB, count_compiles, make_llm, random_prompts, tiny_params
 from tests.engine.conftest import _dense_logits_fn, REF_LEN
 
@@ -53,11 +55,18 @@ def test_apply_penalties_matches_numpy():
     want = numpy_penalties(logits, history, prompt_len, presence, frequency, repetition, bias)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.array_equal(got[0], logits[0])   # a row without penalties is untouched
-    # A batch without any penalty returns its logits as they are.
     off = Penalties(presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
                     repetition=np.ones(rows, np.float32), prompt_len=prompt_len, history=history,
                     bias_ids=np.full((rows, 4), -1, np.int32), bias_values=bias_values)
-    assert np.array_equal(np.asarray(jax.jit(apply_penalties)(logits, off)), logits)
+    assert bool(penalties_active(pen)) and not bool(penalties_active(off))
+    # A device-only last token joins the history at its column (a decode's input).
+    last = dataclasses.replace(pen, last_token=np.full(rows, 7, np.int32), last_at=np.where(
+        np.arange(rows) % 2 == 0, (history >= 0).sum(1), -1).astype(np.int32))
+    with_last = history.copy()
+    for r in range(0, rows, 2):
+        with_last[r, (history[r] >= 0).sum()] = 7
+    want = numpy_penalties(logits, with_last, prompt_len, presence, frequency, repetition, bias)
+    np.testing.assert_allclose(np.asarray(jax.jit(apply_penalties)(logits, last)), want, rtol=1e-5, atol=1e-5)
 
 
 def reference_penalized_greedy(prompt, max_tokens, sp: SamplingParams):
