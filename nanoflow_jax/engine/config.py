@@ -8,6 +8,7 @@ from typing import Mapping
 from nanoflow_jax import env
 from nanoflow_jax.config import KERNEL_SETS, PIPELINE_CHOICES
 from nanoflow_jax.models.ops import programs_key
+from nanoflow_jax.parallel.mesh import check_size as check_tensor_parallel_size
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -49,6 +50,8 @@ class EngineConfig:
     compile_workers: int | None = None
     compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
+    # Devices one model is split over (heads and MLP columns; nanoflow_jax/parallel/); 1: one device.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -80,6 +83,7 @@ class EngineConfig:
                 or self.compile_workers < 1):
             raise ValueError(f"EngineConfig.compile_workers must be a positive integer (threads compiling "
                              f"at once) or None (one per CPU core), got {self.compile_workers!r}")
+        check_tensor_parallel_size(self.tensor_parallel_size)
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

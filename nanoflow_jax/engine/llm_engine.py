@@ -105,7 +105,10 @@ class LLMEngine:
             raise RequestError(rid, "stop strings need a tokenizer: use stop_token_ids instead")
         blocked = self._check_logit_inputs(rid, params)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**32))
-        prompt_lps = None if params.prompt_logprobs is None else self._prompt_logprobs(ids, params.prompt_logprobs)
+        try:
+            prompt_lps = None if params.prompt_logprobs is None else self._prompt_logprobs(ids, params.prompt_logprobs)
+        except ValueError as e:
+            raise RequestError(rid, str(e)) from None
         metrics = RequestMetrics(arrival_time=now)   # one per request, shared by its n samples
         group: list[Sequence] = []
         for i in range(params.n):

@@ -35,6 +35,8 @@ from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops, programs_key
 from nanoflow_jax.models.streams import step_compiler_options
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 from nanoflow_jax.models.params import fuse_qkv
+from nanoflow_jax.parallel.forward import sharded_forward
+from nanoflow_jax.parallel.sharding import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,17 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
           prev_tokens: jax.Array, pen: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
           decode_only: bool = False, pipeline: str = "sequential",
-          nano_programs: Any = ((), ()), num_logprobs: int = 0) -> tuple[jax.Array, KVCache, Any]:
+          nano_programs: Any = ((), ()), tp: TensorParallel | None = None,
+          num_logprobs: int = 0) -> tuple[jax.Array, KVCache, Any]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
     token_ids = jnp.where(gather >= 0, prev_tokens[jnp.maximum(gather, 0)], tok[0])
     batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids, decode_only)
-    logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
+    if tp is None:
+        logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
+    else:
+        logits, cache = sharded_forward(tp, params, cache, batch, cfg, kernels, pipeline, nano_programs)
     penalties = _penalties(pen, seq_i, seq_f, batch.token_ids[batch.logits_index])
     p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
                        top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5], penalties=penalties)
@@ -91,7 +97,10 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
         jnp.any(seq_i[6] >= 0), lambda: token_logprobs(logits, tokens, num_logprobs, jnp.any(seq_i[6] > 0)),
         lambda: (jnp.zeros((rows, num_logprobs + 1), jnp.float32), jnp.zeros((rows, num_logprobs + 1), jnp.int32)))
     # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
-    return jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens), cache, logprobs
+    out = jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens)
+    if tp is not None:  # on every device, as the next step takes prev_tokens
+        out = jax.lax.with_sharding_constraint(out, tp.replicated)
+    return out, cache, logprobs
 
 
 def _score(params: Any, tokens: jax.Array, targets: jax.Array, *, cfg: ModelConfig,
@@ -158,7 +167,13 @@ class ModelRunner:
     def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
         self._param_spec = param_update.param_spec(params)   # what update_params must match
-        self._layout = fuse_qkv if cfg.fuse_qkv else (lambda p: p)
+        # Tensor parallelism: the parameters split over a mesh (nanoflow_jax/parallel/).
+        self.tp = (TensorParallel.create(model_cfg, cfg.tensor_parallel_size)
+                   if cfg.tensor_parallel_size > 1 else None)
+        if self.tp is None:
+            self._layout = fuse_qkv if cfg.fuse_qkv else (lambda p: p)
+        else:
+            self._layout = lambda p: self.tp.shard_params(p, fuse_qkv=cfg.fuse_qkv)
         self._relayout = param_update.relayout_fn(self._layout)
         self.params = self._layout(params)
         enable_compilation_cache(cfg.compilation_cache_dir)
@@ -171,7 +186,7 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs",
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp",
                                                       "num_logprobs"),
                                donate_argnums=(1,))
         self.num_logprobs = min(cfg.max_logprobs, model_cfg.vocab_size)
@@ -183,9 +198,15 @@ class ModelRunner:
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
-        self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
-        self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
-        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
+        # Per-device page bytes and memory: one device's share of the pool under TP.
+        self.num_pages = resolve_num_pages(cfg, model_cfg if self.tp is None else self.tp.local_config,
+                                           self.kv_dtype, self._step_temp_bytes)
+        if self.tp is None:
+            self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
+        else:
+            self.cache = self.tp.allocate_kv_cache(self.num_pages, cfg.block_size, self.kv_dtype)
+        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32),
+                                           None if self.tp is None else self.tp.replicated)
         self._compiled: dict[tuple[int, int, bool], Any] = {}
         if self.precompile:
             self.compile_all()
@@ -193,22 +214,25 @@ class ModelRunner:
     def _shapes(self, t: int, w: int) -> tuple[jax.ShapeDtypeStruct, ...]:
         s = self.cfg.seqs_for(t)
         i32, f32 = jnp.int32, jnp.float32
-        return (jax.ShapeDtypeStruct((TOK_FIELDS, t), i32), jax.ShapeDtypeStruct((SEQ_INT_FIELDS, s), i32),
-                jax.ShapeDtypeStruct((SEQ_FLOAT_FIELDS, s), f32), jax.ShapeDtypeStruct((s + 1,), i32),
-                jax.ShapeDtypeStruct((s, w), i32), jax.ShapeDtypeStruct((), i32),
-                jax.ShapeDtypeStruct((self.cfg.max_num_seqs,), i32),
-                jax.ShapeDtypeStruct((PEN_FIELDS, s, self.cfg.max_model_len), i32))
+        # Under TP the host arrays go to every device of the mesh.
+        sharding = None if self.tp is None else self.tp.replicated
+        shapes = (((TOK_FIELDS, t), i32), ((SEQ_INT_FIELDS, s), i32), ((SEQ_FLOAT_FIELDS, s), f32),
+                  ((s + 1,), i32), ((s, w), i32), ((), i32), ((self.cfg.max_num_seqs,), i32),
+                  ((PEN_FIELDS, s, self.cfg.max_model_len), i32))
+        return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes)
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
                                   kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
-                                  nano_programs=self.nano_programs, num_logprobs=self.num_logprobs)
+                                  nano_programs=self.nano_programs, tp=self.tp, num_logprobs=self.num_logprobs)
 
     def _step_temp_bytes(self, pool_sizes: Sequence[int]) -> list[int]:
         """Scratch memory of the largest bucket's step with each pool size (in pages)."""
         t, w = self.token_buckets[-1], self.width_buckets[-1]
 
         def lower(num_pages: int) -> Any:
+            if self.tp is not None:
+                return self._lower(self.tp.cache_struct(num_pages, self.cfg.block_size, self.kv_dtype), t, w)
             shape = (self.model_cfg.num_layers, num_pages, self.cfg.block_size, self.model_cfg.num_kv_heads,
                      self.model_cfg.head_dim)
             probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype),
@@ -329,7 +353,8 @@ class ModelRunner:
         min_tokens is not reached. A batch without penalties reuses one device array."""
         if not any(row.seq.params.uses_penalties for row in rows):
             if s_pad not in self._no_penalties:
-                self._no_penalties[s_pad] = jax.device_put(self._empty_penalties(s_pad))
+                self._no_penalties[s_pad] = jax.device_put(self._empty_penalties(s_pad),
+                                                           None if self.tp is None else self.tp.replicated)
             return self._no_penalties[s_pad]
         pen = self._empty_penalties(s_pad)
         for r, row in enumerate(rows):
@@ -357,8 +382,11 @@ class ModelRunner:
         the compiled steps and the KV pool stay; the old weights' buffers are reused."""
         params = param_update.as_plain_dicts(params)
         param_update.check_like(self._param_spec, params)
-        leaves = {jax.tree_util.keystr(path): x.sharding
-                  for path, x in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+        # Each new leaf goes where the engine's matching leaf lives (under TP: where a
+        # parameter is born on the mesh, before the re-layout).
+        where = self.params if self.tp is None else self.tp.load_shardings()
+        leaves = {jax.tree_util.keystr(path): getattr(x, "sharding", x)
+                  for path, x in jax.tree_util.tree_flatten_with_path(where)[0]}
         fallback = next(iter(leaves.values()))
         moved = param_update.move_to(params, lambda path: leaves.get(path, fallback))
         self.params = self._relayout(self.params, moved)
@@ -366,6 +394,9 @@ class ModelRunner:
     def prompt_logprobs(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Raw logprobs of prompt tokens 1.. (`sampler.token_logprobs` rows, one per token),
         from one dense forward over the prompt padded to a power of two (few compiles)."""
+        if self.tp is not None:
+            raise ValueError("prompt_logprobs needs tensor_parallel_size=1 (the dense scoring forward runs "
+                             "on one device's weights)")
         n = len(ids)
         length = min(max(16, 1 << (n - 1).bit_length()), self.cfg.max_model_len)
         tokens = np.zeros(length, np.int32)
