@@ -1,6 +1,8 @@
 """The benchmark CLI (`python -m bench.X`, or the nanoflow-bench-* console scripts):
 
 - throughput: offline serving throughput of the engine against NanoFlow's optimum;
+- rollouts: RL rollouts (n samples per prompt, with logprobs) against the same requests
+  submitted separately, and the time of `LLM.update_params`;
 - kernels: every kernel checked and timed against ceilings, judged by targets;
 - targets: the kernel targets' verdicts from kernels result files (one run or many);
 - gemm_tune: the Mosaic GEMM configuration search, and its A/B step (`--ab`);

@@ -40,6 +40,9 @@
 #               offline tokens/s), then a sweep at 1/4, 1/2 and 3/4 of the saturated request rate
 #               (TTFT p99 at half load)  -> throughput_llama3_8b_serving_offline.json,
 #                                           serving_llama3_8b_{saturation,sweep}.json, serving_llama3_8b_sweep.png
+#   rollouts    RL rollouts, Llama-3-8B shapes, random weights: 256 prompts x n=8 x 512 tokens as
+#               grouped requests vs 2,048 separate ones, and update_params (bench.rollouts)
+#                                                                        -> rollouts_llama3_8b.json
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -163,7 +166,11 @@ for recipe in "$@"; do
       autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
     serving)
       serving ;;
+    rollouts)
+      timeout 560 python3 -m bench.rollouts --out "$OUT/rollouts_llama3_8b.json" 2>&1 | grep -v "^WARNING" \
+        | grep -E '"(output_tokens_per_s|speedup_grouped_over_separate|same_tokens|median_s|first_s|elapsed_s)"' \
+        | tee "$OUT/rollouts.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, serving, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, serving, rollouts, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done

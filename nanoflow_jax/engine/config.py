@@ -24,6 +24,7 @@ class EngineConfig:
     num_kv_pages: int | None = None     # explicit page count (page 0, the null page, included)
     kv_memory_fraction: float | None = None  # else: this fraction of free device memory
     seed: int = 0                       # seeds requests that bring no seed of their own
+    max_logprobs: int = 20              # the most `logprobs` / `prompt_logprobs` a request may ask for
     # The host schedules iteration i+1 while the device runs i ($NANOFLOW_ASYNC=0: off, for ablations).
     async_scheduling: bool = dataclasses.field(default_factory=env.async_scheduling)
     kernels: str = "auto"               # forward_paged's kernel set: auto (pallas on GPU) | xla | pallas |
@@ -57,6 +58,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
             raise ValueError(f"num_kv_pages must be >= 2 (page 0 is the reserved null page), "
                              f"got {self.num_kv_pages}")

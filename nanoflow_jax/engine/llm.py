@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any, Iterator, Mapping, Sequence as Seq
+from typing import Any, Callable, Iterator, Mapping, Sequence as Seq
 
 import jax
 
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.llm_engine import LLMEngine, RequestError
 from nanoflow_jax.engine.sampling_params import SamplingParams
@@ -69,7 +70,10 @@ class LLM:
         if params is not None:
             if config is None:
                 raise ValueError("LLM(params=...) also needs config=ModelConfig(...)")
-            loaded = from_params(params, config, None if dtype == "auto" else dtype, tokenizer)
+            loaded = from_params(param_update.as_plain_dicts(params), config, None if dtype == "auto" else dtype,
+                                 tokenizer)
+            # The caller keeps (and trains) its arrays; update_params donates the engine's.
+            loaded.params = param_update.own_copy(loaded.params)
         else:
             if dtype == "auto":
                 dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
@@ -181,19 +185,22 @@ class LLM:
                 self._release(ids)
 
     def generate(self, prompts: PromptInput | Seq[PromptInput], sampling_params: ParamsInput | Seq[ParamsInput] = None,
-                 *, use_tqdm: bool = False, add_special_tokens: bool = True) -> list[RequestOutput]:
+                 *, use_tqdm: bool | Callable[..., Any] = True, add_special_tokens: bool = True) -> list[RequestOutput]:
         """Final outputs, in input order. A rejected or failed prompt's output has `.error` set.
 
-        The whole call holds the lock; if it raises (KeyboardInterrupt too), its requests are aborted.
+        `use_tqdm` (vLLM's): a progress bar on stderr; False hides it; a callable is used in
+        place of `tqdm.tqdm` (same arguments). The whole call holds the lock; if it raises
+        (KeyboardInterrupt too), its requests are aborted.
         """
-        from tqdm import tqdm
+        from tqdm import tqdm as default_bar
 
+        tqdm = use_tqdm if callable(use_tqdm) else default_bar
         inbox: collections.deque[RequestOutput] = collections.deque()
         final: dict[str, RequestOutput] = {}
         with self._lock:
             ids = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens, inbox)
             try:
-                with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+                with tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=use_tqdm is False) as bar:
                     while True:
                         while inbox:
                             out = inbox.popleft()
@@ -207,6 +214,16 @@ class LLM:
                 self._release(ids)
         return [final[rid] for rid in ids]
 
+    def update_params(self, params: Any) -> None:
+        """Swap the weights between generate calls (e.g. after an optimizer step).
+
+        `params` has the tree, shapes and dtypes the LLM was built with (a Flax `params`
+        collection works as it is); arrays on a training mesh are moved device to device.
+        No step recompiles and the KV cache is kept; a mismatch raises a ValueError naming
+        the leaf."""
+        with self._lock:
+            self.engine.update_params(params)
+
     def _render_chat(self, messages: Messages | Seq[Messages], add_generation_prompt: bool) -> list[str]:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer: create the LLM with tokenizer=..., or generate from token ids")
@@ -215,7 +232,8 @@ class LLM:
                 for c in conversations]
 
     def chat(self, messages: Messages | Seq[Messages], sampling_params: ParamsInput | Seq[ParamsInput] = None,
-             *, add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+             *, add_generation_prompt: bool = True,
+             use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
         """Chat-templated generation: one conversation (a list of messages) or a list of them."""
         texts = self._render_chat(messages, add_generation_prompt)
         return self.generate(texts, sampling_params, use_tqdm=use_tqdm, add_special_tokens=False)

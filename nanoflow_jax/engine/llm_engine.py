@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Mapping
 
 import jax
@@ -28,10 +29,15 @@ from nanoflow_jax.engine.model_runner import ModelRunner
 from nanoflow_jax.engine.prompts import Prompt, prompt_token_ids
 from nanoflow_jax.engine.sampling_params import SamplingParams
 from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow, ScheduleError, Scheduler
-from nanoflow_jax.engine.sequence import RequestOutput, Sequence
+from nanoflow_jax.engine.sequence import Logprob, PositionLogprobs, RequestMetrics, RequestOutput, Sequence
 from nanoflow_jax.engine.stop import finish_check
 
 log = logging.getLogger(__name__)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of an n > 1 request (sample 0 keeps the request's own)."""
+    return (seed + index * 0x9E3779B9) % 2**32
 
 
 class RequestError(ValueError):
@@ -61,7 +67,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._arrival = itertools.count()
         self._seed_rng = np.random.default_rng(self.cfg.seed)
-        self._inflight: tuple[ScheduledBatch, jax.Array] | None = None
+        # The batch in flight, its sampled tokens and their logprobs (model_runner.dispatch).
+        self._inflight: tuple[ScheduledBatch, jax.Array, Any] | None = None
         self._carry: list[RequestOutput] = []   # updates of a step that raised, handed out next step
         self._launching: ScheduledBatch | None = None   # dispatched, not yet tracked as in flight
         self.num_iterations = 0
@@ -74,6 +81,7 @@ class LLMEngine:
 
         A text prompt is encoded with `add_special_tokens` (False for chat-templated text,
         whose template already wrote them)."""
+        now = time.time()
         arrival = next(self._arrival)
         rid = str(arrival) if request_id is None else str(request_id)
         if rid in self._seqs:
@@ -95,21 +103,74 @@ class LLMEngine:
                                     "lower max_tokens or raise num_kv_pages / kv_memory_fraction")
         if params.stop and self.tokenizer is None:
             raise RequestError(rid, "stop strings need a tokenizer: use stop_token_ids instead")
+        blocked = self._check_logit_inputs(rid, params)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**32))
-        seq = Sequence(request_id=rid, arrival=arrival, prompt=prompt if isinstance(prompt, str) else None,
-                       prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens)
-        if self.tokenizer is not None:
-            seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        self.scheduler.add(seq)
-        self._seqs[rid] = seq
+        try:
+            prompt_lps = None if params.prompt_logprobs is None else self._prompt_logprobs(ids, params.prompt_logprobs)
+        except ValueError as e:
+            raise RequestError(rid, str(e)) from None
+        metrics = RequestMetrics(arrival_time=now)   # one per request, shared by its n samples
+        group: list[Sequence] = []
+        for i in range(params.n):
+            # Sample i > 0 is an internal sequence of its own (own id, seed stream and
+            # pages past the shared prompt); the outputs report them all under `rid`.
+            seq = Sequence(request_id=rid if i == 0 else f"{rid}[{i}]", arrival=arrival if i == 0 else next(self._arrival),
+                           prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=ids, params=params,
+                           seed=sample_seed(seed, i), max_tokens=max_tokens, min_tokens_blocked=blocked,
+                           metrics=metrics, prompt_logprobs=prompt_lps, index=i,
+                           group=group if params.n > 1 else None, leader=group[0] if i else None)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            if self.tokenizer is not None:
+                seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
+            group.append(seq)
+        for seq in group:
+            self.scheduler.add(seq)
+        self._seqs[rid] = group[0]
         return rid
+
+    def _check_logit_inputs(self, rid: str, params: SamplingParams) -> list[int]:
+        """Check what the sampler packs per row; returns the stop tokens min_tokens holds off."""
+        vocab, cap = self.model_config.vocab_size, self.cfg.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > cap:
+                raise RequestError(rid, f"{name}={getattr(params, name)} exceeds max_logprobs={cap}: ask for "
+                                        "fewer or raise EngineConfig.max_logprobs")
+        bad = [t for t in params.logit_bias if t >= vocab]
+        if bad:
+            raise RequestError(rid, f"logit_bias names token {bad[0]}, outside the vocabulary of {vocab}")
+        blocked = []
+        if params.min_tokens:
+            eos = () if params.ignore_eos else sorted(self.eos_ids)
+            blocked = [t for t in dict.fromkeys([*eos, *params.stop_token_ids]) if t < vocab]
+        if len(params.logit_bias) + len(blocked) > self.cfg.max_model_len:
+            raise RequestError(rid, f"logit_bias has {len(params.logit_bias)} entries (+{len(blocked)} stop tokens "
+                                    f"held by min_tokens); at most max_model_len={self.cfg.max_model_len} fit")
+        return blocked
+
+    def update_params(self, params: Any) -> None:
+        """New weights for the next requests (same tree, shapes, dtypes); nothing recompiles,
+        the KV pool stays, and any prefix cache is dropped (its K/V came from the old weights)."""
+        if self.scheduler.has_unfinished() or self._carry:
+            raise RuntimeError("update_params swaps weights between requests, but some are still running: "
+                               "wait for them (or abort them) first")
+        if self._inflight is not None:
+            # The token a request sampled after its late-seen stop is still on its way:
+            # read it (and drop it) before the weights it was computed with go.
+            self._carry = self.step()
+        self.runner.update_params(params)
+        reset = getattr(self, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its pages are freed. None if it is unknown or already done."""
         seq = self._seqs.get(str(request_id))
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        for member in seq.group or [seq]:
+            if not member.is_finished:
+                self.scheduler.finish(member, "abort")
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
@@ -123,9 +184,17 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The update for one request (a finished one is forgotten: it reports only once)."""
-        if seq.is_finished:
-            self._seqs.pop(seq.request_id, None)
+        members = seq.group or [seq]
+        if all(m.is_finished for m in members):
+            self._seqs.pop(members[0].request_id, None)
+            if seq.metrics is not None and seq.metrics.finished_time is None:
+                seq.metrics.finished_time = time.time()
         return RequestOutput.from_sequence(seq, seq.take_delta(), seq.take_token_delta())
+
+    def _reports(self, seq: Sequence) -> bool:
+        """Its request has not given its final update yet (n > 1: its leader is still known)."""
+        lead = (seq.group or [seq])[0]
+        return self._seqs.get(lead.request_id) is lead
 
     def _fail(self, seq: Sequence, what: str, error: BaseException) -> RequestOutput:
         """End one request with finish_reason "error"; its pages go back to the pool."""
@@ -178,7 +247,7 @@ class LLMEngine:
             for row in batch.rows[batch.num_read:]:
                 if not row.seq.is_finished and row.samples:
                     outputs.append(self._fail(row.seq, "reading back its batch", e))
-                elif self._seqs.get(row.seq.request_id) is row.seq and row.seq.is_finished:
+                elif row.seq.is_finished and self._reports(row.seq):
                     outputs.append(self._output(row.seq))
             raise
 
@@ -203,11 +272,11 @@ class LLMEngine:
                     raise   # not the request's fault: retrying would fail the same way
                 outputs.append(self._fail(e.seq, "scheduling", e.cause))
 
-    def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> tuple[ScheduledBatch, jax.Array] | None:
+    def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> tuple[ScheduledBatch, jax.Array, Any] | None:
         """Dispatch the batch, or fail the rows that cannot be packed and leave the rest for later."""
         prev = self._inflight[1] if self._inflight is not None else None
         try:
-            tokens = self.runner.dispatch(batch, prev)
+            tokens, logprobs = self.runner.dispatch(batch, prev)
             self._launching = batch
         except Exception as e:
             errors = [(row, self._pack_error(row, i < batch.num_decode)) for i, row in enumerate(batch.rows)]
@@ -220,7 +289,12 @@ class LLMEngine:
             return None
         self.scheduler.commit(batch)
         self.num_iterations += 1
-        return batch, tokens
+        now = time.time()
+        for row in batch.rows:
+            m = row.seq.metrics
+            if m is not None and m.first_scheduled_time is None:
+                m.first_scheduled_time, m.time_in_queue = now, now - m.arrival_time
+        return batch, tokens, logprobs
 
     def _pack_error(self, row: ScheduledRow, decode: bool) -> Exception | None:
         """The error packing this row alone raises, if any."""
@@ -231,10 +305,13 @@ class LLMEngine:
             return e
         return None
 
-    def _read_back(self, batch: ScheduledBatch, tokens: jax.Array, outputs: list[RequestOutput]) -> None:
+    def _read_back(self, batch: ScheduledBatch, tokens: jax.Array, logprobs: Any,
+                   outputs: list[RequestOutput]) -> None:
         """Read one iteration's tokens (np.asarray waits for it) and turn them into updates."""
         try:
             host = np.asarray(tokens)
+            wanted = any(row.seq.logprobs is not None for row in batch.rows)
+            lp_f, lp_i = (np.asarray(logprobs[0]), np.asarray(logprobs[1])) if wanted else (None, None)
         except Exception as e:
             outputs += [self._fail(row.seq, "running its batch on the device", e)
                         for row in batch.rows if row.samples and not row.seq.is_finished]
@@ -246,14 +323,46 @@ class LLMEngine:
                 seq.num_pending -= 1
                 token = int(host[i])
                 try:
+                    if seq.logprobs is not None:
+                        self._append_logprobs(seq, token, lp_f[i], lp_i[i])
                     self._append(seq, token)
                     outputs.append(self._output(seq))
                 except Exception as e:
                     outputs.append(self._fail(seq, f"detokenizing token {token}", e))
             batch.num_read = i + 1
 
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[PositionLogprobs | None]:
+        """vLLM's prompt_logprobs: None for the first token, then each token's entry."""
+        lp, top = self.runner.prompt_logprobs(ids)
+        return [None] + [self.position_logprobs(ids[j + 1], float(lp[j, 0]), int(top[j, 0]), top[j, 1:1 + k],
+                                                lp[j, 1:1 + k]) for j in range(len(ids) - 1)]
+
+    def _append_logprobs(self, seq: Sequence, token: int, lp: np.ndarray, ids: np.ndarray) -> None:
+        """The sampled token's logprob and rank (column 0), then the request's top ones."""
+        entry = self.position_logprobs(token, float(lp[0]), int(ids[0]), ids[1:1 + seq.params.logprobs],
+                                       lp[1:1 + seq.params.logprobs])
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += float(lp[0])
+
+    def position_logprobs(self, token: int, logprob: float, rank: int, top_ids: np.ndarray,
+                          top_lp: np.ndarray) -> PositionLogprobs:
+        """vLLM's shape: {token: Logprob}, the chosen token first, then the top ones by rank."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token))}
+        for j, (t, v) in enumerate(zip(top_ids.tolist(), top_lp.tolist())):
+            if t not in entry:
+                entry[t] = Logprob(float(v), j + 1, self._decode_one(t))
+        return entry
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
+
     def _append(self, seq: Sequence, token: int) -> None:
         """Add one output token and its text; finish the request if it ends here."""
+        m = seq.metrics
+        if m is not None:
+            m.last_token_time = time.time()
+            if m.first_token_time is None:
+                m.first_token_time = m.last_token_time
         seq.output_token_ids.append(token)
         delta = seq.detok.add(token) if seq.detok is not None else ""
         end = finish_check(seq, token, delta, self.eos_ids)

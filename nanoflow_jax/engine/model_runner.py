@@ -5,7 +5,8 @@ sampled tokens, the forward of the configured pipeline (`models.nanobatch.forwar
 then sample, with the cache donated so it is updated in place. Batches are padded to a small fixed set of shape buckets (T tokens, S = min(T,
 max_num_seqs) rows, W block-table columns), all compiled at start-up (several at once,
 `engine.compiler`), so steady serving never compiles. Host inputs travel as five packed arrays because every argument of a
-jitted call costs dispatch time.
+jitted call costs dispatch time; the penalty inputs are a sixth, one shared device array
+when no row of the batch uses penalties.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from nanoflow_jax import env
 from nanoflow_jax.autosearch import resolve_pipeline
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine import compiler
+from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
-from nanoflow_jax.engine.sampler import SamplingArrays, sample
+from nanoflow_jax.engine.sampler import Penalties, SamplingArrays, sample, token_logprobs
 from nanoflow_jax.engine.scheduler import ScheduledBatch
+from nanoflow_jax.models.llama import forward_dense
 from nanoflow_jax.models.nanobatch import forward_pipeline
 from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops, programs_key
 from nanoflow_jax.models.streams import step_compiler_options
@@ -38,8 +41,9 @@ from nanoflow_jax.parallel.sharding import TensorParallel
 log = logging.getLogger(__name__)
 
 TOK_FIELDS = 5   # token_ids, positions, slot_mapping, token_seq, gather_row
-SEQ_INT_FIELDS = 6   # query_len, context_len, logits_index, top_k, seed, gen_index
-SEQ_FLOAT_FIELDS = 3  # temperature, top_p, min_p
+SEQ_INT_FIELDS = 7   # query_len, context_len, logits_index, top_k, seed, gen_index, logprobs (-1: off)
+SEQ_FLOAT_FIELDS = 6  # temperature, top_p, min_p, presence, frequency, repetition penalties
+PEN_FIELDS = 3        # [S, max_model_len] each: token history, logit-bias ids, bias values (f32 bits)
 DEFAULT_GPU_FRACTION = 0.8  # of free device memory; the rest is activation headroom
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -58,11 +62,22 @@ def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_d
                        num_decode=num_decode, decode_only=decode_only)
 
 
+def _penalties(pen: jax.Array, seq_i: jax.Array, seq_f: jax.Array, last_token: jax.Array) -> Penalties:
+    """The packed penalty inputs; the row's last input token joins its history here, on
+    the device, because a decode's input may be the in-flight iteration's sample."""
+    context_len, gen_index = seq_i[1], seq_i[5]
+    return Penalties(presence=seq_f[3], frequency=seq_f[4], repetition=seq_f[5],
+                     prompt_len=context_len - gen_index, history=pen[0], bias_ids=pen[1],
+                     bias_values=jax.lax.bitcast_convert_type(pen[2], jnp.float32),
+                     last_token=last_token, last_at=context_len - 1)
+
+
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
-          prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
+          prev_tokens: jax.Array, pen: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
           decode_only: bool = False, pipeline: str = "sequential",
-          nano_programs: Any = ((), ()), tp: TensorParallel | None = None) -> tuple[jax.Array, KVCache]:
+          nano_programs: Any = ((), ()), tp: TensorParallel | None = None,
+          num_logprobs: int = 0) -> tuple[jax.Array, KVCache, Any]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
@@ -72,14 +87,27 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
         logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
     else:
         logits, cache = sharded_forward(tp, params, cache, batch, cfg, kernels, pipeline, nano_programs)
+    penalties = _penalties(pen, seq_i, seq_f, batch.token_ids[batch.logits_index])
     p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
-                       top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5])
+                       top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5], penalties=penalties)
     tokens = sample(logits, p)
+    rows = tokens.shape[0]
+    # Log-probabilities only when a row asks (the top-k over the vocabulary is not free).
+    logprobs = jax.lax.cond(
+        jnp.any(seq_i[6] >= 0), lambda: token_logprobs(logits, tokens, num_logprobs, jnp.any(seq_i[6] > 0)),
+        lambda: (jnp.zeros((rows, num_logprobs + 1), jnp.float32), jnp.zeros((rows, num_logprobs + 1), jnp.int32)))
     # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
     out = jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens)
     if tp is not None:  # on every device, as the next step takes prev_tokens
         out = jax.lax.with_sharding_constraint(out, tp.replicated)
-    return out, cache
+    return out, cache, logprobs
+
+
+def _score(params: Any, tokens: jax.Array, targets: jax.Array, *, cfg: ModelConfig,
+           num_logprobs: int) -> tuple[jax.Array, jax.Array]:
+    """Logprobs of `targets` (each prompt token's successor) under a dense causal forward."""
+    logits = forward_dense(params, tokens[None], cfg)[0]
+    return token_logprobs(logits, targets, num_logprobs)
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -138,13 +166,16 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
 class ModelRunner:
     def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
+        self._param_spec = param_update.param_spec(params)   # what update_params must match
         # Tensor parallelism: the parameters split over a mesh (nanoflow_jax/parallel/).
         self.tp = (TensorParallel.create(model_cfg, cfg.tensor_parallel_size)
                    if cfg.tensor_parallel_size > 1 else None)
         if self.tp is None:
-            self.params = fuse_qkv(params) if cfg.fuse_qkv else params
+            self._layout = fuse_qkv if cfg.fuse_qkv else (lambda p: p)
         else:
-            self.params = self.tp.shard_params(params, fuse_qkv=cfg.fuse_qkv)
+            self._layout = lambda p: self.tp.shard_params(p, fuse_qkv=cfg.fuse_qkv)
+        self._relayout = param_update.relayout_fn(self._layout)
+        self.params = self._layout(params)
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         on_cpu = jax.default_backend() == "cpu"
@@ -155,8 +186,12 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp"),
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp",
+                                                      "num_logprobs"),
                                donate_argnums=(1,))
+        self.num_logprobs = min(cfg.max_logprobs, model_cfg.vocab_size)
+        self._no_penalties: dict[int, jax.Array] = {}   # per S bucket: the packed "nothing" on the device
+        self._score = jax.jit(_score, static_argnames=("cfg", "num_logprobs"))
         # `auto` becomes the searched mode (and its SM budgets, unless given) for this model and GPU.
         self.pipeline, searched = resolve_pipeline(cfg.pipeline, cfg.nano_programs, model_cfg)
         self.nano_programs = tuple(programs_key(p) for p in (cfg.nano_programs or searched or ({}, {})))
@@ -182,13 +217,14 @@ class ModelRunner:
         # Under TP the host arrays go to every device of the mesh.
         sharding = None if self.tp is None else self.tp.replicated
         shapes = (((TOK_FIELDS, t), i32), ((SEQ_INT_FIELDS, s), i32), ((SEQ_FLOAT_FIELDS, s), f32),
-                  ((s + 1,), i32), ((s, w), i32), ((), i32), ((self.cfg.max_num_seqs,), i32))
+                  ((s + 1,), i32), ((s, w), i32), ((), i32), ((self.cfg.max_num_seqs,), i32),
+                  ((PEN_FIELDS, s, self.cfg.max_model_len), i32))
         return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes)
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
                                   kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
-                                  nano_programs=self.nano_programs, tp=self.tp)
+                                  nano_programs=self.nano_programs, tp=self.tp, num_logprobs=self.num_logprobs)
 
     def _step_temp_bytes(self, pool_sizes: Sequence[int]) -> list[int]:
         """Scratch memory of the largest bucket's step with each pool size (in pages)."""
@@ -273,6 +309,7 @@ class ModelRunner:
         seq_i = np.zeros((SEQ_INT_FIELDS, s_pad), np.int32)
         seq_f = np.zeros((SEQ_FLOAT_FIELDS, s_pad), np.float32)
         seq_f[1] = 1.0
+        seq_f[5] = 1.0
         query_start = np.full(s_pad + 1, batch.num_tokens, np.int32)
         block_table = np.full((s_pad, w_pad), NULL_PAGE, np.int32)
         rows = batch.rows
@@ -304,14 +341,78 @@ class ModelRunner:
         seq_i[3, :r_n] = [sp.top_k for sp in params]
         seq_i[4, :r_n] = np.array([row.seq.seed for row in rows], np.uint32).view(np.int32)
         seq_i[5, :r_n] = starts + lens - np.fromiter((row.seq.prompt_len for row in rows), np.int32, r_n)
-        seq_f[:, :r_n] = np.array([(sp.temperature, sp.top_p, sp.min_p) for sp in params], np.float32).reshape(r_n, 3).T
+        seq_i[6, :r_n] = [-1 if sp.logprobs is None else sp.logprobs for sp in params]
+        seq_f[:, :r_n] = np.array([(sp.temperature, sp.top_p, sp.min_p, sp.presence_penalty, sp.frequency_penalty,
+                                    sp.repetition_penalty) for sp in params], np.float32).reshape(r_n, 6).T
         num_decode = np.asarray(batch.num_decode, np.int32)
         return (t_pad, w_pad), (tok, seq_i, seq_f, query_start, block_table, num_decode)
 
-    def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> jax.Array:
-        """Launch one iteration; returns its sampled tokens [max_num_seqs] without waiting."""
+    def pack_penalties(self, rows: Sequence[Any], s_pad: int, gen_index: np.ndarray) -> Any:
+        """[PEN_FIELDS, S, max_model_len]: each penalised row's known tokens (all but its
+        last input, which the step adds), its logit_bias, and -inf on its stop tokens while
+        min_tokens is not reached. A batch without penalties reuses one device array."""
+        if not any(row.seq.params.uses_penalties for row in rows):
+            if s_pad not in self._no_penalties:
+                self._no_penalties[s_pad] = jax.device_put(self._empty_penalties(s_pad),
+                                                           None if self.tp is None else self.tp.replicated)
+            return self._no_penalties[s_pad]
+        pen = self._empty_penalties(s_pad)
+        for r, row in enumerate(rows):
+            sp, seq = row.seq.params, row.seq
+            if not sp.uses_penalties:
+                continue
+            if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
+                end = row.start + row.length - 1
+                pen[0, r, :end] = seq.token_slice(0, end)
+            ids, values = list(sp.logit_bias), list(sp.logit_bias.values())
+            if gen_index[r] < sp.min_tokens:
+                ids += seq.min_tokens_blocked
+                values += [-np.inf] * len(seq.min_tokens_blocked)
+            pen[1, r, :len(ids)] = ids
+            pen[2, r, :len(ids)] = np.asarray(values, np.float32).view(np.int32)
+        return pen
+
+    def _empty_penalties(self, s_pad: int) -> np.ndarray:
+        pen = np.full((PEN_FIELDS, s_pad, self.cfg.max_model_len), -1, np.int32)
+        pen[2] = 0
+        return pen
+
+    def update_params(self, params: Any) -> None:
+        """Swap in new weights of the same tree, shapes and dtypes (`engine.param_update`):
+        the compiled steps and the KV pool stay; the old weights' buffers are reused."""
+        params = param_update.as_plain_dicts(params)
+        param_update.check_like(self._param_spec, params)
+        # Each new leaf goes where the engine's matching leaf lives (under TP: where a
+        # parameter is born on the mesh, before the re-layout).
+        where = self.params if self.tp is None else self.tp.load_shardings()
+        leaves = {jax.tree_util.keystr(path): getattr(x, "sharding", x)
+                  for path, x in jax.tree_util.tree_flatten_with_path(where)[0]}
+        fallback = next(iter(leaves.values()))
+        moved = param_update.move_to(params, lambda path: leaves.get(path, fallback))
+        self.params = self._relayout(self.params, moved)
+
+    def prompt_logprobs(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logprobs of prompt tokens 1.. (`sampler.token_logprobs` rows, one per token),
+        from one dense forward over the prompt padded to a power of two (few compiles)."""
+        if self.tp is not None:
+            raise ValueError("prompt_logprobs needs tensor_parallel_size=1 (the dense scoring forward runs "
+                             "on one device's weights)")
+        n = len(ids)
+        length = min(max(16, 1 << (n - 1).bit_length()), self.cfg.max_model_len)
+        tokens = np.zeros(length, np.int32)
+        tokens[:n] = ids
+        targets = np.zeros(length, np.int32)
+        targets[:n - 1] = ids[1:]
+        lp_f, lp_i = self._score(self.params, tokens, targets, cfg=self.model_cfg, num_logprobs=self.num_logprobs)
+        return np.asarray(lp_f)[:n - 1], np.asarray(lp_i)[:n - 1]
+
+    def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> tuple[jax.Array, Any]:
+        """Launch one iteration without waiting; returns its sampled tokens [max_num_seqs]
+        and their log-probabilities (`sampler.token_logprobs`, filled where a row asks)."""
         (t, w), arrays = self.prepare(batch)
         prev = self._zero_tokens if prev_tokens is None else prev_tokens
         decode_only = self.decode_only_steps and batch.num_decode == len(batch.rows)
-        out, self.cache = self.executable(t, w, decode_only)(self.params, self.cache, *arrays, prev)
-        return out
+        seq_i = arrays[1]
+        pen = self.pack_penalties(batch.rows, seq_i.shape[1], seq_i[5])
+        out, self.cache, logprobs = self.executable(t, w, decode_only)(self.params, self.cache, *arrays, prev, pen)
+        return out, logprobs

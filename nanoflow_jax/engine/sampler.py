@@ -4,6 +4,10 @@ Every row carries its own settings, so one compiled function serves any mix of g
 sampled requests. Row r's randomness is `fold_in(PRNGKey(seed_r), gen_index_r)`, where
 gen_index is the index of the output token being drawn: a seeded request draws the same
 tokens whatever else is in the batch, and again after a preemption recomputes it.
+
+Penalties, `logit_bias` and `min_tokens` (vLLM's meanings) adjust the logits before the
+draw, from each row's token history; a batch where no row uses them skips that work on
+the device. Log-probabilities are taken from the raw logits, before any adjustment.
 """
 
 from __future__ import annotations
@@ -26,6 +30,81 @@ class SamplingArrays:
     top_k: jax.Array        # int32; <= 0 = off
     seed: jax.Array         # int32 (a uint32 seed's bits)
     gen_index: jax.Array    # int32; index of the output token drawn
+    penalties: "Penalties | None" = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Penalties:
+    """Per-row logit adjustments. Rows with presence = frequency = 0, repetition = 1 and no
+    bias entry are left alone; a batch without any such row does no work at all."""
+
+    presence: jax.Array     # [S] f32, subtracted once from each generated token's logit
+    frequency: jax.Array    # [S] f32, subtracted per occurrence in the generated tokens
+    repetition: jax.Array   # [S] f32, on every prompt or generated token: l / r if l > 0 else l * r
+    prompt_len: jax.Array   # [S] int32: history[:, :prompt_len] is the prompt
+    history: jax.Array      # [S, H] int32: the prompt, then the generated tokens; -1 pads
+    bias_ids: jax.Array     # [S, A] int32: tokens whose logit gets bias_values added; -1 pads
+    bias_values: jax.Array  # [S, A] f32 (logit_bias; -inf blocks a stop token under min_tokens)
+    # Optional: a token known only on the device (a decode's input, sampled by the step in
+    # flight) that joins the history at column last_at (< 0: none).
+    last_token: jax.Array | None = None   # [S] int32
+    last_at: jax.Array | None = None      # [S] int32
+
+
+def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
+    """vLLM's order: logit_bias and min_tokens first, then repetition, frequency, presence.
+
+    Works on each row's history sorted by token id, so its scratch is [S, H] rather than
+    [S, vocab]: each distinct token's logit is gathered once, adjusted by its generated
+    count and written back. Rows without settings come out unchanged (`sample` skips all
+    of it when no row has any)."""
+    rows_n, vocab = logits.shape
+    rows = jnp.arange(rows_n)[:, None]
+    logits = logits.astype(jnp.float32)
+    # Out-of-range ids (the -1 padding, remapped to `vocab`) are dropped by the scatters.
+    bias_ids = jnp.where(pen.bias_ids >= 0, pen.bias_ids, vocab)
+    logits = logits.at[rows, bias_ids].add(pen.bias_values, mode="drop")
+    history, width = pen.history, pen.history.shape[1]
+    if pen.last_token is not None:
+        at = jnp.where(pen.last_at >= 0, pen.last_at, width)   # negative: dropped, not wrapped
+        history = history.at[jnp.arange(rows_n), at].set(pen.last_token, mode="drop")
+    generated = jnp.arange(width)[None, :] >= pen.prompt_len[:, None]
+    key = jnp.where(history >= 0, history, vocab)
+    order = jnp.argsort(key, axis=1)
+    tokens = jnp.take_along_axis(key, order, axis=1)
+    gen = jnp.take_along_axis(generated, order, axis=1) & (tokens < vocab)
+    first = jnp.concatenate([jnp.ones((rows_n, 1), bool), tokens[:, 1:] != tokens[:, :-1]], axis=1)
+    run = jnp.cumsum(first, axis=1) - 1   # which distinct token each sorted place belongs to
+    counts = jnp.zeros((rows_n, width), jnp.float32).at[rows, run].add(gen.astype(jnp.float32))
+    count = jnp.take_along_axis(counts, run, axis=1)
+    value = jnp.take_along_axis(logits, jnp.minimum(tokens, vocab - 1), axis=1)
+    rep = pen.repetition[:, None]
+    value = jnp.where(value > 0, value / rep, value * rep)
+    value = value - pen.frequency[:, None] * count - pen.presence[:, None] * (count > 0)
+    write = jnp.where(first & (tokens < vocab), tokens, vocab)   # once per distinct token
+    return logits.at[rows, write].set(value, mode="drop")
+
+
+def penalties_active(pen: Penalties) -> jax.Array:
+    """Whether any row has a penalty, a bias or a blocked token."""
+    return jnp.any((pen.presence != 0) | (pen.frequency != 0) | (pen.repetition != 1)
+                   | jnp.any(pen.bias_ids >= 0, axis=1))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int,
+                   want_top: jax.Array | bool = True) -> tuple[jax.Array, jax.Array]:
+    """Raw log-probabilities: (f32 [S, 1 + num_top]: the token's, then the top ones;
+    int32 [S, 1 + num_top]: the token's rank (1 = most likely), then the top ids).
+    `want_top` False skips the top-k over the vocabulary (zeros in its place)."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)
+    rank = 1 + jnp.sum(lp > chosen, axis=-1, keepdims=True, dtype=jnp.int32)
+    rows = lp.shape[0]
+    top_lp, top_ids = jax.lax.cond(
+        want_top, lambda: tuple(jax.lax.top_k(lp, num_top)),
+        lambda: (jnp.zeros((rows, num_top), jnp.float32), jnp.zeros((rows, num_top), jnp.int32)))
+    return jnp.concatenate([chosen, top_lp], axis=1), jnp.concatenate([rank, top_ids.astype(jnp.int32)], axis=1)
 
 
 def sampling_arrays_np(num_rows: int) -> SamplingArrays:
@@ -63,7 +142,17 @@ def filtered_logits(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, ja
 
 
 def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
-    """One token per row: argmax where temperature == 0, else a filtered categorical draw."""
+    """One token per row: argmax where temperature == 0, else a filtered categorical draw
+    (both after the row's penalties, if any)."""
+    if p.penalties is None:
+        return _sample(logits, p)
+    # The whole draw sits in each branch: a branch that handed the [S, V] logits back
+    # unchanged would cost a copy of them in every batch without penalties.
+    return jax.lax.cond(penalties_active(p.penalties), lambda: _sample(apply_penalties(logits, p.penalties), p),
+                        lambda: _sample(logits, p))
+
+
+def _sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_: None) -> jax.Array:

@@ -82,6 +82,7 @@ class Scheduler:
             self.blocks.release(seq.block_table)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+            self._unfork(seq)
         seq.block_table = []
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -172,8 +173,11 @@ class Scheduler:
             if seq.num_pending:
                 break   # preempted while its last token was on the device: wait for it
             with _blame(seq):
+                if not self._fork(seq):
+                    break   # an n > 1 sample waits for its leader's prompt pages
                 n = self._chunk_that_fits(seq, min(seq.num_tokens - seq.num_computed, budget))
                 if n == 0:
+                    self._unfork(seq)
                     break
                 self.waiting.pop(0)
                 seq.status = Status.RUNNING
@@ -190,6 +194,34 @@ class Scheduler:
         return ScheduledBatch(rows=rows, num_decode=len(decodes),
                               num_tokens=sum(r.length for r in rows),
                               num_preempted=self.num_preemptions - preempted_before)
+
+    def _fork(self, seq: Sequence) -> bool:
+        """An n > 1 sample shares its leader's full prompt pages rather than prefill them.
+
+        The pages before the one holding the last prompt token are shared (reference
+        counted, never written again); the rest of the prompt is recomputed into the
+        sample's own pages, so the last, partial page is copied on write by recomputing
+        it, and the sample gets the logits of its first token. False: the leader (older,
+        so scheduled first) has not yet dispatched those pages; the sample waits for it.
+        Without a running leader the sample prefills alone."""
+        leader, bs = seq.leader, self.blocks.block_size
+        shared = (seq.prompt_len - 1) // bs
+        if leader is None or seq.block_table or shared == 0 or leader.is_finished:
+            return True
+        if leader.status is not Status.RUNNING or leader.num_computed < shared * bs:
+            return False
+        pages = leader.block_table[:shared]
+        self.blocks.share(pages)
+        seq.block_table = list(pages)
+        seq.num_computed = shared * bs
+        return True
+
+    def _unfork(self, seq: Sequence) -> None:
+        """Give back the pages a waiting sample took by `_fork` (it forks again later)."""
+        if seq.block_table:
+            self.blocks.release(seq.block_table)
+            seq.block_table = []
+            seq.num_computed = 0
 
     @staticmethod
     def commit(batch: ScheduledBatch) -> None:

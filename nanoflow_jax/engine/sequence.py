@@ -9,6 +9,31 @@ from typing import Any
 from nanoflow_jax.engine.sampling_params import SamplingParams, is_int
 
 
+@dataclasses.dataclass
+class Logprob:
+    """One token's log-probability under the model (vLLM's `Logprob`)."""
+
+    logprob: float
+    rank: int | None = None            # 1 = the most likely token
+    decoded_token: str | None = None   # its text, when there is a tokenizer
+
+
+# Per position: {token id: Logprob}, the sampled (or prompt) token first, then the top ones.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Wall-clock times (time.time()) of a request's life, as vLLM's `RequestMetrics`."""
+
+    arrival_time: float
+    last_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None
+    finished_time: float | None = None
+
+
 class Status(enum.Enum):
     WAITING = "waiting"    # queued, or preempted and to be recomputed
     RUNNING = "running"    # holds pages
@@ -47,6 +72,16 @@ class Sequence:
     num_emitted_tokens: int = 0   # output tokens already handed out as stream deltas
     detok: Any = None             # incremental detokenizer, when there is a tokenizer
     num_preemptions: int = 0
+    min_tokens_blocked: list[int] = dataclasses.field(default_factory=list)  # stop tokens held off by min_tokens
+    logprobs: list[PositionLogprobs] | None = None   # per output token, when params.logprobs is set
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    metrics: RequestMetrics | None = None
+    # n > 1: sample `index` of a request; `group` lists all its samples (index order) and
+    # `leader` is sample 0, whose prompt pages the others share (None for the leader).
+    index: int = 0
+    group: list["Sequence"] | None = dataclasses.field(default=None, repr=False)
+    leader: "Sequence | None" = dataclasses.field(default=None, repr=False)
 
     @property
     def prompt_len(self) -> int:
@@ -126,9 +161,19 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     delta_text: str = ""               # streaming: what this update added
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    cumulative_logprob: float | None = None   # sum of the sampled tokens' logprobs (with `logprobs`)
+    logprobs: list[PositionLogprobs] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def _completion(seq: Sequence, delta_text: str, delta_token_ids: list[int] | None) -> CompletionOutput:
+    return CompletionOutput(index=seq.index, text=seq.text[:seq.num_emitted], token_ids=list(seq.output_token_ids),
+                            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                            delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()),
+                            cumulative_logprob=seq.cumulative_logprob,
+                            logprobs=None if seq.logprobs is None else list(seq.logprobs))
 
 
 @dataclasses.dataclass
@@ -139,17 +184,23 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None   # set when this request was rejected or failed (the others still run)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None   # None for the first prompt token
+    metrics: RequestMetrics | None = None
 
     @classmethod
     def from_sequence(cls, seq: Sequence, delta_text: str = "",
                       delta_token_ids: list[int] | None = None) -> "RequestOutput":
-        """The request as streamed so far: `text` holds what the deltas handed out."""
-        comp = CompletionOutput(index=0, text=seq.text[:seq.num_emitted], token_ids=list(seq.output_token_ids),
-                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                                delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()))
-        return cls(request_id=seq.request_id, prompt=seq.prompt,
-                   prompt_token_ids=list(seq.prompt_token_ids), outputs=[comp],
-                   finished=seq.is_finished, error=seq.error)
+        """The request as streamed so far: `text` holds what the deltas handed out. For
+        n > 1, one CompletionOutput per sample; only `seq`'s carries this update's delta."""
+        members = seq.group or [seq]
+        comps = [_completion(m, delta_text if m is seq else "", delta_token_ids if m is seq else None)
+                 for m in members]
+        lead = members[0]
+        return cls(request_id=lead.request_id, prompt=lead.prompt,
+                   prompt_token_ids=list(lead.prompt_token_ids), outputs=comps,
+                   finished=all(m.is_finished for m in members),
+                   error=next((m.error for m in members if m.error), None), prompt_logprobs=lead.prompt_logprobs,
+                   metrics=None if lead.metrics is None else dataclasses.replace(lead.metrics))
 
     @classmethod
     def rejected(cls, request_id: str, prompt: Any, error: str) -> "RequestOutput":

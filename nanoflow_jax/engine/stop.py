@@ -1,7 +1,8 @@
 """When a request stops: a stop string (which may span tokens), EOS, a stop token, length.
 
-The output text never holds a stop string: a match is cut off with everything after it,
-whatever else ends the request on the same token.
+The output text never holds a stop string (unless `include_stop_str_in_output`): a match
+is cut off with everything after it, whatever else ends the request on the same token.
+Before `min_tokens` outputs nothing but the length ends a request.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ def finish_check(seq: Sequence, token: int, delta: str, eos_ids: frozenset[int])
     """Append the token's text `delta`; how the request finishes, if it ends here."""
     params, old_len = seq.params, len(seq.text)
     seq.text += delta
-    stop = _cut_at_stop(seq, old_len)
+    early = len(seq.output_token_ids) < params.min_tokens   # vLLM: only the length ends it before min_tokens
+    stop = None if early else _cut_at_stop(seq, old_len)
     if stop is not None:
         return "stop", stop
-    if not params.ignore_eos and token in eos_ids:
+    if not early and not params.ignore_eos and token in eos_ids:
         end: Finish | None = ("stop", None)
-    elif token in params.stop_token_ids:
+    elif not early and token in params.stop_token_ids:
         end = ("stop", token)
     elif len(seq.output_token_ids) >= seq.max_tokens:
         end = ("length", None)
@@ -46,5 +48,5 @@ def _cut_at_stop(seq: Sequence, old_len: int) -> str | None:
     if not hits:
         return None
     at, stop = min(hits)
-    seq.text = seq.text[:at]
+    seq.text = seq.text[:at + (len(stop) if seq.params.include_stop_str_in_output else 0)]
     return stop
