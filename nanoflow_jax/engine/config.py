@@ -48,6 +48,9 @@ class EngineConfig:
     compile_workers: int | None = None
     compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
+    # Full KV pages stay cached by their tokens after use; a prompt that starts with cached
+    # pages maps them and prefills only the rest (vLLM's automatic prefix caching).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -25,6 +25,7 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
+from nanoflow_jax.engine.prefix_cache import PrefixCacheStats
 from nanoflow_jax.engine.prompts import Prompt, prompt_token_ids
 from nanoflow_jax.engine.sampling_params import SamplingParams
 from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow, ScheduleError, Scheduler
@@ -52,7 +53,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.cfg.max_model_len} exceeds the model's "
                              f"max_position_embeddings={model_config.max_position_embeddings}")
         self.runner = ModelRunner(params, model_config, self.cfg)
-        self.blocks = BlockManager(self.runner.num_pages, self.cfg.block_size)
+        self.blocks = BlockManager(self.runner.num_pages, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.blocks)
         if tokenizer is not None:
             self.eos_ids = frozenset(tokenizer.eos_token_ids)
@@ -65,6 +66,7 @@ class LLMEngine:
         self._carry: list[RequestOutput] = []   # updates of a step that raised, handed out next step
         self._launching: ScheduledBatch | None = None   # dispatched, not yet tracked as in flight
         self.num_iterations = 0
+        self.num_prefill_tokens = 0   # prompt (and recomputed) tokens fed in prefill chunks
 
     # ---- requests ------------------------------------------------------------------
 
@@ -111,6 +113,18 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq, "abort")
         return self._output(seq)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV page (e.g. after the weights change); the requests in
+        flight keep their pages. True when prefix caching is on."""
+        self.blocks.reset_prefix_cache()
+        return self.blocks.prefix_cache is not None
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Lookup counters (requests, queried and hit tokens, evictions); None when caching is off."""
+        cache = self.blocks.prefix_cache
+        return None if cache is None else cache.stats
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carry)
@@ -214,6 +228,7 @@ class LLMEngine:
             return None
         self.scheduler.commit(batch)
         self.num_iterations += 1
+        self.num_prefill_tokens += sum(row.length for row in batch.rows[batch.num_decode:])
         return batch, tokens
 
     def _pack_error(self, row: ScheduledRow, decode: bool) -> Exception | None:

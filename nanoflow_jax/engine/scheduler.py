@@ -7,6 +7,12 @@ iterations. Pages are reserved as rows are formed; when the pool runs dry the ne
 running request is preempted (pages freed, recomputed later) so the oldest always makes
 progress. Nothing is admitted in an iteration that had to preempt, which stops a freshly
 preempted request from bouncing straight back in.
+
+Prefix caching (when the BlockManager has a cache): an admitted request first maps the
+cached pages of its longest cached page-aligned prefix (never all of its tokens: the last
+one is computed, to sample from) and prefills only the rest. A page is offered to the
+cache once the batch that completes its K/V is dispatched (`commit`), so a later batch,
+which the device runs after it, may read it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Iterator
 
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.engine.prefix_cache import extend_keys
 from nanoflow_jax.engine.sequence import Sequence, Status
 
 
@@ -79,9 +86,12 @@ class Scheduler:
         """
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.blocks.release(seq.block_table)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        if seq.block_table:
+            if reason != "error":   # a failed step may have left its pages' K/V incomplete
+                self._cache_pages(seq)
+            self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -91,6 +101,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.block_table = []
+        seq.num_cached_pages = 0
         seq.num_computed = 0   # recompute: prompt and known outputs are prefilled again
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -172,9 +183,12 @@ class Scheduler:
             if seq.num_pending:
                 break   # preempted while its last token was on the device: wait for it
             with _blame(seq):
+                hit = self._map_cached_prefix(seq)
                 n = self._chunk_that_fits(seq, min(seq.num_tokens - seq.num_computed, budget))
                 if n == 0:
+                    self._unmap(seq)
                     break
+                self._count_lookup(seq, hit)
                 self.waiting.pop(0)
                 seq.status = Status.RUNNING
                 bisect.insort(self.running, seq, key=lambda s: s.arrival)
@@ -191,9 +205,9 @@ class Scheduler:
                               num_tokens=sum(r.length for r in rows),
                               num_preempted=self.num_preemptions - preempted_before)
 
-    @staticmethod
-    def commit(batch: ScheduledBatch) -> None:
-        """The batch is dispatched: advance each request's device-side state.
+    def commit(self, batch: ScheduledBatch) -> None:
+        """The batch is dispatched: advance each request's device-side state, and offer
+        the pages it completes to the prefix cache.
 
         Kept apart from `form` so that a batch that cannot be dispatched leaves its
         requests as they were, to be scheduled again.
@@ -203,6 +217,50 @@ class Scheduler:
             if row.samples:
                 row.seq.num_pending += 1
                 row.seq.pending_row = i
+            self._cache_pages(row.seq)
+
+    # ---- prefix caching -------------------------------------------------------------
+
+    def _keys(self, seq: Sequence, num_pages: int) -> list[bytes]:
+        return extend_keys(seq.page_keys, num_pages, self.blocks.block_size, seq.token_slice)
+
+    def _cache_pages(self, seq: Sequence) -> None:
+        """Offer `seq`'s full pages whose K/V dispatched batches wrote and whose tokens the
+        host knows (a token still on the device cannot be hashed yet)."""
+        if self.blocks.prefix_cache is None:
+            return
+        full = min(min(seq.num_computed, seq.num_known) // self.blocks.block_size, len(seq.block_table))
+        if full <= seq.num_cached_pages:
+            return
+        keys = self._keys(seq, full)
+        for i in range(seq.num_cached_pages, full):
+            self.blocks.cache_page(seq.block_table[i], keys[i])
+        seq.num_cached_pages = full
+
+    def _map_cached_prefix(self, seq: Sequence) -> int:
+        """Map the cached pages of `seq`'s longest cached prefix; returns how many. At least
+        the last token stays to compute: its logits give the next token."""
+        if self.blocks.prefix_cache is None or seq.block_table:
+            return 0
+        pages = self.blocks.match_prefix(self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size))
+        seq.block_table = pages
+        seq.num_cached_pages = len(pages)
+        seq.num_computed = len(pages) * self.blocks.block_size
+        return len(pages)
+
+    def _unmap(self, seq: Sequence) -> None:
+        """Undo `_map_cached_prefix` for a request that stays waiting."""
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_pages = 0
+        seq.num_computed = 0
+
+    def _count_lookup(self, seq: Sequence, hit_pages: int) -> None:
+        cache = self.blocks.prefix_cache
+        if cache is not None:
+            cache.stats.requests += 1
+            cache.stats.queries += seq.num_tokens
+            cache.stats.hits += hit_pages * self.blocks.block_size
 
     @staticmethod
     def _prefill_row(seq: Sequence, n: int) -> ScheduledRow:

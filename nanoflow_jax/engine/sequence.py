@@ -47,6 +47,8 @@ class Sequence:
     num_emitted_tokens: int = 0   # output tokens already handed out as stream deltas
     detok: Any = None             # incremental detokenizer, when there is a tokenizer
     num_preemptions: int = 0
+    page_keys: list[bytes] = dataclasses.field(default_factory=list)   # prefix-cache keys of its full known pages
+    num_cached_pages: int = 0     # leading block_table pages already offered to the prefix cache
 
     @property
     def prompt_len(self) -> int:
