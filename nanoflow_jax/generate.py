@@ -88,6 +88,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="auto: the mode nanoflow_jax.autosearch measured fastest for this model and GPU "
                         "(sequential without one); sequential: the whole batch at once; nanobatch: two nano-batches "
                         "back to back; nanoflow: two nano-batches overlapped on two GPU streams")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep full KV pages cached by their tokens, so prompts that share a start prefill it "
+                        "once (default: on)")
     return p
 
 
@@ -240,7 +243,8 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
 
 
 def _engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
-    names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline")
+    names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline",
+             "enable_prefix_caching")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
