@@ -33,6 +33,10 @@ class BlockManager:
         self._free: collections.deque[int] = collections.deque(
             p for p in range(num_pages) if p != NULL_PAGE)
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        # (page, key) of cached pages reclaimed since the engine last took them (to offload
+        # their K/V before the batch that overwrites them); kept only when asked for.
+        self.record_evictions = False
+        self.evicted: list[tuple[int, bytes]] = []
 
     @property
     def num_usable(self) -> int:
@@ -58,7 +62,9 @@ class BlockManager:
         return pages
 
     def _evict(self) -> int:
-        page, _ = self.prefix_cache.evict()
+        page, key = self.prefix_cache.evict()
+        if self.record_evictions:
+            self.evicted.append((page, key))
         return page
 
     def share(self, pages: list[int]) -> None:

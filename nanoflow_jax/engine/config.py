@@ -51,6 +51,11 @@ class EngineConfig:
     # Full KV pages stay cached by their tokens after use; a prompt that starts with cached
     # pages maps them and prefills only the rest (vLLM's automatic prefix caching).
     enable_prefix_caching: bool = True
+    # Cached pages evicted from the device go to host memory (an LRU of this many GiB; 0: off)
+    # and, with a folder, to disk as well (an LRU of kv_offload_disk_gb), to be loaded back.
+    kv_offload_host_gb: float = 0.0
+    kv_offload_disk_path: str | None = None
+    kv_offload_disk_gb: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -80,6 +85,14 @@ class EngineConfig:
                 or self.compile_workers < 1):
             raise ValueError(f"EngineConfig.compile_workers must be a positive integer (threads compiling "
                              f"at once) or None (one per CPU core), got {self.compile_workers!r}")
+        if not self.kv_offload_host_gb >= 0 or not self.kv_offload_disk_gb >= 0:
+            raise ValueError("EngineConfig.kv_offload_host_gb and kv_offload_disk_gb must be >= 0 (GiB; 0 is off)")
+        if self.kv_offload_host_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_host_gb needs enable_prefix_caching=True: offloaded pages are found "
+                             "again by their prefix-cache keys")
+        if self.kv_offload_disk_path is not None and not (self.kv_offload_disk_gb > 0 and self.kv_offload_host_gb > 0):
+            raise ValueError("kv_offload_disk_path needs kv_offload_disk_gb > 0 (the disk budget) and "
+                             "kv_offload_host_gb > 0 (pages reach the device through host memory)")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

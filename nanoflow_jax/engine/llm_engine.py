@@ -25,6 +25,7 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
+from nanoflow_jax.engine.kv_offload import make_offloader
 from nanoflow_jax.engine.prefix_cache import PrefixCacheStats
 from nanoflow_jax.engine.prompts import Prompt, prompt_token_ids
 from nanoflow_jax.engine.sampling_params import SamplingParams
@@ -55,6 +56,9 @@ class LLMEngine:
         self.runner = ModelRunner(params, model_config, self.cfg)
         self.blocks = BlockManager(self.runner.num_pages, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.blocks)
+        self.offload = make_offloader(self.cfg, model_config, self.runner)
+        self.scheduler.offload = self.offload
+        self.blocks.record_evictions = self.offload is not None
         if tokenizer is not None:
             self.eos_ids = frozenset(tokenizer.eos_token_ids)
         else:
@@ -103,6 +107,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             seq.detok = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.scheduler.add(seq)
+        self.scheduler.prefetch(seq)
         self._seqs[rid] = seq
         return rid
 
@@ -118,6 +123,8 @@ class LLMEngine:
         """Forget every cached KV page (e.g. after the weights change); the requests in
         flight keep their pages. True when prefix caching is on."""
         self.blocks.reset_prefix_cache()
+        if self.offload is not None:
+            self.offload.clear()
         return self.blocks.prefix_cache is not None
 
     @property
@@ -165,7 +172,10 @@ class LLMEngine:
         return outputs
 
     def _iterate(self, outputs: list[RequestOutput]) -> None:
+        if self.offload is not None:
+            self.offload.land()
         batch = self._form(outputs)
+        self._move_kv()
         launched = None
         if batch is not None:
             launched = self._launch(batch, outputs)
@@ -189,6 +199,15 @@ class LLMEngine:
                 elif self._seqs.get(row.seq.request_id) is row.seq and row.seq.is_finished:
                     outputs.append(self._output(row.seq))
             raise
+
+    def _move_kv(self) -> None:
+        """Dispatch the offload tiers' copies ahead of the next batch: loads into fresh pages
+        (which it reads), then saves of evicted pages (which it overwrites)."""
+        if self.offload is None:
+            return
+        self.runner.cache = self.offload.dispatch_loads(self.runner.cache)
+        evicted, self.blocks.evicted = self.blocks.evicted, []
+        self.offload.save(self.runner.cache, evicted)
 
     def _unstall(self, outputs: list[RequestOutput]) -> None:
         """Nothing ran although requests wait: fail those waiting for a token that no

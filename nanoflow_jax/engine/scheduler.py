@@ -24,6 +24,7 @@ from typing import Iterator
 
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.engine.kv_offload import KVOffloader
 from nanoflow_jax.engine.prefix_cache import extend_keys
 from nanoflow_jax.engine.sequence import Sequence, Status
 
@@ -70,6 +71,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []   # sorted by arrival
         self.running: list[Sequence] = []   # sorted by arrival; these hold pages
         self.num_preemptions = 0
+        self.offload: KVOffloader | None = None   # set by the engine when pages offload to host memory
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -242,11 +244,33 @@ class Scheduler:
         the last token stays to compute: its logits give the next token."""
         if self.blocks.prefix_cache is None or seq.block_table:
             return 0
-        pages = self.blocks.match_prefix(self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size))
+        keys = self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size)
+        pages = self.blocks.match_prefix(keys)
+        if self.offload is not None:
+            pages += self._load_offloaded(keys[len(pages):])
         seq.block_table = pages
         seq.num_cached_pages = len(pages)
         seq.num_computed = len(pages) * self.blocks.block_size
         return len(pages)
+
+    def _load_offloaded(self, keys: list[bytes]) -> list[int]:
+        """Fresh pages for the keys, from the first, that host memory holds; their K/V is
+        copied in before the batch runs, so they are cached (mappable) at once."""
+        n = min(self.offload.find(keys), self.blocks.num_free)
+        if n == 0:
+            return []
+        pages = self.blocks.allocate(n)
+        for page, key in zip(pages, keys):
+            self.blocks.cache_page(page, key)
+        self.offload.queue_load(pages, keys[:n])
+        return pages
+
+    def prefetch(self, seq: Sequence) -> None:
+        """Start reading from disk the offloaded pages `seq` may map when admitted."""
+        if self.offload is None or self.offload.disk is None:
+            return
+        keys = self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size)
+        self.offload.prefetch(keys[len(self.blocks.prefix_cache.lookup(keys)):])
 
     def _unmap(self, seq: Sequence) -> None:
         """Undo `_map_cached_prefix` for a request that stays waiting."""
