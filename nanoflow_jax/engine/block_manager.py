@@ -36,7 +36,7 @@ class BlockManager:
         # (page, key) of cached pages reclaimed since the engine last took them (to offload
         # their K/V before the batch that overwrites them); kept only when asked for.
         self.record_evictions = False
-        self.evicted: list[tuple[int, bytes]] = []
+        self.offload_pending: list[tuple[int, bytes]] = []
 
     @property
     def num_usable(self) -> int:
@@ -64,7 +64,7 @@ class BlockManager:
     def _evict(self) -> int:
         page, key = self.prefix_cache.evict()
         if self.record_evictions:
-            self.evicted.append((page, key))
+            self.offload_pending.append((page, key))
         return page
 
     def share(self, pages: list[int]) -> None:

@@ -51,8 +51,9 @@ class EngineConfig:
     # Full KV pages stay cached by their tokens after use; a prompt that starts with cached
     # pages maps them and prefills only the rest (vLLM's automatic prefix caching).
     enable_prefix_caching: bool = True
-    # Cached pages evicted from the device go to host memory (an LRU of this many GiB; 0: off)
-    # and, with a folder, to disk as well (an LRU of kv_offload_disk_gb), to be loaded back.
+    # Cached pages (a finished request's, and any evicted from the device) are copied to host
+    # memory (an LRU of this many GiB; 0: off) and, with a folder, written to disk as well (an
+    # LRU of kv_offload_disk_gb that survives restarts), to be loaded back instead of computed.
     kv_offload_host_gb: float = 0.0
     kv_offload_disk_path: str | None = None
     kv_offload_disk_gb: float = 0.0

@@ -35,16 +35,18 @@ _STOP = object()
 
 
 class DiskKVStore:
-    def __init__(self, path: str | os.PathLike[str], budget_bytes: int, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike[str], budget_bytes: int, fingerprint: dict[str, Any],
+                 max_queued: int = 4096) -> None:
         self.path = Path(path).expanduser()
         self.budget = int(budget_bytes)
         self.fingerprint = fingerprint
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()  # LRU first
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # Bounded: a disk slower than the evictions skips pages rather than hoard memory.
+        self._queue: queue.Queue[Any] = queue.Queue(max_queued)
         self._warned: set[str] = set()
         self.bytes_used = 0
-        self.pages_written = self.pages_read = self.corrupt = self.write_errors = 0
+        self.pages_written = self.pages_read = self.corrupt = self.write_errors = self.skipped = 0
         self.usable = self._open()
         self._thread = threading.Thread(target=self._writer, name="kv-disk-writer", daemon=True)
         self._thread.start()
@@ -90,8 +92,14 @@ class DiskKVStore:
 
     def put(self, key: bytes, page: np.ndarray) -> None:
         """Queue one page for writing; returns at once."""
-        if self.usable:
-            self._queue.put((key.hex(), page))
+        if not self.usable:
+            return
+        try:
+            self._queue.put_nowait((key.hex(), page))
+        except queue.Full:
+            self.skipped += 1
+            self._warn("behind", f"the KV disk writer is {self._queue.maxsize} pages behind: pages are skipped "
+                                 "until it catches up")
 
     def get(self, key: bytes) -> np.ndarray | None:
         """The page, or None when absent, truncated or corrupt (a bad file is dropped)."""
@@ -103,6 +111,8 @@ class DiskKVStore:
             self._entries.move_to_end(name)
         try:
             data = (self.path / f"{name}.npy").read_bytes()
+        except FileNotFoundError:   # evicted by the writer meanwhile
+            return None
         except OSError as e:
             self._drop(name, f"unreadable ({e})")
             return None
@@ -128,7 +138,7 @@ class DiskKVStore:
 
     def close(self) -> None:
         self.flush()
-        self._queue.put(_STOP)
+        self._queue.put(_STOP)   # blocks only while the queue is full
         self._thread.join()
 
     # ---- the writer thread ----------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Tiers 1 and 2 of the KV cache: pages evicted from the device kept in host memory (and
-on disk), found again by their prefix-cache keys and loaded back into fresh pages.
+"""Tiers 1 and 2 of the KV cache: cached pages kept in host memory (and on disk), found
+again by their prefix-cache keys and loaded back into fresh pages.
 
-Saving: the pages the BlockManager evicts while a batch is formed still hold their K/V
-until that batch runs. Before it is dispatched, one jitted gather copies them into one
-contiguous buffer whose output sharding lives in pinned host memory (the device-to-host
-copy is part of that executable; the device runs it before the batch that overwrites the
-pages). The host reads the buffer one iteration later (`land`), when it is done, so the
-host never waits on it. A page lands in the host LRU (budget `kv_offload_host_gb`); with a
-disk tier it is also queued for the disk writer thread (write-through: evicting a page from
-host memory then costs nothing, and the disk holds every page across restarts).
+Saving: a finished request's cached pages, and cached pages the BlockManager evicts while
+a batch is formed, still hold their K/V until a later batch overwrites them. Before the
+next batch is dispatched, one jitted gather copies the pages not yet in host memory into
+one contiguous buffer whose output sharding lives in pinned host memory, so the
+device-to-host copy is part of that executable and the device runs it before the batch.
+The host reads the buffer an iteration later (`land`), when it is done, so the host never
+waits on it. A page lands in the host LRU (budget `kv_offload_host_gb`); with a disk tier
+it is also queued for the disk writer thread (write-through: evicting a page from host
+memory costs nothing, and the disk holds the pages across restarts).
+
+The gather is its own executable dispatched just before the step rather than fused into
+the step: the step's signature and outputs stay those of serving, and the device's
+in-order execution gives the same guarantee (the pages are read before they are reused).
 
 Loading: a request whose next keys after its device-cached prefix are in host memory gets
 fresh pages; one jitted scatter copies the pages in before its batch (dispatched first,
@@ -76,6 +81,7 @@ class KVOffloader:
         self.disk = disk
         self._host: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()  # LRU first
         self._saving: list[tuple[list[bytes], jax.Array]] = []          # gathers not yet landed
+        self._saving_keys: set[bytes] = set()
         self._loads: list[tuple[list[int], list[np.ndarray]]] = []      # scatters not yet dispatched
         self._sharding = host_sharding()
         self._gather = jax.jit(_gather, out_shardings=self._sharding)
@@ -94,11 +100,14 @@ class KVOffloader:
 
     # ---- saving ----------------------------------------------------------------------
 
-    def save(self, cache: KVCache, evicted: Sequence[tuple[int, bytes]]) -> None:
-        """Dispatch the gather of evicted pages (before the batch that reuses them)."""
-        todo = [(p, k) for p, k in evicted if k not in self._host]
+    def save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:
+        """Dispatch the gather of these (page, key) pairs not yet in host memory (before the
+        batch that may overwrite them)."""
+        todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
         if not todo or self.budget < self.page_bytes:
             return
+        self._saving_keys.update(todo)
+        todo = [(p, k) for k, p in todo.items()]
         ids = np.full(_bucket(len(todo)), NULL_PAGE, np.int32)
         ids[:len(todo)] = [p for p, _ in todo]
         buf = self._gather(cache, ids)
@@ -110,6 +119,7 @@ class KVOffloader:
         """Move earlier gathers and finished disk reads into the host LRU (called as an
         iteration starts: the gathers ran before the batch in flight, so they are done)."""
         saving, self._saving = self._saving, []
+        self._saving_keys.clear()
         for keys, buf in saving:
             host = np.asarray(buf)
             for i, key in enumerate(keys):
@@ -186,6 +196,13 @@ class KVOffloader:
                 log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
                 page = None
             self._promoted.put((key, page))
+            self._reads.task_done()
+
+    def settle(self) -> None:
+        """Wait for the queued disk reads and land everything (for tests and benchmarks; the
+        engine itself never waits)."""
+        self._reads.join()
+        self.land()
 
     def clear(self) -> None:
         """Forget every offloaded page (host and disk)."""

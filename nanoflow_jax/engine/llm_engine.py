@@ -202,12 +202,13 @@ class LLMEngine:
 
     def _move_kv(self) -> None:
         """Dispatch the offload tiers' copies ahead of the next batch: loads into fresh pages
-        (which it reads), then saves of evicted pages (which it overwrites)."""
+        (which it reads), then saves of finished requests' and evicted pages (which it may
+        overwrite)."""
         if self.offload is None:
             return
         self.runner.cache = self.offload.dispatch_loads(self.runner.cache)
-        evicted, self.blocks.evicted = self.blocks.evicted, []
-        self.offload.save(self.runner.cache, evicted)
+        pending, self.blocks.offload_pending = self.blocks.offload_pending, []
+        self.offload.save(self.runner.cache, pending)
 
     def _unstall(self, outputs: list[RequestOutput]) -> None:
         """Nothing ran although requests wait: fail those waiting for a token that no

@@ -93,6 +93,8 @@ class Scheduler:
         if seq.block_table:
             if reason != "error":   # a failed step may have left its pages' K/V incomplete
                 self._cache_pages(seq)
+                if self.offload is not None:   # copied to host memory before any batch reuses them
+                    self.blocks.offload_pending += zip(seq.block_table[:seq.num_cached_pages], seq.page_keys)
             self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = Status.FINISHED
