@@ -201,6 +201,7 @@ class DiskKVStore:
             tmp.write_text(json.dumps(manifest))
             os.replace(tmp, self.path / MANIFEST)
         except OSError as e:
+            self._unlink_path(tmp)
             self._warn("manifest-write", f"writing {self.path / MANIFEST} failed ({e}): the disk tier will not "
                                          "survive a restart")
 

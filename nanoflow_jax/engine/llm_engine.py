@@ -189,6 +189,11 @@ class LLMEngine:
             return
         try:
             self._read_back(*done, outputs)
+            if self.offload is not None and not self.has_unfinished():
+                # Idle next: copy out the last finished requests' pages now, not when the
+                # next request arrives (or never, at shutdown).
+                self._move_kv()
+                self.offload.land()
         except BaseException as e:
             # Rows not read back lost their token: fail those requests rather than leave
             # them waiting for it forever; one that finished unreported reports now.

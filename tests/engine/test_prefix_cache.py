@@ -208,21 +208,38 @@ def test_command_line_flag():
 
 
 @pytest.mark.slow
-def test_default_model_chat_rounds_match_without_cache(default_gguf_path):
+def test_default_model_chat_rounds_match_without_cache_across_a_restart(default_gguf_path, tmp_path):
     kw = dict(max_model_len=512, max_num_batched_tokens=64, num_kv_pages=64, show_progress=False)
-    on = LLM(str(default_gguf_path), **kw)
+    offload = dict(kv_offload_host_gb=0.05, kv_offload_disk_path=str(tmp_path), kv_offload_disk_gb=0.2)
+    on = LLM(str(default_gguf_path), **kw, **offload)
     off = LLM(str(default_gguf_path), enable_prefix_caching=False, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=12)
     system = {"role": "system", "content": "You are a concise assistant. Answer in one short sentence."}
     convs = [[system, {"role": "user", "content": q}] for q in ("What is the capital of France?", "Name a color.")]
-    for follow_up in ("And of Italy?", "Another one?"):
-        a, b = on.chat(convs, params), off.chat(convs, params)
+
+    def same(llm: LLM) -> list:
+        a, b = llm.chat(convs, params), off.chat(convs, params)
         assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+        return a
+
+    for follow_up in ("And of Italy?", "Another one?"):
         convs = [c + [{"role": "assistant", "content": o.outputs[0].text}, {"role": "user", "content": follow_up}]
-                 for c, o in zip(convs, a)]
-    a, b = on.chat(convs, params), off.chat(convs, params)
-    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+                 for c, o in zip(convs, same(on))]
+    same(on)
     stats = on.engine.prefix_cache_stats
     assert stats.hits > stats.queries / 2
     assert on.engine.num_prefill_tokens * 2 < off.engine.num_prefill_tokens
     assert on.engine.blocks.all_free()
+    # A new engine over the same disk folder reloads the conversations' pages.
+    on.engine.offload.disk.close()
+    del on
+    restarted = LLM(str(default_gguf_path), **kw, **offload)
+    eng = restarted.engine
+    ids = [eng.add_request(t, params, add_special_tokens=False) for t in restarted._render_chat(convs, True)]
+    eng.offload.settle()   # add_request queued the disk reads: let them land first
+    done = {}
+    while eng.has_unfinished():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in eng.step() if o.finished)
+    assert [done[i] for i in ids] == [o.outputs[0].token_ids for o in off.chat(convs, params)]
+    assert eng.offload.stats.loaded_pages > 0 and eng.offload.stats.disk_hits > 0
+    assert eng.blocks.all_free()
