@@ -98,6 +98,19 @@ class KVOffloader:
     def num_host_pages(self) -> int:
         return len(self._host)
 
+    def warm_up(self, cache: KVCache, max_pages: int) -> KVCache:
+        """Compile the gather and the scatter for every page-count bucket up to `max_pages`
+        (each run once on the null page), so serving does not compile them."""
+        n = 1
+        while True:
+            ids = np.full(n, NULL_PAGE, np.int32)
+            jax.block_until_ready(self._gather(cache, ids))
+            buf = np.zeros((2, cache.k.shape[0], n, *cache.k.shape[2:]), cache.k.dtype)
+            cache = self._scatter(cache, ids, buf)
+            if n >= max_pages:
+                return cache
+            n *= 2
+
     # ---- saving ----------------------------------------------------------------------
 
     def save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:

@@ -59,6 +59,8 @@ class LLMEngine:
         self.offload = make_offloader(self.cfg, model_config, self.runner)
         self.scheduler.offload = self.offload
         self.blocks.record_evictions = self.offload is not None
+        if self.offload is not None and self.runner.precompile:
+            self.runner.cache = self.offload.warm_up(self.runner.cache, self.runner.num_pages)
         if tokenizer is not None:
             self.eos_ids = frozenset(tokenizer.eos_token_ids)
         else:
