@@ -18,10 +18,14 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
+#   multiround  32 conversations x 4 rounds of LMSYS-like turns, Llama-3-8B shapes: prefill tokens,
+#               tokens/s and TTFT without the prefix cache, with it, and with host + disk offload;
+#               the offload overhead on single-round work; host and disk bandwidth
+#                                                                        -> multiround_llama3_8b.json
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 
@@ -77,7 +81,14 @@ for recipe in "$@"; do
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
+    multiround)
+      timeout 580 python3 -m bench.multiround --model llama-3-8b --weights random --dtype bfloat16 \
+        --num-conversations 32 --rounds 4 --max-num-seqs 64 --max-num-batched-tokens 2048 \
+        --token-buckets 64,2048 --num-kv-pages 8192 --kv-offload-host-gb 16 \
+        --kv-offload-disk-path "$OUT/kv_disk" --kv-offload-disk-gb 32 --bandwidth-pages 256 \
+        --out "$OUT/multiround_llama3_8b.json" 2>&1 | grep -v "^WARNING" | tail -8 | tee "$OUT/multiround.log"
+      rm -rf "$OUT/kv_disk" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, throughput, kernels, tune or ab" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab or multiround" >&2; exit 2 ;;
   esac
 done

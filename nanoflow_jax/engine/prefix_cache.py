@@ -33,10 +33,14 @@ def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
 
 def extend_keys(keys: list[bytes], num_pages: int, block_size: int,
                 tokens: Callable[[int, int], Sequence[int]]) -> list[bytes]:
-    """Grow `keys` (a request's page keys so far) in place to `num_pages` keys.
+    """`keys` (a request's page keys so far) grown to `num_pages` keys: a new list when it
+    grows, so requests forked from one another may share the list they started with.
 
     `tokens(start, end)` returns the token ids at positions [start, end); every page asked
     for must be full and known."""
+    if len(keys) >= num_pages:
+        return keys
+    keys = list(keys)
     while len(keys) < num_pages:
         i = len(keys)
         keys.append(page_key(keys[-1] if i else ROOT_KEY, tokens(i * block_size, (i + 1) * block_size)))

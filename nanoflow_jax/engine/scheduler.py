@@ -226,7 +226,8 @@ class Scheduler:
     # ---- prefix caching -------------------------------------------------------------
 
     def _keys(self, seq: Sequence, num_pages: int) -> list[bytes]:
-        return extend_keys(seq.page_keys, num_pages, self.blocks.block_size, seq.token_slice)
+        seq.page_keys = extend_keys(seq.page_keys, num_pages, self.blocks.block_size, seq.token_slice)
+        return seq.page_keys
 
     def _cache_pages(self, seq: Sequence) -> None:
         """Offer `seq`'s full pages whose K/V dispatched batches wrote and whose tokens the
