@@ -18,14 +18,15 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
-#   multiround  32 conversations x 4 rounds of LMSYS-like turns, Llama-3-8B shapes: prefill tokens,
-#               tokens/s and TTFT without the prefix cache, with it, and with host + disk offload;
-#               the offload overhead on single-round work; host and disk bandwidth
+#   multiround  16 conversations x 4 rounds of LMSYS-like turns, 8 at once, Llama-3-8B shapes, a KV
+#               pool smaller than all conversations: prefill tokens, tokens/s and TTFT without the
+#               prefix cache, with it, and with host + disk offload; the offload overhead on
+#               single-round work; host and disk bandwidth
 #                                                                        -> multiround_llama3_8b.json
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 
@@ -83,8 +84,8 @@ for recipe in "$@"; do
         && grep "^\[" "$OUT/kernels.log" ;;
     multiround)
       timeout 580 python3 -m bench.multiround --model llama-3-8b --weights random --dtype bfloat16 \
-        --num-conversations 32 --rounds 4 --max-num-seqs 64 --max-num-batched-tokens 2048 \
-        --token-buckets 64,2048 --num-kv-pages 8192 --kv-offload-host-gb 16 \
+        --num-conversations 16 --rounds 4 --concurrency 8 --max-output-len 256 --max-num-seqs 64 \
+        --max-num-batched-tokens 2048 --token-buckets 64,2048 --num-kv-pages 768 --kv-offload-host-gb 16 \
         --kv-offload-disk-path "$OUT/kv_disk" --kv-offload-disk-gb 32 --bandwidth-pages 256 \
         --out "$OUT/multiround_llama3_8b.json" 2>&1 | grep -v "^WARNING" | tail -8 | tee "$OUT/multiround.log"
       rm -rf "$OUT/kv_disk" ;;

@@ -1,12 +1,13 @@
 """Multi-round conversations: prefill work, throughput and TTFT with and without the prefix
 cache and the KV offload tiers (`python -m bench.multiround`).
 
-N conversations run R rounds. A round's prompt is the conversation so far (every earlier
-prompt and reply) plus a new user turn; turn and reply lengths are drawn from a length
-dataset (`bench.datasets`, LMSYS-Chat-1M by default: NanoFlow's multi-round workload),
-prompts are random token ids and replies are greedy with `ignore_eos`, so every mode
-serves the same tokens (checked: `outputs_identical`). Each round is submitted at once,
-after the previous round finished (a user answers after reading the reply).
+N conversations run R rounds, `--concurrency` of them at once (the others' pages wait in
+the cache or the offload tiers). A round's prompt is the conversation so far (every
+earlier prompt and reply) plus a new user turn; turn and reply lengths are drawn from a
+length dataset (`bench.datasets`, LMSYS-Chat-1M by default: NanoFlow's multi-round
+workload), prompts are random token ids and replies are greedy with `ignore_eos`, so every
+mode serves the same tokens (checked: `outputs_identical`). A round starts after the
+previous one finished (a user answers after reading the reply).
 
 Modes: `no-cache` (prefix caching off), `cache` (on, device pages only) and `offload` (on,
 with `--kv-offload-host-gb`, and a disk tier with `--kv-offload-disk-path`). Reported per
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="lmsys-chat-1m", help="turn and reply lengths: a bench.datasets name")
     p.add_argument("--max-turn-len", type=int, default=512, help="caps each new user turn (tokens)")
     p.add_argument("--max-output-len", type=int, default=512, help="caps each reply (tokens)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="conversations served at once: a round runs them in groups of this many (default: all)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
@@ -134,6 +137,13 @@ def serve(engine: Any, prompts: list[list[int]], out_lens: list[int]) -> dict[st
     return {"replies": [done[i] for i in ids], "ttft_s": [first[i] for i in ids], "elapsed_s": elapsed}
 
 
+def serve_groups(engine: Any, prompts: list[list[int]], out_lens: list[int], size: int) -> dict[str, Any]:
+    """`serve` on groups of `size` requests, one group after another."""
+    parts = [serve(engine, prompts[i:i + size], out_lens[i:i + size]) for i in range(0, len(prompts), size)]
+    return {"replies": [x for p in parts for x in p["replies"]], "ttft_s": [x for p in parts for x in p["ttft_s"]],
+            "elapsed_s": sum(p["elapsed_s"] for p in parts)}
+
+
 def _ms_stats(x: list[float]) -> dict[str, float]:
     return {"mean_ms": 1e3 * float(np.mean(x)), "p50_ms": 1e3 * float(np.median(x)),
             "p90_ms": 1e3 * float(np.percentile(x, 90))}
@@ -152,7 +162,7 @@ def run_rounds(args: argparse.Namespace, mode: str, work: dict[str, Any]) -> dic
         pre0 = eng.num_prefill_tokens
         stats0 = eng.prefix_cache_stats
         hits0 = stats0.hits if stats0 else 0
-        res = serve(eng, prompts, [o[r] for o in work["outs"]])
+        res = serve_groups(eng, prompts, [o[r] for o in work["outs"]], args.concurrency or len(prompts))
         history = [p + rep for p, rep in zip(prompts, res["replies"])]
         replies.append(res["replies"])
         gen = sum(map(len, res["replies"]))
@@ -257,7 +267,9 @@ def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
         res["disk_write_gbps"] = nbytes / (time.perf_counter() - t0) / 1e9
         res["disk_read_gbps"] = nbytes / _best_s(lambda: [disk.get(k) for k in keys], 3) / 1e9
         disk.close()
-        res["entry"] = serialization(np.stack(host_pages, axis=2), Path(d))
+        # The disk tier's unit (one page) and a whole request's pages as one entry.
+        res["entry_one_page"] = serialization(host_pages[0][:, :, None], Path(d) / "one")
+        res["entry"] = serialization(np.stack(host_pages, axis=2), Path(d) / "all")
     del llm
     gc.collect()
     return res
@@ -268,6 +280,7 @@ def serialization(entry: np.ndarray, folder: Path) -> dict[str, Any]:
     sha256, temporary file then rename) and with Orbax's PyTree checkpointer."""
     import orbax.checkpoint as ocp
 
+    folder.mkdir(parents=True, exist_ok=True)
     raw = folder / "entry.npy"
 
     def raw_save() -> None:
@@ -319,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "model": args.model, "dataset": args.dataset, "conversations": args.num_conversations,
-        "rounds": args.rounds, "max_model_len": work["max_model_len"],
+        "rounds": args.rounds, "concurrency": args.concurrency or args.num_conversations,
+        "max_model_len": work["max_model_len"],
         "modes": modes, "outputs_identical": all(r == replies[0] for r in replies),
     }
     if "no-cache" in modes:

@@ -8,7 +8,7 @@ import pytest
 from bench import multiround
 
 SMALL = ["--model", "smollm2-135m", "--weights", "random", "--dtype", "float32", "--num-conversations", "2",
-         "--rounds", "3", "--max-turn-len", "8", "--max-output-len", "4", "--max-num-seqs", "4",
+         "--rounds", "3", "--concurrency", "1", "--max-turn-len", "8", "--max-output-len", "4", "--max-num-seqs", "4",
          "--max-num-batched-tokens", "32", "--token-buckets", "8,32", "--block-size", "4", "--num-kv-pages", "64",
          "--kv-offload-host-gb", "0.5", "--kv-offload-disk-gb", "0.5", "--bandwidth-pages", "4", "--repeats", "1"]
 
@@ -17,7 +17,7 @@ def test_multiround_cli_reports_reuse_in_every_mode(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert multiround.main([*SMALL, "--kv-offload-disk-path", str(tmp_path / "disk"), "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["outputs_identical"] and set(r["modes"]) == set(multiround.MODES)
+    assert r["outputs_identical"] and set(r["modes"]) == set(multiround.MODES) and r["concurrency"] == 1
     base = r["modes"]["no-cache"]
     assert base["total"]["prefill_tokens_computed"] == base["total"]["prompt_tokens"]
     assert base["total"]["cache_hit_tokens"] == 0 and base["prefill_reduction"] == 1
@@ -36,7 +36,9 @@ def test_multiround_cli_reports_reuse_in_every_mode(tmp_path, capsys):
     bw = r["bandwidth"]
     assert bw["pages"] == 4 and all(bw[k] > 0 for k in ("device_to_host_gbps", "host_to_device_gbps",
                                                          "disk_write_gbps", "disk_read_gbps"))
-    assert all(bw["entry"][k] > 0 for k in ("raw_npy_save_ms", "raw_npy_load_ms", "orbax_save_ms", "orbax_load_ms"))
+    for entry in ("entry", "entry_one_page"):
+        assert all(bw[entry][k] > 0 for k in ("raw_npy_save_ms", "raw_npy_load_ms", "orbax_save_ms", "orbax_load_ms"))
+    assert bw["entry"]["bytes"] == 4 * bw["entry_one_page"]["bytes"] == 4 * bw["page_bytes"]
     assert "fewer" in capsys.readouterr().out
 
 

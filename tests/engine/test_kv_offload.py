@@ -159,3 +159,15 @@ def test_a_failing_disk_loses_no_request(tmp_path, convs, reference, monkeypatch
     disk.flush()
     assert disk.write_errors > 0 and len(disk) == 0 and llm.engine.offload.stats.loaded_pages > 0
     assert llm.engine.blocks.all_free()
+
+
+def test_the_same_conversation_twice_at_once_loads_it_once(convs, reference):
+    llm = make_llm(kv_offload_host_gb=HOST_GB)
+    eng = llm.engine
+    assert tokens(llm, convs[:1]) == reference[:1]
+    flood(llm)
+    loaded = eng.offload.stats.loaded_pages
+    # Both admitted in one batch: the second maps the pages the first loads (cached at once).
+    assert tokens(llm, [convs[0], convs[0]]) == [reference[0], reference[0]]
+    assert eng.offload.stats.loaded_pages - loaded == (len(convs[0]) - 1) // 4
+    assert eng.blocks.all_free()
