@@ -36,8 +36,10 @@ _STOP = object()
 
 class DiskKVStore:
     def __init__(self, path: str | os.PathLike[str], budget_bytes: int, fingerprint: dict[str, Any],
-                 max_queued: int = 4096) -> None:
+                 max_queued: int = 4096, dtype: Any = None) -> None:
         self.path = Path(path).expanduser()
+        # .npy has no bfloat16: such pages load as raw 2-byte voids and are viewed back.
+        self.dtype = None if dtype is None else np.dtype(dtype)
         self.budget = int(budget_bytes)
         self.fingerprint = fingerprint
         self._lock = threading.Lock()
@@ -120,7 +122,8 @@ class DiskKVStore:
             self._drop(name, "truncated or corrupt (size or sha256 differ from the manifest)")
             return None
         self.pages_read += 1
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        page = np.load(io.BytesIO(data), allow_pickle=False)
+        return page if self.dtype is None or page.dtype == self.dtype else page.view(self.dtype)
 
     def flush(self) -> None:
         """Wait until every queued page is written (or skipped)."""

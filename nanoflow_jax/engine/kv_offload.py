@@ -241,6 +241,7 @@ def make_offloader(cfg: Any, model_cfg: Any, runner: Any) -> KVOffloader | None:
     disk = None
     if cfg.kv_offload_disk_path is not None:
         disk = DiskKVStore(cfg.kv_offload_disk_path, int(cfg.kv_offload_disk_gb * 2**30),
-                           model_fingerprint(model_cfg, cfg.block_size, runner.kv_dtype, runner.params))
+                           model_fingerprint(model_cfg, cfg.block_size, runner.kv_dtype, runner.params),
+                           dtype=runner.kv_dtype)
     page_bytes = kv_bytes_per_page(model_cfg, cfg.block_size, runner.kv_dtype)
     return KVOffloader(int(cfg.kv_offload_host_gb * 2**30), page_bytes, disk)

@@ -109,3 +109,14 @@ def test_unwritable_folder_and_full_disk_warn_and_skip(tmp_path, monkeypatch, ca
     monkeypatch.undo()
     written(s, pages(2, seed=3))                     # the writer thread is still alive
     assert len(s) == 2
+
+
+def test_bfloat16_pages_come_back_as_bfloat16(tmp_path):
+    import ml_dtypes
+
+    key, page = pages(1)[0]
+    bf16 = page.astype(ml_dtypes.bfloat16)
+    s = written(DiskKVStore(tmp_path, 1 << 20, FP, dtype=ml_dtypes.bfloat16), [(key, bf16)])
+    got = s.get(key)
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), bf16.astype(np.float32))
