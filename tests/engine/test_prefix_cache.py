@@ -3,12 +3,19 @@ reusing cached pages with the same greedy tokens as the dense reference and as n
 
 from __future__ import annotations
 
+import collections
+import random
+
 import numpy as np
 import pytest
 
 from nanoflow_jax import LLM, SamplingParams
 from nanoflow_jax.engine.block_manager import BlockManager, OutOfPagesError
+from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.prefix_cache import ROOT_KEY, extend_keys, page_key
+from nanoflow_jax.engine.sampling_params import SamplingParams as Params
+from nanoflow_jax.engine.scheduler import Scheduler
+from nanoflow_jax.engine.sequence import Sequence
 from nanoflow_jax.generate import _engine_args, build_parser
 from tests.engine.conftest import ENGINE_KW, make_llm, random_prompts, reference_greedy
 
@@ -100,6 +107,64 @@ def test_duplicate_keys_reset_and_misuse():
         bm.cache_page(p, k[0])
     off = BlockManager(num_pages=4, block_size=4)
     assert off.prefix_cache is None and off.match_prefix(k) == [] and off.reset_prefix_cache() == 0
+
+
+def test_random_shared_workload_reads_only_pages_holding_its_tokens():
+    """The scheduler over a fake device memory (pages written when a batch is dispatched),
+    async one iteration late, with aborts and batches never dispatched: every row's context pages hold exactly its
+    tokens, refcounts match the holders, and the pool ends full (cached pages counted)."""
+    from tests.engine.test_scheduler import deliver
+
+    rng = random.Random(3)
+    bs = 4
+    cfg = EngineConfig(max_model_len=256, max_num_seqs=6, max_num_batched_tokens=24, block_size=bs,
+                       num_kv_pages=24)
+    s = Scheduler(cfg, BlockManager(24, bs, enable_prefix_caching=True))
+    systems = [[rng.randrange(256) for _ in range(rng.randint(4, 30))] for _ in range(3)]
+    pending = [Sequence(request_id=str(i), arrival=i, prompt=None,
+                        prompt_token_ids=rng.choice(systems) + [rng.randrange(256) for _ in range(rng.randint(1, 20))],
+                        params=Params(max_tokens=30), seed=0, max_tokens=rng.randint(1, 30))
+               for i in range(120)]
+    memory: dict[tuple[int, int], int] = {}   # (page, slot) -> token
+
+    def token(q: Sequence, pos: int) -> int:
+        return q.prompt_token_ids[pos] if pos < q.prompt_len else 1   # deliver() answers 1
+
+    ended, in_flight = [], None
+    for _ in range(20000):
+        while pending and rng.random() < 0.3:
+            s.add(pending.pop(0))
+        batch = s.form()
+        if batch is not None and rng.random() < 0.05:   # never dispatched: one request fails
+            victim = rng.choice(batch.rows).seq
+            s.finish(victim, "error")
+            ended.append(victim.request_id)
+            batch = None
+        if batch is not None:
+            for row in batch.rows:
+                q, table = row.seq, row.seq.block_table
+                assert all(memory.get((table[p // bs], p % bs)) == token(q, p) for p in range(row.start)), \
+                    f"request {q.request_id} reads a page that does not hold its tokens"
+            for row in batch.rows:   # the device writes the batch's K/V before its attention reads
+                for p in range(row.start, row.start + row.length):
+                    memory[(row.seq.block_table[p // bs], p % bs)] = token(row.seq, p)
+            s.commit(batch)
+            holders = collections.Counter(p for q in s.running for p in q.block_table)
+            assert all(s.blocks.refcount(p) == n for p, n in holders.items())
+            assert len(holders) + s.blocks.num_free == s.blocks.num_usable, "pages leaked"
+        if in_flight is not None:
+            ended += [q.request_id for q in deliver(s, in_flight)]
+        if s.running and rng.random() < 0.03:
+            victim = rng.choice(s.running)
+            s.finish(victim, "abort")
+            ended.append(victim.request_id)
+        in_flight = batch
+        if not pending and not s.has_unfinished() and in_flight is None:
+            break
+    assert sorted(ended, key=int) == [str(i) for i in range(120)]
+    stats = s.blocks.prefix_cache.stats
+    assert stats.hits > stats.queries / 4 and stats.evictions > 0 and s.num_preemptions > 0
+    assert s.blocks.all_free()
 
 
 # ---- the engine ------------------------------------------------------------------------
