@@ -136,7 +136,10 @@ class KVOffloader:
         for keys, buf in saving:
             host = np.asarray(buf)
             for i, key in enumerate(keys):
-                page = np.ascontiguousarray(host[:, :, i])
+                # A view, not a copy: landing stays cheap on the host's critical path (the
+                # disk writer serializes it on its thread); the buffer is freed with its
+                # last page.
+                page = host[:, :, i]
                 self._put(key, page)
                 if self.disk is not None:
                     self.disk.put(key, page)
