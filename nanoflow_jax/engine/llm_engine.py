@@ -125,6 +125,7 @@ class LLMEngine:
         """Forget every cached KV page (e.g. after the weights change); the requests in
         flight keep their pages. True when prefix caching is on."""
         self.blocks.reset_prefix_cache()
+        self.blocks.offload_pending.clear()
         if self.offload is not None:
             self.offload.clear()
         return self.blocks.prefix_cache is not None
