@@ -171,3 +171,15 @@ def test_the_same_conversation_twice_at_once_loads_it_once(convs, reference):
     assert tokens(llm, [convs[0], convs[0]]) == [reference[0], reference[0]]
     assert eng.offload.stats.loaded_pages - loaded == (len(convs[0]) - 1) // 4
     assert eng.blocks.all_free()
+
+
+def test_precompiled_engine_never_compiles_page_copies_while_serving(convs, reference):
+    from tests.engine.conftest import count_compiles
+
+    llm = make_llm(kv_offload_host_gb=HOST_GB, precompile=True)
+    with count_compiles() as events:
+        assert tokens(llm, convs) == reference
+        flood(llm)
+        assert tokens(llm, convs) == reference
+    assert events == [], f"serving traced or compiled: {events}"
+    assert llm.engine.offload.stats.loaded_pages > 0 and llm.engine.offload.stats.saved_pages > 0
