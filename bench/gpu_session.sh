@@ -3,7 +3,7 @@
 #
 # Usage: OUT=/some/dir bash bench/gpu_session.sh RECIPE [RECIPE ...]
 #   tests       the GPU-marked tests (tests/test_gpu.py), then the pipeline tests on the GPU
-#               (two real streams)                                       -> gpu_tests.log
+#               (two real streams), then the auto-search's profiling tests -> gpu_tests.log
 #   pipelines   one mixed batch's iteration time in each pipeline mode, Llama-3-8B shapes
 #               (bench.pipelines); PROGRAMS='A|B;A|B' adds nanoflow runs on those SM budgets
 #                                                                        -> pipelines_llama3_8b.json
@@ -18,6 +18,23 @@
 #                                                                        -> gemm_tune.json, gemm_table.json
 #   ab          the A/B of bench.gemm_tune's CANDIDATES on one CUPTI timeline, then the GEMM
 #               table with its winners                                   -> gemm_ab.json, gemm_ab_table.json
+#   tp_tests    (4 GPUs) the tensor-parallel tests of tests/parallel/host_devices on the GPUs
+#                                                                        -> tp_tests.log
+#   tp          Llama-3-8B throughput (the `throughput` workload) at TP = each of TP_SIZES
+#               (default "1 2 4", those the machine has GPUs for), pipeline TP_PIPELINE
+#               (default sequential)                                     -> throughput_llama3_8b_tp<N>_<pipeline>.json
+#   tp70b       (4 GPUs) Llama-2-70B, random bf16, TP=4, 256 x (1024 in, 512 out), pipeline
+#               TP_PIPELINE                                              -> throughput_llama2_70b_tp4_<pipeline>.json
+#   The tp recipes set NCCL_NVLS_ENABLE=0. One command may run 10 minutes: give tp one size
+#   or one pipeline at a time (TP_SIZES=2 TP_PIPELINE=nanoflow ...).
+#   profile     the model-based auto-search's measurements for Llama-3-8B shapes: every kernel's time
+#               against tokens and SM budget, the interference of overlapped pairs, and the predicted
+#               choice (nanoflow_jax.autosearch --search --verify 0); cut off by its time limit, it
+#               resumes from pipelines/*.profile.partial.json when run again
+#                                                                        -> pipelines/*.{profile,interference}.json
+#   search      the full auto-search from profile's files (measuring what is missing): the two-stage
+#               search, its 3 best nanoflow budgets timed with every mode, the choice written (copy it
+#               to configs/pipelines/)                                  -> pipelines/<shape>-<gpu>.json, search.log
 #   multiround  16 conversations x 4 rounds of LMSYS-like turns, 8 at once, Llama-3-8B shapes, a KV
 #               pool smaller than all conversations: prefill tokens, tokens/s and TTFT without the
 #               prefix cache, with it, and with host + disk offload; the offload overhead on
@@ -26,9 +43,11 @@
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
-[ $# -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^# Example/p' "$0"; exit 2; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+gpus=$(nvidia-smi -L | wc -l)
+export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on the lent machines
 
 throughput() {  # $1: result name; the rest: extra bench.throughput flags
   local name=$1; shift
@@ -57,12 +76,19 @@ kernels() {
   [ "${RUNS:-1}" = 1 ] || python3 -m bench.targets "${runs[@]}"
 }
 
+autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
+  mkdir -p "$OUT/pipelines"
+  timeout 590 python3 -m nanoflow_jax.autosearch --model llama-3-8b --search --out-dir "$OUT/pipelines" "$@" 2>&1 \
+    | grep -v "^WARNING" | tail -25 | tee -a "$OUT/search.log"
+}
+
 for recipe in "$@"; do
   case "$recipe" in
     tests)
       timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
       timeout 200 python3 -m pytest -q tests/models/test_nanobatch.py tests/models/test_streams.py \
-        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
+        tests/engine/test_pipelines.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log"
+      timeout 300 python3 -m pytest -q -m gpu tests/search 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
     pipelines)
       progs=(); IFS=';' read -ra specs <<< "${PROGRAMS:-}"
       for s in "${specs[@]}"; do [ -n "$s" ] && progs+=(--programs "$s"); done
@@ -77,6 +103,23 @@ for recipe in "$@"; do
       timeout 260 python3 -m bench.gemm_tune --ms 256,512 --budget-s 230 --out "$OUT/gemm_tune.json" \
         --table-out "$OUT/gemm_table.json" 2>&1 | grep "^M=" | tee "$OUT/gemm_tune.log"
       [ -f "$OUT/gemm_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_table.json" throughput pallas_gemm_table --kernels pallas ;;
+    tp_tests)
+      [ "$gpus" -ge 4 ] || { echo "tp_tests needs 4 GPUs, this machine has $gpus" >&2; continue; }
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/parallel/host_devices -m "not slow" 2>&1 \
+        | tail -8 | tee "$OUT/tp_tests.log" ;;
+    tp)
+      for n in ${TP_SIZES:-1 2 4}; do
+        [ "$n" -le "$gpus" ] || continue
+        throughput "tp${n}_${TP_PIPELINE:-sequential}" --kernels pallas --tensor-parallel-size "$n" \
+          --pipeline "${TP_PIPELINE:-sequential}"
+      done ;;
+    tp70b)
+      [ "$gpus" -ge 4 ] || { echo "tp70b needs 4 GPUs, this machine has $gpus" >&2; continue; }
+      timeout 580 python3 -m bench.throughput --model llama-2-70b --weights random --dtype bfloat16 \
+        --tensor-parallel-size 4 --input-len 1024 --output-len 512 --num-prompts 256 --max-num-seqs 256 \
+        --max-num-batched-tokens 2048 --token-buckets 256,2048 --kernels pallas --pipeline "${TP_PIPELINE:-sequential}" \
+        --out "$OUT/throughput_llama2_70b_tp4_${TP_PIPELINE:-sequential}.json" 2>&1 | grep -v "^WARNING" | tail -8 \
+        | tee -a "$OUT/throughput.log" ;;
     ab)
       timeout 300 python3 -m bench.gemm_tune --ab --out "$OUT/gemm_ab.json" --table-out "$OUT/gemm_ab_table.json" 2>&1 \
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
@@ -89,7 +132,13 @@ for recipe in "$@"; do
         --kv-offload-disk-path "$OUT/kv_disk" --kv-offload-disk-gb 32 --bandwidth-pages 256 \
         --out "$OUT/multiround_llama3_8b.json" 2>&1 | grep -v "^WARNING" | tail -8 | tee "$OUT/multiround.log"
       rm -rf "$OUT/kv_disk" ;;
+    profile)
+      autosearch --interference measure --verify 0 ;;
+    search)
+      prof=$(ls "$OUT"/pipelines/*.profile.json 2>/dev/null | head -1)
+      inter=$(ls "$OUT"/pipelines/*.interference.json 2>/dev/null | head -1)
+      autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab or multiround" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, tp_tests, tp, tp70b or multiround" >&2; exit 2 ;;
   esac
 done

@@ -10,9 +10,17 @@ fastest to `configs/pipelines/<model shape>-<device>.json` with every measured t
 engine built with `pipeline="auto"` (the default) loads that file for its model's shape
 and GPU by itself; without one it runs `sequential` and says how to make one.
 
-This is the measured half of NanoFlow's search: each candidate is compiled and timed, so
-the choice holds on this machine; the candidate budgets come from the caller (or the
-defaults below), not yet from a kernel-interference model.
+    python -m nanoflow_jax.autosearch --model llama-3-8b --search [--profile FILE] [--interference FILE]
+        [--input-len 1024 --output-len 512] [--verify 3]
+
+`--search` runs NanoFlow's model-based search first (nanoflow_jax.search): it profiles
+every kernel against tokens and SM budget (or reads `--profile FILE`), takes the
+interference of overlapped kernels (seeded from measurements, or `--interference
+measure|FILE`), sizes max_num_seqs and max_num_batched_tokens from the KV memory, searches
+nano-batch structures and SM shares, and then times the `--verify` best predicted
+candidates with every mode as above. The file records each mode's predicted time beside
+the measured one. On a CPU, `--profile FILE --verify 0` writes the predicted choice for
+the profile's GPU without measuring anything.
 """
 
 from __future__ import annotations
@@ -193,46 +201,153 @@ def search(cfg: ModelConfig, params: Any, *, kernels: str = "auto", tokens: int 
             "measured": measured, "best": best}
 
 
+def search_inputs(a: argparse.Namespace, cfg: ModelConfig, stem: Path) -> tuple[Any, Any]:
+    """--search's profile and interference model: read from files, seeded, or measured on this
+    GPU (then saved beside the choice as <stem>.profile.json / .interference.json)."""
+    from nanoflow_jax.search.interference import DEFAULT, Interference, measure_interference
+    from nanoflow_jax.search.profile import Profile, measure_profile
+
+    if a.profile:
+        profile = Profile.load(a.profile)
+    else:
+        # ProfileUnavailable off a GPU; a run cut off by a time limit resumes from the partial file.
+        partial = Path(f"{stem}.profile.partial.json")
+        profile = measure_profile(cfg, a.dtype, shape=shape_key(cfg), partial=partial)
+        profile.save(f"{stem}.profile.json")
+        partial.unlink(missing_ok=True)
+    here = jax.devices()[0].device_kind
+    if a.verify and here != profile.device:
+        raise ValueError(f"verifying by measurement needs the profiled GPU ({profile.device}); this is {here}. "
+                         "Pass --verify 0 to write the predicted choice")
+    if profile.shape != shape_key(cfg):
+        raise ValueError(f"the profile is of model shape {profile.shape}, not {a.model}'s ({shape_key(cfg)})")
+    if profile.source != "measured":
+        log.warning("%s is a %s profile, not a measurement: its choice says nothing about a real GPU",
+                    a.profile, profile.source)
+    if a.interference == "default":
+        return profile, DEFAULT
+    if a.interference == "measure":
+        interference = measure_interference()
+        interference.save(f"{stem}.interference.json")
+        return profile, interference
+    return profile, Interference.load(a.interference)
+
+
+def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) -> tuple[str, dict[str, Any]]:
+    """--search: profile and interference, batch sizing, the two-stage search, then the --verify
+    best candidates measured. Returns the device the choice is for and the record."""
+    from nanoflow_jax.search import search as ms
+
+    stem = choice_path(cfg, jax.devices()[0].device_kind, out_dir).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    profile, interference = search_inputs(a, cfg, stem)
+    memory = int(a.gpu_memory_gib * 2**30) if a.gpu_memory_gib else profile.memory_bytes
+    if memory <= 0:
+        raise ValueError("the profile records no device memory: pass --gpu-memory-gib")
+    sizing = ms.size_batch(cfg, jnp.dtype(a.dtype).itemsize, memory, a.input_len, a.output_len,
+                           a.memory_fraction)
+    w = sizing.workload(a.input_len, a.output_len)
+    w = ms.Workload(tokens=a.tokens or w.tokens, rows=a.rows or w.rows,
+                    decodes=a.decodes if a.decodes is not None else (a.rows or w.rows) - 1,
+                    context=a.context if a.context is not None else w.context)
+    model = ms.CostModel(profile, interference, cfg.num_layers)
+    found = ms.search(model, w, max_nano=a.max_nano_batches, top=max(a.verify, 1))
+    record: dict[str, Any] = {
+        "engine": {"max_num_seqs": sizing.max_num_seqs, "max_num_batched_tokens": sizing.max_num_batched_tokens,
+                   "kv_pages": sizing.kv_pages, "input_len": a.input_len, "output_len": a.output_len,
+                   "memory_bytes": memory, "memory_fraction": a.memory_fraction},
+        "search": {"profile": a.profile or f"{stem}.profile.json", "profile_source": profile.source,
+                   "interference": interference.to_json(), "candidates": found["candidates"],
+                   "optimum": found["optimum"]},
+        "batch": found["batch"], "predicted": found["predicted"]}
+    if a.verify == 0:
+        return profile.device, {**record, "verified": False, "best": found["best"]}
+    from nanoflow_jax.models.params import init_params
+
+    specs = tuple(ms.programs_spec(c["nano_programs"]) for c in found["candidates"][:a.verify]
+                  if any(c["nano_programs"]))
+    measured = search(cfg, init_params(cfg, jax.random.key(0), a.dtype), kernels=a.kernels, tokens=w.tokens,
+                      decodes=w.decodes, context=w.context, rows=w.rows, candidates=specs, iters=a.iters,
+                      show_progress=sys.stderr.isatty())
+    for r in measured["measured"]:
+        r["predicted_ms"] = round(ms.predict(model, w, r["pipeline"], r["nano_programs"]), 3)
+    return profile.device, {**record, **measured, "verified": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     from nanoflow_jax.models.params import init_params
+    from nanoflow_jax.search.profile import ProfileUnavailable
 
     p = argparse.ArgumentParser(prog="python -m nanoflow_jax.autosearch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a shipped model config (configs/models/), e.g. llama-3-8b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kernels", default="auto")
-    p.add_argument("--tokens", type=int, default=2048, help="the dense batch (max_num_batched_tokens)")
-    p.add_argument("--rows", type=int, default=256, help="request rows (max_num_seqs)")
-    p.add_argument("--decodes", type=int, default=255)
-    p.add_argument("--context", type=int, default=1280)
+    p.add_argument("--tokens", type=int, default=None,
+                   help="the dense batch (max_num_batched_tokens; default 2048, with --search the sized one)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="request rows (max_num_seqs; default 256, with --search the sized one)")
+    p.add_argument("--decodes", type=int, default=None, help="decode rows (default rows - 1)")
+    p.add_argument("--context", type=int, default=None,
+                   help="cached tokens of each decode (default 1280, with --search input + output / 2)")
     p.add_argument("--candidates", default=";".join(DEFAULT_CANDIDATES),
-                   help="nanoflow SM splits to time, 'A|B' each, ';'-separated")
+                   help="nanoflow SM splits to time, 'A|B' each, ';'-separated (without --search)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out-dir", default=None, help=f"where the choice goes (default {PIPELINES_DIR})")
+    s = p.add_argument_group("model-based search (--search)")
+    s.add_argument("--search", action="store_true", help="search structures and SM shares from kernel profiles")
+    s.add_argument("--profile", default=None, help="a kernel profile JSON to search from instead of profiling")
+    s.add_argument("--interference", default="default",
+                   help="default (seeded from measured overlaps) | measure (on this GPU) | an interference JSON")
+    s.add_argument("--input-len", type=int, default=1024, help="prompt tokens of a typical request")
+    s.add_argument("--output-len", type=int, default=512, help="generated tokens of a typical request")
+    s.add_argument("--memory-fraction", type=float, default=0.8,
+                   help="share of the memory left after the weights that the KV cache takes")
+    s.add_argument("--gpu-memory-gib", type=float, default=None, help="device memory (default: the profile's)")
+    s.add_argument("--max-nano-batches", type=int, default=3)
+    s.add_argument("--verify", type=int, default=3,
+                   help="predicted-best nanoflow candidates to time with every mode (0: write the prediction)")
     a = p.parse_args(argv)
+    out_dir = Path(a.out_dir) if a.out_dir else None
+    command = "python -m nanoflow_jax.autosearch " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         cfg = ModelConfig.from_name(a.model)
-        candidates = tuple(c for c in a.candidates.split(";") if c)
-        for c in candidates:
-            parse_programs(c)
-    except ValueError as e:
+        if a.search:
+            if a.verify < 0 or a.max_nano_batches < 1:
+                raise ValueError("--verify must be >= 0 and --max-nano-batches >= 1")
+            device, result = model_search(a, cfg, out_dir)
+        else:
+            candidates = tuple(c for c in a.candidates.split(";") if c)
+            for c in candidates:
+                parse_programs(c)
+    except (ValueError, ProfileUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    params = init_params(cfg, jax.random.key(0), a.dtype)
-    result = search(cfg, params, kernels=a.kernels, tokens=a.tokens, decodes=a.decodes, context=a.context,
-                    rows=a.rows, candidates=candidates, iters=a.iters, show_progress=sys.stderr.isatty())
-    device = jax.devices()[0].device_kind
-    out_dir = Path(a.out_dir) if a.out_dir else None
+    if not a.search:
+        params = init_params(cfg, jax.random.key(0), a.dtype)
+        rows = a.rows or 256
+        result = search(cfg, params, kernels=a.kernels, tokens=a.tokens or 2048,
+                        decodes=a.decodes if a.decodes is not None else rows - 1,
+                        context=a.context if a.context is not None else 1280, rows=rows,
+                        candidates=candidates, iters=a.iters, show_progress=sys.stderr.isatty())
+        device = jax.devices()[0].device_kind
     path = choice_path(cfg, device, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": a.model, "shape": shape_key(cfg), "device": device, "jax": jax.__version__,
               "dtype": a.dtype, "kernels": a.kernels,
-              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": "python -m nanoflow_jax.autosearch " + " ".join(sys.argv[1:] if argv is None else argv),
-              **result}
+              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, **result}
     path.write_text(json.dumps(record, indent=1) + "\n")
-    for r in result["measured"]:
+    if "engine" in result:
+        e = result["engine"]
+        print(f"sized from KV memory: max_num_seqs {e['max_num_seqs']}, max_num_batched_tokens "
+              f"{e['max_num_batched_tokens']} ({e['input_len']} + {e['output_len']}-token requests)")
+    for mode, ms in result.get("predicted", {}).items():
+        print(f"{mode:>10} predicted: {ms:.2f} ms")
+    for r in result.get("measured", []):
         print(f"{r['pipeline']:>10} {json.dumps(r['nano_programs'])}: {r['iteration_ms']:.2f} ms")
-    print(f"best: {result['best']['pipeline']} {json.dumps(result['best']['nano_programs'])} -> {path}")
+    best = result["best"]
+    how = (f"{best['iteration_ms']:.2f} ms measured" if "iteration_ms" in best
+           else f"{best['predicted_ms']:.2f} ms predicted")
+    print(f"best: {best['pipeline']} {json.dumps(best['nano_programs'])} ({how}) -> {path}")
     return 0
 
 

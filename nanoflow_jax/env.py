@@ -45,8 +45,18 @@ BENCH_TIMING = EnvVar(
 TEST_GPU = EnvVar(
     "NANOFLOW_TEST_GPU", "0 (CPU only)",
     "1 lets the tests see the GPU and run the `gpu`-marked ones; otherwise they run on the CPU")
+COORDINATOR_ADDRESS = EnvVar(
+    "NANOFLOW_COORDINATOR_ADDRESS", "unset (one process)",
+    "host:port of process 0 in a multi-host run (jax.distributed); --coordinator-address overrides it")
+NUM_PROCESSES = EnvVar(
+    "NANOFLOW_NUM_PROCESSES", "unset (JAX's cluster detection)",
+    "processes of a multi-host run, one per host; --num-processes overrides it")
+PROCESS_ID = EnvVar(
+    "NANOFLOW_PROCESS_ID", "unset (JAX's cluster detection)",
+    "this process's index in [0, NANOFLOW_NUM_PROCESSES); --process-id overrides it")
 
-ALL: tuple[EnvVar, ...] = (JAX_CACHE, COMPILATION_CACHE, ASYNC, GEMM_TABLE, BENCH_TIMING, TEST_GPU)
+ALL: tuple[EnvVar, ...] = (JAX_CACHE, COMPILATION_CACHE, ASYNC, GEMM_TABLE, BENCH_TIMING, TEST_GPU,
+                           COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)
 
 BENCH_TIMING_MODES = ("slope", "ordered", "patched")
 _TRUE = ("1", "true", "yes", "on")
@@ -97,6 +107,31 @@ def bench_timing() -> str:
 def gpu_tests_enabled() -> bool:
     """$NANOFLOW_TEST_GPU (off unless 1)."""
     return _flag(TEST_GPU, False)
+
+
+def _int(var: EnvVar) -> int | None:
+    value = var.raw()
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${var.name}={value!r}: use an integer") from None
+
+
+def coordinator_address() -> str | None:
+    """$NANOFLOW_COORDINATOR_ADDRESS (host:port), or None."""
+    return COORDINATOR_ADDRESS.raw()
+
+
+def num_processes() -> int | None:
+    """$NANOFLOW_NUM_PROCESSES, or None."""
+    return _int(NUM_PROCESSES)
+
+
+def process_id() -> int | None:
+    """$NANOFLOW_PROCESS_ID, or None."""
+    return _int(PROCESS_ID)
 
 
 def describe() -> str:

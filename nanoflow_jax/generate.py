@@ -91,6 +91,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="keep full KV pages cached by their tokens, so prompts that share a start prefill it "
                         "once (default: on)")
+    p.add_argument("--tensor-parallel-size", type=int, metavar="N", default=None,
+                   help="split the model's heads and MLP over N devices (default: 1)")
+    multi = p.add_argument_group("multi-host (one process per host, all started with the same flags and prompts; "
+                                 "process 0 prints)")
+    multi.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                       help="process 0's address (default: $NANOFLOW_COORDINATOR_ADDRESS, else one process)")
+    multi.add_argument("--num-processes", type=int, metavar="N", default=None,
+                       help="processes in the run (default: $NANOFLOW_NUM_PROCESSES, else JAX's cluster detection)")
+    multi.add_argument("--process-id", type=int, metavar="I", default=None,
+                       help="this process's index (default: $NANOFLOW_PROCESS_ID, else JAX's cluster detection)")
     return p
 
 
@@ -222,8 +232,11 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
     """Everything that can be checked without the weights, so mistakes fail in a second."""
     from nanoflow_jax.engine.config import EngineConfig
 
+    from nanoflow_jax.parallel.mesh import check_devices, check_model
+
     # Built only to validate: LLM builds its own once the model's length limit is known.
-    EngineConfig(max_model_len=args.max_model_len or 2048, **_engine_args(args))
+    engine_cfg = EngineConfig(max_model_len=args.max_model_len or 2048, **_engine_args(args))
+    check_devices(engine_cfg.tensor_parallel_size)
     config_name = (args.model is not None and args.model in available_configs()
                    and not Path(args.model).expanduser().exists())
     if config_name and args.weights != "random":
@@ -234,6 +247,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
     if not config_name:
         return
     cfg = ModelConfig.from_name(args.model)
+    check_model(engine_cfg.tensor_parallel_size, cfg)
     if args.max_model_len is not None and args.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"--max-model-len={args.max_model_len} exceeds {args.model}'s "
                          f"{cfg.max_position_embeddings} positions")
@@ -244,7 +258,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
 
 def _engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
     names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline",
-             "enable_prefix_caching")
+             "tensor_parallel_size", "enable_prefix_caching")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -254,7 +268,14 @@ def _engine_args(args: argparse.Namespace) -> dict[str, int | float | str]:
 def run(args: argparse.Namespace, stdout: TextIO, stdin: TextIO, flags: dict[str, str] | None = None) -> int:
     """Load, generate, print; `flags` maps library field names to flags for messages."""
     from nanoflow_jax import LLM, SamplingParams
+    from nanoflow_jax.parallel import distributed
 
+    # First: JAX refuses to join a multi-host run once a device has been used.
+    if distributed.initialize(args.coordinator_address, args.num_processes, args.process_id):
+        import jax
+
+        if jax.process_index() != 0:  # every process computes the same replies; one prints them
+            stdout = open(os.devnull, "w")
     prompts = read_prompts(args, stdin)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             seed=args.seed, max_tokens=args.max_tokens)

@@ -8,6 +8,7 @@ from typing import Mapping
 from nanoflow_jax import env
 from nanoflow_jax.config import KERNEL_SETS, PIPELINE_CHOICES
 from nanoflow_jax.models.ops import programs_key
+from nanoflow_jax.parallel.mesh import check_size as check_tensor_parallel_size
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -48,6 +49,8 @@ class EngineConfig:
     compile_workers: int | None = None
     compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
+    # Devices one model is split over (heads and MLP columns; nanoflow_jax/parallel/); 1: one device.
+    tensor_parallel_size: int = 1
     # Full KV pages stay cached by their tokens after use; a prompt that starts with cached
     # pages maps them and prefills only the rest (vLLM's automatic prefix caching).
     enable_prefix_caching: bool = True
@@ -86,6 +89,7 @@ class EngineConfig:
                 or self.compile_workers < 1):
             raise ValueError(f"EngineConfig.compile_workers must be a positive integer (threads compiling "
                              f"at once) or None (one per CPU core), got {self.compile_workers!r}")
+        check_tensor_parallel_size(self.tensor_parallel_size)
         if not self.kv_offload_host_gb >= 0 or not self.kv_offload_disk_gb >= 0:
             raise ValueError("EngineConfig.kv_offload_host_gb and kv_offload_disk_gb must be >= 0 (GiB; 0 is off)")
         if self.kv_offload_host_gb > 0 and not self.enable_prefix_caching:
@@ -94,6 +98,9 @@ class EngineConfig:
         if self.kv_offload_disk_path is not None and not (self.kv_offload_disk_gb > 0 and self.kv_offload_host_gb > 0):
             raise ValueError("kv_offload_disk_path needs kv_offload_disk_gb > 0 (the disk budget) and "
                              "kv_offload_host_gb > 0 (pages reach the device through host memory)")
+        if self.kv_offload_host_gb > 0 and self.tensor_parallel_size > 1:
+            raise ValueError("kv_offload_host_gb works on one device: its page copies do not handle a KV cache "
+                             "split over devices yet; use tensor_parallel_size=1 or kv_offload_host_gb=0")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

@@ -43,6 +43,16 @@ def _normalize_prompts(prompts: PromptInput | Seq[PromptInput]) -> list[Any]:
     return [one(p) for p in items]
 
 
+def _tp_placement(size: Any) -> Any:
+    """The loader's placement for a tensor-parallel size (None: one device; a bad size is
+    left to EngineConfig and the model check, which name it)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 1:
+        return None
+    from nanoflow_jax.parallel.sharding import TensorParallel
+
+    return lambda cfg: TensorParallel.create(cfg, size).load_shardings()
+
+
 class LLM:
     """An engine over a model from disk (`model=`) or from memory (`params=` + `config=`).
 
@@ -64,8 +74,10 @@ class LLM:
             if dtype == "auto":
                 dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
             # show_progress=False silences the weight loader's bar too.
+            # Under tensor parallelism every weight goes straight to its devices, split.
             loaded = load_model(model, weights=weights, dtype=dtype,
-                                progress=engine_kwargs.get("show_progress", True) is not False)
+                                progress=engine_kwargs.get("show_progress", True) is not False,
+                                placement=_tp_placement(engine_kwargs.get("tensor_parallel_size", 1)))
             if tokenizer is not None:
                 loaded.tokenizer = tokenizer
         mc = loaded.config

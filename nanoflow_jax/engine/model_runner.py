@@ -32,6 +32,8 @@ from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops, programs_key
 from nanoflow_jax.models.streams import step_compiler_options
 from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
 from nanoflow_jax.models.params import fuse_qkv
+from nanoflow_jax.parallel.forward import sharded_forward
+from nanoflow_jax.parallel.sharding import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +62,24 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
           query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
           prev_tokens: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
           decode_only: bool = False, pipeline: str = "sequential",
-          nano_programs: Any = ((), ())) -> tuple[jax.Array, KVCache]:
+          nano_programs: Any = ((), ()), tp: TensorParallel | None = None) -> tuple[jax.Array, KVCache]:
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
     token_ids = jnp.where(gather >= 0, prev_tokens[jnp.maximum(gather, 0)], tok[0])
     batch = unpack_batch(tok, seq_i, query_start, block_table, num_decode, token_ids, decode_only)
-    logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
+    if tp is None:
+        logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
+    else:
+        logits, cache = sharded_forward(tp, params, cache, batch, cfg, kernels, pipeline, nano_programs)
     p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
                        top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5])
     tokens = sample(logits, p)
     # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
-    return jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens), cache
+    out = jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens)
+    if tp is not None:  # on every device, as the next step takes prev_tokens
+        out = jax.lax.with_sharding_constraint(out, tp.replicated)
+    return out, cache
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -130,7 +138,13 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
 class ModelRunner:
     def __init__(self, params: Any, model_cfg: ModelConfig, cfg: EngineConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.params = fuse_qkv(params) if cfg.fuse_qkv else params
+        # Tensor parallelism: the parameters split over a mesh (nanoflow_jax/parallel/).
+        self.tp = (TensorParallel.create(model_cfg, cfg.tensor_parallel_size)
+                   if cfg.tensor_parallel_size > 1 else None)
+        if self.tp is None:
+            self.params = fuse_qkv(params) if cfg.fuse_qkv else params
+        else:
+            self.params = self.tp.shard_params(params, fuse_qkv=cfg.fuse_qkv)
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
         on_cpu = jax.default_backend() == "cpu"
@@ -141,7 +155,7 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs"),
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp"),
                                donate_argnums=(1,))
         # `auto` becomes the searched mode (and its SM budgets, unless given) for this model and GPU.
         self.pipeline, searched = resolve_pipeline(cfg.pipeline, cfg.nano_programs, model_cfg)
@@ -149,9 +163,15 @@ class ModelRunner:
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
-        self.num_pages = resolve_num_pages(cfg, model_cfg, self.kv_dtype, self._step_temp_bytes)
-        self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
-        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32))
+        # Per-device page bytes and memory: one device's share of the pool under TP.
+        self.num_pages = resolve_num_pages(cfg, model_cfg if self.tp is None else self.tp.local_config,
+                                           self.kv_dtype, self._step_temp_bytes)
+        if self.tp is None:
+            self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
+        else:
+            self.cache = self.tp.allocate_kv_cache(self.num_pages, cfg.block_size, self.kv_dtype)
+        self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32),
+                                           None if self.tp is None else self.tp.replicated)
         self._compiled: dict[tuple[int, int, bool], Any] = {}
         if self.precompile:
             self.compile_all()
@@ -159,21 +179,24 @@ class ModelRunner:
     def _shapes(self, t: int, w: int) -> tuple[jax.ShapeDtypeStruct, ...]:
         s = self.cfg.seqs_for(t)
         i32, f32 = jnp.int32, jnp.float32
-        return (jax.ShapeDtypeStruct((TOK_FIELDS, t), i32), jax.ShapeDtypeStruct((SEQ_INT_FIELDS, s), i32),
-                jax.ShapeDtypeStruct((SEQ_FLOAT_FIELDS, s), f32), jax.ShapeDtypeStruct((s + 1,), i32),
-                jax.ShapeDtypeStruct((s, w), i32), jax.ShapeDtypeStruct((), i32),
-                jax.ShapeDtypeStruct((self.cfg.max_num_seqs,), i32))
+        # Under TP the host arrays go to every device of the mesh.
+        sharding = None if self.tp is None else self.tp.replicated
+        shapes = (((TOK_FIELDS, t), i32), ((SEQ_INT_FIELDS, s), i32), ((SEQ_FLOAT_FIELDS, s), f32),
+                  ((s + 1,), i32), ((s, w), i32), ((), i32), ((self.cfg.max_num_seqs,), i32))
+        return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes)
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
                                   kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
-                                  nano_programs=self.nano_programs)
+                                  nano_programs=self.nano_programs, tp=self.tp)
 
     def _step_temp_bytes(self, pool_sizes: Sequence[int]) -> list[int]:
         """Scratch memory of the largest bucket's step with each pool size (in pages)."""
         t, w = self.token_buckets[-1], self.width_buckets[-1]
 
         def lower(num_pages: int) -> Any:
+            if self.tp is not None:
+                return self._lower(self.tp.cache_struct(num_pages, self.cfg.block_size, self.kv_dtype), t, w)
             shape = (self.model_cfg.num_layers, num_pages, self.cfg.block_size, self.model_cfg.num_kv_heads,
                      self.model_cfg.head_dim)
             probe = KVCache(k=jax.ShapeDtypeStruct(shape, self.kv_dtype),

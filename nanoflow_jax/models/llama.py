@@ -55,10 +55,11 @@ def attention_input(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array,
 
 
 def attention_output_and_mlp(ops: XlaOps, lp: Params, x: jax.Array, o: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """A layer's work after attention: output projection onto the residual, then the MLP."""
-    x = ops.linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], residual=x)
+    """A layer's work after attention: output projection onto the residual, then the MLP.
+    Both are row-parallel under tensor parallelism (an all-reduce each: ops.tp_axis)."""
+    x = ops.row_parallel_linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], x)
     h = ops.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    return ops.linear(ops.gate_up(h, lp["w_gate"], lp["w_up"]), lp["w_down"], residual=x)
+    return ops.row_parallel_linear(ops.gate_up(h, lp["w_gate"], lp["w_up"]), lp["w_down"], x)
 
 
 def _block(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig,

@@ -61,6 +61,18 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class XlaOps:
     name = "xla"
+    # The mesh axis that row-parallel projections sum over (tensor parallelism, inside
+    # `shard_map`: parallel/forward.py); None: this device holds whole matrices.
+    tp_axis: str | None = None
+
+    def row_parallel_linear(self, x: jax.Array, w: jax.Array, residual: jax.Array) -> jax.Array:
+        """residual + x @ w, where under tensor parallelism x's last axis and w's rows are
+        this device's shard: the partial products are all-reduced before the residual is
+        added (once, not once per device)."""
+        if self.tp_axis is None:
+            return self.linear(x, w, residual=residual)
+        y = jax.lax.psum(self.linear(x, w), self.tp_axis)
+        return (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
 
     def linear(self, x: jax.Array, w: jax.Array, bias: jax.Array | None = None,
                residual: jax.Array | None = None) -> jax.Array:

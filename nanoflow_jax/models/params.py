@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Any
 
@@ -72,8 +73,10 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
     walk(expected, params, "")
 
 
-def init_tree(shapes: Any, key: jax.Array, dtype: str | jnp.dtype = "float32", prefix: str = "") -> Any:
-    """Random arrays for a (sub)tree of `param_shapes`, created on the default device.
+def init_tree(shapes: Any, key: jax.Array, dtype: str | jnp.dtype = "float32", prefix: str = "",
+              shardings: Any = None) -> Any:
+    """Random arrays for a (sub)tree of `param_shapes`, created on the default device, or
+    each leaf born split as `shardings` (a tree like `shapes`) says: the same values.
 
     Normal(0, 1/sqrt(fan_in)) matrices keep activations O(1) through deep stacks; norm
     weights are ones; biases small. `prefix` names the subtree (e.g. "layers") so the
@@ -81,16 +84,18 @@ def init_tree(shapes: Any, key: jax.Array, dtype: str | jnp.dtype = "float32", p
     """
     dt = resolve_dtype(dtype)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+    places = [None] * len(flat) if shardings is None else treedef.flatten_up_to(shardings)
     out = []
-    for i, (path, shape) in enumerate(flat):
+    for i, ((path, shape), place) in enumerate(zip(flat, places)):
         name = prefix + jax.tree_util.keystr(path)
         if "norm" in name:
-            out.append(jnp.ones(shape, dt))
+            out.append(jnp.ones(shape, dt, device=place))
             continue
         is_bias = any(name.endswith(f"['{b}']") for b in ("bq", "bk", "bv"))
         fan_in = shape[-2] if len(shape) >= 2 and not is_bias and "embed" not in name else 1
         std = 0.02 if is_bias else float(1.0 / np.sqrt(fan_in))
-        out.append(_normal(jax.random.fold_in(key, i), shape, std, dt))
+        key_i = jax.random.fold_in(key, i)
+        out.append(_normal(key_i, shape, std, dt) if place is None else _normal_on(place)(key_i, shape, std, dt))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -100,9 +105,18 @@ def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: jnp.dtype
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: str | jnp.dtype = "float32") -> Params:
-    """Random parameters for `cfg`, created directly on the device (no host copy)."""
-    return init_tree(param_shapes(cfg), key, dtype)
+@functools.lru_cache(maxsize=None)
+def _normal_on(sharding: Any) -> Any:
+    # Born split over the devices (a model too big for one); the counter-based PRNG gives
+    # the same numbers under any sharding.
+    return jax.jit(_normal.__wrapped__, static_argnames=("shape", "std", "dtype"), out_shardings=sharding)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: str | jnp.dtype = "float32",
+                shardings: Any = None) -> Params:
+    """Random parameters for `cfg`, created directly on the device (no host copy); with
+    `shardings` (a tree like `param_shapes(cfg)`), each leaf split over its devices."""
+    return init_tree(param_shapes(cfg), key, dtype, shardings=shardings)
 
 
 def cast_params(params: Params, dtype: str | jnp.dtype) -> Params:

@@ -71,6 +71,8 @@ def test_config_checks_name_the_fix():
         EngineConfig(kv_offload_host_gb=1.0, kv_offload_disk_path="/tmp/x")
     with pytest.raises(ValueError, match=">= 0"):
         EngineConfig(kv_offload_host_gb=-1.0)
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        EngineConfig(kv_offload_host_gb=1.0, tensor_parallel_size=2)
 
 
 def _seq(prompt: list[int]) -> Sequence:
