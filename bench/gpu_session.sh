@@ -43,6 +43,11 @@
 #   rollouts    RL rollouts, Llama-3-8B shapes, random weights: 256 prompts x n=8 x 512 tokens as
 #               grouped requests vs 2,048 separate ones, and update_params (bench.rollouts)
 #                                                                        -> rollouts_llama3_8b.json
+#   multiround  16 conversations x 4 rounds of LMSYS-like turns, 8 at once, Llama-3-8B shapes, a KV
+#               pool smaller than all conversations: prefill tokens, tokens/s and TTFT without the
+#               prefix cache, with it, and with host + disk offload; the offload overhead on
+#               single-round work; host and disk bandwidth
+#                                                                        -> multiround_llama3_8b.json
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -158,6 +163,13 @@ for recipe in "$@"; do
         | grep -v "^WARNING\|UserWarning\|_warn_once" | tail -8 | tee "$OUT/gemm_ab.log"
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
+    multiround)
+      timeout 580 python3 -m bench.multiround --model llama-3-8b --weights random --dtype bfloat16 \
+        --num-conversations 16 --rounds 4 --concurrency 8 --max-output-len 256 --max-num-seqs 64 \
+        --max-num-batched-tokens 2048 --token-buckets 64,2048 --num-kv-pages 768 --kv-offload-host-gb 16 \
+        --kv-offload-disk-path "$OUT/kv_disk" --kv-offload-disk-gb 32 --bandwidth-pages 256 \
+        --out "$OUT/multiround_llama3_8b.json" 2>&1 | grep -v "^WARNING" | tail -8 | tee "$OUT/multiround.log"
+      rm -rf "$OUT/kv_disk" ;;
     profile)
       autosearch --interference measure --verify 0 ;;
     search)
@@ -171,6 +183,6 @@ for recipe in "$@"; do
         | grep -E '"(output_tokens_per_s|speedup_grouped_over_separate|same_tokens|median_s|first_s|elapsed_s)"' \
         | tee "$OUT/rollouts.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, serving, rollouts, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done

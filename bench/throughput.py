@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Pallas: pure-decode batches skip the prefill attention kernel (EngineConfig.decode_only_steps)")
     p.add_argument("--fuse-rope-kv", type=int, choices=[0, 1], default=int(defaults.fuse_rope_kv),
                    help="Pallas: K's RoPE inside the KV-cache write (EngineConfig.fuse_rope_kv)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=defaults.enable_prefix_caching,
+                   help="EngineConfig.enable_prefix_caching (the cache is reset after the warm-up, whose "
+                        "prompts the timed run repeats)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -247,7 +251,9 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
                       kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels, pipeline=pipeline,
                       async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
                       decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
-                      seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, precompile=None if args.precompile == "auto" else args.precompile == "1",
+                      enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+                      tensor_parallel_size=args.tensor_parallel_size,
+                      precompile=None if args.precompile == "auto" else args.precompile == "1",
                       token_buckets=tuple(int(b) for b in args.token_buckets.split(",")) if args.token_buckets else None)
         except ValueError as e:
             if args.max_model_len is None and "max_position_embeddings" in str(e):
@@ -264,6 +270,7 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         t0 = time.perf_counter()
         llm.generate(prompts[:WARMUP_PROMPTS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         warmup_s = time.perf_counter() - t0
+        llm.reset_prefix_cache()
 
         clock.phase = "timed_run"
         it0, pre0 = engine.num_iterations, engine.scheduler.num_preemptions

@@ -115,6 +115,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: the mode nanoflow_jax.autosearch measured fastest for this model and GPU "
                         "(sequential without one); sequential: the whole batch at once; nanobatch: two nano-batches "
                         "back to back; nanoflow: two nano-batches overlapped on two GPU streams")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep full KV pages cached by their tokens, so prompts that share a start prefill it "
+                        "once (default: on)")
     p.add_argument("--tensor-parallel-size", type=int, metavar="N", default=None,
                    help="split the model's heads and MLP over N devices (default: 1)")
 
@@ -283,7 +286,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
 
 def engine_args(args: argparse.Namespace) -> dict[str, int | float | str | tuple[int, ...]]:
     names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline",
-             "token_buckets", "tensor_parallel_size")
+             "token_buckets", "tensor_parallel_size", "enable_prefix_caching")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -52,6 +52,15 @@ class EngineConfig:
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
     # Devices one model is split over (heads and MLP columns; nanoflow_jax/parallel/); 1: one device.
     tensor_parallel_size: int = 1
+    # Full KV pages stay cached by their tokens after use; a prompt that starts with cached
+    # pages maps them and prefills only the rest (vLLM's automatic prefix caching).
+    enable_prefix_caching: bool = True
+    # Cached pages (a finished request's, and any evicted from the device) are copied to host
+    # memory (an LRU of this many GiB; 0: off) and, with a folder, written to disk as well (an
+    # LRU of kv_offload_disk_gb that survives restarts), to be loaded back instead of computed.
+    kv_offload_host_gb: float = 0.0
+    kv_offload_disk_path: str | None = None
+    kv_offload_disk_gb: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -84,6 +93,17 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.compile_workers must be a positive integer (threads compiling "
                              f"at once) or None (one per CPU core), got {self.compile_workers!r}")
         check_tensor_parallel_size(self.tensor_parallel_size)
+        if not self.kv_offload_host_gb >= 0 or not self.kv_offload_disk_gb >= 0:
+            raise ValueError("EngineConfig.kv_offload_host_gb and kv_offload_disk_gb must be >= 0 (GiB; 0 is off)")
+        if self.kv_offload_host_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_host_gb needs enable_prefix_caching=True: offloaded pages are found "
+                             "again by their prefix-cache keys")
+        if self.kv_offload_disk_path is not None and not (self.kv_offload_disk_gb > 0 and self.kv_offload_host_gb > 0):
+            raise ValueError("kv_offload_disk_path needs kv_offload_disk_gb > 0 (the disk budget) and "
+                             "kv_offload_host_gb > 0 (pages reach the device through host memory)")
+        if self.kv_offload_host_gb > 0 and self.tensor_parallel_size > 1:
+            raise ValueError("kv_offload_host_gb works on one device: its page copies do not handle a KV cache "
+                             "split over devices yet; use tensor_parallel_size=1 or kv_offload_host_gb=0")
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Every row holds at least one token, so more rows than tokens could never fill.
             self.max_num_seqs = self.max_num_batched_tokens

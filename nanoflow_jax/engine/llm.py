@@ -224,6 +224,11 @@ class LLM:
         with self._lock:
             self.engine.update_params(params)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV page (vLLM's name); False when prefix caching is off."""
+        with self._lock:
+            return self.engine.reset_prefix_cache()
+
     def _render_chat(self, messages: Messages | Seq[Messages], add_generation_prompt: bool) -> list[str]:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer: create the LLM with tokenizer=..., or generate from token ids")

@@ -26,6 +26,8 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
+from nanoflow_jax.engine.kv_offload import make_offloader, model_fingerprint
+from nanoflow_jax.engine.prefix_cache import PrefixCacheStats
 from nanoflow_jax.engine.prompts import Prompt, prompt_token_ids
 from nanoflow_jax.engine.sampling_params import SamplingParams
 from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow, ScheduleError, Scheduler
@@ -58,8 +60,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.cfg.max_model_len} exceeds the model's "
                              f"max_position_embeddings={model_config.max_position_embeddings}")
         self.runner = ModelRunner(params, model_config, self.cfg)
-        self.blocks = BlockManager(self.runner.num_pages, self.cfg.block_size)
+        self.blocks = BlockManager(self.runner.num_pages, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.blocks)
+        self.offload = make_offloader(self.cfg, model_config, self.runner)
+        self.scheduler.offload = self.offload
+        self.blocks.record_evictions = self.offload is not None
+        if self.offload is not None and self.runner.precompile:
+            self.runner.cache = self.offload.warm_up(self.runner.cache, self.runner.num_pages)
         if tokenizer is not None:
             self.eos_ids = frozenset(tokenizer.eos_token_ids)
         else:
@@ -72,6 +79,7 @@ class LLMEngine:
         self._carry: list[RequestOutput] = []   # updates of a step that raised, handed out next step
         self._launching: ScheduledBatch | None = None   # dispatched, not yet tracked as in flight
         self.num_iterations = 0
+        self.num_prefill_tokens = 0   # prompt (and recomputed) tokens fed in prefill chunks
 
     # ---- requests ------------------------------------------------------------------
 
@@ -126,6 +134,7 @@ class LLMEngine:
             group.append(seq)
         for seq in group:
             self.scheduler.add(seq)
+        self.scheduler.prefetch(group[0])   # the samples share one prompt
         self._seqs[rid] = group[0]
         return rid
 
@@ -159,9 +168,12 @@ class LLMEngine:
             # read it (and drop it) before the weights it was computed with go.
             self._carry = self.step()
         self.runner.update_params(params)
-        reset = getattr(self, "reset_prefix_cache", None)
-        if reset is not None:
-            reset()
+        if self.offload is not None and self.offload.disk is not None:
+            # Pages stored from now on come from the new weights: a restart with the old ones
+            # must not reuse them (the reset below rewrites the manifest with this).
+            self.offload.disk.fingerprint = model_fingerprint(self.model_config, self.cfg.block_size,
+                                                              self.runner.kv_dtype, self.runner.params)
+        self.reset_prefix_cache()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its pages are freed. None if it is unknown or already done."""
@@ -172,6 +184,21 @@ class LLMEngine:
             if not member.is_finished:
                 self.scheduler.finish(member, "abort")
         return self._output(seq)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV page (e.g. after the weights change); the requests in
+        flight keep their pages. True when prefix caching is on."""
+        self.blocks.reset_prefix_cache()
+        self.blocks.offload_pending.clear()
+        if self.offload is not None:
+            self.offload.clear()
+        return self.blocks.prefix_cache is not None
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Lookup counters (requests, queried and hit tokens, evictions); None when caching is off."""
+        cache = self.blocks.prefix_cache
+        return None if cache is None else cache.stats
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carry)
@@ -226,7 +253,10 @@ class LLMEngine:
         return outputs
 
     def _iterate(self, outputs: list[RequestOutput]) -> None:
+        if self.offload is not None:
+            self.offload.land()
         batch = self._form(outputs)
+        self._move_kv()
         launched = None
         if batch is not None:
             launched = self._launch(batch, outputs)
@@ -240,6 +270,11 @@ class LLMEngine:
             return
         try:
             self._read_back(*done, outputs)
+            if self.offload is not None and not self.has_unfinished():
+                # Idle next: copy out the last finished requests' pages now, not when the
+                # next request arrives (or never, at shutdown).
+                self._move_kv()
+                self.offload.land()
         except BaseException as e:
             # Rows not read back lost their token: fail those requests rather than leave
             # them waiting for it forever; one that finished unreported reports now.
@@ -250,6 +285,16 @@ class LLMEngine:
                 elif row.seq.is_finished and self._reports(row.seq):
                     outputs.append(self._output(row.seq))
             raise
+
+    def _move_kv(self) -> None:
+        """Dispatch the offload tiers' copies ahead of the next batch: loads into fresh pages
+        (which it reads), then saves of finished requests' and evicted pages (which it may
+        overwrite)."""
+        if self.offload is None:
+            return
+        self.runner.cache = self.offload.dispatch_loads(self.runner.cache)
+        pending, self.blocks.offload_pending = self.blocks.offload_pending, []
+        self.offload.save(self.runner.cache, pending)
 
     def _unstall(self, outputs: list[RequestOutput]) -> None:
         """Nothing ran although requests wait: fail those waiting for a token that no
@@ -294,6 +339,7 @@ class LLMEngine:
             m = row.seq.metrics
             if m is not None and m.first_scheduled_time is None:
                 m.first_scheduled_time, m.time_in_queue = now, now - m.arrival_time
+        self.num_prefill_tokens += sum(row.length for row in batch.rows[batch.num_decode:])
         return batch, tokens, logprobs
 
     def _pack_error(self, row: ScheduledRow, decode: bool) -> Exception | None:

@@ -7,6 +7,12 @@ iterations. Pages are reserved as rows are formed; when the pool runs dry the ne
 running request is preempted (pages freed, recomputed later) so the oldest always makes
 progress. Nothing is admitted in an iteration that had to preempt, which stops a freshly
 preempted request from bouncing straight back in.
+
+Prefix caching (when the BlockManager has a cache): an admitted request first maps the
+cached pages of its longest cached page-aligned prefix (never all of its tokens: the last
+one is computed, to sample from) and prefills only the rest. A page is offered to the
+cache once the batch that completes its K/V is dispatched (`commit`), so a later batch,
+which the device runs after it, may read it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Iterator
 
 from nanoflow_jax.engine.block_manager import BlockManager
 from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.engine.kv_offload import KVOffloader
+from nanoflow_jax.engine.prefix_cache import extend_keys
 from nanoflow_jax.engine.sequence import Sequence, Status
 
 
@@ -63,6 +71,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []   # sorted by arrival
         self.running: list[Sequence] = []   # sorted by arrival; these hold pages
         self.num_preemptions = 0
+        self.offload: KVOffloader | None = None   # set by the engine when pages offload to host memory
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -79,10 +88,14 @@ class Scheduler:
         """
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.blocks.release(seq.block_table)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-            self._unfork(seq)
+        if seq.block_table:
+            if reason != "error":   # a failed step may have left its pages' K/V incomplete
+                self._cache_pages(seq)
+                if self.offload is not None:   # copied to host memory before any batch reuses them
+                    self.blocks.offload_pending += zip(seq.block_table[:seq.num_cached_pages], seq.page_keys)
+            self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -92,6 +105,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.block_table = []
+        seq.num_cached_pages = 0
         seq.num_computed = 0   # recompute: prompt and known outputs are prefilled again
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -175,10 +189,12 @@ class Scheduler:
             with _blame(seq):
                 if not self._fork(seq):
                     break   # an n > 1 sample waits for its leader's prompt pages
+                hit = self._map_cached_prefix(seq)   # 0 for a forked sample: it holds pages already
                 n = self._chunk_that_fits(seq, min(seq.num_tokens - seq.num_computed, budget))
                 if n == 0:
-                    self._unfork(seq)
+                    self._unmap(seq)
                     break
+                self._count_lookup(seq, hit)
                 self.waiting.pop(0)
                 seq.status = Status.RUNNING
                 bisect.insort(self.running, seq, key=lambda s: s.arrival)
@@ -214,18 +230,14 @@ class Scheduler:
         self.blocks.share(pages)
         seq.block_table = list(pages)
         seq.num_computed = shared * bs
+        # The shared pages are the leader's cached ones: the sample does not offer them again.
+        seq.num_cached_pages = min(leader.num_cached_pages, shared)
+        seq.page_keys = leader.page_keys[:seq.num_cached_pages]
         return True
 
-    def _unfork(self, seq: Sequence) -> None:
-        """Give back the pages a waiting sample took by `_fork` (it forks again later)."""
-        if seq.block_table:
-            self.blocks.release(seq.block_table)
-            seq.block_table = []
-            seq.num_computed = 0
-
-    @staticmethod
-    def commit(batch: ScheduledBatch) -> None:
-        """The batch is dispatched: advance each request's device-side state.
+    def commit(self, batch: ScheduledBatch) -> None:
+        """The batch is dispatched: advance each request's device-side state, and offer
+        the pages it completes to the prefix cache.
 
         Kept apart from `form` so that a batch that cannot be dispatched leaves its
         requests as they were, to be scheduled again.
@@ -235,6 +247,73 @@ class Scheduler:
             if row.samples:
                 row.seq.num_pending += 1
                 row.seq.pending_row = i
+            self._cache_pages(row.seq)
+
+    # ---- prefix caching -------------------------------------------------------------
+
+    def _keys(self, seq: Sequence, num_pages: int) -> list[bytes]:
+        seq.page_keys = extend_keys(seq.page_keys, num_pages, self.blocks.block_size, seq.token_slice)
+        return seq.page_keys
+
+    def _cache_pages(self, seq: Sequence) -> None:
+        """Offer `seq`'s full pages whose K/V dispatched batches wrote and whose tokens the
+        host knows (a token still on the device cannot be hashed yet)."""
+        if self.blocks.prefix_cache is None:
+            return
+        full = min(min(seq.num_computed, seq.num_known) // self.blocks.block_size, len(seq.block_table))
+        if full <= seq.num_cached_pages:
+            return
+        keys = self._keys(seq, full)
+        for i in range(seq.num_cached_pages, full):
+            self.blocks.cache_page(seq.block_table[i], keys[i])
+        seq.num_cached_pages = full
+
+    def _map_cached_prefix(self, seq: Sequence) -> int:
+        """Map the cached pages of `seq`'s longest cached prefix; returns how many. At least
+        the last token stays to compute: its logits give the next token."""
+        if self.blocks.prefix_cache is None or seq.block_table:
+            return 0
+        keys = self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size)
+        pages = self.blocks.match_prefix(keys)
+        if self.offload is not None:
+            pages += self._load_offloaded(keys[len(pages):])
+        seq.block_table = pages
+        seq.num_cached_pages = len(pages)
+        seq.num_computed = len(pages) * self.blocks.block_size
+        return len(pages)
+
+    def _load_offloaded(self, keys: list[bytes]) -> list[int]:
+        """Fresh pages for the keys, from the first, that host memory holds; their K/V is
+        copied in before the batch runs, so they are cached (mappable) at once."""
+        n = min(self.offload.find(keys), self.blocks.num_free)
+        if n == 0:
+            return []
+        pages = self.blocks.allocate(n)
+        for page, key in zip(pages, keys):
+            self.blocks.cache_page(page, key)
+        self.offload.queue_load(pages, keys[:n])
+        return pages
+
+    def prefetch(self, seq: Sequence) -> None:
+        """Start reading from disk the offloaded pages `seq` may map when admitted."""
+        if self.offload is None or self.offload.disk is None:
+            return
+        keys = self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size)
+        self.offload.prefetch(keys[len(self.blocks.prefix_cache.lookup(keys)):])
+
+    def _unmap(self, seq: Sequence) -> None:
+        """Undo `_map_cached_prefix` for a request that stays waiting."""
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_pages = 0
+        seq.num_computed = 0
+
+    def _count_lookup(self, seq: Sequence, hit_pages: int) -> None:
+        cache = self.blocks.prefix_cache
+        if cache is not None:
+            cache.stats.requests += 1
+            cache.stats.queries += seq.num_tokens
+            cache.stats.hits += hit_pages * self.blocks.block_size
 
     @staticmethod
     def _prefill_row(seq: Sequence, n: int) -> ScheduledRow:

@@ -82,6 +82,8 @@ class Sequence:
     index: int = 0
     group: list["Sequence"] | None = dataclasses.field(default=None, repr=False)
     leader: "Sequence | None" = dataclasses.field(default=None, repr=False)
+    page_keys: list[bytes] = dataclasses.field(default_factory=list)   # prefix-cache keys of its full known pages
+    num_cached_pages: int = 0     # leading block_table pages already offered to the prefix cache
 
     @property
     def prompt_len(self) -> int:

@@ -1,0 +1,250 @@
+"""Tiers 1 and 2 of the KV cache: cached pages kept in host memory (and on disk), found
+again by their prefix-cache keys and loaded back into fresh pages.
+
+Saving: a finished request's cached pages, and cached pages the BlockManager evicts while
+a batch is formed, still hold their K/V until a later batch overwrites them. Before the
+next batch is dispatched, one jitted gather copies the pages not yet in host memory into
+one contiguous buffer whose output sharding lives in pinned host memory, so the
+device-to-host copy is part of that executable and the device runs it before the batch.
+The host reads the buffer an iteration later (`land`), when it is done, so the host never
+waits on it. A page lands in the host LRU (budget `kv_offload_host_gb`); with a disk tier
+it is also queued for the disk writer thread (write-through: evicting a page from host
+memory costs nothing, and the disk holds the pages across restarts).
+
+The gather is its own executable dispatched just before the step rather than fused into
+the step: the step's signature and outputs stay those of serving, and the device's
+in-order execution gives the same guarantee (the pages are read before they are reused).
+
+Loading: a request whose next keys after its device-cached prefix are in host memory gets
+fresh pages; one jitted scatter copies the pages in before its batch (dispatched first,
+so the device runs it first). Pages on disk are read into host memory by a reader thread
+when the request is added (`prefetch`); a request admitted before its pages arrive simply
+computes them, so a reload never holds anyone up.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import queue
+import threading
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.engine.kv_disk import DiskKVStore
+from nanoflow_jax.models.paged import NULL_PAGE, KVCache, kv_bytes_per_page
+
+log = logging.getLogger(__name__)
+
+
+def _bucket(n: int) -> int:
+    """Page counts are padded to powers of two (with the null page) to bound compiles."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def host_sharding() -> jax.sharding.Sharding | None:
+    """Pinned host memory of the default device, where the backend has it (else None)."""
+    dev = jax.devices()[0]
+    try:
+        kinds = {m.kind for m in dev.addressable_memories()}
+    except Exception:
+        return None
+    return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host") if "pinned_host" in kinds else None
+
+
+def _gather(cache: KVCache, ids: jax.Array) -> jax.Array:
+    return jnp.stack([cache.k[:, ids], cache.v[:, ids]])          # [2, L, n, ps, K, D]
+
+
+def _scatter(cache: KVCache, ids: jax.Array, buf: jax.Array) -> KVCache:
+    return KVCache(k=cache.k.at[:, ids].set(buf[0].astype(cache.k.dtype)),
+                   v=cache.v.at[:, ids].set(buf[1].astype(cache.v.dtype)))
+
+
+@dataclasses.dataclass
+class OffloadStats:
+    saved_pages: int = 0       # device -> host
+    loaded_pages: int = 0      # host -> device (each a page not recomputed)
+    host_evictions: int = 0
+    disk_hits: int = 0         # pages read back from disk into host memory
+
+
+class KVOffloader:
+    def __init__(self, host_budget_bytes: int, page_bytes: int, disk: DiskKVStore | None = None) -> None:
+        self.budget = int(host_budget_bytes)
+        self.page_bytes = page_bytes
+        self.disk = disk
+        self._host: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()  # LRU first
+        self._saving: list[tuple[list[bytes], jax.Array]] = []          # gathers not yet landed
+        self._saving_keys: set[bytes] = set()
+        self._loads: list[tuple[list[int], list[np.ndarray]]] = []      # scatters not yet dispatched
+        self._sharding = host_sharding()
+        self._gather = jax.jit(_gather, out_shardings=self._sharding)
+        self._scatter = jax.jit(_scatter, donate_argnums=0)
+        self.stats = OffloadStats()
+        # Disk reads on a thread: (key, page or None) arrive in `_promoted`.
+        self._reads: queue.Queue[bytes] = queue.Queue()
+        self._promoted: queue.Queue[tuple[bytes, np.ndarray | None]] = queue.Queue()
+        self._reading: set[bytes] = set()
+        if disk is not None:
+            threading.Thread(target=self._reader, name="kv-disk-reader", daemon=True).start()
+
+    @property
+    def num_host_pages(self) -> int:
+        return len(self._host)
+
+    def warm_up(self, cache: KVCache, max_pages: int) -> KVCache:
+        """Compile the gather and the scatter for every page-count bucket up to `max_pages`
+        (each run once on the null page), so serving does not compile them."""
+        n = 1
+        while True:
+            ids = np.full(n, NULL_PAGE, np.int32)
+            jax.block_until_ready(self._gather(cache, ids))
+            buf = np.zeros((2, cache.k.shape[0], n, *cache.k.shape[2:]), cache.k.dtype)
+            cache = self._scatter(cache, ids, buf)
+            if n >= max_pages:
+                return cache
+            n *= 2
+
+    # ---- saving ----------------------------------------------------------------------
+
+    def save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:
+        """Dispatch the gather of these (page, key) pairs not yet in host memory (before the
+        batch that may overwrite them)."""
+        todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
+        if not todo or self.budget < self.page_bytes:
+            return
+        self._saving_keys.update(todo)
+        todo = [(p, k) for k, p in todo.items()]
+        ids = np.full(_bucket(len(todo)), NULL_PAGE, np.int32)
+        ids[:len(todo)] = [p for p, _ in todo]
+        buf = self._gather(cache, ids)
+        if self._sharding is None:
+            buf.copy_to_host_async()
+        self._saving.append(([k for _, k in todo], buf))
+
+    def land(self) -> None:
+        """Move earlier gathers and finished disk reads into the host LRU (called as an
+        iteration starts: the gathers ran before the batch in flight, so they are done)."""
+        saving, self._saving = self._saving, []
+        self._saving_keys.clear()
+        for keys, buf in saving:
+            host = np.asarray(buf)
+            for i, key in enumerate(keys):
+                # A view, not a copy: landing stays cheap on the host's critical path (the
+                # disk writer serializes it on its thread); the buffer is freed with its
+                # last page.
+                page = host[:, :, i]
+                self._put(key, page)
+                if self.disk is not None:
+                    self.disk.put(key, page)
+            self.stats.saved_pages += len(keys)
+        while not self._promoted.empty():
+            key, page = self._promoted.get()
+            self._reading.discard(key)
+            if page is not None:
+                self._put(key, page)
+                self.stats.disk_hits += 1
+
+    def _put(self, key: bytes, page: np.ndarray) -> None:
+        self._host[key] = page
+        self._host.move_to_end(key)
+        while len(self._host) * self.page_bytes > self.budget:
+            self._host.popitem(last=False)
+            self.stats.host_evictions += 1
+
+    # ---- loading ---------------------------------------------------------------------
+
+    def find(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first, are in host memory."""
+        n = 0
+        for key in keys:
+            if key not in self._host:
+                break
+            n += 1
+        return n
+
+    def queue_load(self, pages: list[int], keys: list[bytes]) -> None:
+        """These fresh pages get these keys' K/V before the next batch runs."""
+        for key in keys:
+            self._host.move_to_end(key)
+        self._loads.append((pages, [self._host[k] for k in keys]))
+
+    def dispatch_loads(self, cache: KVCache) -> KVCache:
+        """Dispatch the queued loads (the cache is donated; use the returned one)."""
+        loads, self._loads = self._loads, []
+        pages = [p for ps, _ in loads for p in ps]
+        if not pages:
+            return cache
+        data = [d for _, ds in loads for d in ds]
+        n = _bucket(len(pages))
+        ids = np.full(n, NULL_PAGE, np.int32)
+        ids[:len(pages)] = pages
+        buf = np.zeros((2, data[0].shape[1], n, *data[0].shape[2:]), data[0].dtype)
+        for i, page in enumerate(data):
+            buf[:, :, i] = page
+        self.stats.loaded_pages += len(pages)
+        return self._scatter(cache, ids, buf)
+
+    def prefetch(self, keys: Iterable[bytes]) -> None:
+        """Start reading from disk the keys missing from host memory (a reader thread)."""
+        if self.disk is None:
+            return
+        for key in keys:
+            if key in self._host or key in self._reading:
+                continue
+            if key not in self.disk:
+                break
+            self._reading.add(key)
+            self._reads.put(key)
+
+    def _reader(self) -> None:
+        while True:
+            key = self._reads.get()
+            try:
+                page = self.disk.get(key)
+            except Exception as e:   # never let the thread die
+                log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
+                page = None
+            self._promoted.put((key, page))
+            self._reads.task_done()
+
+    def settle(self) -> None:
+        """Wait for the queued disk reads and land everything (for tests and benchmarks; the
+        engine itself never waits)."""
+        self._reads.join()
+        self.land()
+
+    def clear(self) -> None:
+        """Forget every offloaded page (host and disk)."""
+        self.land()
+        self._host.clear()
+        if self.disk is not None:
+            self.disk.clear()
+
+
+def model_fingerprint(model_cfg: Any, block_size: int, dtype: Any, params: Any) -> dict[str, Any]:
+    """What a stored page depends on besides its tokens: the model (its configuration and a
+    hash of the first values of every weight), the page size and the cache dtype."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(params):
+        h.update(np.asarray(jnp.ravel(leaf)[:64], np.float32).tobytes())
+    return {"model": repr(model_cfg), "weights": h.hexdigest(), "block_size": block_size, "dtype": str(dtype)}
+
+
+def make_offloader(cfg: Any, model_cfg: Any, runner: Any) -> KVOffloader | None:
+    """The offload tiers an `EngineConfig` asks for (None: no `kv_offload_host_gb`)."""
+    if cfg.kv_offload_host_gb <= 0:
+        return None
+    disk = None
+    if cfg.kv_offload_disk_path is not None:
+        disk = DiskKVStore(cfg.kv_offload_disk_path, int(cfg.kv_offload_disk_gb * 2**30),
+                           model_fingerprint(model_cfg, cfg.block_size, runner.kv_dtype, runner.params),
+                           dtype=runner.kv_dtype)
+    page_bytes = kv_bytes_per_page(model_cfg, cfg.block_size, runner.kv_dtype)
+    return KVOffloader(int(cfg.kv_offload_host_gb * 2**30), page_bytes, disk)

@@ -1,0 +1,187 @@
+"""KV offload to host memory and disk: pages copied out and back bit for bit, the host LRU,
+and engines that reload offloaded prefixes (across a restart too) with the same greedy
+tokens as the dense reference, through corrupt entries and a failing disk."""
+
+from __future__ import annotations
+
+import errno
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanoflow_jax import SamplingParams
+from nanoflow_jax.engine import kv_disk
+from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.engine.kv_offload import KVOffloader, host_sharding
+from nanoflow_jax.engine.prefix_cache import page_key
+from nanoflow_jax.engine.sequence import Sequence
+from nanoflow_jax.models.paged import KVCache
+from tests.engine.conftest import make_llm, random_prompts, reference_greedy
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PAGE_BYTES = 2 * 2 * 4 * 2 * 16 * 4     # TINY: K and V, 2 layers, 4 tokens, 2 heads of 16, float32
+HOST_GB = 512 * PAGE_BYTES / 2**30      # room for 512 pages
+
+
+def keys(n: int, tag: int = 0) -> list[bytes]:
+    return [page_key(b"", [tag, i]) for i in range(n)]
+
+
+def test_pages_go_to_host_and_back_bit_for_bit():
+    shape = (2, 10, 4, 2, 16)
+    rng = np.random.default_rng(0)
+    k, v = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    off = KVOffloader(1 << 20, PAGE_BYTES)
+    off.save(KVCache(jnp.asarray(k), jnp.asarray(v)), [(3, keys(3)[0]), (7, keys(3)[1]), (5, keys(3)[2])])
+    if host_sharding() is not None:   # jax's CPU backend has pinned host memory: the in-jit path is tested
+        assert off._saving[0][1].sharding.memory_kind == "pinned_host"
+    off.land()
+    assert off.num_host_pages == 3 and off.find(keys(3)) == 3 and off.find(keys(3)[1:]) == 2
+    assert off.find(keys(2, tag=1)) == 0
+    # Load them into other pages of an empty cache: exactly those pages change.
+    off.queue_load([1, 9, 2], keys(3))
+    cache = off.dispatch_loads(KVCache(jnp.zeros(shape), jnp.zeros(shape)))
+    got_k, got_v = np.asarray(cache.k), np.asarray(cache.v)
+    for dst, src in ((1, 3), (9, 7), (2, 5)):
+        np.testing.assert_array_equal(got_k[:, dst], k[:, src])
+        np.testing.assert_array_equal(got_v[:, dst], v[:, src])
+    assert not got_k[:, [3, 4, 5, 6, 7, 8]].any()
+    assert off.stats.saved_pages == 3 and off.stats.loaded_pages == 3
+
+
+def test_host_lru_keeps_the_budget():
+    shape = (2, 8, 4, 2, 16)
+    cache = KVCache(jnp.ones(shape), jnp.ones(shape))
+    off = KVOffloader(3 * PAGE_BYTES, PAGE_BYTES)
+    ks = keys(5)
+    off.save(cache, [(1, ks[0]), (2, ks[1]), (3, ks[2])])
+    off.land()
+    off.queue_load([4], ks[:1])              # a reload makes page 0 the most recent
+    cache = off.dispatch_loads(cache)        # the cache is donated: keep the returned one
+    off.save(cache, [(5, ks[3]), (6, ks[4])])
+    off.land()
+    assert [off.find([k]) for k in ks] == [1, 0, 0, 1, 1] and off.stats.host_evictions == 2
+
+
+def test_config_checks_name_the_fix():
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        EngineConfig(kv_offload_host_gb=1.0, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="kv_offload_disk_gb"):
+        EngineConfig(kv_offload_host_gb=1.0, kv_offload_disk_path="/tmp/x")
+    with pytest.raises(ValueError, match=">= 0"):
+        EngineConfig(kv_offload_host_gb=-1.0)
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        EngineConfig(kv_offload_host_gb=1.0, tensor_parallel_size=2)
+
+
+def _seq(prompt: list[int]) -> Sequence:
+    return Sequence(request_id="probe", arrival=0, prompt=None, prompt_token_ids=prompt, params=GREEDY,
+                    seed=0, max_tokens=8)
+
+
+def tokens(llm, prompts: list[list[int]]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+def flood(llm) -> None:
+    """Run other prompts through the whole pool, so every cached page is evicted from the device."""
+    for p in random_prompts(4, [56] * 4, seed=99):
+        tokens(llm, [p])
+
+
+@pytest.fixture(scope="module")
+def convs() -> list[list[int]]:
+    return random_prompts(4, [36, 44, 40, 24], seed=21)   # 44 of the 47 pages at once: no preemption
+
+
+@pytest.fixture(scope="module")
+def reference(convs) -> list[list[int]]:
+    return reference_greedy(convs, GREEDY.max_tokens)
+
+
+def test_host_tier_reloads_evicted_prefixes(convs, reference):
+    llm = make_llm(kv_offload_host_gb=HOST_GB)
+    eng = llm.engine
+    assert tokens(llm, convs) == reference
+    flood(llm)
+    assert eng.blocks.prefix_cache.lookup(eng.scheduler._keys(_seq(convs[0]), 1)) == [], "evicted from the device"
+    prefilled = eng.num_prefill_tokens
+    assert tokens(llm, convs) == reference
+    # Everything but each prompt's last partial page comes back from host memory.
+    assert eng.num_prefill_tokens - prefilled == sum(len(c) - (len(c) - 1) // 4 * 4 for c in convs)
+    assert eng.offload.stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
+    assert eng.blocks.all_free()
+    assert llm.reset_prefix_cache() and eng.offload.num_host_pages == 0
+
+
+def run_settled(llm, prompts: list[list[int]]) -> list[list[int]]:
+    """Add the requests, let the disk reads land, then serve them."""
+    eng = llm.engine
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    eng.offload.settle()
+    done = {}
+    while eng.has_unfinished():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in eng.step() if o.finished)
+    return [done[i] for i in ids]
+
+
+def test_disk_tier_survives_a_restart_and_drops_a_corrupt_page(tmp_path, convs, reference, caplog):
+    kw = dict(kv_offload_host_gb=HOST_GB, kv_offload_disk_path=str(tmp_path), kv_offload_disk_gb=0.01)
+    first = make_llm(**kw)
+    assert tokens(first, convs) == reference
+    first.engine.offload.disk.close()
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == sum((len(c) + 8 - 1) // 4 for c in convs)   # every full page: prompt and output
+    # Damage one page of the first conversation: it is recomputed, the rest reloaded.
+    second_page = _seq(convs[0])
+    key = make_llm().engine.scheduler._keys(second_page, 2)[1]
+    f = tmp_path / f"{key.hex()}.npy"
+    f.write_bytes(f.read_bytes()[:-7])
+    restarted = make_llm(**kw)
+    eng = restarted.engine
+    assert len(eng.offload.disk) == len(files)
+    assert run_settled(restarted, convs) == reference
+    assert eng.offload.disk.corrupt == 1 and "corrupt" in caplog.text
+    hits = sum((len(c) - 1) // 4 for c in convs[1:]) + 1   # conversation 0 stops at its damaged page
+    assert eng.offload.stats.loaded_pages == hits and eng.prefix_cache_stats.hits == 4 * hits
+    assert eng.blocks.all_free()
+
+
+def test_a_failing_disk_loses_no_request(tmp_path, convs, reference, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kv_disk.os, "replace", full)
+    llm = make_llm(kv_offload_host_gb=HOST_GB, kv_offload_disk_path=str(tmp_path), kv_offload_disk_gb=0.01)
+    assert tokens(llm, convs) == reference
+    flood(llm)
+    assert tokens(llm, convs) == reference          # the host tier still serves
+    disk = llm.engine.offload.disk
+    disk.flush()
+    assert disk.write_errors > 0 and len(disk) == 0 and llm.engine.offload.stats.loaded_pages > 0
+    assert llm.engine.blocks.all_free()
+
+
+def test_the_same_conversation_twice_at_once_loads_it_once(convs, reference):
+    llm = make_llm(kv_offload_host_gb=HOST_GB)
+    eng = llm.engine
+    assert tokens(llm, convs[:1]) == reference[:1]
+    flood(llm)
+    loaded = eng.offload.stats.loaded_pages
+    # Both admitted in one batch: the second maps the pages the first loads (cached at once).
+    assert tokens(llm, [convs[0], convs[0]]) == [reference[0], reference[0]]
+    assert eng.offload.stats.loaded_pages - loaded == (len(convs[0]) - 1) // 4
+    assert eng.blocks.all_free()
+
+
+def test_precompiled_engine_never_compiles_page_copies_while_serving(convs, reference):
+    from tests.engine.conftest import count_compiles
+
+    llm = make_llm(kv_offload_host_gb=HOST_GB, precompile=True)
+    with count_compiles() as events:
+        assert tokens(llm, convs) == reference
+        flood(llm)
+        assert tokens(llm, convs) == reference
+    assert events == [], f"serving traced or compiled: {events}"
+    assert llm.engine.offload.stats.loaded_pages > 0 and llm.engine.offload.stats.saved_pages > 0
