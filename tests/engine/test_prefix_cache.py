@@ -16,7 +16,7 @@ from nanoflow_jax.engine.prefix_cache import ROOT_KEY, extend_keys, page_key
 from nanoflow_jax.engine.sampling_params import SamplingParams as Params
 from nanoflow_jax.engine.scheduler import Scheduler
 from nanoflow_jax.engine.sequence import Sequence
-from nanoflow_jax.generate import _engine_args, build_parser
+from nanoflow_jax.generate import engine_args, build_parser
 from tests.engine.conftest import ENGINE_KW, make_llm, random_prompts, reference_greedy
 
 BS = ENGINE_KW["block_size"]
@@ -268,9 +268,9 @@ def test_abort_preempt_and_reset_leave_no_page_behind():
 
 def test_command_line_flag():
     parser = build_parser()
-    assert "enable_prefix_caching" not in _engine_args(parser.parse_args(["hi"]))
-    assert _engine_args(parser.parse_args(["hi", "--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
-    assert _engine_args(parser.parse_args(["hi", "--enable-prefix-caching"]))["enable_prefix_caching"] is True
+    assert "enable_prefix_caching" not in engine_args(parser.parse_args(["hi"]))
+    assert engine_args(parser.parse_args(["hi", "--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
+    assert engine_args(parser.parse_args(["hi", "--enable-prefix-caching"]))["enable_prefix_caching"] is True
 
 
 @pytest.mark.slow
