@@ -39,6 +39,16 @@ def nanoflow_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("NANOFLOW_")}
 
 
+def print_and_write(result: dict[str, Any], out: str | None) -> None:
+    """Print a benchmark's result as JSON, and write it to `out` (folders made) when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def run_metadata(module: str = "bench.kernels") -> dict[str, Any]:
     """Device (from nvidia-smi when present), versions, date and the exact command."""
     try:

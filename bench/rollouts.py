@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import datasets, nanoflow_env, run_metadata
+from bench import datasets, nanoflow_env, print_and_write, run_metadata
 from bench.throughput import CompileClock, device_memory, percentiles, step_recorder
 from nanoflow_jax.config import KERNEL_SETS
 
@@ -150,11 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    print_and_write(result, args.out)
     return 0
 
 

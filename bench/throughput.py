@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bench import datasets, library_gemm_ms, nanoflow_env, pyplot, run_metadata
+from bench import datasets, library_gemm_ms, nanoflow_env, print_and_write, pyplot, run_metadata
 from nanoflow_jax.config import KERNEL_SETS, PIPELINES
 from nanoflow_jax.engine.config import EngineConfig
 
@@ -408,11 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = build_workload(args)
     result = run(args, work)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    print_and_write(result, args.out)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(result, work, args.plot)
