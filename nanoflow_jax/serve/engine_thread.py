@@ -224,9 +224,10 @@ class EngineThread:
             sub = self._live.get(out.request_id)
             if sub is None:
                 continue   # aborted meanwhile: its handler no longer listens
+            new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)   # n > 1: the sample that stepped
             if self.metrics is not None:
-                self.metrics.observe(sub.timing, len(out.prompt_token_ids), len(out.outputs[0].delta_token_ids), now)
-            if out.outputs[0].delta_token_ids:
+                self.metrics.observe(sub.timing, len(out.prompt_token_ids), new_tokens, now)
+            if new_tokens:
                 self._mark_started(sub)
             if not out.finished:
                 events.append((sub, out))

@@ -42,24 +42,73 @@ def test_values_sampling_params_refuses_are_400_naming_the_field(field, value):
 
 
 @pytest.mark.parametrize("field, value, neutral", [
-    ("n", 2, 1), ("best_of", 3, 1), ("presence_penalty", 0.5, 0.0), ("frequency_penalty", -1.0, 0.0),
-    ("logit_bias", {"5": 1.0}, {}), ("logprobs", 2, None), ("echo", True, False), ("suffix", "x", None)])
-def test_features_the_sampler_lacks_are_refused_unless_neutral(field, value, neutral):
+    ("best_of", 3, 1), ("echo", True, False), ("suffix", "x", None)])
+def test_features_the_engine_lacks_are_refused_unless_neutral(field, value, neutral):
     with pytest.raises(APIError) as e:
         protocol.completion_params(CompletionRequest(prompt="x", **{field: value}))
     assert e.value.param == field and e.value.code == "unsupported_parameter" and "not supported" in e.value.message
     if neutral is not None:
         protocol.completion_params(CompletionRequest(prompt="x", **{field: neutral}))
+    # best_of equal to n asks for nothing more than n
+    assert protocol.completion_params(CompletionRequest(prompt="x", n=3, best_of=3)).n == 3
 
 
 def test_chat_only_fields_are_refused_too():
     msgs = [{"role": "user", "content": "hi"}]
-    for field, value in (("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
-                         ("response_format", {"type": "json_object"})):
+    for field, value in (("tools", [{"type": "function"}]), ("response_format", {"type": "json_object"})):
         with pytest.raises(APIError) as e:
             protocol.chat_params(ChatCompletionRequest(messages=msgs, **{field: value}))
         assert e.value.param == field
     protocol.chat_params(ChatCompletionRequest(messages=msgs, logprobs=False, response_format={"type": "text"}))
+
+
+def test_n_penalties_bias_and_vllm_extras_map_to_sampling_params():
+    req = CompletionRequest(prompt="x", n=3, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+                            min_tokens=2, include_stop_str_in_output=True, skip_special_tokens=False,
+                            logit_bias={"5": 1.5, " 7 ": -100})
+    assert protocol.completion_params(req, vocab_size=10) == SamplingParams(
+        n=3, presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2, min_tokens=2,
+        include_stop_str_in_output=True, skip_special_tokens=False, logit_bias={5: 1.5, 7: -100.0})
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=2, frequency_penalty=2)
+    assert protocol.chat_params(chat) == SamplingParams(max_tokens=None, n=2, frequency_penalty=2.0)
+
+
+@pytest.mark.parametrize("bias, says", [({"abc": 1.0}, "not a token id"), ({"-3": 1.0}, "not a token id"),
+                                        ({"1.5": 1.0}, "not a token id"), ({"10": 1.0}, "outside the model's vocab"),
+                                        ({"3": 100.5}, "[-100, 100]"), ({"3": -101}, "[-100, 100]")])
+def test_bad_logit_bias_is_a_400_naming_it(bias, says):
+    for req in (CompletionRequest(prompt="x", logit_bias=bias),
+                ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], logit_bias=bias)):
+        params = protocol.completion_params if isinstance(req, CompletionRequest) else protocol.chat_params
+        with pytest.raises(APIError) as e:
+            params(req, vocab_size=10)
+        assert e.value.status == 400 and e.value.param == "logit_bias" and says in e.value.message
+
+
+@pytest.mark.parametrize("field, value", [("n", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+                                          ("repetition_penalty", 0.0), ("min_tokens", -1)])
+def test_bad_n_and_penalties_are_400_naming_them(field, value):
+    with pytest.raises(APIError) as e:
+        protocol.completion_params(CompletionRequest(prompt="x", **{field: value}))
+    assert e.value.status == 400 and e.value.param == field
+
+
+def test_logprobs_fields_map_and_are_bounded_by_max_logprobs():
+    msgs = [{"role": "user", "content": "hi"}]
+    assert protocol.completion_params(CompletionRequest(prompt="x", logprobs=0)).logprobs == 0
+    assert protocol.completion_params(CompletionRequest(prompt="x", logprobs=5), max_logprobs=5).logprobs == 5
+    assert protocol.completion_params(CompletionRequest(prompt="x")).logprobs is None
+    assert protocol.chat_params(ChatCompletionRequest(messages=msgs, logprobs=True)).logprobs == 0
+    assert protocol.chat_params(ChatCompletionRequest(messages=msgs, logprobs=True, top_logprobs=3)).logprobs == 3
+    assert protocol.chat_params(ChatCompletionRequest(messages=msgs, logprobs=False)).logprobs is None
+    bad = [(protocol.completion_params, CompletionRequest(prompt="x", logprobs=6), "logprobs"),
+           (protocol.completion_params, CompletionRequest(prompt="x", logprobs=-1), "logprobs"),
+           (protocol.chat_params, ChatCompletionRequest(messages=msgs, logprobs=True, top_logprobs=6), "top_logprobs"),
+           (protocol.chat_params, ChatCompletionRequest(messages=msgs, top_logprobs=2), "top_logprobs")]
+    for params, req, field in bad:
+        with pytest.raises(APIError) as e:
+            params(req, max_logprobs=5)
+        assert e.value.status == 400 and e.value.param == field, e.value.message
 
 
 def test_strict_types_and_unknown_fields():
