@@ -6,7 +6,7 @@ import pydantic
 import pytest
 
 from nanoflow_jax.engine.sampling_params import SamplingParams
-from nanoflow_jax.engine.sequence import CompletionOutput, RequestOutput
+from nanoflow_jax.engine.sequence import CompletionOutput, Logprob, RequestOutput
 from nanoflow_jax.serve import protocol
 from nanoflow_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -158,3 +158,57 @@ def test_responses_carry_choices_in_order_and_usage():
     assert chat.chunk(0, "y", "stop")["choices"][0] == {"index": 0, "delta": {"content": "y"}, "logprobs": None,
                                                        "finish_reason": "stop"}
     assert chat.usage_chunk(outs)["choices"] == [] and chat.usage_chunk(outs)["object"] == "chat.completion.chunk"
+
+
+def _lp(token: int, logprob: float, rank: int) -> tuple[int, Logprob]:
+    return token, Logprob(logprob, rank, f"<{token}>")
+
+
+def test_n_choices_are_numbered_prompt_major_and_usage_sums_samples():
+    def out(rid, prompt_len, sizes):
+        comps = [CompletionOutput(j, "t" * k, list(range(k)), "length") for j, k in enumerate(sizes)]
+        return RequestOutput(rid, None, list(range(prompt_len)), comps, True)
+
+    body = protocol.ResponseBuilder(False, "c", "m", n=2).response([out("a", 3, [1, 2]), out("b", 4, [3, 4])])
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "t"), (1, "tt"), (2, "ttt"), (3, "tttt")]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 10, "total_tokens": 17}
+
+
+def test_logprobs_in_completion_and_chat_shapes():
+    # Token 7 sampled at rank 2 with top-2 {3, 7}; token 9 sampled at rank 5, outside the top 2 {3, 4}.
+    entries = [dict([_lp(7, -1.0, 2), _lp(3, -0.5, 1)]), dict([_lp(9, -4.0, 5), _lp(3, -0.1, 1), _lp(4, -2.5, 2)])]
+    comp = CompletionOutput(0, "<7><9>", [7, 9], "stop", logprobs=entries)
+    out = RequestOutput("a", None, [1], [comp], True)
+    lps = protocol.ResponseBuilder(False, "c", "m", logprobs=2).response([out])["choices"][0]["logprobs"]
+    assert lps == {"tokens": ["<7>", "<9>"], "token_logprobs": [-1.0, -4.0],
+                   "top_logprobs": [{"<7>": -1.0, "<3>": -0.5}, {"<9>": -4.0, "<3>": -0.1, "<4>": -2.5}],
+                   "text_offset": [0, 3]}
+    chat = protocol.ResponseBuilder(True, "c", "m", logprobs=2).response([out])["choices"][0]["logprobs"]
+    first, second = chat["content"]
+    assert first["token"] == "<7>" and first["logprob"] == -1.0 and first["bytes"] == list(b"<7>")
+    assert [(t["token"], t["logprob"]) for t in first["top_logprobs"]] == [("<3>", -0.5), ("<7>", -1.0)]
+    assert [t["token"] for t in second["top_logprobs"]] == ["<3>", "<4>"]   # the top 2, not the sampled one
+    assert protocol.ResponseBuilder(True, "c", "m").response([out])["choices"][0]["logprobs"] is None
+
+
+def test_stream_chunks_follow_each_sample_once():
+    """Two samples of one prompt (the second prompt of the request, n=2): each update carries
+    every sample's state but only its own delta; chunks name the choice, its new tokens'
+    logprobs, and each finish once."""
+    e = [dict([_lp(t, -0.1 * t, 1)]) for t in range(4)]
+    builder = protocol.ResponseBuilder(False, "c", "m", n=2, logprobs=0)
+
+    def update(a, b, delta_of, delta_text, finished=False):
+        comps = [CompletionOutput(i, text, ids, reason, delta_text=delta_text if i == delta_of else "",
+                                  delta_token_ids=ids[-1:] if i == delta_of else [], logprobs=[e[t] for t in ids])
+                 for i, (text, ids, reason) in enumerate((a, b))]
+        return RequestOutput("r", None, [1], comps, finished)
+
+    chunks = builder.stream_chunks(1, update(("x", [0], None), ("", [], None), 0, "x"))
+    chunks += builder.stream_chunks(1, update(("x", [0], None), ("y", [1], None), 1, "y"))
+    chunks += builder.stream_chunks(1, update(("xz", [0, 2], "length"), ("y", [1], None), 0, "z"))
+    chunks += builder.stream_chunks(1, update(("xz", [0, 2], "length"), ("yw", [1, 3], "stop"), 1, "w", True))
+    got = [(c["choices"][0]["index"], c["choices"][0]["text"], c["choices"][0]["finish_reason"],
+            c["choices"][0]["logprobs"]["tokens"], c["choices"][0]["logprobs"]["text_offset"]) for c in chunks]
+    assert got == [(2, "x", None, ["<0>"], [0]), (3, "y", None, ["<1>"], [0]),
+                   (2, "z", "length", ["<2>"], [3]), (3, "w", "stop", ["<3>"], [3])]
