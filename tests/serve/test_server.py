@@ -1,6 +1,6 @@
 """The real server (a subprocess, the default model) driven by the official `openai` client:
-completions and chat, streamed and not, n samples, logprobs, penalties and logit_bias, 32 concurrent streams, a client that disconnects
-mid-stream, bad bodies, and SIGTERM draining."""
+completions and chat, streamed and not, n samples, logprobs, penalties and logit_bias,
+32 concurrent streams, a client that disconnects mid-stream, bad bodies, and SIGTERM draining."""
 
 from __future__ import annotations
 
