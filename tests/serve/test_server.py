@@ -217,7 +217,7 @@ def test_n_samples_streamed_and_not(client):
     assert usage.completion_tokens == 12 and usage.model_dump() == whole.usage.model_dump()
 
 
-def test_completion_logprobs_streamed_and_not(client):
+def test_completion_logprobs_streamed_and_not(client, default_gguf_path):
     """Greedy tokens are rank 1: each one's logprob is the largest of its top_logprobs, and
     the text is the same as without logprobs."""
     kw = dict(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
@@ -230,6 +230,13 @@ def test_completion_logprobs_streamed_and_not(client):
         assert lp <= 0 and len(top) == 3 and top[token] == pytest.approx(max(top.values()), abs=1e-6)
         assert top[token] == pytest.approx(lp, abs=1e-6)
         assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-4
+    # The same logprob computed by another path: a prefill over the prompt and the first 3 tokens.
+    tok = Tokenizer.from_gguf(default_gguf_path)
+    ids = tok.encode(kw["prompt"]) + [i for t in lps.tokens[:3] for i in tok.encode(t)]
+    again = client.completions.create(**{**kw, "prompt": ids, "max_tokens": 1}, logprobs=3).choices[0].logprobs
+    assert again.tokens[0] == lps.tokens[3]
+    assert again.token_logprobs[0] == pytest.approx(lps.token_logprobs[3], abs=1e-3)
+    assert again.top_logprobs[0] == pytest.approx(lps.top_logprobs[3], abs=1e-3)
     chunks = [c.choices[0] for c in client.completions.create(**kw, logprobs=3, stream=True) if c.choices]
     assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == lps.tokens
     streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
