@@ -34,6 +34,8 @@ from nanoflow_jax.serve.protocol import APIError
 log = logging.getLogger(__name__)
 
 _REQUEST_PREFIX = re.compile(r"^request '[^']*': ")
+# A refusal about one of these settings names it; any other is about the prompt.
+_REFUSED_FIELD = re.compile(r"^(logit_bias|logprobs|prompt_logprobs)\b")
 Event = RequestOutput | APIError
 
 
@@ -184,7 +186,9 @@ class EngineThread:
                                     add_special_tokens=sub.add_special_tokens)
         except RequestError as e:
             self._end(sub, "error")
-            events.append((sub, APIError(400, _REQUEST_PREFIX.sub("", str(e)), param="prompt")))
+            message = _REQUEST_PREFIX.sub("", str(e))
+            field = _REFUSED_FIELD.match(message)
+            events.append((sub, APIError(400, message, param=field.group(1) if field else "prompt")))
             return
         except Exception as e:
             log.exception("adding request %s failed", sub.request_id)

@@ -130,6 +130,7 @@ def test_a_client_that_disconnects_has_its_request_aborted(server, stream):
     ({"model": MODEL, "prompt": "Hi", "logit_bias": {"10000000": 1}}, "logit_bias"),   # outside the vocabulary
     ({"model": MODEL, "prompt": "Hi", "logit_bias": {"5": 150}}, "logit_bias"),
     ({"model": MODEL, "prompt": "Hi", "logprobs": 21}, "logprobs"),                    # past max_logprobs (20)
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {str(i): 1 for i in range(300)}}, "logit_bias"),  # (engine)
     ({"model": MODEL, "prompt": "Hi", "temprature": 0.5}, "temprature"),    # a typo is not ignored
     ({"model": MODEL, "prompt": [10**9]}, "prompt"),                        # outside the vocabulary (engine)
     ({"model": MODEL, "prompt": "Hi " * 300}, "prompt"),                    # longer than max_model_len (engine)
