@@ -52,6 +52,10 @@ class Serving:
                                    retry_after=config.retry_after)
         self.draining = False
         self.created = int(time.time())
+        # What request validation checks against: the logprobs cap and the vocabulary (logit_bias).
+        model_config = getattr(llm, "model_config", None)
+        self.limits = {"max_logprobs": getattr(llm.engine_config, "max_logprobs", None),
+                       "vocab_size": getattr(model_config, "vocab_size", None)}
 
     def drain(self) -> None:
         """Stop taking requests (503); those accepted carry on."""
@@ -129,24 +133,26 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         serving.check_open()
         serving.check_model(body.model)
-        params = protocol.completion_params(body)
+        params = protocol.completion_params(body, **serving.limits)
         prompts = protocol.completion_prompts(body)
         group = serving.start_group("cmpl", prompts, params, add_special_tokens=True)
-        builder = protocol.ResponseBuilder(False, group.ids[0].rsplit("-", 1)[0], body.model or config.served_model_name)
+        builder = protocol.ResponseBuilder(False, group.ids[0].rsplit("-", 1)[0], body.model or config.served_model_name,
+                                           params.n, params.logprobs)
         return await _respond(group, builder, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         serving.check_open()
         serving.check_model(body.model)
-        params = protocol.chat_params(body)
+        params = protocol.chat_params(body, **serving.limits)
         messages = protocol.chat_messages(body)
         try:
             text = llm._render_chat(messages, body.add_generation_prompt)[0]
         except ValueError as e:   # ChatTemplateError included, and a model without a tokenizer
             raise APIError(400, str(e), param="messages") from None
         group = serving.start_group("chatcmpl", [text], params, add_special_tokens=False)
-        builder = protocol.ResponseBuilder(True, group.ids[0].rsplit("-", 1)[0], body.model or config.served_model_name)
+        builder = protocol.ResponseBuilder(True, group.ids[0].rsplit("-", 1)[0], body.model or config.served_model_name,
+                                           params.n, params.logprobs)
         return await _respond(group, builder, body, request)
 
     return app
@@ -196,24 +202,17 @@ def _event(data: dict[str, Any]) -> str:
 
 async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: Any,
                include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per update with new tokens, the usage if asked, then [DONE].
+    """Server-sent events: one chunk per sample with new tokens, the usage if asked, then [DONE].
 
-    An update whose tokens add no text yet (half a UTF-8 character, a possible stop string,
+    A sample's tokens that add no text yet (half a UTF-8 character, a possible stop string,
     or a model without a tokenizer) still sends a chunk, so clients see every token arrive."""
-    opened: set[int] = set()
     try:
         updates = [first]
         while True:
             # Updates that queued up while the client was being written to go in one write.
             updates += group.ready()
-            events = []
-            for out in updates:
-                index = group.index[out.request_id]
-                text = out.outputs[0].delta_text
-                reason = protocol.finish_reason(out) if out.finished else None
-                if text or reason or out.outputs[0].delta_token_ids or (builder.chat and index not in opened):
-                    events.append(_event(builder.chunk(index, text, reason, first=index not in opened)))
-                    opened.add(index)
+            events = [_event(chunk) for out in updates
+                      for chunk in builder.stream_chunks(group.index[out.request_id], out)]
             if events:
                 yield "".join(events)
             if not group.pending:

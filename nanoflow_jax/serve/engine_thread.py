@@ -34,6 +34,8 @@ from nanoflow_jax.serve.protocol import APIError
 log = logging.getLogger(__name__)
 
 _REQUEST_PREFIX = re.compile(r"^request '[^']*': ")
+# A refusal about one of these settings names it; any other is about the prompt.
+_REFUSED_FIELD = re.compile(r"^(logit_bias|logprobs|prompt_logprobs)\b")
 Event = RequestOutput | APIError
 
 
@@ -184,7 +186,9 @@ class EngineThread:
                                     add_special_tokens=sub.add_special_tokens)
         except RequestError as e:
             self._end(sub, "error")
-            events.append((sub, APIError(400, _REQUEST_PREFIX.sub("", str(e)), param="prompt")))
+            message = _REQUEST_PREFIX.sub("", str(e))
+            field = _REFUSED_FIELD.match(message)
+            events.append((sub, APIError(400, message, param=field.group(1) if field else "prompt")))
             return
         except Exception as e:
             log.exception("adding request %s failed", sub.request_id)
@@ -224,9 +228,10 @@ class EngineThread:
             sub = self._live.get(out.request_id)
             if sub is None:
                 continue   # aborted meanwhile: its handler no longer listens
+            new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)   # n > 1: the sample that stepped
             if self.metrics is not None:
-                self.metrics.observe(sub.timing, len(out.prompt_token_ids), len(out.outputs[0].delta_token_ids), now)
-            if out.outputs[0].delta_token_ids:
+                self.metrics.observe(sub.timing, len(out.prompt_token_ids), new_tokens, now)
+            if new_tokens:
                 self._mark_started(sub)
             if not out.finished:
                 events.append((sub, out))

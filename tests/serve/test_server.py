@@ -1,10 +1,11 @@
 """The real server (a subprocess, the default model) driven by the official `openai` client:
-completions and chat, streamed and not, 32 concurrent streams, a client that disconnects
-mid-stream, bad bodies, and SIGTERM draining."""
+completions and chat, streamed and not, n samples, logprobs, penalties and logit_bias,
+32 concurrent streams, a client that disconnects mid-stream, bad bodies, and SIGTERM draining."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from nanoflow_jax.tokenizer import Tokenizer
 from tests.serve.conftest import NUM_USABLE_PAGES, metrics, start_server, wait_for_idle
 
 pytestmark = pytest.mark.slow
@@ -121,8 +123,14 @@ def test_a_client_that_disconnects_has_its_request_aborted(server, stream):
     (b'{"model": "x", "prompt": ', None),                                   # invalid JSON
     ({"model": MODEL, "prompt": "Hi", "max_tokens": -1}, "max_tokens"),
     ({"model": MODEL, "prompt": "Hi", "temperature": "0.5"}, "temperature"),
-    ({"model": MODEL, "prompt": "Hi", "n": 2}, "n"),
-    ({"model": MODEL, "prompt": "Hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": "Hi", "n": 2, "best_of": 3}, "best_of"),
+    ({"model": MODEL, "prompt": "Hi", "echo": True}, "echo"),
+    ({"model": MODEL, "prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {"10000000": 1}}, "logit_bias"),   # outside the vocabulary
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {"5": 150}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "Hi", "logprobs": 21}, "logprobs"),                    # past max_logprobs (20)
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {str(i): 1 for i in range(300)}}, "logit_bias"),  # (engine)
     ({"model": MODEL, "prompt": "Hi", "temprature": 0.5}, "temprature"),    # a typo is not ignored
     ({"model": MODEL, "prompt": [10**9]}, "prompt"),                        # outside the vocabulary (engine)
     ({"model": MODEL, "prompt": "Hi " * 300}, "prompt"),                    # longer than max_model_len (engine)
@@ -182,3 +190,87 @@ def test_sigterm_drains_then_exits_0(default_gguf_path):
         assert proc.wait(60) == 0
         assert got["data"][-1] == "[DONE]" and got["reasons"][-1] == "length"
         assert [r for r in got["reasons"] if r] == ["length"]
+
+
+def test_n_samples_streamed_and_not(client):
+    """Two prompts x n=3: six choices numbered prompt-major; usage counts each prompt once and
+    every sample's tokens; a seeded chat streams the same three samples it answers whole."""
+    kw = dict(model=MODEL, max_tokens=4, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    one = client.completions.create(model=MODEL, prompt=["The capital of France is", "1, 2, 3,"], max_tokens=1)
+    full = client.completions.create(prompt=["The capital of France is", "1, 2, 3,"], n=3, **kw)
+    assert [c.index for c in full.choices] == list(range(6))
+    assert all(c.finish_reason == "length" for c in full.choices)
+    assert full.usage.prompt_tokens == one.usage.prompt_tokens and full.usage.completion_tokens == 6 * 4
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(messages=messages, n=3, **kw)
+    texts = [c.message.content for c in whole.choices]
+    assert [c.index for c in whole.choices] == [0, 1, 2] and len(set(texts)) > 1   # the samples differ
+    streamed, reasons, usage = {0: "", 1: "", 2: ""}, {}, None
+    for chunk in client.chat.completions.create(messages=messages, n=3, stream=True,
+                                                stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                assert c.index not in reasons   # each choice ends once
+                reasons[c.index] = c.finish_reason
+    assert [streamed[i] for i in range(3)] == texts and reasons == {0: "length", 1: "length", 2: "length"}
+    assert usage.completion_tokens == 12 and usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completion_logprobs_streamed_and_not(client, default_gguf_path):
+    """Greedy tokens are rank 1: each one's logprob is the largest of its top_logprobs, and
+    the text is the same as without logprobs."""
+    kw = dict(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    full = client.completions.create(**kw, logprobs=3).choices[0]
+    lps = full.logprobs
+    assert full.text == plain == "".join(lps.tokens) and len(lps.tokens) == 5
+    assert lps.text_offset == [sum(map(len, lps.tokens[:i])) for i in range(5)]
+    for token, lp, top in zip(lps.tokens, lps.token_logprobs, lps.top_logprobs):
+        assert lp <= 0 and len(top) == 3 and top[token] == pytest.approx(max(top.values()), abs=1e-6)
+        assert top[token] == pytest.approx(lp, abs=1e-6)
+        assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-4
+    # The same logprob computed by another path: a prefill over the prompt and the first 3 tokens.
+    tok = Tokenizer.from_gguf(default_gguf_path)
+    ids = tok.encode(kw["prompt"]) + [i for t in lps.tokens[:3] for i in tok.encode(t)]
+    again = client.completions.create(**{**kw, "prompt": ids, "max_tokens": 1}, logprobs=3).choices[0].logprobs
+    assert again.tokens[0] == lps.tokens[3]
+    assert again.token_logprobs[0] == pytest.approx(lps.token_logprobs[3], abs=1e-3)
+    assert again.top_logprobs[0] == pytest.approx(lps.top_logprobs[3], abs=1e-3)
+    chunks = [c.choices[0] for c in client.completions.create(**kw, logprobs=3, stream=True) if c.choices]
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == lps.tokens
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(lps.token_logprobs, abs=1e-5)
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=4, temperature=0)
+    full = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    assert "".join(t.token for t in content) == full.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and bytes(t.bytes).decode() == t.token and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-6)
+        assert t.top_logprobs[1].logprob <= t.logprob
+    chunks = list(client.chat.completions.create(**kw, logprobs=True, stream=True))
+    streamed = [t for c in chunks for t in (c.choices[0].logprobs.content if c.choices[0].logprobs else [])]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(t.top_logprobs == [] for t in streamed)   # top_logprobs left out: none
+    assert client.chat.completions.create(**kw).choices[0].logprobs is None
+
+
+def test_penalties_and_logit_bias_change_the_output(client, default_gguf_path):
+    kw = dict(model=MODEL, prompt="red red red red red red red red", max_tokens=8, temperature=0)
+    base = client.completions.create(**kw).choices[0]
+    penalised = client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=1.0).choices[0]
+    assert base.text.count("red") > penalised.text.count("red")
+    # Banning the greedy first token moves the first token elsewhere.
+    first = client.completions.create(**{**kw, "max_tokens": 1}, logprobs=1).choices[0].logprobs.tokens[0]
+    ids = Tokenizer.from_gguf(default_gguf_path).encode(first)
+    assert len(ids) == 1
+    banned = client.completions.create(**{**kw, "max_tokens": 1}, logprobs=1, logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].logprobs.tokens[0] != first
+    extras = dict(repetition_penalty=1.3, min_tokens=2, include_stop_str_in_output=True, skip_special_tokens=False)
+    assert client.completions.create(**kw, extra_body=extras).usage.completion_tokens == 8
