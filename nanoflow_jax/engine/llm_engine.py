@@ -216,7 +216,7 @@ class LLMEngine:
             self._seqs.pop(members[0].request_id, None)
             if seq.metrics is not None and seq.metrics.finished_time is None:
                 seq.metrics.finished_time = time.time()
-        return RequestOutput.from_sequence(seq, seq.take_delta(), seq.take_token_delta())
+        return RequestOutput.from_sequence(seq, {id(m): (m.take_delta(), m.take_token_delta()) for m in members})
 
     def _reports(self, seq: Sequence) -> bool:
         """Its request has not given its final update yet (n > 1: its leader is still known)."""
@@ -362,20 +362,29 @@ class LLMEngine:
             outputs += [self._fail(row.seq, "running its batch on the device", e)
                         for row in batch.rows if row.samples and not row.seq.is_finished]
             return
-        for i, row in enumerate(batch.rows):
-            seq = row.seq
-            # Skipped: a mid-prompt chunk, or the extra token after a late-seen stop.
-            if row.samples and not seq.is_finished:
-                seq.num_pending -= 1
-                token = int(host[i])
-                try:
-                    if seq.logprobs is not None:
-                        self._append_logprobs(seq, token, lp_f[i], lp_i[i])
-                    self._append(seq, token)
-                    outputs.append(self._output(seq))
-                except Exception as e:
-                    outputs.append(self._fail(seq, f"detokenizing token {token}", e))
-            batch.num_read = i + 1
+        # n > 1: one update per request after the whole batch is read, not one per sample
+        # (each update copies every sample's tokens so far).
+        groups: dict[int, Sequence] = {}
+        try:
+            for i, row in enumerate(batch.rows):
+                seq = row.seq
+                # Skipped: a mid-prompt chunk, or the extra token after a late-seen stop.
+                if row.samples and not seq.is_finished:
+                    seq.num_pending -= 1
+                    token = int(host[i])
+                    try:
+                        if seq.logprobs is not None:
+                            self._append_logprobs(seq, token, lp_f[i], lp_i[i])
+                        self._append(seq, token)
+                        if seq.group is None:
+                            outputs.append(self._output(seq))
+                        else:
+                            groups.setdefault(id(seq.group[0]), seq)
+                    except Exception as e:
+                        outputs.append(self._fail(seq, f"detokenizing token {token}", e))
+                batch.num_read = i + 1
+        finally:   # also when interrupted: a group that finished here reports now
+            outputs += [self._output(seq) for seq in groups.values() if self._reports(seq)]
 
     def _prompt_logprobs(self, ids: list[int], k: int) -> list[PositionLogprobs | None]:
         """vLLM's prompt_logprobs: None for the first token, then each token's entry."""

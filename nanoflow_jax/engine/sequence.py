@@ -190,13 +190,14 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
 
     @classmethod
-    def from_sequence(cls, seq: Sequence, delta_text: str = "",
-                      delta_token_ids: list[int] | None = None) -> "RequestOutput":
+    def from_sequence(cls, seq: Sequence,
+                      deltas: dict[int, tuple[str, list[int]]] | None = None) -> "RequestOutput":
         """The request as streamed so far: `text` holds what the deltas handed out. For
-        n > 1, one CompletionOutput per sample; only `seq`'s carries this update's delta."""
+        n > 1, one CompletionOutput per sample; `deltas` maps id(sample) to the new text and
+        tokens this update hands out (a sample absent from it has none)."""
         members = seq.group or [seq]
-        comps = [_completion(m, delta_text if m is seq else "", delta_token_ids if m is seq else None)
-                 for m in members]
+        deltas = deltas or {}
+        comps = [_completion(m, *deltas.get(id(m), ("", None))) for m in members]
         lead = members[0]
         return cls(request_id=lead.request_id, prompt=lead.prompt,
                    prompt_token_ids=list(lead.prompt_token_ids), outputs=comps,

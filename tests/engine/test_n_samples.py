@@ -76,3 +76,29 @@ def test_abort_and_a_closed_stream_free_every_page():
     while engine.has_unfinished():
         engine.step()
     assert engine.blocks.all_free()
+
+
+def test_one_update_per_request_per_step_and_deltas_add_up():
+    prompts = random_prompts(2, [9, 17], seed=34)
+    llm = make_llm()
+    engine = llm.engine
+    sp = SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=10, ignore_eos=True)
+    for j, p in enumerate(prompts):
+        engine.add_request(p, sp, request_id=f"g{j}")
+    streamed: dict[tuple[str, int], list[int]] = {}
+    finals = {}
+    while engine.has_unfinished():
+        outs = engine.step()
+        ids = [o.request_id for o in outs]
+        assert len(ids) == len(set(ids))   # the samples that stepped share one update
+        for o in outs:
+            for c in o.outputs:
+                streamed.setdefault((o.request_id, c.index), []).extend(c.delta_token_ids)
+            if o.finished:
+                finals[o.request_id] = o
+    assert sorted(finals) == ["g0", "g1"]
+    for rid, o in finals.items():
+        assert [c.index for c in o.outputs] == [0, 1, 2]
+        for c in o.outputs:
+            assert len(c.token_ids) == 10 and streamed[(rid, c.index)] == c.token_ids
+    assert engine.blocks.all_free()
