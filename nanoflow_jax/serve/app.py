@@ -129,16 +129,22 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
                 "owned_by": "nanoflow_jax", "max_model_len": llm.engine_config.max_model_len}
         return {"object": "list", "data": [card]}
 
+    async def generate(prefix: str, prompts: list[str | list[int]], params: Any, body: Any, request: Request,
+                       chat: bool) -> Response:
+        """Hand the prompts to the engine thread and answer with their outputs (a chat's
+        text is templated already, so no special tokens are added to it)."""
+        group = serving.start_group(prefix, prompts, params, add_special_tokens=not chat)
+        builder = protocol.ResponseBuilder(chat, group.base_id, body.model or config.served_model_name,
+                                           params.n, params.logprobs)
+        return await _respond(group, builder, body, request)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         serving.check_open()
         serving.check_model(body.model)
         params = protocol.completion_params(body, **serving.limits)
         prompts = protocol.completion_prompts(body)
-        group = serving.start_group("cmpl", prompts, params, add_special_tokens=True)
-        builder = protocol.ResponseBuilder(False, group.ids[0].rsplit("-", 1)[0], body.model or config.served_model_name,
-                                           params.n, params.logprobs)
-        return await _respond(group, builder, body, request)
+        return await generate("cmpl", prompts, params, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -150,10 +156,7 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
             text = llm._render_chat(messages, body.add_generation_prompt)[0]
         except ValueError as e:   # ChatTemplateError included, and a model without a tokenizer
             raise APIError(400, str(e), param="messages") from None
-        group = serving.start_group("chatcmpl", [text], params, add_special_tokens=False)
-        builder = protocol.ResponseBuilder(True, group.ids[0].rsplit("-", 1)[0], body.model or config.served_model_name,
-                                           params.n, params.logprobs)
-        return await _respond(group, builder, body, request)
+        return await generate("chatcmpl", [text], params, body, request, chat=True)
 
     return app
 

@@ -294,6 +294,7 @@ class RequestGroup:
         self.thread = thread
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         arrival = time.monotonic()
+        self.base_id = base_id   # the HTTP response's id
         self.ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         self.index = {rid: i for i, rid in enumerate(self.ids)}
         subs = [Submission(rid, p, params, self.queue, add_special_tokens, timeout, RequestTiming(arrival))
