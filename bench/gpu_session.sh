@@ -9,6 +9,12 @@
 #                                                                        -> pipelines_llama3_8b.json
 #   throughput  engine throughput, Llama-3-8B shapes, random bf16 weights, Pallas kernels
 #               (the workload of bench/RESULTS.md)                      -> throughput_llama3_8b_pallas.json
+#   floor       the engine-floor workloads (Llama-3-8B shapes, random bf16, 256 seqs, 2048 tokens):
+#               512 x (1024 in, 512 out) with two traced windows of 12 steps (pure decode and mixed):
+#               device idle between iterations and each operation against its floor (bench.iteration)
+#               with a cold persistent compilation cache; then 16 requests on the warm cache (start-up
+#               and first token, warm); then 512 x (512 in, 1024 out). KV_PAGES (default 26000) fits an H100
+#               -> throughput_llama3_8b_{1024_512,warm_start,512_1024}.json, *_iteration.png, window traces
 #   kernels     the kernel table: decode attention, memory-bound and prefill sections, then the
 #               Mosaic GEMMs at M = 256..2048 against the library, judged by bench.targets;
 #               RUNS=N (default 1) repeats it N times and also judges the medians
@@ -63,6 +69,30 @@ throughput() {  # $1: result name; the rest: extra bench.throughput flags
     --num-prompts 128 --input-len 512 --output-len 256 --max-num-seqs 128 --max-num-batched-tokens 2048 \
     --token-buckets 128,2048 --num-kv-pages 16384 "$@" \
     --out "$OUT/throughput_llama3_8b_${name}.json" 2>&1 | grep -v "^WARNING" | tail -6 | tee -a "$OUT/throughput.log"
+}
+
+floor() {  # the issue workloads of the engine floor; extra arguments go to every run
+  local common=(--model llama-3-8b --weights random --dtype bfloat16 --kernels pallas --max-num-seqs 256
+                --max-num-batched-tokens 2048 --num-kv-pages "${KV_PAGES:-26000}" --compilation-cache-dir /tmp/nf_cache)
+  rm -rf /tmp/nf_cache
+  timeout 330 python3 -m bench.throughput "${common[@]}" --num-prompts 512 --input-len 1024 --output-len 512 \
+    --max-model-len 1536 --profile-steps "${WINDOWS:-300:12,580:12}" --profile-dir "$OUT" "$@" \
+    --out "$OUT/throughput_llama3_8b_1024_512.json" 2>&1 | grep -v "^WARNING" | tail -4 | tee -a "$OUT/floor.log"
+  timeout 150 python3 -m bench.throughput "${common[@]}" --num-prompts 16 --input-len 1024 --output-len 16 \
+    --max-model-len 1536 "$@" --out "$OUT/throughput_llama3_8b_warm_start.json" 2>&1 | tail -2 | tee -a "$OUT/floor.log"
+  timeout 240 python3 -m bench.throughput "${common[@]}" --num-prompts 512 --input-len 512 --output-len 1024 \
+    --max-model-len 1536 "$@" --out "$OUT/throughput_llama3_8b_512_1024.json" 2>&1 | tail -2 | tee -a "$OUT/floor.log"
+  python3 - "$OUT" <<'PY' | tee -a "$OUT/floor.log"
+import json, sys
+for name in ("1024_512", "warm_start", "512_1024"):
+    try:
+        r = json.load(open(f"{sys.argv[1]}/throughput_llama3_8b_{name}.json"))
+    except (OSError, ValueError) as e:
+        print(name, "missing:", e); continue
+    print(name, f"{r['total_tokens_per_s']:.0f} tok/s", f"{100 * r.get('fraction_of_optimal', 0):.1f}% of optimal",
+          f"{r['ms_per_iteration']:.1f} ms/it", f"startup {r['startup_s']:.1f} s", f"first token {r['first_token_s']} s",
+          "idle", r["device_idle"].get("share"))
+PY
 }
 
 gemm_table() {  # $1: result name; the GEMM section alone (Mosaic, M = 256..2048)
@@ -135,6 +165,8 @@ for recipe in "$@"; do
         | grep -v "^WARNING" | tail -12 | tee "$OUT/pipelines.log" ;;
     throughput)
       throughput pallas --kernels pallas ;;
+    floor)
+      floor ;;
     kernels)
       kernels ;;
     tune)

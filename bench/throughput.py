@@ -19,8 +19,10 @@ Timing: start-up (weights, KV pool and, on a GPU, every bucket's compile) is tim
 from the measured generate, and compile time is reported per phase. Each `LLMEngine.step()`
 call's host wall time is recorded: with async scheduling a step dispatches iteration i+1
 and then waits for iteration i, so a device-bound run's step time is the device's time
-per iteration. Device idle time between iterations is not measured: the engine exposes
-no device timestamps, and timing the device from the host would serialize the pipeline.
+per iteration. Device idle time between iterations needs device timestamps, which timing
+from the host would serialize: `--profile-steps` traces windows of steps with jax.profiler
+and reports it, with each operation of a mixed and a pure-decode iteration against its
+FLOP/byte floor (bench.iteration; JSON fields `device_idle`, `iteration_profile`, and a PNG).
 """
 
 from __future__ import annotations
@@ -30,23 +32,25 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from bench import datasets, library_gemm_ms, nanoflow_env, print_and_write, pyplot, run_metadata
+from bench import copy_bandwidth, datasets, iteration, library_gemm_ms, nanoflow_env, print_and_write, pyplot, run_metadata
 from nanoflow_jax.config import KERNEL_SETS, PIPELINES
 from nanoflow_jax.engine.config import EngineConfig
 
 ALL_PIPELINES = "all"
 WARMUP_PROMPTS = 8
-IDLE_NOT_MEASURED = ("the engine exposes no device timestamps; timing the device from the host "
-                     "(block_until_ready per step) would serialize the asynchronous pipeline")
+IDLE_NOT_MEASURED = ("measured only with --profile-steps on a GPU (kernel records of traced windows); "
+                     "timing the device from the host would serialize the asynchronous pipeline")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices the model is split over; per-device numbers and %% of optimal divide by it")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="JAX's persistent compilation cache (EngineConfig.compilation_cache_dir); a second run "
+                        "with the same folder measures the warm start-up")
+    p.add_argument("--profile-steps", default=None,
+                   help="trace these windows of engine steps, START:COUNT[,START:COUNT] (GPU): device idle between "
+                        "iterations and each operation against its floor (bench.iteration)")
+    p.add_argument("--profile-dir", default=None,
+                   help="where the traced windows go (default: beside --out, else a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "--output-json", dest="out", default=None, help="write the result JSON here")
     p.add_argument("--plot", default=None,
@@ -109,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dataset-path {args.dataset_path}: no such file")
     if args.num_prompts < 1:
         p.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    try:
+        args.profile_windows = iteration.parse_windows(args.profile_steps)
+    except ValueError as e:
+        p.error(str(e))
+    if args.profile_windows and args.pipeline != "sequential":
+        p.error("--profile-steps attributes kernels of one stream: use it with --pipeline sequential")
     return args
 
 
@@ -253,6 +271,7 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
                       decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
                       enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                       tensor_parallel_size=args.tensor_parallel_size,
+                      compilation_cache_dir=args.compilation_cache_dir,
                       precompile=None if args.precompile == "auto" else args.precompile == "1",
                       token_buckets=tuple(int(b) for b in args.token_buckets.split(",")) if args.token_buckets else None)
         except ValueError as e:
@@ -268,13 +287,17 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
 
         clock.phase = "warmup"
         t0 = time.perf_counter()
-        llm.generate(prompts[:WARMUP_PROMPTS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        warm = llm.generate(prompts[:WARMUP_PROMPTS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         warmup_s = time.perf_counter() - t0
+        first = min((o.metrics.first_token_time for o in warm if o.metrics.first_token_time), default=None)
+        age = process_age_s()
+        first_token_s = None if first is None or age is None else age - (time.time() - first)
         llm.reset_prefix_cache()
 
         clock.phase = "timed_run"
         it0, pre0 = engine.num_iterations, engine.scheduler.num_preemptions
-        with step_recorder(engine) as rec:
+        tracer = iteration.WindowTracer(engine, args.profile_windows, profile_dir(args, pipeline))
+        with step_recorder(engine) as rec, tracer.installed():
             t0 = time.perf_counter()
             outs = llm.generate(prompts, sampling, use_tqdm=True)
             elapsed = time.perf_counter() - t0
@@ -290,6 +313,9 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         "engine": {k: v for k, v in vars(llm.engine_config).items() if isinstance(v, (int, float, str, bool))},
         "dtype": str(runner.kv_dtype),
         "startup_s": startup_s, "warmup_s": warmup_s, "precompiled": bool(runner.precompile),
+        # From the process's start to the first token of the warm-up's first request: what a
+        # user waits for before the engine answers (imports, weights, pool, compiles).
+        "first_token_s": first_token_s, "compilation_cache_dir": args.compilation_cache_dir,
         "compile_s": clock.seconds, "compiled_buckets": clock.buckets,
         "elapsed_s": elapsed, "requests": len(outs), "failed_requests": len(outs) - len(ok),
         "first_error": next((o.error for o in outs if o.error is not None), None),
@@ -312,6 +338,9 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         "memory": device_memory(),
         "step_ms": [round(t, 3) for t in rec["step_ms"]],
     }
+    if tracer.traced:   # analysed in run(), once the ceilings are measured
+        result["_tracer"] = tracer
+        result["profiled_windows"] = [{k: w[k] for k in ("start", "count")} for w in tracer.traced]
     if clock.seconds.get("timed_run"):
         print(f"bench.throughput: {clock.seconds['timed_run']:.1f} s of the timed run ({pipeline}) compiled "
               f"{clock.buckets['timed_run']} step buckets first needed then: pass --precompile 1 to keep "
@@ -333,6 +362,52 @@ def add_optimal(result: dict[str, Any], peak: dict[str, float], spec: float | No
         result["fraction_of_spec_optimal"] = result["total_tokens_per_s_per_device"] * 2 * params / (spec * 1e12)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def profile_dir(args: argparse.Namespace, pipeline: str) -> Path:
+    """Where --profile-steps' windows go: --profile-dir, else beside --out, else a temporary folder."""
+    if args.profile_dir:
+        return Path(args.profile_dir)
+    if args.out:
+        return Path(args.out).with_suffix("").parent / (Path(args.out).stem + f"_{pipeline}_profile")
+    return Path(tempfile.mkdtemp(prefix="nanoflow_profile_"))
+
+
+def add_iteration_profile(result: dict[str, Any], tracer: Any, args: argparse.Namespace,
+                          peak: dict[str, float]) -> None:
+    """The traced windows against the run's ceilings (bench.iteration): device idle between
+    iterations, and each operation of a mixed and a pure-decode iteration against its floor."""
+    import jax
+
+    from nanoflow_jax.config import ModelConfig
+
+    if jax.default_backend() != "gpu" or not peak:
+        result["iteration_profile"] = {"measured": False, "note": "kernel records and ceilings need a GPU run",
+                                       "windows": tracer.traced}
+        return
+    tflops, gbs = max(peak.values()), copy_bandwidth()["copy_gbps"]
+    report = tracer.reports(ModelConfig.from_name(args.model), iteration.Ceilings(tflops, gbs))
+    result["iteration_profile"] = report
+    if report.get("measured"):
+        result["device_idle"] = {"measured": True, "share": report["idle_between_iterations_share"],
+                                 "gaps_inside_iterations_share": report["gaps_inside_iterations_share"],
+                                 "note": "from the profiled windows' kernel records: time between one iteration's "
+                                         "last kernel and the next one's first, over the windows' span"}
+    if args.out:
+        iteration.plot(report, str(Path(args.out).with_suffix("")) + f"_{result['pipeline']}_iteration.png",
+                       f"{args.model} on {result.get('device', '')}")
+
+
 def run(args: argparse.Namespace, work: dict[str, Any] | None = None) -> dict[str, Any]:
     import jax
 
@@ -350,6 +425,9 @@ def run(args: argparse.Namespace, work: dict[str, Any] | None = None) -> dict[st
     spec = spec_peak_tflops(jax.devices()[0].device_kind)
     for r in results.values():
         add_optimal(r, peak, spec, params)
+        tracer = r.pop("_tracer", None)
+        if tracer is not None:
+            add_iteration_profile(r, tracer, args, peak)
     meta = run_metadata("bench.throughput") if on_gpu else {}
     result: dict[str, Any] = {
         "command": "python -m bench.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
