@@ -1,6 +1,8 @@
 """The benchmark CLI (`python -m bench.X`, or the nanoflow-bench-* console scripts):
 
 - throughput: offline serving throughput of the engine against NanoFlow's optimum;
+- iteration: where an engine iteration's GPU time goes, each operation against its floor
+  (from bench.throughput --profile-steps);
 - rollouts: RL rollouts (n samples per prompt, with logprobs) against the same requests
   submitted separately, and the time of `LLM.update_params`;
 - kernels: every kernel checked and timed against ceilings, judged by targets;

@@ -108,7 +108,10 @@ def test_a_stream_past_its_timeout_ends_with_an_error_event(engine):
         resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 10**9, "stream": True})
         assert resp.status_code == 200   # the stream had started: the error comes in it
         events = [e for e in resp.text.split("\n\n") if e]
-        assert events[-1] == "data: [DONE]" and len(events) > 3
+        assert events[-1] == "data: [DONE]"
         err = json.loads(events[-2][6:])["error"]
         assert err["code"] == "request_timeout" and err["type"] == "timeout_error"
-        assert engine.aborted == [json.loads(events[0][6:])["id"] + "-0"] and not engine.reqs
+        # A loaded machine may time the request out before its first token is streamed.
+        assert len(engine.aborted) == 1 and engine.aborted[0].endswith("-0") and not engine.reqs
+        if len(events) > 2:
+            assert engine.aborted == [json.loads(events[0][6:])["id"] + "-0"]
