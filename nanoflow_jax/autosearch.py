@@ -101,6 +101,26 @@ def load_choice(cfg: ModelConfig, device_kind: str, directory: Path | None = Non
                          "run the search again or delete the file") from e
 
 
+SIZING_KEYS = ("max_num_seqs", "max_num_batched_tokens")
+
+
+def searched_sizing(cfg: ModelConfig, device_kind: str, directory: Path | None = None) -> dict[str, int] | None:
+    """The batch sizing the search chose from this GPU's KV memory ({max_num_seqs,
+    max_num_batched_tokens}), or None when no choice file (or none with a sizing) exists."""
+    path = choice_path(cfg, device_kind, directory)
+    if not path.exists():
+        return None
+    try:
+        engine = json.loads(path.read_text()).get("engine") or {}
+        sizing = {k: engine[k] for k in SIZING_KEYS if k in engine}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizing.values()):
+            raise ValueError(f"sizing {sizing} is not positive integers")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a pipeline choice written by `python -m nanoflow_jax.autosearch` ({e}): "
+                         "run the search again or delete the file") from e
+    return sizing if len(sizing) == len(SIZING_KEYS) else None
+
+
 def resolve_pipeline(pipeline: str, nano_programs: Any, cfg: ModelConfig,
                      directory: Path | None = None) -> tuple[str, Any]:
     """`auto` -> the searched choice for this model and GPU, else `sequential`; other modes pass."""

@@ -4,6 +4,7 @@ and GPU, and an engine with pipeline="auto" loads it (or runs sequential where n
 from __future__ import annotations
 
 import json
+import random
 import logging
 
 import jax
@@ -76,3 +77,31 @@ def test_engine_pipeline_auto_runs_sequential_without_a_gpu():
 
     llm = make_llm()   # EngineConfig.pipeline defaults to "auto"
     assert llm.engine_config.pipeline == "auto" and llm.engine.runner.pipeline == "sequential"
+
+
+def test_the_searched_batch_sizing_fills_in_what_the_caller_left_out(tmp_path, monkeypatch):
+    from nanoflow_jax.engine import llm as llm_module
+
+    class FakeDevice:
+        device_kind = "NVIDIA H200"
+    monkeypatch.setattr(autosearch, "PIPELINES_DIR", tmp_path)
+    path = autosearch.choice_path(TINY, FakeDevice.device_kind)
+    assert autosearch.searched_sizing(TINY, FakeDevice.device_kind) is None   # no file
+    seqs, tokens = random.randint(2, 999), random.randint(1000, 9999)
+    path.write_text(json.dumps({"best": {"pipeline": "sequential"},
+                                "engine": {"max_num_seqs": seqs, "max_num_batched_tokens": tokens, "kv_pages": 7}}))
+    assert autosearch.searched_sizing(TINY, FakeDevice.device_kind) == {"max_num_seqs": seqs,
+                                                                        "max_num_batched_tokens": tokens}
+    kwargs = {}
+    llm_module._apply_searched_sizing(TINY, kwargs)   # CPU: the file is for a GPU
+    assert kwargs == {}
+    monkeypatch.setattr(llm_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(llm_module.jax, "devices", lambda: [FakeDevice()])
+    llm_module._apply_searched_sizing(TINY, kwargs)
+    assert kwargs == {"max_num_seqs": seqs, "max_num_batched_tokens": tokens}
+    for given in ({"max_num_seqs": 3}, {"pipeline": "nanobatch"}):   # the caller's choice stands
+        llm_module._apply_searched_sizing(TINY, kw := dict(given))
+        assert kw == given
+    path.write_text(json.dumps({"engine": {"max_num_seqs": -1, "max_num_batched_tokens": 5}}))
+    with pytest.raises(ValueError, match="not a pipeline choice"):
+        autosearch.searched_sizing(TINY, FakeDevice.device_kind)

@@ -54,6 +54,21 @@ def _tp_placement(size: Any) -> Any:
     return lambda cfg: TensorParallel.create(cfg, size).load_shardings()
 
 
+def _apply_searched_sizing(model_cfg: ModelConfig, engine_kwargs: dict[str, Any]) -> None:
+    """With the pipeline left to `auto` on a GPU, the batch sizing `python -m
+    nanoflow_jax.autosearch --search` chose for this model and GPU fills in max_num_seqs and
+    max_num_batched_tokens where the caller gave neither."""
+    from nanoflow_jax import autosearch
+
+    if (engine_kwargs.get("pipeline", "auto") != "auto" or jax.default_backend() != "gpu"
+            or any(k in engine_kwargs for k in autosearch.SIZING_KEYS)):
+        return
+    sizing = autosearch.searched_sizing(model_cfg, jax.devices()[0].device_kind)
+    if sizing:
+        log.info("batch sizing from the searched pipeline file: %s", sizing)
+        engine_kwargs.update(sizing)
+
+
 class LLM:
     """An engine over a model from disk (`model=`) or from memory (`params=` + `config=`).
 
@@ -87,6 +102,7 @@ class LLM:
         mc = loaded.config
         if max_model_len is None:
             max_model_len = min(mc.max_position_embeddings, 2048)
+        _apply_searched_sizing(mc, engine_kwargs)
         if "async_scheduling" in engine_kwargs and engine_kwargs["async_scheduling"] is None:
             del engine_kwargs["async_scheduling"]   # None: follow NANOFLOW_ASYNC
         self.engine_config = EngineConfig(max_model_len=max_model_len, **engine_kwargs)
