@@ -91,7 +91,7 @@ for name in ("1024_512", "warm_start", "512_1024"):
         print(name, "missing:", e); continue
     print(name, f"{r['total_tokens_per_s']:.0f} tok/s", f"{100 * r.get('fraction_of_optimal', 0):.1f}% of optimal",
           f"{r['ms_per_iteration']:.1f} ms/it", f"startup {r['startup_s']:.1f} s", f"first token {r['first_token_s']} s",
-          "idle", r["device_idle"].get("share"))
+          "idle", r["device_idle"].get("share"), "floor", r.get("floor"))
 PY
 }
 

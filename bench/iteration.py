@@ -239,7 +239,8 @@ class WindowTracer:
         self.steps_seen = 0
         self.active: tuple[int, int] | None = None
         self.records: list[dict[str, Any]] = []
-        self.traced: list[dict[str, Any]] = []   # per window: start, count, trace and steps files
+        self.traced: list[dict[str, Any]] = []   # per window: start, count, its steps, the trace file
+        self.all_steps: list[dict[str, Any]] = []   # every dispatched batch of the run (`run_floor`)
 
     def _drain(self) -> None:
         import jax
@@ -290,10 +291,12 @@ class WindowTracer:
                     tracer._close()
 
         def dispatch(batch: Any, prev_tokens: Any) -> Any:
+            bucket = runner.bucket_for(batch)
+            decode_only = runner.decode_only_steps and batch.num_decode == len(batch.rows)
+            record = step_record(batch, bucket, decode_only)
+            tracer.all_steps.append(record)
             if tracer.active is not None:
-                bucket = runner.bucket_for(batch)
-                decode_only = runner.decode_only_steps and batch.num_decode == len(batch.rows)
-                tracer.records.append(step_record(batch, bucket, decode_only))
+                tracer.records.append(record)
             return inner_dispatch(batch, prev_tokens)
 
         @contextlib.contextmanager
@@ -327,6 +330,20 @@ class WindowTracer:
             except ValueError as e:   # the raw files stay for `python -m bench.iteration`
                 reports.append({**w, "measured": False, "note": str(e)})
         return {**merge_windows(reports), "ceilings": dataclasses.asdict(ceil)}
+
+
+def run_floor(cfg: ModelConfig, steps: Sequence[dict[str, Any]], ceil: Ceilings) -> dict[str, float]:
+    """The floor of a whole run's iterations: `sequential` sums every operation's floor (each
+    op alone on the GPU), `overlapped` takes per iteration the larger of all its FLOPs at the
+    GEMM peak and all its bytes at the copy bandwidth (compute and memory fully hidden under
+    each other, NanoFlow's ideal)."""
+    seq = ovl = 0.0
+    for step in steps:
+        floors = op_floors(cfg, step, ceil)
+        seq += sum(f["floor_us"] for f in floors.values())
+        ovl += max(sum(f["flops"] for f in floors.values()) / ceil.gemm_tflops / 1e6,
+                   sum(f["bytes"] for f in floors.values()) / ceil.copy_gbs / 1e3)
+    return {"iterations": len(steps), "sequential_s": round(seq / 1e6, 6), "overlapped_s": round(ovl / 1e6, 6)}
 
 
 # --- a window's report ----------------------------------------------------------------------

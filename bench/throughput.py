@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -338,8 +339,8 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         "memory": device_memory(),
         "step_ms": [round(t, 3) for t in rec["step_ms"]],
     }
-    if tracer.traced:   # analysed in run(), once the ceilings are measured
-        result["_tracer"] = tracer
+    result["_tracer"] = tracer   # the run's floor and any traced windows: run(), with the ceilings
+    if tracer.traced:
         result["profiled_windows"] = [{k: w[k] for k in ("start", "count")} for w in tracer.traced]
     if clock.seconds.get("timed_run"):
         print(f"bench.throughput: {clock.seconds['timed_run']:.1f} s of the timed run ({pipeline}) compiled "
@@ -392,11 +393,20 @@ def add_iteration_profile(result: dict[str, Any], tracer: Any, args: argparse.Na
     from nanoflow_jax.config import ModelConfig
 
     if jax.default_backend() != "gpu" or not peak:
-        result["iteration_profile"] = {"measured": False, "note": "kernel records and ceilings need a GPU run",
-                                       "windows": tracer.traced}
+        if tracer.traced:
+            result["iteration_profile"] = {"measured": False, "note": "kernel records and ceilings need a GPU run",
+                                           "windows": tracer.traced}
         return
-    tflops, gbs = max(peak.values()), copy_bandwidth()["copy_gbps"]
-    report = tracer.reports(ModelConfig.from_name(args.model), iteration.Ceilings(tflops, gbs))
+    cfg = ModelConfig.from_name(args.model)
+    ceil = iteration.Ceilings(max(peak.values()), copy_bandwidth()["copy_gbps"])
+    # What the run's own iterations cost at the ceilings, against what they took.
+    floor = iteration.run_floor(cfg, tracer.all_steps, ceil)
+    result["floor"] = {**floor, "ceilings": dataclasses.asdict(ceil),
+                       "of_sequential_floor": round(floor["sequential_s"] / result["elapsed_s"], 3),
+                       "of_overlapped_floor": round(floor["overlapped_s"] / result["elapsed_s"], 3)}
+    if not tracer.traced:
+        return
+    report = tracer.reports(cfg, ceil)
     result["iteration_profile"] = report
     if report.get("measured"):
         result["device_idle"] = {"measured": True, "share": report["idle_between_iterations_share"],
@@ -425,9 +435,7 @@ def run(args: argparse.Namespace, work: dict[str, Any] | None = None) -> dict[st
     spec = spec_peak_tflops(jax.devices()[0].device_kind)
     for r in results.values():
         add_optimal(r, peak, spec, params)
-        tracer = r.pop("_tracer", None)
-        if tracer is not None:
-            add_iteration_profile(r, tracer, args, peak)
+        add_iteration_profile(r, r.pop("_tracer"), args, peak)
     meta = run_metadata("bench.throughput") if on_gpu else {}
     result: dict[str, Any] = {
         "command": "python -m bench.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

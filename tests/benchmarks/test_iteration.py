@@ -174,3 +174,19 @@ def test_the_offline_cli_analyses_a_saved_window_again(tmp_path):
     assert (tmp_path / "o.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         iteration.main([*base, "--window", "41"])
+
+
+def test_the_run_floor_sums_its_iterations_and_overlap_never_costs_more():
+    ceil = iteration.Ceilings(gemm_tflops=400.0, copy_gbs=2000.0)
+    rng = random.Random()
+    steps = [{"tokens": n, "rows": min(n, 32), "decodes": min(n, 32), "decode_context": 32 * rng.randint(10, 900),
+              "prefill": [[0, n - 32]] if n > 32 else []} for n in (rng.choice([32, 96, 512]) for _ in range(6))]
+    total = iteration.run_floor(CFG, steps, ceil)
+    parts = [iteration.run_floor(CFG, [s], ceil) for s in steps]
+    assert total["iterations"] == 6
+    assert total["sequential_s"] == pytest.approx(sum(p["sequential_s"] for p in parts), abs=1e-5)
+    assert total["overlapped_s"] == pytest.approx(sum(p["overlapped_s"] for p in parts), abs=1e-5)
+    for s, p in zip(steps, parts):
+        f = iteration.op_floors(CFG, s, ceil)
+        assert p["sequential_s"] == pytest.approx(sum(r["floor_us"] for r in f.values()) / 1e6, abs=1e-6)
+        assert max(r["floor_us"] for r in f.values()) / 1e6 - 1e-6 <= p["overlapped_s"] <= p["sequential_s"] + 1e-6
