@@ -126,3 +126,26 @@ def test_split_tail_gemm_matches_reference_on_gpu(op):
         out, want = gemm_mgpu(x, w, bias=b, config=cfg, num_programs=programs), ref.gemm(x, w, bias=b)
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     assert np.linalg.norm(f32(out) - f32(want)) / np.linalg.norm(f32(want)) < 1e-2
+
+
+def test_profiled_windows_attribute_every_kernel_on_gpu(tmp_path):
+    """bench.throughput --profile-steps on a small model: each traced window is cut into as many
+    iterations as were dispatched, and every GPU kernel lands in exactly one operation."""
+    import json
+
+    from bench import throughput
+
+    out = tmp_path / "r.json"
+    assert throughput.main(["--model", "smollm2-135m", "--weights", "random", "--dtype", "bfloat16",
+                            "--kernels", "pallas", "--num-prompts", "24", "--input-len", "96", "--output-len", "24",
+                            "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--num-kv-pages", "512",
+                            "--token-buckets", "16,256", "--profile-steps", "2:4,20:4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    prof = r["iteration_profile"]
+    assert prof["measured"], prof
+    for w in prof["windows"]:
+        assert w["measured"], w.get("note")
+        assert w["window"]["iterations"] == len(w["steps"]) == w["count"]
+        for row in w["representative"].values():
+            assert sum(op["kernels"] for op in row["ops"].values()) == row["kernels"]
+    assert 0 <= r["device_idle"]["share"] < 1 and r["floor"]["sequential_s"] > 0
