@@ -80,6 +80,7 @@ floor() {  # the issue workloads of the engine floor; extra arguments go to ever
     --out "$OUT/throughput_llama3_8b_1024_512.json" 2>&1 | grep -v "^WARNING" | tail -4 | tee -a "$OUT/floor.log"
   timeout 150 python3 -m bench.throughput "${common[@]}" --num-prompts 16 --input-len 1024 --output-len 16 \
     --max-model-len 1536 "$@" --out "$OUT/throughput_llama3_8b_warm_start.json" 2>&1 | tail -2 | tee -a "$OUT/floor.log"
+  [ -n "${FLOOR_SHORT:-}" ] ||   # FLOOR_SHORT=1: without the 512/1024 run
   timeout 240 python3 -m bench.throughput "${common[@]}" --num-prompts 512 --input-len 512 --output-len 1024 \
     --max-model-len 1536 "$@" --out "$OUT/throughput_llama3_8b_512_1024.json" 2>&1 | tail -2 | tee -a "$OUT/floor.log"
   python3 - "$OUT" <<'PY' | tee -a "$OUT/floor.log"
