@@ -88,21 +88,22 @@ def _attention_half(seg: Sequence[Kernel], add: Any) -> None:
         add(op if op else "qkv_gemm" if i < first else "o_gemm" if i >= o_gemm else "attention_glue", k)
 
 
-def _mlp_half(seg: Sequence[Kernel], add: Any, down: int | None = None) -> None:
-    """gate/up and down, each with the kernels after it (the two longest kernels). After the
-    last layer (`down` given: the down GEMM's position, as in the layers before, which run
-    the same scan body), the longest kernel after it is the LM head, with the final norm and
-    row gather before it, and the rest the sampler."""
-    last = down is not None
-    if down is None:
-        g = _longest(seg, 2)
-        down = g[1] if len(g) > 1 else len(seg)
+def _down_position(seg: Sequence[Kernel]) -> int:
+    """Where the down GEMM sits in an MLP half: the later of its two longest kernels."""
+    g = _longest(seg, 2)
+    return g[1] if len(g) > 1 else len(seg)
+
+
+def _mlp_half(seg: Sequence[Kernel], add: Any, down: int, last_layer: bool) -> None:
+    """gate/up before `down`, the down GEMM from it on (with the kernels after it). After the
+    last layer, the longest kernel after the down GEMM is the LM head, with the final norm
+    and row gather before it, and the rest the sampler."""
     rest = range(down + 1, len(seg))
-    head = max(rest, key=lambda i: seg[i][3]) if last and rest else len(seg)
+    head = max(rest, key=lambda i: seg[i][3]) if last_layer and rest else len(seg)
     for i, k in enumerate(seg):
         if i < down:
             add("gate_up_gemm", k)
-        elif i == down or not last:
+        elif i == down or not last_layer:
             add("down_gemm", k)
         else:
             add("lm_head" if i <= head else "sampler", k)
@@ -132,11 +133,10 @@ def attribute(iteration: Sequence[Kernel], num_layers: int) -> dict[str, dict[st
         add("mlp_norm", iteration[m])
         seg = iteration[m + 1: end]
         if layer + 1 < num_layers:
-            g = _longest(seg, 2)
-            down = g[1] if len(g) > 1 else len(seg)
-            _mlp_half(seg, add)
-        else:
-            _mlp_half(seg, add, down if down is not None else _longest(seg, 3)[1])
+            down = _down_position(seg)
+            _mlp_half(seg, add, down, last_layer=False)
+        else:   # the last layer runs the same scan body: its down GEMM sits where the others' did
+            _mlp_half(seg, add, down if down is not None else _longest(seg, 3)[1], last_layer=True)
     for row in ops.values():
         row["us"] = round(row["us"], 2)
         top = sorted(row["names"].items(), key=lambda kv: -kv[1])[:4]
@@ -233,9 +233,11 @@ class WindowTracer:
     window opens and closes, so a window's trace holds exactly its dispatched iterations,
     whole; that costs one pipeline bubble per window edge, outside the traced span."""
 
-    def __init__(self, engine: Any, windows: list[tuple[int, int]], out_dir: str | Path) -> None:
+    def __init__(self, engine: Any, windows: list[tuple[int, int]], out_dir: str | Path | None) -> None:
+        if windows and out_dir is None:
+            raise ValueError("traced windows need a folder to go to")
         self.engine, self.windows = engine, windows
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.steps_seen = 0
         self.active: tuple[int, int] | None = None
         self.records: list[dict[str, Any]] = []

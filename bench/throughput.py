@@ -375,12 +375,15 @@ def process_age_s() -> float | None:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def profile_dir(args: argparse.Namespace, pipeline: str) -> Path:
-    """Where --profile-steps' windows go: --profile-dir, else beside --out, else a temporary folder."""
+def profile_dir(args: argparse.Namespace, pipeline: str) -> Path | None:
+    """Where --profile-steps' windows go: --profile-dir, else beside --out, else a temporary
+    folder (None without windows: nothing is traced)."""
+    if not args.profile_windows:
+        return None
     if args.profile_dir:
         return Path(args.profile_dir)
     if args.out:
-        return Path(args.out).with_suffix("").parent / (Path(args.out).stem + f"_{pipeline}_profile")
+        return Path(args.out).parent / f"{Path(args.out).stem}_{pipeline}_profile"
     return Path(tempfile.mkdtemp(prefix="nanoflow_profile_"))
 
 

@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,21 +84,30 @@ def parse_programs(spec: str) -> tuple[dict[str, int], dict[str, int]]:
     return out[0], out[1]
 
 
-def load_choice(cfg: ModelConfig, device_kind: str, directory: Path | None = None) -> dict[str, Any] | None:
-    """The searched pipeline for this model shape and GPU: {"pipeline", "nano_programs"}, or None."""
+def _read_choice(cfg: ModelConfig, device_kind: str, directory: Path | None,
+                 parse: Callable[[dict[str, Any]], Any]) -> Any:
+    """`parse` of this model's and GPU's choice file (None where there is none); a file it
+    cannot parse is named in the error."""
     path = choice_path(cfg, device_kind, directory)
     if not path.exists():
         return None
     try:
-        best = json.loads(path.read_text())["best"]
+        return parse(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a pipeline choice written by `python -m nanoflow_jax.autosearch` ({e}): "
+                         "run the search again or delete the file") from e
+
+
+def load_choice(cfg: ModelConfig, device_kind: str, directory: Path | None = None) -> dict[str, Any] | None:
+    """The searched pipeline for this model shape and GPU: {"pipeline", "nano_programs"}, or None."""
+    def parse(record: dict[str, Any]) -> dict[str, Any]:
+        best = record["best"]
         pipeline = best["pipeline"]
         budgets = best.get("nano_programs") or [{}, {}]
         if pipeline not in PIPELINES or len(budgets) != 2:
             raise ValueError(f"pipeline {pipeline!r} / {len(budgets)} budget sets")
         return {"pipeline": pipeline, "nano_programs": tuple(dict(b) for b in budgets)}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a pipeline choice written by `python -m nanoflow_jax.autosearch` ({e}): "
-                         "run the search again or delete the file") from e
+    return _read_choice(cfg, device_kind, directory, parse)
 
 
 SIZING_KEYS = ("max_num_seqs", "max_num_batched_tokens")
@@ -107,18 +116,13 @@ SIZING_KEYS = ("max_num_seqs", "max_num_batched_tokens")
 def searched_sizing(cfg: ModelConfig, device_kind: str, directory: Path | None = None) -> dict[str, int] | None:
     """The batch sizing the search chose from this GPU's KV memory ({max_num_seqs,
     max_num_batched_tokens}), or None when no choice file (or none with a sizing) exists."""
-    path = choice_path(cfg, device_kind, directory)
-    if not path.exists():
-        return None
-    try:
-        engine = json.loads(path.read_text()).get("engine") or {}
+    def parse(record: dict[str, Any]) -> dict[str, int] | None:
+        engine = record.get("engine") or {}
         sizing = {k: engine[k] for k in SIZING_KEYS if k in engine}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizing.values()):
             raise ValueError(f"sizing {sizing} is not positive integers")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path} is not a pipeline choice written by `python -m nanoflow_jax.autosearch` ({e}): "
-                         "run the search again or delete the file") from e
-    return sizing if len(sizing) == len(SIZING_KEYS) else None
+        return sizing if len(sizing) == len(SIZING_KEYS) else None
+    return _read_choice(cfg, device_kind, directory, parse)
 
 
 def resolve_pipeline(pipeline: str, nano_programs: Any, cfg: ModelConfig,
