@@ -315,6 +315,9 @@ def serialization(entry: np.ndarray, folder: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nanoflow_jax import env
+
+    env.claim_serving_memory()   # before JAX first touches the GPU
     import jax
 
     args = parse_args(argv)

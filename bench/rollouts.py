@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nanoflow_jax import env
+
+    env.claim_serving_memory()   # before JAX first touches the GPU
     args = parse_args(argv)
     result = run(args)
     print_and_write(result, args.out)

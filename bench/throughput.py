@@ -290,6 +290,9 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         t0 = time.perf_counter()
         warm = llm.generate(prompts[:WARMUP_PROMPTS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         warmup_s = time.perf_counter() - t0
+        failed = next((o.error for o in warm if o.error is not None), None)
+        if failed is not None:   # the timed run would fail the same way and record zero tokens
+            raise SystemExit(f"bench.throughput: the warm-up failed ({pipeline}), so no run is timed: {failed}")
         first = min((o.metrics.first_token_time for o in warm if o.metrics.first_token_time), default=None)
         age = process_age_s()
         first_token_s = None if first is None or age is None else age - (time.time() - first)
@@ -494,6 +497,9 @@ def plot(result: dict[str, Any], work: dict[str, Any], png: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nanoflow_jax import env
+
+    env.claim_serving_memory()   # before JAX first touches the GPU
     args = parse_args(argv)
     work = build_workload(args)
     result = run(args, work)

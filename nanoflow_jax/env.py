@@ -51,12 +51,19 @@ COORDINATOR_ADDRESS = EnvVar(
 NUM_PROCESSES = EnvVar(
     "NANOFLOW_NUM_PROCESSES", "unset (JAX's cluster detection)",
     "processes of a multi-host run, one per host; --num-processes overrides it")
+DEVICE_MEMORY = EnvVar(
+    "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90 under the command lines (JAX's own 0.75 when imported as a library)",
+    "the share of each GPU's memory JAX reserves; the KV pool is sized from what it leaves free")
 PROCESS_ID = EnvVar(
     "NANOFLOW_PROCESS_ID", "unset (JAX's cluster detection)",
     "this process's index in [0, NANOFLOW_NUM_PROCESSES); --process-id overrides it")
 
 ALL: tuple[EnvVar, ...] = (JAX_CACHE, COMPILATION_CACHE, ASYNC, GEMM_TABLE, BENCH_TIMING, TEST_GPU,
-                           COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)
+                           COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID, DEVICE_MEMORY)
+
+# What the command lines let JAX reserve, as vLLM's gpu_memory_utilization does: JAX's own 0.75
+# would leave a fifth of an H100 idle while the KV pool is smaller than it could be.
+SERVING_MEMORY_FRACTION = "0.90"
 
 BENCH_TIMING_MODES = ("slope", "ordered", "patched")
 _TRUE = ("1", "true", "yes", "on")
@@ -144,5 +151,16 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+def claim_serving_memory() -> None:
+    """Let JAX reserve SERVING_MEMORY_FRACTION of each GPU unless the user chose a share.
+
+    For the command lines only (generate, serve, the benchmarks): a training repo that
+    imports the library keeps its own setting. Effective only before JAX first touches
+    a device, so call it at the top of `main`."""
+    if DEVICE_MEMORY.raw() is None:
+        os.environ[DEVICE_MEMORY.name] = SERVING_MEMORY_FRACTION
+
+
 if __name__ == "__main__":
     print(describe())
+

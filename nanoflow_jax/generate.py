@@ -367,6 +367,9 @@ def _print_in_order(stream, n: int, first_id: int, stdout: TextIO, *, as_ids: bo
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    from nanoflow_jax import env
+
+    env.claim_serving_memory()   # before JAX first touches the GPU
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     flags = _flag_names(parser)

@@ -37,3 +37,12 @@ def test_describe_lists_every_variable(monkeypatch):
     text = env.describe()
     assert all(var.name in text for var in env.ALL)
     assert "NANOFLOW_GEMM_TABLE=/tmp/table.json" in text
+
+
+def test_command_lines_claim_serving_memory_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv(env.DEVICE_MEMORY.name, raising=False)
+    env.claim_serving_memory()
+    assert float(env.DEVICE_MEMORY.raw()) == pytest.approx(0.9)
+    monkeypatch.setenv(env.DEVICE_MEMORY.name, "0.5")
+    env.claim_serving_memory()
+    assert env.DEVICE_MEMORY.raw() == "0.5"

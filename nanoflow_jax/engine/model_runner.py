@@ -132,15 +132,23 @@ def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtyp
     grow with the pool (e.g. a layer scan that rebuilds the cache rather than updating it
     in place): the pool is then sized so that pool + scratch fit the memory budget.
     """
-    if cfg.num_kv_pages is not None:
-        return cfg.num_kv_pages
     per_page = kv_bytes_per_page(model_cfg, cfg.block_size, dtype)
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # some backends raise instead of returning None
         stats = None
-    if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) if stats and "bytes_limit" in stats else None
+    if cfg.num_kv_pages is not None:
+        if free is not None and cfg.num_kv_pages * per_page > free:
+            # Caught here, not as every request's out-of-memory error in its first step.
+            raise ValueError(
+                f"num_kv_pages={cfg.num_kv_pages} needs {cfg.num_kv_pages * per_page / 2**30:.2f} GiB "
+                f"({per_page / 2**20:.2f} MiB a page), but only {free / 2**30:.2f} GiB of the "
+                f"{stats['bytes_limit'] / 2**30:.2f} GiB JAX reserved on the device is free: pass at most "
+                f"{int(free // per_page)} pages less the step's scratch, leave num_kv_pages unset to size "
+                "the pool from free memory, or raise XLA_PYTHON_CLIENT_MEM_FRACTION")
+        return cfg.num_kv_pages
+    if free is not None:
         budget = free * (cfg.kv_memory_fraction or DEFAULT_GPU_FRACTION)
         p1, p2 = 16, 16 + 4096
         t1, t2 = step_temp_bytes([p1, p2])

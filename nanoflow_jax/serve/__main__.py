@@ -103,6 +103,9 @@ def serve(app: Any, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = MODULE_PROG) -> int:
+    from nanoflow_jax import env
+
+    env.claim_serving_memory()   # before JAX first touches the GPU
     args = build_parser(prog).parse_args(argv)
     try:
         check_args(args)

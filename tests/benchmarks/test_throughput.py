@@ -141,3 +141,19 @@ def test_a_request_larger_than_the_kv_pool_stops_the_run_before_timing():
     throughput.check_pool_fits(BlockManager(16, 16), fits, args)   # 240 tokens: 15 pages, all usable
     with pytest.raises(SystemExit, match="1 of 2 requests need more KV pages than the pool's 14.*--num-kv-pages 16"):
         throughput.check_pool_fits(BlockManager(15, 16), fits, args)
+
+
+def test_a_failing_warm_up_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    """A step that fails on the device (here: out of memory) fails the warm-up's requests;
+    the benchmark stops with that error rather than timing a run of failed requests."""
+    from nanoflow_jax.engine.model_runner import ModelRunner
+
+    def out_of_memory(self, batch, prev_tokens):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.39GiB")
+
+    monkeypatch.setattr(ModelRunner, "dispatch", out_of_memory)
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="warm-up failed .*RESOURCE_EXHAUSTED"):
+        throughput.main([*TINY, "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
+                         "--output-json", str(out)])
+    assert not out.exists()
