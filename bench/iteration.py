@@ -316,6 +316,8 @@ class WindowTracer:
                         delattr(obj, name)
                     else:
                         setattr(obj, name, value)
+                # The records outlive the run; the engine (its KV pool and weights) must not.
+                tracer.engine = None
         return ctx()
 
     def reports(self, cfg: ModelConfig, ceil: Ceilings) -> dict[str, Any]:

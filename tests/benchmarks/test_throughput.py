@@ -157,3 +157,26 @@ def test_a_failing_warm_up_stops_the_run_with_its_error(tmp_path, monkeypatch):
         throughput.main([*TINY, "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
                          "--output-json", str(out)])
     assert not out.exists()
+
+
+def test_the_engine_is_freed_before_the_ceilings_are_measured(monkeypatch):
+    """The GEMM peak and copy bandwidth are measured after the run: the engine's KV pool and
+    weights must be gone by then, or on a full GPU those measurements run out of memory."""
+    import gc
+    import weakref
+
+    from nanoflow_jax.engine.model_runner import ModelRunner
+
+    runners = []
+    init = ModelRunner.__init__
+
+    def tracked(self, *a, **k):
+        init(self, *a, **k)
+        runners.append(weakref.ref(self))
+
+    monkeypatch.setattr(ModelRunner, "__init__", tracked)
+    args = throughput.parse_args([*TINY, "--num-prompts", "2", "--input-len", "8", "--output-len", "3"])
+    result = throughput.run_mode(args, "sequential", throughput.build_workload(args))
+    gc.collect()
+    assert len(runners) == 1 and runners[0]() is None
+    assert result["_tracer"].all_steps and result["generated_tokens"] == 6
