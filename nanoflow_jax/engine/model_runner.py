@@ -1,12 +1,14 @@
-"""Owns the device state (parameters, KV page pool) and the compiled iteration step.
+"""Owns the device state (parameters, KV page pool) and the compiled iteration steps.
 
-One jitted function per iteration: gather decode inputs from the previous iteration's
-sampled tokens, the forward of the configured pipeline (`models.nanobatch.forward_pipeline`),
-then sample, with the cache donated so it is updated in place. Batches are padded to a small fixed set of shape buckets (T tokens, S = min(T,
-max_num_seqs) rows, W block-table columns), all compiled at start-up (several at once,
-`engine.compiler`), so steady serving never compiles. Host inputs travel as five packed arrays because every argument of a
-jitted call costs dispatch time; the penalty inputs are a sixth, one shared device array
-when no row of the batch uses penalties.
+Two jitted functions per iteration, dispatched back to back without waiting: the forward
+(gather decode inputs from the previous iteration's sampled tokens, then the configured
+pipeline, `models.nanobatch.forward_pipeline`, with the cache donated so it is updated in
+place), then the sampler (`sample_step`) of the batch's `SamplerPlan`. Batches are padded
+to a small fixed set of shape buckets (T tokens, S = min(T, max_num_seqs) rows, W
+block-table columns), all compiled at start-up with the greedy and drawing samplers
+(several at once, `engine.compiler`), so steady serving never compiles. Host inputs travel
+as few packed arrays because every argument of a jitted call costs dispatch time; the
+penalty inputs go only to a sampler whose plan has penalties.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine import compiler
 from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
-from nanoflow_jax.engine.sampler import Penalties, SamplingArrays, sample, token_logprobs
+from nanoflow_jax.engine.sample_step import plan_for, sample_step
+from nanoflow_jax.engine.sampler import DRAW, GREEDY, SamplerPlan, token_logprobs
 from nanoflow_jax.engine.scheduler import ScheduledBatch
 from nanoflow_jax.models.llama import forward_dense
 from nanoflow_jax.models.nanobatch import forward_pipeline
@@ -53,6 +56,14 @@ def _bucket_label(key: tuple[int, int, bool]) -> str:
     return f"T={t} W={w}" + (" decode" if decode_only else "")
 
 
+def _is_sampler(key: tuple) -> bool:
+    return len(key) == 2   # (S, SamplerPlan); a forward bucket is (T, W, decode_only)
+
+
+def _job_label(key: tuple) -> str:
+    return f"sampler S={key[0]} {key[1]}" if _is_sampler(key) else _bucket_label(key)
+
+
 def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_decode: Any,
                  token_ids: Any = None, decode_only: bool = False) -> BatchInputs:
     """`BatchInputs` from the packed arrays of `ModelRunner.prepare` (token_ids may be replaced)."""
@@ -62,22 +73,12 @@ def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_d
                        num_decode=num_decode, decode_only=decode_only)
 
 
-def _penalties(pen: jax.Array, seq_i: jax.Array, seq_f: jax.Array, last_token: jax.Array) -> Penalties:
-    """The packed penalty inputs; the row's last input token joins its history here, on
-    the device, because a decode's input may be the in-flight iteration's sample."""
-    context_len, gen_index = seq_i[1], seq_i[5]
-    return Penalties(presence=seq_f[3], frequency=seq_f[4], repetition=seq_f[5],
-                     prompt_len=context_len - gen_index, history=pen[0], bias_ids=pen[1],
-                     bias_values=jax.lax.bitcast_convert_type(pen[2], jnp.float32),
-                     last_token=last_token, last_at=context_len - 1)
-
-
-def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: jax.Array,
-          query_start: jax.Array, block_table: jax.Array, num_decode: jax.Array,
-          prev_tokens: jax.Array, pen: jax.Array, *, cfg: ModelConfig, kernels: str | XlaOps,
-          decode_only: bool = False, pipeline: str = "sequential",
-          nano_programs: Any = ((), ()), tp: TensorParallel | None = None,
-          num_logprobs: int = 0) -> tuple[jax.Array, KVCache, Any]:
+def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, query_start: jax.Array,
+          block_table: jax.Array, num_decode: jax.Array, prev_tokens: jax.Array, *, cfg: ModelConfig,
+          kernels: str | XlaOps, decode_only: bool = False, pipeline: str = "sequential",
+          nano_programs: Any = ((), ()), tp: TensorParallel | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+    """The forward of one batch -> (logits [S, V] f32, the updated cache, each row's last
+    input token [S]); `sample_step` takes it from there."""
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
@@ -87,20 +88,7 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, seq_f: 
         logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
     else:
         logits, cache = sharded_forward(tp, params, cache, batch, cfg, kernels, pipeline, nano_programs)
-    penalties = _penalties(pen, seq_i, seq_f, batch.token_ids[batch.logits_index])
-    p = SamplingArrays(temperature=seq_f[0], top_p=seq_f[1], min_p=seq_f[2],
-                       top_k=seq_i[3], seed=seq_i[4], gen_index=seq_i[5], penalties=penalties)
-    tokens = sample(logits, p)
-    rows = tokens.shape[0]
-    # Log-probabilities only when a row asks (the top-k over the vocabulary is not free).
-    logprobs = jax.lax.cond(
-        jnp.any(seq_i[6] >= 0), lambda: token_logprobs(logits, tokens, num_logprobs, jnp.any(seq_i[6] > 0)),
-        lambda: (jnp.zeros((rows, num_logprobs + 1), jnp.float32), jnp.zeros((rows, num_logprobs + 1), jnp.int32)))
-    # Always max_num_seqs long, so the next step's prev_tokens has one shape for all buckets.
-    out = jnp.zeros_like(prev_tokens).at[: tokens.shape[0]].set(tokens)
-    if tp is not None:  # on every device, as the next step takes prev_tokens
-        out = jax.lax.with_sharding_constraint(out, tp.replicated)
-    return out, cache, logprobs
+    return logits, cache, batch.token_ids[batch.logits_index]
 
 
 def _score(params: Any, tokens: jax.Array, targets: jax.Array, *, cfg: ModelConfig,
@@ -194,11 +182,11 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp",
-                                                      "num_logprobs"),
+        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp"),
                                donate_argnums=(1,))
         self.num_logprobs = min(cfg.max_logprobs, model_cfg.vocab_size)
-        self._no_penalties: dict[int, jax.Array] = {}   # per S bucket: the packed "nothing" on the device
+        self._sampler = jax.jit(sample_step, static_argnames=("plan", "num_logprobs", "max_num_seqs", "tp"))
+        self._samplers: dict[tuple[int, SamplerPlan], Any] = {}   # (S, plan) -> compiled sample_step
         self._score = jax.jit(_score, static_argnames=("cfg", "num_logprobs"))
         # `auto` becomes the searched mode (and its SM budgets, unless given) for this model and GPU.
         self.pipeline, searched = resolve_pipeline(cfg.pipeline, cfg.nano_programs, model_cfg)
@@ -224,15 +212,14 @@ class ModelRunner:
         i32, f32 = jnp.int32, jnp.float32
         # Under TP the host arrays go to every device of the mesh.
         sharding = None if self.tp is None else self.tp.replicated
-        shapes = (((TOK_FIELDS, t), i32), ((SEQ_INT_FIELDS, s), i32), ((SEQ_FLOAT_FIELDS, s), f32),
-                  ((s + 1,), i32), ((s, w), i32), ((), i32), ((self.cfg.max_num_seqs,), i32),
-                  ((PEN_FIELDS, s, self.cfg.max_model_len), i32))
+        shapes = (((TOK_FIELDS, t), i32), ((SEQ_INT_FIELDS, s), i32), ((s + 1,), i32), ((s, w), i32), ((), i32),
+                  ((self.cfg.max_num_seqs,), i32))
         return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes)
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
         return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
                                   kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
-                                  nano_programs=self.nano_programs, tp=self.tp, num_logprobs=self.num_logprobs)
+                                  nano_programs=self.nano_programs, tp=self.tp)
 
     def _step_temp_bytes(self, pool_sizes: Sequence[int]) -> list[int]:
         """Scratch memory of the largest bucket's step with each pool size (in pages)."""
@@ -261,6 +248,14 @@ class ModelRunner:
             keys += [(t, w, True) for t, w, _ in keys if t <= top]
         return keys
 
+    def compile_jobs(self) -> list[tuple]:
+        """What start-up compiles: every forward bucket, then the samplers of the two common
+        plans (all greedy; some row drawing) for every S. Penalties and log-probabilities
+        compile their samplers when first asked for."""
+        samplers = [(s, plan) for s in sorted({self.cfg.seqs_for(t) for t in self.token_buckets})
+                    for plan in (GREEDY, DRAW)]
+        return [*self.bucket_keys(), *samplers]
+
     def compile_all(self) -> None:
         """Compile every bucket ahead of time, `EngineConfig.compile_workers` at once, with a
         progress bar on stderr that advances as each compile finishes.
@@ -269,25 +264,29 @@ class ModelRunner:
         file it would garble the lines after it, so there one line opens and one closes."""
         from tqdm import tqdm
 
-        keys = [k for k in self.bucket_keys() if k not in self._compiled]
-        workers = compiler.resolve_workers(self.cfg.compile_workers, len(keys))
+        jobs = [k for k in self.compile_jobs() if k not in (self._samplers if _is_sampler(k) else self._compiled)]
+        keys, samplers = [k for k in jobs if not _is_sampler(k)], [k for k in jobs if _is_sampler(k)]
+        workers = compiler.resolve_workers(self.cfg.compile_workers, len(jobs))
         show = self.cfg.show_progress
         live = show and sys.stderr.isatty()
         if show and not live:
-            print(f"compiling {len(keys)} step buckets, {workers} at a time ...", file=sys.stderr, flush=True)
+            print(f"compiling {len(keys)} step buckets and {len(samplers)} samplers, {workers} at a time ...",
+                  file=sys.stderr, flush=True)
         start = time.perf_counter()
-        with tqdm(total=len(keys), desc=f"compiling step buckets ({workers} at a time)", unit="bucket",
+        with tqdm(total=len(jobs), desc=f"compiling step buckets ({workers} at a time)", unit="bucket",
                   disable=not live, leave=True) as bar:
-            def finished(key: tuple[int, int, bool]) -> None:
-                bar.set_postfix_str(_bucket_label(key), refresh=False)
+            def finished(key: tuple) -> None:
+                bar.set_postfix_str(_job_label(key), refresh=False)
                 bar.update(1)
 
-            self._compiled.update(compiler.compile_all(
-                keys, lambda k: self._lower(self.cache, *k), step_compiler_options(self.pipeline),
-                workers, label=_bucket_label, on_done=finished))
+            done = compiler.compile_all(
+                jobs, lambda k: self._lower_sampler(*k) if _is_sampler(k) else self._lower(self.cache, *k),
+                step_compiler_options(self.pipeline), workers, label=_job_label, on_done=finished)
+        self._compiled.update({k: v for k, v in done.items() if not _is_sampler(k)})
+        self._samplers.update({k: v for k, v in done.items() if _is_sampler(k)})
         if show and not live:
-            print(f"compiled {len(keys)} step buckets in {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(f"compiled {len(keys)} step buckets and {len(samplers)} samplers in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     def _compile(self, t: int, w: int, decode_only: bool) -> Any:
         lowered = self._lower(self.cache, t, w, decode_only)
@@ -300,6 +299,25 @@ class ModelRunner:
             return self._compiled[(t, w, decode_only)]
         log.info("compiling the step for T=%d W=%d%s", t, w, " (decode only)" if decode_only else "")
         return self._compile(t, w, decode_only)
+
+    def sampler_executable(self, s: int, plan: SamplerPlan) -> Any:
+        """The compiled `sample_step` for S rows and this plan (compiled now if not yet: a
+        sampler compiles in about a second, a forward bucket in several)."""
+        key = (s, plan)
+        if key not in self._samplers:
+            self._samplers[key] = self._lower_sampler(s, plan).compile()
+        return self._samplers[key]
+
+    def _lower_sampler(self, s: int, plan: SamplerPlan) -> Any:
+        sharding = None if self.tp is None else self.tp.replicated   # the forward's logits are replicated
+        i32, f32 = jnp.int32, jnp.float32
+        shapes = (((s, self.model_cfg.vocab_size), f32), ((s,), i32), ((SEQ_INT_FIELDS, s), i32),
+                  ((SEQ_FLOAT_FIELDS, s), f32), ((PEN_FIELDS, s, self.cfg.max_model_len), i32))
+        args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes]
+        if not plan.penalties:
+            args[-1] = None
+        return self._sampler.lower(*args, plan=plan, num_logprobs=self.num_logprobs,
+                                   max_num_seqs=self.cfg.max_num_seqs, tp=self.tp)
 
     def bucket_for(self, batch: ScheduledBatch) -> tuple[int, int]:
         width = max(len(r.seq.block_table) for r in batch.rows)
@@ -355,15 +373,10 @@ class ModelRunner:
         num_decode = np.asarray(batch.num_decode, np.int32)
         return (t_pad, w_pad), (tok, seq_i, seq_f, query_start, block_table, num_decode)
 
-    def pack_penalties(self, rows: Sequence[Any], s_pad: int, gen_index: np.ndarray) -> Any:
+    def pack_penalties(self, rows: Sequence[Any], s_pad: int, gen_index: np.ndarray) -> np.ndarray:
         """[PEN_FIELDS, S, max_model_len]: each penalised row's known tokens (all but its
-        last input, which the step adds), its logit_bias, and -inf on its stop tokens while
-        min_tokens is not reached. A batch without penalties reuses one device array."""
-        if not any(row.seq.params.uses_penalties for row in rows):
-            if s_pad not in self._no_penalties:
-                self._no_penalties[s_pad] = jax.device_put(self._empty_penalties(s_pad),
-                                                           None if self.tp is None else self.tp.replicated)
-            return self._no_penalties[s_pad]
+        last input, which the sampler adds), its logit_bias, and -inf on its stop tokens
+        while min_tokens is not reached (only for a batch whose plan has penalties)."""
         pen = self._empty_penalties(s_pad)
         for r, row in enumerate(rows):
             sp, seq = row.seq.params, row.seq
@@ -417,10 +430,12 @@ class ModelRunner:
     def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> tuple[jax.Array, Any]:
         """Launch one iteration without waiting; returns its sampled tokens [max_num_seqs]
         and their log-probabilities (`sampler.token_logprobs`, filled where a row asks)."""
-        (t, w), arrays = self.prepare(batch)
+        (t, w), (tok, seq_i, seq_f, query_start, block_table, num_decode) = self.prepare(batch)
         prev = self._zero_tokens if prev_tokens is None else prev_tokens
         decode_only = self.decode_only_steps and batch.num_decode == len(batch.rows)
-        seq_i = arrays[1]
-        pen = self.pack_penalties(batch.rows, seq_i.shape[1], seq_i[5])
-        out, self.cache, logprobs = self.executable(t, w, decode_only)(self.params, self.cache, *arrays, prev, pen)
-        return out, logprobs
+        plan = plan_for([row.seq.params for row in batch.rows])
+        pen = self.pack_penalties(batch.rows, seq_i.shape[1], seq_i[5]) if plan.penalties else None
+        seq_i = jax.device_put(seq_i, None if self.tp is None else self.tp.replicated)   # once, for both steps
+        logits, self.cache, last_token = self.executable(t, w, decode_only)(
+            self.params, self.cache, tok, seq_i, query_start, block_table, num_decode, prev)
+        return self.sampler_executable(seq_i.shape[1], plan)(logits, last_token, seq_i, seq_f, pen)

@@ -6,8 +6,11 @@ gen_index is the index of the output token being drawn: a seeded request draws t
 tokens whatever else is in the batch, and again after a preemption recomputes it.
 
 Penalties, `logit_bias` and `min_tokens` (vLLM's meanings) adjust the logits before the
-draw, from each row's token history; a batch where no row uses them skips that work on
-the device. Log-probabilities are taken from the raw logits, before any adjustment.
+draw, from each row's token history. Log-probabilities are taken from the raw logits,
+before any adjustment. What a batch needs (a draw, penalties, log-probabilities) is known
+on the host and chosen by a static `SamplerPlan`, never by a `lax.cond`: on a GPU a
+conditional reads its predicate back to the host, which holds the host's dispatch until
+the device reaches it and so serializes the asynchronous pipeline.
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerPlan:
+    """The work a batch's rows ask of the sampler (hashable: a static argument)."""
+
+    draw: bool = False        # some row samples (temperature > 0): the full-vocabulary sort
+    penalties: bool = False   # some row has penalties, a logit bias or blocked stop tokens
+    logprobs: int = 0         # 0: none; 1: the sampled token's; 2: also the top ones
+
+
+GREEDY = SamplerPlan()
+DRAW = SamplerPlan(draw=True)
 
 
 @jax.tree_util.register_dataclass
@@ -58,7 +74,7 @@ def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
     Works on each row's history sorted by token id, so its scratch is [S, H] rather than
     [S, vocab]: each distinct token's logit is gathered once, adjusted by its generated
     count and written back. Rows without settings come out unchanged (`sample` skips all
-    of it when no row has any)."""
+    of it when its plan has no penalties)."""
     rows_n, vocab = logits.shape
     rows = jnp.arange(rows_n)[:, None]
     logits = logits.astype(jnp.float32)
@@ -86,24 +102,19 @@ def apply_penalties(logits: jax.Array, pen: Penalties) -> jax.Array:
     return logits.at[rows, write].set(value, mode="drop")
 
 
-def penalties_active(pen: Penalties) -> jax.Array:
-    """Whether any row has a penalty, a bias or a blocked token."""
-    return jnp.any((pen.presence != 0) | (pen.frequency != 0) | (pen.repetition != 1)
-                   | jnp.any(pen.bias_ids >= 0, axis=1))
-
-
 def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int,
-                   want_top: jax.Array | bool = True) -> tuple[jax.Array, jax.Array]:
+                   want_top: bool = True) -> tuple[jax.Array, jax.Array]:
     """Raw log-probabilities: (f32 [S, 1 + num_top]: the token's, then the top ones;
     int32 [S, 1 + num_top]: the token's rank (1 = most likely), then the top ids).
     `want_top` False skips the top-k over the vocabulary (zeros in its place)."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)
     rank = 1 + jnp.sum(lp > chosen, axis=-1, keepdims=True, dtype=jnp.int32)
-    rows = lp.shape[0]
-    top_lp, top_ids = jax.lax.cond(
-        want_top, lambda: tuple(jax.lax.top_k(lp, num_top)),
-        lambda: (jnp.zeros((rows, num_top), jnp.float32), jnp.zeros((rows, num_top), jnp.int32)))
+    if want_top:
+        top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    else:
+        rows = lp.shape[0]
+        top_lp, top_ids = jnp.zeros((rows, num_top), jnp.float32), jnp.zeros((rows, num_top), jnp.int32)
     return jnp.concatenate([chosen, top_lp], axis=1), jnp.concatenate([rank, top_ids.astype(jnp.int32)], axis=1)
 
 
@@ -141,27 +152,18 @@ def filtered_logits(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, ja
     return jnp.where(keep, sorted_logits, -jnp.inf), order
 
 
-def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
-    """One token per row: argmax where temperature == 0, else a filtered categorical draw
-    (both after the row's penalties, if any)."""
-    if p.penalties is None:
-        return _sample(logits, p)
-    # The whole draw sits in each branch: a branch that handed the [S, V] logits back
-    # unchanged would cost a copy of them in every batch without penalties.
-    return jax.lax.cond(penalties_active(p.penalties), lambda: _sample(apply_penalties(logits, p.penalties), p),
-                        lambda: _sample(logits, p))
-
-
-def _sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
+def sample(logits: jax.Array, p: SamplingArrays, plan: SamplerPlan = DRAW) -> jax.Array:
+    """One token per row: argmax where temperature == 0, else a filtered categorical draw,
+    both after the row's penalties when `plan.penalties` (then `p.penalties` is needed).
+    `plan.draw` False: every row is greedy and the full-vocabulary sort (milliseconds on
+    a 128k vocabulary) is left out."""
+    if plan.penalties:
+        logits = apply_penalties(logits, p.penalties)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(_: None) -> jax.Array:
-        masked, order = filtered_logits(logits, p)
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(p.seed, p.gen_index)
-        place = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked)
-        drawn = jnp.take_along_axis(order, place[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(p.temperature > 0, drawn, greedy)
-
-    # The full-vocabulary sort costs milliseconds on a 128k vocabulary: an all-greedy
-    # batch (the common benchmark case) skips it on the device.
-    return jax.lax.cond(jnp.any(p.temperature > 0), draw, lambda _: greedy, None)
+    if not plan.draw:
+        return greedy
+    masked, order = filtered_logits(logits, p)
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(p.seed, p.gen_index)
+    place = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked)
+    drawn = jnp.take_along_axis(order, place[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(p.temperature > 0, drawn, greedy)

@@ -216,7 +216,7 @@ def _cases(bench: Any, dtype: Any) -> dict[str, Callable[[Any], tuple[float, lis
     import jax.numpy as jnp
     import pallas_kernels as pk
 
-    from nanoflow_jax.engine.sampler import sample, sampling_arrays_np
+    from nanoflow_jax.engine.sampler import GREEDY, sample, sampling_arrays_np
 
     e, h, k, d, f, v = (bench.m[c] for c in "EHKDFV")
     scale = d ** -0.5
@@ -265,7 +265,7 @@ def _cases(bench: Any, dtype: Any) -> dict[str, Callable[[Any], tuple[float, lis
 
     def sampler(rows: int) -> tuple[float, list[Part]]:
         arrays = sampling_arrays_np(rows)
-        return rows, [(1.0, lambda p: (lambda lg: sample(lg, arrays)), (bench.rand(rows, v, dtype=jnp.float32),),
+        return rows, [(1.0, lambda p: (lambda lg: sample(lg, arrays, GREEDY)), (bench.rand(rows, v, dtype=jnp.float32),),
                        (), 0)]
 
     return {"qkv": gemm(e, (h + 2 * k) * d, False), "o": gemm(h * d, e, True),

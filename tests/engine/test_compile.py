@@ -80,8 +80,8 @@ def test_parallel_precompile_matches_sequential(pool_sizes):
 
 
 def test_pool_size_follows_compile_workers(pool_sizes):
-    num_buckets = len(make_llm(precompile=True, compile_workers=3).engine.runner.bucket_keys())
-    make_llm(precompile=True, compile_workers=64)   # never more threads than buckets
+    num_buckets = len(make_llm(precompile=True, compile_workers=3).engine.runner.compile_jobs())
+    make_llm(precompile=True, compile_workers=64)   # never more threads than compiles
     make_llm(precompile=True)                       # None: one per core, up to the buckets
     default = min(num_buckets, compiler.available_cores())
     assert pool_sizes == [w for w in (3, num_buckets, default) if w > 1]  # one worker: no pool
@@ -140,8 +140,9 @@ def test_engine_start_up_reports_the_failing_bucket(monkeypatch):
 def test_progress_lines_off_a_terminal(capsys):
     runner = make_llm(precompile=True, compile_workers=2, show_progress=True).engine.runner
     err = capsys.readouterr().err
-    n = len(runner.bucket_keys())
-    assert f"compiling {n} step buckets, 2 at a time" in err and f"compiled {n} step buckets in" in err
+    n, m = len(runner.bucket_keys()), len(runner.compile_jobs()) - len(runner.bucket_keys())
+    assert f"compiling {n} step buckets and {m} samplers, 2 at a time" in err
+    assert f"compiled {n} step buckets and {m} samplers in" in err
 
 
 def test_memory_probe_compiles_both_pool_sizes(pool_sizes):

@@ -48,3 +48,15 @@ def test_the_automatic_pool_leaves_room_for_the_step_scratch(monkeypatch):
     n = resolve_num_pages(_engine(), CFG, jnp.bfloat16, lambda sizes: [base + slope * p for p in sizes])
     budget = (limit - in_use) * DEFAULT_GPU_FRACTION
     assert n * (PAGE + slope) + base <= budget < (n + 1) * (PAGE + slope) + base
+
+
+def test_no_compiled_step_branches_on_device_data():
+    """A `lax.cond` on a GPU copies its predicate to the host and blocks the dispatch until
+    the device gets there: neither the forward buckets nor the start-up samplers may hold one."""
+    from tests.engine.conftest import make_llm
+
+    runner = make_llm(precompile=True).engine.runner
+    executables = [*runner._compiled.values(), *runner._samplers.values()]
+    assert len(runner._samplers) >= 2 and len(executables) == len(runner.compile_jobs())
+    for exe in executables:
+        assert " conditional(" not in exe.as_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nanoflow_jax import SamplingParams
-from nanoflow_jax.engine.sampler import Penalties, apply_penalties, penalties_active
+from nanoflow_jax.engine.sampler import Penalties, SamplerPlan, apply_penalties
 from tests.engine.conftest import IM_END, VOCAB, count_compiles, make_llm, random_prompts, tiny_params
 from tests.engine.conftest import _dense_logits_fn, REF_LEN
 
@@ -58,7 +58,7 @@ def test_apply_penalties_matches_numpy():
     off = Penalties(presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
                     repetition=np.ones(rows, np.float32), prompt_len=prompt_len, history=history,
                     bias_ids=np.full((rows, 4), -1, np.int32), bias_values=bias_values)
-    assert bool(penalties_active(pen)) and not bool(penalties_active(off))
+    assert np.array_equal(np.asarray(jax.jit(apply_penalties)(logits, off)), logits)   # nothing to apply
     # A device-only last token joins the history at its column (a decode's input).
     last = dataclasses.replace(pen, last_token=np.full(rows, 7, np.int32), last_at=np.where(
         np.arange(rows) % 2 == 0, (history >= 0).sum(1), -1).astype(np.int32))
@@ -131,13 +131,25 @@ def test_bad_penalty_requests_fail_alone():
     assert SamplingParams(logit_bias={"12": -3}).logit_bias == {12: -3.0}   # JSON's string keys
 
 
-def test_penalties_compile_nothing_new():
+def test_penalties_compile_only_their_samplers_once():
+    """Precompiled: greedy and drawing batches compile nothing; penalties and logprobs
+    compile their small sampler when first asked for, never a forward bucket, and once."""
     llm = make_llm(precompile=True)
+    runner = llm.engine.runner
+    forward = dict(runner._compiled)
     prompts = random_prompts(3, [4, 30, 12], seed=6)
-    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    with count_compiles() as events:
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        llm.generate(prompts, SamplingParams(temperature=0.8, max_tokens=4), use_tqdm=False)
+    assert events == [], events
     mixed = [SamplingParams(temperature=0.0, max_tokens=6, frequency_penalty=0.5),
              SamplingParams(temperature=0.9, seed=3, max_tokens=6, repetition_penalty=1.2, logit_bias={4: 1.0}),
              SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, logprobs=2)]
+    samplers = set(runner._samplers)
+    first = llm.generate(prompts, mixed, use_tqdm=False)
+    assert runner._compiled == forward and {plan for _, plan in set(runner._samplers) - samplers} \
+        == {SamplerPlan(draw=True, penalties=True, logprobs=2)}
     with count_compiles() as events:
-        llm.generate(prompts, mixed, use_tqdm=False)
+        again = llm.generate(prompts, mixed, use_tqdm=False)
     assert events == [], events
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in first]

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from nanoflow_jax.engine.sampler import SamplingArrays, sample
+from nanoflow_jax.engine.sampler import DRAW, GREEDY, SamplerPlan, SamplingArrays, sample
 
 PROBS = np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.06, 0.04, 0.02, 0.01], np.float64)
 LOGITS = np.log(PROBS).astype(np.float32)
@@ -66,6 +66,20 @@ def test_greedy_is_argmax_and_ignores_filters():
                        min_p=np.zeros(64, np.float32), top_k=np.full(64, 3, np.int32),
                        seed=np.arange(64, dtype=np.int32), gen_index=np.zeros(64, np.int32))
     assert np.array_equal(np.asarray(_sample(logits, p)), logits.argmax(-1))
+    # The all-greedy plan leaves the draw out and gives the same tokens.
+    assert np.array_equal(np.asarray(jax.jit(sample, static_argnums=2)(logits, p, GREEDY)), logits.argmax(-1))
+
+
+def test_plans_follow_the_rows_settings():
+    from nanoflow_jax.engine.sample_step import plan_for
+    from nanoflow_jax.engine.sampling_params import SamplingParams
+
+    greedy, hot = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)
+    assert plan_for([greedy, greedy]) == GREEDY and plan_for([greedy, hot]) == DRAW
+    assert plan_for([SamplingParams(temperature=0.0, presence_penalty=0.5)]) == SamplerPlan(penalties=True)
+    assert plan_for([SamplingParams(temperature=0.0, min_tokens=3)]).penalties
+    assert plan_for([greedy, SamplingParams(temperature=0.0, logprobs=0)]).logprobs == 1
+    assert plan_for([SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.8, logprobs=5)]).logprobs == 2
 
 
 def test_a_rows_draw_depends_only_on_its_seed_and_index():
