@@ -122,7 +122,7 @@ class LLM:
         return self._next_id
 
     def _add_all(self, prompts: list[Any], sampling_params: ParamsInput | Seq[ParamsInput],
-                 add_special_tokens: bool, inbox: collections.deque[RequestOutput]) -> list[str]:
+                 add_special_tokens: bool, inbox: collections.deque[RequestOutput], stream: bool = True) -> list[str]:
         """Queue every prompt, its updates routed to `inbox`; a bad one's error output goes there at once.
 
         If queuing raises part-way (KeyboardInterrupt too), the prompts already queued are aborted.
@@ -140,7 +140,8 @@ class LLM:
                 self._next_id += 1
                 ids.append(rid)
                 try:
-                    self.engine.add_request(prompt, sp, request_id=rid, add_special_tokens=add_special_tokens)
+                    self.engine.add_request(prompt, sp, request_id=rid, add_special_tokens=add_special_tokens,
+                                            stream=stream)
                 except RequestError as e:
                     log.warning("%s", e)
                     inbox.append(RequestOutput.rejected(rid, prompt, str(e)))
@@ -214,7 +215,8 @@ class LLM:
         inbox: collections.deque[RequestOutput] = collections.deque()
         final: dict[str, RequestOutput] = {}
         with self._lock:
-            ids = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens, inbox)
+            # Only final outputs are kept here: the engine builds no update before a request ends.
+            ids = self._add_all(_normalize_prompts(prompts), sampling_params, add_special_tokens, inbox, stream=False)
             try:
                 with tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=use_tqdm is False) as bar:
                     while True:

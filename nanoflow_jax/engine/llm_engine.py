@@ -84,11 +84,14 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | Mapping[str, Any] | None = None,
-                    request_id: str | None = None, add_special_tokens: bool = True) -> str:
+                    request_id: str | None = None, add_special_tokens: bool = True, stream: bool = True) -> str:
         """Queue one request; raises RequestError (naming the problem) if it cannot run.
 
         A text prompt is encoded with `add_special_tokens` (False for chat-templated text,
-        whose template already wrote them)."""
+        whose template already wrote them). `stream` False: `step` reports the request only
+        when it finishes (or fails), as vLLM's FINAL_ONLY outputs; building an update copies
+        its tokens and text, which for hundreds of running requests costs the host
+        milliseconds a step."""
         now = time.time()
         arrival = next(self._arrival)
         rid = str(arrival) if request_id is None else str(request_id)
@@ -125,7 +128,7 @@ class LLMEngine:
             seq = Sequence(request_id=rid if i == 0 else f"{rid}[{i}]", arrival=arrival if i == 0 else next(self._arrival),
                            prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=ids, params=params,
                            seed=sample_seed(seed, i), max_tokens=max_tokens, min_tokens_blocked=blocked,
-                           metrics=metrics, prompt_logprobs=prompt_lps, index=i,
+                           metrics=metrics, prompt_logprobs=prompt_lps, index=i, stream=stream,
                            group=group if params.n > 1 else None, leader=group[0] if i else None)
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
@@ -376,15 +379,16 @@ class LLMEngine:
                         if seq.logprobs is not None:
                             self._append_logprobs(seq, token, lp_f[i], lp_i[i])
                         self._append(seq, token)
-                        if seq.group is None:
-                            outputs.append(self._output(seq))
-                        else:
+                        if seq.group is not None:
                             groups.setdefault(id(seq.group[0]), seq)
+                        elif seq.stream or seq.is_finished:
+                            outputs.append(self._output(seq))
                     except Exception as e:
                         outputs.append(self._fail(seq, f"detokenizing token {token}", e))
                 batch.num_read = i + 1
         finally:   # also when interrupted: a group that finished here reports now
-            outputs += [self._output(seq) for seq in groups.values() if self._reports(seq)]
+            outputs += [self._output(seq) for seq in groups.values() if self._reports(seq)
+                        and (seq.stream or all(m.is_finished for m in seq.group))]
 
     def _prompt_logprobs(self, ids: list[int], k: int) -> list[PositionLogprobs | None]:
         """vLLM's prompt_logprobs: None for the first token, then each token's entry."""

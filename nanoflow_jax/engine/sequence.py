@@ -80,6 +80,7 @@ class Sequence:
     # n > 1: sample `index` of a request; `group` lists all its samples (index order) and
     # `leader` is sample 0, whose prompt pages the others share (None for the leader).
     index: int = 0
+    stream: bool = True           # an update every step; False: only the final one (LLM.generate)
     group: list["Sequence"] | None = dataclasses.field(default=None, repr=False)
     leader: "Sequence | None" = dataclasses.field(default=None, repr=False)
     page_keys: list[bytes] = dataclasses.field(default_factory=list)   # prefix-cache keys of its full known pages

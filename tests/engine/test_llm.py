@@ -118,3 +118,28 @@ def test_update_params_takes_arrays_sharded_over_a_training_mesh(tmp_path):
            "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
+def test_generate_builds_only_final_updates_and_stream_every_step(monkeypatch):
+    """generate keeps final outputs only, so the engine builds one update per request (its
+    tokens and text copied once), not one per step; stream still gets every step's delta."""
+    from nanoflow_jax.engine.llm_engine import LLMEngine
+
+    built = []
+    inner = LLMEngine._output
+    monkeypatch.setattr(LLMEngine, "_output", lambda self, seq: built.append(seq.request_id) or inner(self, seq))
+    llm = make_llm()
+    rng = np.random.default_rng()
+    prompts = random_prompts(5, [int(x) for x in rng.integers(2, 20, 5)], seed=int(rng.integers(1 << 30)))
+    lengths = [int(x) for x in rng.integers(2, 9, 5)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+    assert [o.outputs[0].token_ids for o in outs] == [r[:n] for r, n in zip(reference_greedy(prompts, 8), lengths)]
+    assert sorted(built) == sorted(o.request_id for o in outs)   # once each
+    group = llm.generate(prompts[:1], SamplingParams(temperature=0.9, n=3, max_tokens=4, seed=1), use_tqdm=False)
+    assert len(group[0].outputs) == 3 and all(len(c.token_ids) == 4 for c in group[0].outputs)
+    built.clear()
+    streamed = list(llm.stream(prompts[:1], params[0]))
+    assert len(built) == len(streamed) == lengths[0]
+    assert [t for o in streamed for t in o.outputs[0].delta_token_ids] == outs[0].outputs[0].token_ids
