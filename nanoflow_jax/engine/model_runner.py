@@ -44,7 +44,7 @@ from nanoflow_jax.parallel.sharding import TensorParallel
 log = logging.getLogger(__name__)
 
 TOK_FIELDS = 5   # token_ids, positions, slot_mapping, token_seq, gather_row
-SEQ_INT_FIELDS = 7   # query_len, context_len, logits_index, top_k, seed, gen_index, logprobs (-1: off)
+SEQ_INT_FIELDS = 6   # query_len, context_len, logits_index, top_k, seed, gen_index
 SEQ_FLOAT_FIELDS = 6  # temperature, top_p, min_p, presence, frequency, repetition penalties
 PEN_FIELDS = 3        # [S, max_model_len] each: token history, logit-bias ids, bias values (f32 bits)
 DEFAULT_GPU_FRACTION = 0.8  # of free device memory; the rest is activation headroom
@@ -367,7 +367,6 @@ class ModelRunner:
         seq_i[3, :r_n] = [sp.top_k for sp in params]
         seq_i[4, :r_n] = np.array([row.seq.seed for row in rows], np.uint32).view(np.int32)
         seq_i[5, :r_n] = starts + lens - np.fromiter((row.seq.prompt_len for row in rows), np.int32, r_n)
-        seq_i[6, :r_n] = [-1 if sp.logprobs is None else sp.logprobs for sp in params]
         seq_f[:, :r_n] = np.array([(sp.temperature, sp.top_p, sp.min_p, sp.presence_penalty, sp.frequency_penalty,
                                     sp.repetition_penalty) for sp in params], np.float32).reshape(r_n, 6).T
         num_decode = np.asarray(batch.num_decode, np.int32)
