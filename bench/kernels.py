@@ -35,7 +35,7 @@ from bench.timing import cold_copies, copies_of, device_ms, timed_program, timin
 BF = jnp.bfloat16
 
 SECTIONS = ("correctness", "ceilings", "gemm", "decode_attention", "memory_bound", "prefill_attention",
-            "sm_profile", "decode_configs")
+            "sm_profile", "decode_configs", "prefill_configs")
 # Tokens of the memory-bound section: the engine's dense batches, then sizes where a
 # copy of the same bytes streams at close to the bulk copy bandwidth (below ~64 MB both
 # the kernels and the copy are launch-bound).
@@ -51,6 +51,16 @@ DECODE_CONFIGS = [(128, 4, 3, None, 1), (128, 4, 4, None, 1), (128, 8, 4, None, 
                   (64, 4, 2, None, 4), (64, 4, 3, None, 4), (64, 4, 2, None, 8), (64, 8, 2, None, 4),
                   (32, 4, 2, None, 8)]
 DECODE_CASES = ((64, 4096), (128, 640))  # requests x context: the target's, the engine benchmark's
+# Prefill attention launches the prefill_configs section times, as (query tokens a block,
+# key block, warps, stages); a block holds block_q x Gp rows (Gp = 4 on Llama-3-8B).
+PREFILL_CONFIGS = [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 32, 4, 2), (32, 64, 4, 2),
+                   (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2),
+                   (64, 32, 8, 2), (64, 64, 8, 3)]
+# Requests of a prefill case as (cached tokens, new tokens); "decodes" adds that many decode
+# rows at 1,280 cached tokens, as the engine passes them (position -1: they see no key).
+PREFILL_CASES = {"4x512_new": ([(0, 512)] * 4, 0), "4x512_after_512": ([(512, 512)] * 4, 0),
+                 "4x512_after_1536": ([(1536, 512)] * 4, 0),
+                 "engine_mixed": ([(240, 784), (0, 1024)], 240)}
 
 
 def copy_step(a: jax.Array) -> jax.Array:
@@ -309,22 +319,54 @@ class Bench:
                 print(rows[-1], flush=True)
         return rows
 
+    def prefill_case(self, reqs: list[tuple[int, int]], decodes: int = 0) -> tuple[tuple, float]:
+        """Arguments of paged_prefill_attention for requests of (cached, new) tokens plus
+        `decodes` decode rows (position -1, as the engine passes them), and the causal FLOPs."""
+        m, ctx_dec = self.m, 1280 if not self.smoke else 8
+        ctxs = [c + n for c, n in reqs] + [ctx_dec] * decodes
+        g = self.paged(len(ctxs), max(ctxs))
+        seq = np.concatenate([np.full(n, i) for i, (_, n) in enumerate(reqs)] + [np.arange(len(reqs), len(ctxs))])
+        pos = np.concatenate([np.arange(c, c + n) for c, n in reqs] + [np.full(decodes, -1)])
+        q = self.rand(len(seq), m["H"], m["D"])
+        flops = 4 * m["H"] * m["D"] * float(np.sum(pos + 1))
+        return (q, g["k"], g["v"], jnp.asarray(seq, jnp.int32), jnp.asarray(pos, jnp.int32), g["bt"],
+                jnp.asarray(ctxs, jnp.int32)), flops
+
     def prefill(self) -> list[dict[str, Any]]:
         """Chunks of `new` tokens after `cached` ones, 4 requests: causal attention TFLOP/s."""
-        m, rows = self.m, []
+        rows = []
         for cached, new in (((0, 512), (512, 512), (1536, 512)) if not self.smoke else ((8, 8),)):
-            n = 4
-            g = self.paged(n, cached + new)
-            seq = jnp.repeat(jnp.arange(n, dtype=jnp.int32), new)
-            pos = jnp.tile(jnp.arange(cached, cached + new, dtype=jnp.int32), n)
-            cl = jnp.full((n,), cached + new, jnp.int32)
-            q = self.rand(n * new, m["H"], m["D"])
-            flops = 4 * m["H"] * m["D"] * float(jnp.sum(pos + 1))
-            fn = lambda q_, k_, v_, s_, p_, bt_, c_: pk.paged_prefill_attention(
-                q_, k_, v_, s_, p_, bt_, c_, scale=0.088, interpret=self.interp)
-            ms_ = self.t(fn, q, g["k"], g["v"], seq, pos, g["bt"], cl)
-            rows.append({"requests": n, "cached": cached, "new": new, "ms": ms_, "tflops": flops / ms_ / 1e9})
+            args, flops = self.prefill_case([(cached, new)] * 4)
+            fn = functools.partial(pk.paged_prefill_attention, scale=0.088, interpret=self.interp)
+            ms_ = self.t(fn, *args)
+            rows.append({"requests": 4, "cached": cached, "new": new, "ms": ms_, "tflops": flops / ms_ / 1e9})
             print(rows[-1], flush=True)
+        return rows
+
+    def prefill_configs(self) -> list[dict[str, Any]]:
+        """Each of PREFILL_CONFIGS on each of PREFILL_CASES: ms and TFLOP/s, checked against
+        the reference (a launch that fails or computes wrong is a row with its error)."""
+        rows: list[dict[str, Any]] = []
+        cases = PREFILL_CASES if not self.smoke else {"smoke": ([(3, 5), (0, 9)], 2)}
+        for name, (reqs, decodes) in cases.items():
+            args, flops = self.prefill_case(reqs, decodes)
+            want = ref.paged_prefill_attention(*args, scale=0.088)
+            for bq, bk, nw, ns in PREFILL_CONFIGS:
+                if time.time() > self.deadline:
+                    return rows
+                row: dict[str, Any] = {"case": name, "block_q": bq, "block_k": bk, "num_warps": nw, "num_stages": ns}
+                fn = functools.partial(pk.paged_prefill_attention, scale=0.088, interpret=self.interp, block_q=bq,
+                                       block_k=bk, num_warps=nw, num_stages=ns)
+                try:
+                    err = rel_err(fn(*args), want)
+                    if not err < 2e-2:
+                        raise ValueError(f"relative error {err:.3g} against the reference")
+                    ms_ = self.t(fn, *args)
+                except Exception as exc:  # noqa: BLE001 - a launch that fails is a result too
+                    rows.append({**row, "error": str(exc)[:300]})
+                    continue
+                rows.append({**row, "ms": ms_, "tflops": flops / ms_ / 1e9})
+                print(rows[-1], flush=True)
         return rows
 
     def decode_configs(self, copy_gbps: float) -> list[dict[str, Any]]:
@@ -384,6 +426,7 @@ class Bench:
         self.section("memory_bound", lambda: self.memory(copy))
         self.section("prefill_attention", self.prefill)
         self.section("sm_profile", self.sweep)
+        self.section("prefill_configs", self.prefill_configs)
         if not self.smoke:
             self.section("decode_configs", lambda: self.decode_configs(copy))
             self.res["targets"] = targets.check([self.res])  # the kernel targets, pass or fail

@@ -172,6 +172,17 @@ class CompileClock:
         self.phase = "startup"
         self.seconds: dict[str, float] = {}
         self.buckets: dict[str, int] = {}
+        # JAX's persistent compilation cache events by phase: {"hits": n, "misses": n}.
+        self.cache: dict[str, dict[str, int]] = {}
+        from jax import monitoring
+        monitoring.register_event_listener(self._on_event)
+
+    def _on_event(self, event: str, **_: Any) -> None:
+        kind = {"/jax/compilation_cache/cache_hits": "hits",
+                "/jax/compilation_cache/cache_misses": "misses"}.get(event)
+        if kind:
+            counts = self.cache.setdefault(self.phase, {"hits": 0, "misses": 0})
+            counts[kind] += 1
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -320,7 +331,7 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         # From the process's start to the first token of the warm-up's first request: what a
         # user waits for before the engine answers (imports, weights, pool, compiles).
         "first_token_s": first_token_s, "compilation_cache_dir": args.compilation_cache_dir,
-        "compile_s": clock.seconds, "compiled_buckets": clock.buckets,
+        "compile_s": clock.seconds, "compiled_buckets": clock.buckets, "compilation_cache": clock.cache,
         "elapsed_s": elapsed, "requests": len(outs), "failed_requests": len(outs) - len(ok),
         "first_error": next((o.error for o in outs if o.error is not None), None),
         "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "total_tokens": total_tokens,

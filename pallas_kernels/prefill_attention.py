@@ -5,6 +5,8 @@ the cached prefix, causal inside the new chunk (whose K/V are already in the pag
 The batch is cut into query blocks of up to BQ consecutive tokens of ONE request
 (a block never straddles two requests); work item = (query block, KV head), and the
 G query heads of that KV head ride along as extra rows, so K/V are read once per block.
+Tokens with a negative position (decode rows in a mixed batch) are skipped: their rows
+of the output keep the values passed in, so the decode kernel's output needs no merge.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import cdiv, persistent_loop, resolve_programs, triton_params
-from pallas_kernels.paged_attention_common import attend_paged, finish, flat_pages, group_queries
+from pallas_kernels.paged_attention_common import attend_paged, finish, flat_pages, group_rows
 
 
 def query_blocks(token_seq: jax.Array, bq: int, max_blocks: int) -> tuple[jax.Array, ...]:
@@ -41,29 +43,39 @@ def query_blocks(token_seq: jax.Array, bq: int, max_blocks: int) -> tuple[jax.Ar
 
 
 def _prefill_kernel(q_ref, k_ref, v_ref, pos_ref, bs_ref, bl_ref, bseq_ref, bt_ref, ctx_ref,
-                    o_ref, *, num_kv: int, gp: int, bq: int, bk: int, page_size: int,
-                    scale: float) -> None:
+                    base_ref, o_ref, *, num_kv: int, group: int, gp: int, bq: int, bk: int,
+                    page_size: int, scale: float) -> None:
+    del base_ref  # aliased to o_ref: rows this kernel does not store keep its values
     rows = bq * gp
+    d = q_ref.shape[2]
+    r = jnp.arange(rows, dtype=jnp.int32)
+    cols = jnp.arange(d, dtype=jnp.int32)[None, :]
 
     def item(w):
         b = w // num_kv
         kh = w % num_kv
         length = bl_ref[b]
+        start = bs_ref[b]
+        # Row r of the tile is token start + r // gp, query head kh * group + r % gp; the
+        # gp - group padding rows and tokens past the block are masked off. Indices stay
+        # distinct (never clamped): masked lanes touch no memory on the GPU, and in the
+        # interpreter a masked store writes back what it read, so a clamped duplicate
+        # could undo a real row's store.
+        valid = (r // gp < length) & (r % gp < group)
+        tok = start + r // gp
+        head = kh * group + r % gp
+        limit = pltriton.load(pos_ref.at[tok], mask=valid, other=-1)
 
-        @pl.when(length > 0)
+        @pl.when(jnp.max(limit) >= 0)  # a block of decode rows (position -1) does nothing
         def _():
-            start = bs_ref[b]
             seq = bseq_ref[b]
-            r = jnp.arange(rows, dtype=jnp.int32)
-            valid = r // gp < length
-            row_pos = pos_ref[start + r // gp]
-            limit = jnp.where(valid, row_pos, -1)
             hi = jnp.minimum(jnp.max(limit) + 1, ctx_ref[seq])
-            q = q_ref[kh, pl.ds(start * gp, rows), :]
+            at = (tok[:, None], head[:, None], cols)
+            q = pltriton.load(q_ref.at[at], mask=valid[:, None], other=0)
             acc, _, l = attend_paged(q, limit, k_ref, v_ref, bt_ref, seq, kh, 0, hi, bk=bk,
                                      page_size=page_size, scale=scale)
             out = finish(acc, l).astype(o_ref.dtype)
-            pltriton.store(o_ref.at[kh, pl.ds(start * gp, rows), :], out, mask=valid[:, None])
+            pltriton.store(o_ref.at[at], out, mask=(limit >= 0)[:, None])
 
     persistent_loop(bl_ref.shape[0] * num_kv, item)
 
@@ -73,38 +85,43 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                             context_len: jax.Array, *, scale: float,
                             num_programs: int | None = None, interpret: bool = False,
                             block_q: int | None = None, block_k: int = 64, num_warps: int = 4,
-                            num_stages: int = 2) -> jax.Array:
+                            num_stages: int = 2, out: jax.Array | None = None) -> jax.Array:
     """Ragged prefill/mixed attention -> [T, H, D] in q.dtype.
 
     q [T, H, D]; k_pages, v_pages [P, ps, K, D] (one layer, this batch's K/V written);
     token_seq [T] (request row of each token), positions [T]; block_table [S, W];
     context_len [S]. Token t sees keys [0, min(positions[t], context_len-1)] of its
-    request. `num_programs`: SM budget, any value >= 1. block_q (tokens per block,
-    default 64 // Gp, at least 1) times Gp (padded group size) rows form one tile.
+    request. A token with a negative position (a decode row, served by the decode kernel)
+    is not computed: its output row is `out`'s (updated in place; None: zeros).
+    `num_programs`: SM budget, any value >= 1. block_q (tokens per block, default
+    64 // Gp, at least 1) times Gp (padded group size) rows form one tile; q and the
+    output are read and written in their [T, H, D] layout, so no copy surrounds the kernel.
     """
+    if (block_q is not None and block_q < 1) or block_k < 1:
+        raise ValueError(f"block_q ({block_q}) and block_k ({block_k}) must be >= 1 (block_q=None: the default)")
     t, h, d = q.shape
     ps, num_kv = k_pages.shape[1], k_pages.shape[2]
-    qg, gp = group_queries(q, num_kv, min_rows=1)
+    group = h // num_kv
+    gp = group_rows(group, 1)
     bq = block_q or max(1, 64 // gp)
     if bq * gp < 16:  # Triton dots need >= 16 rows
         bq = cdiv(16, gp)
     max_blocks = min(t, cdiv(t, bq) + block_table.shape[0] + 1)
     start, length, seq = query_blocks(token_seq, bq, max_blocks)
-    # [K, (T + bq) * Gp, D]: the padding lets the last block's tile stay in bounds.
-    qk = jnp.pad(qg, ((0, bq), (0, 0), (0, 0), (0, 0))).transpose(1, 0, 2, 3)
-    qk = qk.reshape(num_kv, (t + bq) * gp, d)
-    pos = jnp.pad(positions.astype(jnp.int32), (0, bq))
+    if out is None:
+        out = jnp.zeros_like(q)
+    elif out.shape != q.shape:
+        raise ValueError(f"out has shape {out.shape}, want q's {q.shape}")
     progs = resolve_programs(num_programs, max_blocks * num_kv)
-    kernel = functools.partial(_prefill_kernel, num_kv=num_kv, gp=gp, bq=bq, bk=block_k,
+    kernel = functools.partial(_prefill_kernel, num_kv=num_kv, group=group, gp=gp, bq=bq, bk=block_k,
                                page_size=ps, scale=float(scale))
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(qk.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(progs,),
+        input_output_aliases={9: 0},
         compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,
         name="paged_prefill_attention",
-    )(qk, flat_pages(k_pages), flat_pages(v_pages), pos, start, length, seq,
-      block_table.astype(jnp.int32), context_len.astype(jnp.int32))
-    out = out.reshape(num_kv, t + bq, gp, d)[:, :t, : h // num_kv].transpose(1, 0, 2, 3)
-    return out.reshape(t, h, d)
+    )(q, flat_pages(k_pages), flat_pages(v_pages), positions.astype(jnp.int32), start, length, seq,
+      block_table.astype(jnp.int32), context_len.astype(jnp.int32), out.astype(q.dtype))

@@ -207,10 +207,10 @@ class PallasOps(XlaOps):
         if batch.decode_only:  # no prefill chunk: its kernel and the merge are skipped
             return dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
         is_dec = jnp.arange(t) < batch.num_decode
-        # Decode tokens get position -1 in the prefill kernel: they see no keys there.
-        pre = prefill(q, positions=jnp.where(is_dec, -1, batch.positions))
-        dec_full = jnp.zeros_like(q).at[:s].set(dec)
-        return jnp.where(is_dec[:, None, None], dec_full, pre)
+        # Decode tokens get position -1: the prefill kernel skips them and writes the
+        # other rows into the decode kernel's output in place (no merge pass).
+        dec_full = dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
+        return prefill(q, positions=jnp.where(is_dec, -1, batch.positions), out=dec_full)
 
 
 def resolve_kernels(kernels: str) -> str:

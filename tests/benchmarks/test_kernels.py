@@ -39,3 +39,20 @@ def test_decode_configs_rows_name_each_launch_and_keep_failures(tmp_path, monkey
     assert rows[0]["n"] == 3 and rows[0]["ctx"] == 40 and rows[0]["ms"] > 0
     assert rows[0]["vs_copy"] == rows[0]["gbps"]  # against a 1 GB/s ceiling
     assert "error" in rows[1] and "ms" not in rows[1]
+
+
+def test_prefill_configs_rows_check_each_launch_against_the_reference(tmp_path, monkeypatch):
+    """The prefill_configs section, interpreted on tiny shapes (with decode rows at
+    position -1): a row per launch that matches the reference, and an error row for a
+    launch that cannot run."""
+    monkeypatch.setattr(kernels, "PREFILL_CONFIGS", [(4, 16, 4, 2), (0, 16, 4, 2)])
+    bench = kernels.Bench(True, 60.0, str(tmp_path / "k.json"))
+    rows = bench.prefill_configs()
+    assert [(r["case"], r["block_q"]) for r in rows] == [("smoke", 4), ("smoke", 0)]
+    assert rows[0]["ms"] > 0 and rows[0]["tflops"] > 0
+    assert "error" in rows[1] and "ms" not in rows[1]
+
+
+def test_prefill_launches_are_distinct_and_cover_the_default():
+    assert len(set(kernels.PREFILL_CONFIGS)) == len(kernels.PREFILL_CONFIGS)
+    assert (16, 64, 4, 2) in kernels.PREFILL_CONFIGS  # the kernel's default on Llama-3-8B (Gp = 4)

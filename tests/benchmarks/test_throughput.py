@@ -180,3 +180,14 @@ def test_the_engine_is_freed_before_the_ceilings_are_measured(monkeypatch):
     gc.collect()
     assert len(runners) == 1 and runners[0]() is None
     assert result["_tracer"].all_steps and result["generated_tokens"] == 6
+
+
+def test_compile_clock_counts_persistent_cache_events_by_phase():
+    from jax import monitoring
+    clock = throughput.CompileClock()
+    monitoring.record_event("/jax/compilation_cache/cache_misses")
+    clock.phase = "timed_run"
+    for _ in range(2):
+        monitoring.record_event("/jax/compilation_cache/cache_hits")
+    monitoring.record_event("/jax/compilation_cache/tasks_using_cache")  # not a hit or a miss
+    assert clock.cache == {"startup": {"hits": 0, "misses": 1}, "timed_run": {"hits": 2, "misses": 0}}

@@ -136,3 +136,30 @@ def test_prefill_bf16_single_request(rng):
     out = paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=0.125, num_programs=2,
                                   interpret=True)
     assert_close(out, ref.paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=0.125))
+
+
+@pytest.mark.parametrize("heads,kv_heads,block_q", [(8, 2, None), (9, 3, 3)])
+def test_prefill_leaves_negative_position_rows_to_out(rng, heads, kv_heads, block_q):
+    """Decode rows of a mixed batch come with position -1: the kernel computes none of
+    them and leaves their rows of `out` as passed (the decode kernel's output), and
+    computes every other row as the reference does; without `out` those rows are zeros."""
+    requests = [(40, 1), (12, 1), (0, 23), (31, 9), (5, 1)]
+    seq, pos, ctx = _mixed_batch(requests, pad=2)
+    is_dec = jnp.asarray([1, 1] + [0] * (seq.shape[0] - 2), bool)
+    d, w, s = 32, 4, len(requests)
+    ctx = jnp.asarray(ctx, jnp.int32)
+    k, v = _cache(rng, s * w + 2, kv_heads, d, jnp.float32)
+    bt = shuffled_pages(rng, s, w, s * w + 2)
+    q, base = rand(rng, seq.shape[0], heads, d), rand(rng, seq.shape[0], heads, d)
+    masked_pos = jnp.where(is_dec, -1, pos)
+    want = ref.paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=d ** -0.5)
+    out = paged_prefill_attention(q, k, v, seq, masked_pos, bt, ctx, scale=d ** -0.5, num_programs=3,
+                                  block_q=block_q, block_k=32, interpret=True, out=base)
+    np.testing.assert_array_equal(np.asarray(out[:2]), np.asarray(base[:2]))
+    assert_close(out[2:], want[2:])
+    zeros = paged_prefill_attention(q, k, v, seq, masked_pos, bt, ctx, scale=d ** -0.5, num_programs=3,
+                                    block_q=block_q, block_k=32, interpret=True)
+    assert not np.asarray(zeros[:2]).any()
+    assert_close(zeros[2:], want[2:])
+    with pytest.raises(ValueError, match="out has shape"):
+        paged_prefill_attention(q, k, v, seq, masked_pos, bt, ctx, scale=1.0, interpret=True, out=base[1:])
