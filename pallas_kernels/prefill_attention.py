@@ -84,7 +84,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                             token_seq: jax.Array, positions: jax.Array, block_table: jax.Array,
                             context_len: jax.Array, *, scale: float,
                             num_programs: int | None = None, interpret: bool = False,
-                            block_q: int | None = None, block_k: int = 64, num_warps: int = 4,
+                            block_q: int | None = None, block_k: int = 128, num_warps: int = 8,
                             num_stages: int = 2, out: jax.Array | None = None) -> jax.Array:
     """Ragged prefill/mixed attention -> [T, H, D] in q.dtype.
 
@@ -94,8 +94,10 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     request. A token with a negative position (a decode row, served by the decode kernel)
     is not computed: its output row is `out`'s (updated in place; None: zeros).
     `num_programs`: SM budget, any value >= 1. block_q (tokens per block, default
-    64 // Gp, at least 1) times Gp (padded group size) rows form one tile; q and the
+    128 // Gp, at least 1) times Gp (padded group size) rows form one tile; q and the
     output are read and written in their [T, H, D] layout, so no copy surrounds the kernel.
+    The defaults (128-row tiles, 128-key blocks, 8 warps) are the fastest launch of
+    `bench.kernels --sections prefill_configs` on an H100 (bench/RESULTS.md).
     """
     if (block_q is not None and block_q < 1) or block_k < 1:
         raise ValueError(f"block_q ({block_q}) and block_k ({block_k}) must be >= 1 (block_q=None: the default)")
@@ -103,7 +105,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     ps, num_kv = k_pages.shape[1], k_pages.shape[2]
     group = h // num_kv
     gp = group_rows(group, 1)
-    bq = block_q or max(1, 64 // gp)
+    bq = block_q or max(1, 128 // gp)
     if bq * gp < 16:  # Triton dots need >= 16 rows
         bq = cdiv(16, gp)
     max_blocks = min(t, cdiv(t, bq) + block_table.shape[0] + 1)

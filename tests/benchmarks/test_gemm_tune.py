@@ -62,6 +62,20 @@ def test_confirm_reranks_by_interleaved_medians(monkeypatch):
     assert ranked[0]["confirmed_ms"] == 1.1 and ranked[0]["confirm_ms"] == [1.2, 1.1, 1.1]
 
 
+def test_confirm_past_the_deadline_keeps_the_search_timings():
+    """A search whose budget ran out before the first confirm round still ranks its
+    leaders (by their one timing) instead of failing the whole run."""
+    import jax
+
+    tuner = gemm_tune.ShapeTuner(64, "o_res", jax.random.key(0), smoke=True)
+    cfgs = [MgpuConfig(tile_m=t, epi_m=min(64, t)) for t in (16, 32, 64)]
+    tuner.rows = [_row(dataclasses.asdict(c), ms) for c, ms in zip(cfgs, [2.0, 1.0, 1.5])]
+    tuner.deadline = 0.0
+    tuner.confirm(leaders=2, rounds=3)
+    assert [r["config"]["tile_m"] for r in tuner.ranked_rows()] == [32, 64, 16]
+    assert tuner.ranked_rows()[0]["confirmed_ms"] == 1.0
+
+
 @pytest.mark.parametrize("key", list(gemm_tune.CANDIDATES))
 def test_candidates_fit_a_hopper_sm(key):
     silu = key[0] == "silu"

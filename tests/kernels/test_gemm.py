@@ -395,12 +395,33 @@ def test_a_table_round_trips_through_the_tuner_format(tmp_path, monkeypatch):
 def test_a_device_without_a_table_gets_the_wave_model_and_one_warning(monkeypatch, caplog):
     from pallas_kernels import gemm_config
 
-    monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 PCIe")
     gemm_config._warn_untuned.cache_clear()
     with caplog.at_level("WARNING", logger=gemm_config.__name__):
         first = gemm_config.choose_config(1024, 4096, False, False, 132)
         gemm_config.choose_config(256, 14336, True, False, 132)
     assert first == MgpuConfig(tile_m=128, tile_n=128, stages=4)  # one wave of 128 x 256 CTAs
     warnings = [r for r in caplog.records if "no tuned GEMM table" in r.getMessage()]
-    assert len(warnings) == 1 and "NVIDIA H100 80GB HBM3" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "NVIDIA H100 PCIe" in warnings[0].getMessage()
+    gemm_config._warn_untuned.cache_clear()
+
+
+def test_the_h100_table_serves_decode_sized_batches_only(monkeypatch):
+    """The H100's shipped rows cover M <= 256; larger batches keep the wave model's tiles,
+    and down + residual keeps them at M = 256 too (its row is the wave model's choice)."""
+    from pallas_kernels import gemm_config
+
+    monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv("NANOFLOW_GEMM_TABLE", raising=False)
+    table = gemm_config.tuned_table()
+    assert table is not None and all(bound == 256 for rows in table.values() for bound, _ in rows)
+    o_res = gemm_config.choose_config(256, 4096, False, True, 132, k=4096)
+    assert o_res == table["residual"][0][1]
+    monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 PCIe")   # no table
+    gemm_config._warn_untuned.cache_clear()
+    for m, n, silu, res, k in ((256, 4096, False, True, 14336), (2048, 4096, False, True, 4096)):
+        wave = gemm_config.choose_config(m, n, silu, res, 132, k=k)
+        monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 80GB HBM3")
+        assert gemm_config.choose_config(m, n, silu, res, 132, k=k) == wave
+        monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 PCIe")
     gemm_config._warn_untuned.cache_clear()
