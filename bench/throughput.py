@@ -332,6 +332,9 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
         # user waits for before the engine answers (imports, weights, pool, compiles).
         "first_token_s": first_token_s, "compilation_cache_dir": args.compilation_cache_dir,
         "compile_s": clock.seconds, "compiled_buckets": clock.buckets, "compilation_cache": clock.cache,
+        # Whole steps loaded from / compiled into the engine's executable store.
+        "executable_store": (None if runner.store is None
+                             else {"hits": runner.store.hits, "misses": runner.store.misses}),
         "elapsed_s": elapsed, "requests": len(outs), "failed_requests": len(outs) - len(ok),
         "first_error": next((o.error for o in outs if o.error is not None), None),
         "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "total_tokens": total_tokens,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from nanoflow_jax import env  # noqa: E402  (light: reads the environment, imports no jax)
 
 os.environ.setdefault("JAX_PLATFORMS", "" if env.gpu_tests_enabled() else "cpu")
+# Compilation caches (JAX's and the engine's stored executables) of this session only, so
+# that no test's compile behaviour depends on what an earlier run left on the machine.
+os.environ[env.COMPILATION_CACHE.name] = tempfile.mkdtemp(prefix="nanoflow-test-compilation-cache-")
 
 import jax
 import pytest

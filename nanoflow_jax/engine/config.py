@@ -49,6 +49,9 @@ class EngineConfig:
     # bucket up to the available CPU cores; 1: one after another.
     compile_workers: int | None = None
     compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
+    # Whole compiled steps stored in that folder too (engine/executable_store.py): a warm
+    # start loads them without tracing or lowering. False: JAX's cache alone.
+    cache_executables: bool = True
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
     # Devices one model is split over (heads and MLP columns; nanoflow_jax/parallel/); 1: one device.
     tensor_parallel_size: int = 1

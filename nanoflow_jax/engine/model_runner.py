@@ -27,6 +27,7 @@ from nanoflow_jax import env
 from nanoflow_jax.autosearch import resolve_pipeline
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine import compiler
+from nanoflow_jax.engine.executable_store import ExecutableStore, run_fingerprint
 from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.sample_step import plan_for, sample_step
@@ -204,8 +205,35 @@ class ModelRunner:
         self._zero_tokens = jax.device_put(np.zeros(cfg.max_num_seqs, np.int32),
                                            None if self.tp is None else self.tp.replicated)
         self._compiled: dict[tuple[int, int, bool], Any] = {}
+        self.store = self._executable_store()
         if self.precompile:
             self.compile_all()
+
+    def _executable_store(self) -> ExecutableStore | None:
+        """Compiled steps on disk in the compilation cache folder (`EngineConfig.
+        compilation_cache_dir`, else JAX's); not under tensor parallelism, whose executables
+        span a mesh (`EngineConfig.cache_executables`)."""
+        folder = os.path.expanduser(self.cfg.compilation_cache_dir or jax.config.jax_compilation_cache_dir or "")
+        if not self.cfg.cache_executables or self.tp is not None or not folder:
+            return None
+        fingerprint = run_fingerprint(
+            model_cfg=self.model_cfg, engine_cfg=self.cfg, params=self.params, cache=self.cache,
+            extra=(self.ops, self.pipeline, self.nano_programs, step_compiler_options(self.pipeline)))
+        return ExecutableStore(os.path.join(folder, "nanoflow_executables"), fingerprint)
+
+    def _load_stored(self, key: tuple) -> bool:
+        """Takes `key`'s executable (a bucket or a sampler) from the store, if it is there."""
+        compiled = self.store.load(key) if self.store is not None else None
+        if compiled is not None:
+            (self._samplers if _is_sampler(key) else self._compiled)[key] = compiled
+        return compiled is not None
+
+    def _keep(self, key: tuple, compiled: Any) -> Any:
+        """Records a fresh compile (a bucket or a sampler) and writes it to the store."""
+        (self._samplers if _is_sampler(key) else self._compiled)[key] = compiled
+        if self.store is not None:
+            self.store.store(key, compiled)
+        return compiled
 
     def _shapes(self, t: int, w: int) -> tuple[jax.ShapeDtypeStruct, ...]:
         s = self.cfg.seqs_for(t)
@@ -265,9 +293,18 @@ class ModelRunner:
         from tqdm import tqdm
 
         jobs = [k for k in self.compile_jobs() if k not in (self._samplers if _is_sampler(k) else self._compiled)]
+        start = time.perf_counter()
+        stored = len(jobs)
+        jobs = [k for k in jobs if not self._load_stored(k)]   # a warm start lowers nothing
+        stored -= len(jobs)
+        show = self.cfg.show_progress
+        if show and stored:
+            print(f"loaded {stored} compiled steps from {self.store.folder} in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)
+        if not jobs:
+            return
         keys, samplers = [k for k in jobs if not _is_sampler(k)], [k for k in jobs if _is_sampler(k)]
         workers = compiler.resolve_workers(self.cfg.compile_workers, len(jobs))
-        show = self.cfg.show_progress
         live = show and sys.stderr.isatty()
         if show and not live:
             print(f"compiling {len(keys)} step buckets and {len(samplers)} samplers, {workers} at a time ...",
@@ -282,16 +319,18 @@ class ModelRunner:
             done = compiler.compile_all(
                 jobs, lambda k: self._lower_sampler(*k) if _is_sampler(k) else self._lower(self.cache, *k),
                 step_compiler_options(self.pipeline), workers, label=_job_label, on_done=finished)
-        self._compiled.update({k: v for k, v in done.items() if not _is_sampler(k)})
-        self._samplers.update({k: v for k, v in done.items() if _is_sampler(k)})
+        for key, compiled in done.items():
+            self._keep(key, compiled)
         if show and not live:
             print(f"compiled {len(keys)} step buckets and {len(samplers)} samplers in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     def _compile(self, t: int, w: int, decode_only: bool) -> Any:
+        key = (t, w, decode_only)
+        if self._load_stored(key):
+            return self._compiled[key]
         lowered = self._lower(self.cache, t, w, decode_only)
-        self._compiled[(t, w, decode_only)] = lowered.compile(step_compiler_options(self.pipeline))
-        return self._compiled[(t, w, decode_only)]
+        return self._keep(key, lowered.compile(step_compiler_options(self.pipeline)))
 
     def executable(self, t: int, w: int, decode_only: bool) -> Any:
         """The compiled step of one bucket (compiled now if start-up did not)."""
@@ -304,8 +343,8 @@ class ModelRunner:
         """The compiled `sample_step` for S rows and this plan (compiled now if not yet: a
         sampler compiles in about a second, a forward bucket in several)."""
         key = (s, plan)
-        if key not in self._samplers:
-            self._samplers[key] = self._lower_sampler(s, plan).compile()
+        if key not in self._samplers and not self._load_stored(key):
+            self._keep(key, self._lower_sampler(s, plan).compile())
         return self._samplers[key]
 
     def _lower_sampler(self, s: int, plan: SamplerPlan) -> Any:

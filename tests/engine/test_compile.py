@@ -68,9 +68,10 @@ class _FakeLowered:
 
 def test_parallel_precompile_matches_sequential(pool_sizes):
     prompts = random_prompts(6, [1, 4, 9, 20, 33, 50], seed=3)
-    parallel = make_llm(precompile=True, compile_workers=2)
+    # cache_executables=False: steps an earlier test stored would load instead of compiling.
+    parallel = make_llm(precompile=True, compile_workers=2, cache_executables=False)
     assert pool_sizes == [2] and not _compile_threads()
-    sequential = make_llm(precompile=True, compile_workers=1)
+    sequential = make_llm(precompile=True, compile_workers=1, cache_executables=False)
     assert pool_sizes == [2]  # one worker compiles in the calling thread, without a pool
     p_run, s_run = parallel.engine.runner, sequential.engine.runner
     assert set(p_run._compiled) == set(s_run._compiled) == set(p_run.bucket_keys())
@@ -80,9 +81,10 @@ def test_parallel_precompile_matches_sequential(pool_sizes):
 
 
 def test_pool_size_follows_compile_workers(pool_sizes):
-    num_buckets = len(make_llm(precompile=True, compile_workers=3).engine.runner.compile_jobs())
-    make_llm(precompile=True, compile_workers=64)   # never more threads than compiles
-    make_llm(precompile=True)                       # None: one per core, up to the buckets
+    off = dict(precompile=True, cache_executables=False)   # compile, never load a stored step
+    num_buckets = len(make_llm(compile_workers=3, **off).engine.runner.compile_jobs())
+    make_llm(compile_workers=64, **off)   # never more threads than compiles
+    make_llm(**off)                       # None: one per core, up to the buckets
     default = min(num_buckets, compiler.available_cores())
     assert pool_sizes == [w for w in (3, num_buckets, default) if w > 1]  # one worker: no pool
 

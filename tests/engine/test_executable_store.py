@@ -1,0 +1,96 @@
+"""The executable store: a warm start loads every compiled step without lowering one, gives
+the same tokens, and a changed run, a corrupt entry or the switch turned off compile again."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from nanoflow_jax import SamplingParams
+from nanoflow_jax.engine import executable_store
+from nanoflow_jax.engine.model_runner import ModelRunner
+from tests.engine.conftest import make_llm, random_prompts, reference_greedy
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def _tokens(llm, prompts):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def _forbid_lowering(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a warm start lowered a step")
+    monkeypatch.setattr(ModelRunner, "_lower", refuse)
+    monkeypatch.setattr(ModelRunner, "_lower_sampler", refuse)
+
+
+def test_a_warm_start_loads_every_step_and_lowers_none(tmp_path, monkeypatch):
+    prompts = random_prompts(3, seed=7)
+    cold = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    runner = cold.engine.runner
+    jobs = len(runner.compile_jobs())
+    assert runner.store.misses == jobs and runner.store.hits == 0
+    assert len(list((tmp_path / "nanoflow_executables").glob("*.exe"))) == jobs
+    want = _tokens(cold, prompts)
+    assert want == reference_greedy(prompts, 6)
+
+    _forbid_lowering(monkeypatch)
+    warm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    assert warm.engine.runner.store.hits == jobs and warm.engine.runner.store.misses == 0
+    assert _tokens(warm, prompts) == want
+
+
+def test_another_run_or_other_code_misses(tmp_path, monkeypatch):
+    make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    other = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), max_num_seqs=4)
+    assert other.engine.runner.store.hits == 0   # another engine configuration: other shapes
+    monkeypatch.setattr(executable_store, "code_fingerprint", lambda: "edited source")
+    edited = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    assert edited.engine.runner.store.hits == 0
+
+
+def test_a_corrupt_entry_is_dropped_and_compiled_again(tmp_path, caplog):
+    prompts = random_prompts(2, seed=3)
+    make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    entries = sorted((tmp_path / "nanoflow_executables").glob("*.exe"))
+    entries[0].write_bytes(entries[0].read_bytes()[:100])   # truncated
+    with caplog.at_level(logging.WARNING, logger=executable_store.__name__):
+        llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    store = llm.engine.runner.store
+    assert store.misses == 1 and store.hits == len(entries) - 1
+    assert any("dropping the stored executable" in r.getMessage() for r in caplog.records)
+    assert _tokens(llm, prompts) == reference_greedy(prompts, 6)
+    # Compiled again and stored whole.
+    assert len(entries[0].read_bytes()) > 100
+
+
+def test_an_unwritable_folder_warns_and_serves(tmp_path, caplog):
+    (tmp_path / "nanoflow_executables").write_text("a file where the store's folder would be")
+    with caplog.at_level(logging.WARNING, logger=executable_store.__name__):
+        llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    assert any("could not store the executable" in r.getMessage() for r in caplog.records)
+    prompts = random_prompts(2, seed=5)
+    assert _tokens(llm, prompts) == reference_greedy(prompts, 6)
+
+
+@pytest.mark.parametrize("precompile", [True, False])
+def test_switched_off_nothing_is_stored(tmp_path, precompile):
+    llm = make_llm(precompile=precompile, compilation_cache_dir=str(tmp_path), cache_executables=False)
+    assert llm.engine.runner.store is None
+    _tokens(llm, random_prompts(1, seed=1))
+    assert not (tmp_path / "nanoflow_executables").exists()
+
+
+def test_steps_compiled_on_first_use_are_stored_too(tmp_path, monkeypatch):
+    """On CPU buckets compile when first needed: those go to the store and a later engine
+    loads them when it needs them."""
+    prompts = random_prompts(2, seed=11)
+    lazy = make_llm(precompile=False, compilation_cache_dir=str(tmp_path))
+    want = _tokens(lazy, prompts)
+    stored = lazy.engine.runner.store.misses
+    assert stored >= 2 and len(list((tmp_path / "nanoflow_executables").glob("*.exe"))) == stored
+    _forbid_lowering(monkeypatch)
+    again = make_llm(precompile=False, compilation_cache_dir=str(tmp_path))
+    assert _tokens(again, prompts) == want and again.engine.runner.store.hits == stored
