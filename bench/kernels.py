@@ -58,9 +58,8 @@ PREFILL_CONFIGS = [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 32, 4, 
                    (64, 32, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)]
 # Requests of a prefill case as (cached tokens, new tokens); "decodes" adds that many decode
 # rows at 1,280 cached tokens, as the engine passes them (position -1: they see no key).
-PREFILL_CASES = {"4x512_new": ([(0, 512)] * 4, 0), "4x512_after_512": ([(512, 512)] * 4, 0),
-                 "4x512_after_1536": ([(1536, 512)] * 4, 0),
-                 "engine_mixed": ([(240, 784), (0, 1024)], 240)}
+PREFILL_CASES = {"engine_mixed": ([(240, 784), (0, 1024)], 240), "4x512_new": ([(0, 512)] * 4, 0),
+                 "4x512_after_512": ([(512, 512)] * 4, 0), "4x512_after_1536": ([(1536, 512)] * 4, 0)}
 
 
 def reference_in_chunks(q: jax.Array, k: jax.Array, v: jax.Array, seq: jax.Array, pos: jax.Array,

@@ -435,7 +435,13 @@ def add_iteration_profile(result: dict[str, Any], tracer: Any, args: argparse.Na
                                          "last kernel and the next one's first, over the windows' span"}
     if args.out:
         iteration.plot(report, str(Path(args.out).with_suffix("")) + f"_{result['pipeline']}_iteration.png",
-                       f"{args.model} on {result.get('device', '')}")
+                       f"{args.model} on {result.get('device') or _device_kind()}")
+
+
+def _device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
 
 
 def run(args: argparse.Namespace, work: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ everything that shapes it instead, so a start whose key matches loads it directl
 
 - the code: every source and table file of `nanoflow_jax` and `pallas_kernels`;
 - the stack: jax and jaxlib versions, the backend, its devices' kinds and ids, $XLA_FLAGS
-  and the NANOFLOW_* environment;
+  and $NANOFLOW_GEMM_TABLE's file (the other NANOFLOW_* variables change no kernel);
 - the run: the model and engine configurations, the kernel set, the pipeline and its SM
   budgets, the parameters' and the KV pool's shapes, dtypes and shardings;
 - the job: the bucket (T, W, decode_only) or the sampler (S, plan).
@@ -29,6 +29,8 @@ from typing import Any, Hashable, Iterable
 
 import jax
 from jax.experimental import serialize_executable
+
+from nanoflow_jax import env
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,18 @@ def _avals(tree: Any) -> str:
     return "|".join(parts)
 
 
+def _gemm_table() -> str:
+    """$NANOFLOW_GEMM_TABLE and its contents: the one setting of the environment that
+    changes the compiled kernels (the GEMM tiles)."""
+    path = env.gemm_table()
+    if not path:
+        return ""
+    try:
+        return f"{path}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()}"
+    except OSError:
+        return path
+
+
 def _jaxlib_version() -> str:
     try:
         return importlib.metadata.version("jaxlib")
@@ -68,9 +82,9 @@ def _jaxlib_version() -> str:
 def run_fingerprint(*, model_cfg: Any, engine_cfg: Any, params: Any, cache: Any, extra: Iterable[Any]) -> str:
     """A hash of the stack and the run: what the executables of one engine share."""
     devices = jax.devices()
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("NANOFLOW_"))
-    parts = [code_fingerprint(), jax.__version__, _jaxlib_version(), jax.default_backend(), [(d.id, d.device_kind) for d in devices], os.environ.get("XLA_FLAGS", ""),
-             env, repr(model_cfg), repr(engine_cfg), _avals(params), _avals(cache), *map(repr, extra)]
+    parts = [code_fingerprint(), jax.__version__, _jaxlib_version(), jax.default_backend(),
+             [(d.id, d.device_kind) for d in devices], os.environ.get("XLA_FLAGS", ""),
+             _gemm_table(), repr(model_cfg), repr(engine_cfg), _avals(params), _avals(cache), *map(repr, extra)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 

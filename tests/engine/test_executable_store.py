@@ -46,6 +46,14 @@ def test_another_run_or_other_code_misses(tmp_path, monkeypatch):
     make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
     other = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), max_num_seqs=4)
     assert other.engine.runner.store.hits == 0   # another engine configuration: other shapes
+    monkeypatch.setenv("NANOFLOW_TEST_GPU", "0")   # a variable that changes no kernel
+    again = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    assert again.engine.runner.store.misses == 0
+    table = tmp_path / "table.json"
+    table.write_text("{}")
+    monkeypatch.setenv("NANOFLOW_GEMM_TABLE", str(table))   # other GEMM tiles
+    assert make_llm(precompile=True, compilation_cache_dir=str(tmp_path)).engine.runner.store.hits == 0
+    monkeypatch.delenv("NANOFLOW_GEMM_TABLE")
     monkeypatch.setattr(executable_store, "code_fingerprint", lambda: "edited source")
     edited = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
     assert edited.engine.runner.store.hits == 0
