@@ -13,7 +13,9 @@ everything that shapes it instead, so a start whose key matches loads it directl
 - the job: the bucket (T, W, decode_only) or the sampler (S, plan).
 
 Entries are written atomically (a temporary file, then a rename). An entry that fails to
-load is dropped with a warning and compiled again. Loading runs the pickled executable:
+load is dropped with a warning and compiled again. Each code version or configuration
+writes its own entries, so the folder keeps to `max_bytes` (default 4 GiB): after a write,
+the least recently used entries go first (a load counts as a use). Loading runs the pickled executable:
 like JAX's own cache, the folder must be trusted.
 """
 
@@ -35,6 +37,7 @@ from nanoflow_jax import env
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("nanoflow_jax", "pallas_kernels")
+DEFAULT_MAX_BYTES = 4 << 30
 _CODE_SUFFIXES = (".py", ".json")
 
 
@@ -98,9 +101,10 @@ def _remove(path: Path) -> None:
 class ExecutableStore:
     """Serialized `jax.stages.Compiled` objects in one folder, one file per job."""
 
-    def __init__(self, folder: str | os.PathLike[str], fingerprint: str) -> None:
+    def __init__(self, folder: str | os.PathLike[str], fingerprint: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
 
@@ -126,6 +130,10 @@ class ExecutableStore:
             self.misses += 1
             return None
         self.hits += 1
+        try:
+            os.utime(path)   # recently used: pruned last
+        except OSError:
+            pass
         return compiled
 
     def store(self, job: Hashable, compiled: Any) -> None:
@@ -137,7 +145,26 @@ class ExecutableStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(blob)
             os.replace(tmp, path)
+            self.prune(keep=path)
         except Exception as exc:  # noqa: BLE001 - the engine runs on without the entry
             _remove(tmp)
             log.warning("could not store the executable of %r in %s: %s: %s", job, self.folder,
                         type(exc).__name__, exc)
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Deletes the least recently used entries until the folder holds `max_bytes`."""
+        entries = []
+        for entry in self.folder.glob("*.exe"):
+            try:
+                st = entry.stat()
+            except OSError:   # removed meanwhile (another engine pruning)
+                continue
+            entries.append((st.st_mtime, st.st_size, entry))
+        total = sum(size for _, size, _ in entries)
+        for _, size, entry in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if entry != keep:
+                _remove(entry)
+                total -= size
+

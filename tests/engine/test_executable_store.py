@@ -4,6 +4,7 @@ the same tokens, and a changed run, a corrupt entry or the switch turned off com
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -102,3 +103,22 @@ def test_steps_compiled_on_first_use_are_stored_too(tmp_path, monkeypatch):
     _forbid_lowering(monkeypatch)
     again = make_llm(precompile=False, compilation_cache_dir=str(tmp_path))
     assert _tokens(again, prompts) == want and again.engine.runner.store.hits == stored
+
+
+def test_the_folder_keeps_to_its_budget_least_recently_used_first(tmp_path):
+    """Writes past max_bytes delete the entries used longest ago; a load counts as a use."""
+    import jax
+    import jax.numpy as jnp
+
+    store = executable_store.ExecutableStore(tmp_path, "run", max_bytes=1 << 40)
+    fns = {name: jax.jit(lambda x, k=k: x * k).lower(jnp.ones(4)).compile() for k, name in enumerate("abcd")}
+    for i, name in enumerate("abc"):
+        store.store(name, fns[name])
+        os.utime(store._path(name), (1000 + i, 1000 + i))   # written in order a, b, c
+    assert store.load("a") is not None   # a is now the most recently used
+    size = store._path("a").stat().st_size
+    store.max_bytes = 3 * size + size // 2   # room for three entries
+    store.store("d", fns["d"])
+    assert not store._path("b").exists()   # least recently used
+    assert all(store._path(n).exists() for n in "acd")
+    assert float(store.load("d")(jnp.ones(4))[0]) == 3.0
