@@ -407,8 +407,8 @@ def test_a_device_without_a_table_gets_the_wave_model_and_one_warning(monkeypatc
 
 
 def test_the_h100_table_serves_decode_sized_batches_only(monkeypatch):
-    """The H100's shipped rows cover M <= 256; larger batches keep the wave model's tiles,
-    and down + residual keeps them at M = 256 too (its row is the wave model's choice)."""
+    """The H100's shipped rows cover M <= 256 and larger batches keep the wave model's tiles;
+    down + residual at M <= 256 takes the H200 table's row (not yet searched on the H100)."""
     from pallas_kernels import gemm_config
 
     monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 80GB HBM3")
@@ -419,7 +419,10 @@ def test_the_h100_table_serves_decode_sized_batches_only(monkeypatch):
     assert o_res == table["residual"][0][1]
     monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 PCIe")   # no table
     gemm_config._warn_untuned.cache_clear()
-    for m, n, silu, res, k in ((256, 4096, False, True, 14336), (2048, 4096, False, True, 4096)):
+    h200 = gemm_config.tuned_table("NVIDIA H200")["residual_deep"]
+    assert table["residual_deep"][0][1] == next(cfg for bound, cfg in h200 if bound == 256)
+    for m, n, silu, res, k in ((2048, 4096, False, True, 14336), (2048, 4096, False, True, 4096),
+                               (1024, 6144, False, False, 4096)):
         wave = gemm_config.choose_config(m, n, silu, res, 132, k=k)
         monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 80GB HBM3")
         assert gemm_config.choose_config(m, n, silu, res, 132, k=k) == wave
