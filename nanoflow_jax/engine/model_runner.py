@@ -6,7 +6,8 @@ pipeline, `models.nanobatch.forward_pipeline`, with the cache donated so it is u
 place), then the sampler (`sample_step`) of the batch's `SamplerPlan`. Batches are padded
 to a small fixed set of shape buckets (T tokens, S = min(T, max_num_seqs) rows, W
 block-table columns), all compiled at start-up with the greedy and drawing samplers
-(several at once, `engine.compiler`), so steady serving never compiles. Host inputs travel
+(several at once, `engine.compiler`; a warm start loads them whole from
+`engine.executable_store`), so steady serving never compiles. Host inputs travel
 as few packed arrays because every argument of a jitted call costs dispatch time; the
 penalty inputs go only to a sampler whose plan has penalties.
 """
@@ -27,9 +28,9 @@ from nanoflow_jax import env
 from nanoflow_jax.autosearch import resolve_pipeline
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.engine import compiler
-from nanoflow_jax.engine.executable_store import ExecutableStore, run_fingerprint
 from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
+from nanoflow_jax.engine.executable_store import ExecutableStore, run_fingerprint
 from nanoflow_jax.engine.sample_step import plan_for, sample_step
 from nanoflow_jax.engine.sampler import DRAW, GREEDY, SamplerPlan, token_logprobs
 from nanoflow_jax.engine.scheduler import ScheduledBatch
