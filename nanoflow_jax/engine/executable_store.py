@@ -27,7 +27,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Hashable, Iterable
+from typing import Any, Hashable, Iterable, Sequence
 
 import jax
 from jax.experimental import serialize_executable
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _PACKAGES = ("nanoflow_jax", "pallas_kernels")
 DEFAULT_MAX_BYTES = 4 << 30
+_WARNED: set[bool] = set()   # a store failure was logged as a warning in this process
 _CODE_SUFFIXES = (".py", ".json")
 
 
@@ -101,12 +102,17 @@ def _remove(path: Path) -> None:
 class ExecutableStore:
     """Serialized `jax.stages.Compiled` objects in one folder, one file per job."""
 
-    def __init__(self, folder: str | os.PathLike[str], fingerprint: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, folder: str | os.PathLike[str], fingerprint: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                 devices: Sequence[Any] | None = None) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        # The devices the executables run on: loading onto all of the backend's would make
+        # a one-device step expect one shard per device of the host.
+        self.devices = list(devices) if devices is not None else jax.devices()[:1]
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.stored = 0   # entries this process wrote
 
     def _path(self, job: Hashable) -> Path:
         digest = hashlib.sha256(f"{self.fingerprint}|{job!r}".encode()).hexdigest()
@@ -122,7 +128,8 @@ class ExecutableStore:
             return None
         try:
             payload, in_tree, out_tree = pickle.loads(blob)
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                 execution_devices=self.devices)
         except Exception as exc:  # noqa: BLE001 - a bad entry costs a compile, never the start
             log.warning("dropping the stored executable %s (%s: %s); compiling it again", path.name,
                         type(exc).__name__, exc)
@@ -145,11 +152,16 @@ class ExecutableStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(blob)
             os.replace(tmp, path)
+            self.stored += 1
             self.prune(keep=path)
         except Exception as exc:  # noqa: BLE001 - the engine runs on without the entry
             _remove(tmp)
-            log.warning("could not store the executable of %r in %s: %s: %s", job, self.folder,
-                        type(exc).__name__, exc)
+            # Once a process: some executables cannot serialize (XLA:CPU's sort comparator
+            # when JAX's own cache supplied the executable) and would warn at every start.
+            level = logging.DEBUG if _WARNED else logging.WARNING
+            _WARNED.add(True)
+            log.log(level, "could not store the executable of %r in %s (%s: %s); it compiles at every start",
+                    job, self.folder, type(exc).__name__, exc)
 
     def prune(self, keep: Path | None = None) -> None:
         """Deletes the least recently used entries until the folder holds `max_bytes`."""

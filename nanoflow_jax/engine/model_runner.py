@@ -220,7 +220,8 @@ class ModelRunner:
         fingerprint = run_fingerprint(
             model_cfg=self.model_cfg, engine_cfg=self.cfg, params=self.params, cache=self.cache,
             extra=(self.ops, self.pipeline, self.nano_programs, step_compiler_options(self.pipeline)))
-        return ExecutableStore(os.path.join(folder, "nanoflow_executables"), fingerprint)
+        devices = sorted(jax.tree_util.tree_leaves(self.params)[0].sharding.device_set, key=lambda d: d.id)
+        return ExecutableStore(os.path.join(folder, "nanoflow_executables"), fingerprint, devices=devices)
 
     def _load_stored(self, key: tuple) -> bool:
         """Takes `key`'s executable (a bucket or a sampler) from the store, if it is there."""
