@@ -21,6 +21,7 @@ like JAX's own cache, the folder must be trusted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -37,13 +38,14 @@ from nanoflow_jax import env
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("nanoflow_jax", "pallas_kernels")
-DEFAULT_MAX_BYTES = 4 << 30
-_WARNED: set[bool] = set()   # a store failure was logged as a warning in this process
 _CODE_SUFFIXES = (".py", ".json")
+DEFAULT_MAX_BYTES = 4 << 30
+_warned = False   # a store failure was logged as a warning in this process
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """A hash of every source and table file of the packages the step runs."""
+    """A hash of every source and table file of the packages the step runs (once a process)."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[2]
     for package in _PACKAGES:
@@ -158,8 +160,9 @@ class ExecutableStore:
             _remove(tmp)
             # Once a process: some executables cannot serialize (XLA:CPU's sort comparator
             # when JAX's own cache supplied the executable) and would warn at every start.
-            level = logging.DEBUG if _WARNED else logging.WARNING
-            _WARNED.add(True)
+            global _warned
+            level = logging.DEBUG if _warned else logging.WARNING
+            _warned = True
             log.log(level, "could not store the executable of %r in %s (%s: %s); it compiles at every start",
                     job, self.folder, type(exc).__name__, exc)
 

@@ -296,13 +296,12 @@ class ModelRunner:
 
         jobs = [k for k in self.compile_jobs() if k not in (self._samplers if _is_sampler(k) else self._compiled)]
         start = time.perf_counter()
-        stored = len(jobs)
-        jobs = [k for k in jobs if not self._load_stored(k)]   # a warm start lowers nothing
-        stored -= len(jobs)
+        loaded = [k for k in jobs if self._load_stored(k)]   # a warm start lowers nothing
+        jobs = [k for k in jobs if k not in loaded]
         show = self.cfg.show_progress
-        if show and stored:
-            print(f"loaded {stored} compiled steps from {self.store.folder} in {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)
+        if show and loaded:
+            print(f"loaded {len(loaded)} compiled steps from {self.store.folder} in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if not jobs:
             return
         keys, samplers = [k for k in jobs if not _is_sampler(k)], [k for k in jobs if _is_sampler(k)]

@@ -204,12 +204,12 @@ class PallasOps(XlaOps):
         dec_ctx = jnp.where(rows < batch.num_decode, batch.context_len, 0)
         dec = pk.paged_decode_attention(q[:s], k_all, v_all, tables, dec_ctx, scale=scale,
                                         num_programs=self._np("decode_attention"), interpret=self._interpret)
-        if batch.decode_only:  # no prefill chunk: its kernel and the merge are skipped
-            return dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
+        dec_full = dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
+        if batch.decode_only:  # no prefill chunk: its kernel is skipped
+            return dec_full
         is_dec = jnp.arange(t) < batch.num_decode
         # Decode tokens get position -1: the prefill kernel skips them and writes the
         # other rows into the decode kernel's output in place (no merge pass).
-        dec_full = dec if s == t else jnp.zeros_like(q).at[:s].set(dec)
         return prefill(q, positions=jnp.where(is_dec, -1, batch.positions), out=dec_full)
 
 

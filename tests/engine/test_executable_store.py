@@ -86,7 +86,7 @@ def test_a_corrupt_entry_is_dropped_and_compiled_again(tmp_path, caplog):
 
 
 def test_an_unwritable_folder_warns_and_serves(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(executable_store, "_WARNED", set())   # warned once a process
+    monkeypatch.setattr(executable_store, "_warned", False)   # warned once a process
     (tmp_path / "nanoflow_executables").write_text("a file where the store's folder would be")
     with caplog.at_level(logging.WARNING, logger=executable_store.__name__):
         llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
