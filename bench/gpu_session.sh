@@ -58,7 +58,7 @@
 set -u
 : "${OUT:?set OUT to the results directory}"
 [ $# -gt 0 ] || { sed -n '2,/^# Example/p' "$0"; exit 2; }
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 gpus=$(nvidia-smi -L | wc -l)
 export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on the lent machines
@@ -123,7 +123,7 @@ autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
 
 serving() {  # one workload (512 requests of 512 + 256 tokens) offline, then online over HTTP
   python3 -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2> /dev/null || {
-    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, pydantic," \
+    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, pydantic, opentelemetry-api, annotated-doc," \
       "pydantic-core, annotated-types, typing-inspection) in .whl and pip install them first" | tee -a "$OUT/serving.log"
     return 1; }
   local work=(--input-len 512 --output-len 256)
