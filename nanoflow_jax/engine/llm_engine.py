@@ -29,7 +29,7 @@ from nanoflow_jax.engine.model_runner import ModelRunner
 from nanoflow_jax.engine.kv_offload import make_offloader, model_fingerprint
 from nanoflow_jax.engine.prefix_cache import PrefixCacheStats
 from nanoflow_jax.engine.prompts import Prompt, prompt_token_ids
-from nanoflow_jax.engine.sampling_params import SamplingParams
+from nanoflow_jax.engine.sampling_params import SamplingParams, is_int
 from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow, ScheduleError, Scheduler
 from nanoflow_jax.engine.sequence import Logprob, PositionLogprobs, RequestMetrics, RequestOutput, Sequence
 from nanoflow_jax.engine.stop import finish_check
@@ -84,19 +84,23 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | Mapping[str, Any] | None = None,
-                    request_id: str | None = None, add_special_tokens: bool = True, stream: bool = True) -> str:
+                    request_id: str | None = None, add_special_tokens: bool = True, stream: bool = True,
+                    stream_interval: int = 1) -> str:
         """Queue one request; raises RequestError (naming the problem) if it cannot run.
 
         A text prompt is encoded with `add_special_tokens` (False for chat-templated text,
         whose template already wrote them). `stream` False: `step` reports the request only
         when it finishes (or fails), as vLLM's FINAL_ONLY outputs; building an update copies
         its tokens and text, which for hundreds of running requests costs the host
-        milliseconds a step."""
+        milliseconds a step. `stream_interval` N: a streamed request's updates come with its
+        first token, then every N tokens, and at its end (vLLM's --stream-interval)."""
         now = time.time()
         arrival = next(self._arrival)
         rid = str(arrival) if request_id is None else str(request_id)
         if rid in self._seqs:
             raise RequestError(rid, "this request id is already in use: pass a unique request_id")
+        if not is_int(stream_interval) or stream_interval < 1:
+            raise RequestError(rid, f"stream_interval must be an integer >= 1, got {stream_interval!r}")
         try:
             params = SamplingParams.coerce(sampling_params)
             ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size, add_special_tokens)
@@ -129,6 +133,7 @@ class LLMEngine:
                            prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=ids, params=params,
                            seed=sample_seed(seed, i), max_tokens=max_tokens, min_tokens_blocked=blocked,
                            metrics=metrics, prompt_logprobs=prompt_lps, index=i, stream=stream,
+                           stream_interval=int(stream_interval),
                            group=group if params.n > 1 else None, leader=group[0] if i else None)
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
@@ -381,14 +386,14 @@ class LLMEngine:
                         self._append(seq, token)
                         if seq.group is not None:
                             groups.setdefault(id(seq.group[0]), seq)
-                        elif seq.stream or seq.is_finished:
+                        elif seq.is_finished or seq.streams_now():
                             outputs.append(self._output(seq))
                     except Exception as e:
                         outputs.append(self._fail(seq, f"detokenizing token {token}", e))
                 batch.num_read = i + 1
         finally:   # also when interrupted: a group that finished here reports now
             outputs += [self._output(seq) for seq in groups.values() if self._reports(seq)
-                        and (seq.stream or all(m.is_finished for m in seq.group))]
+                        and (seq.streams_now() or all(m.is_finished for m in seq.group))]
 
     def _prompt_logprobs(self, ids: list[int], k: int) -> list[PositionLogprobs | None]:
         """vLLM's prompt_logprobs: None for the first token, then each token's entry."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 from typing import Any
@@ -38,6 +39,9 @@ class Status(enum.Enum):
     WAITING = "waiting"    # queued, or preempted and to be recomputed
     RUNNING = "running"    # holds pages
     FINISHED = "finished"
+
+
+_FINISHED = Status.FINISHED   # a module constant: the enum attribute lookup is slow in hot loops
 
 
 @dataclasses.dataclass
@@ -81,6 +85,7 @@ class Sequence:
     # `leader` is sample 0, whose prompt pages the others share (None for the leader).
     index: int = 0
     stream: bool = True           # an update every step; False: only the final one (LLM.generate)
+    stream_interval: int = 1      # with stream: updates at the first token, then every N tokens
     group: list["Sequence"] | None = dataclasses.field(default=None, repr=False)
     leader: "Sequence | None" = dataclasses.field(default=None, repr=False)
     page_keys: list[bytes] = dataclasses.field(default_factory=list)   # prefix-cache keys of its full known pages
@@ -109,12 +114,16 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
+        return self.status is _FINISHED
 
     @property
     def will_finish_by_length(self) -> bool:
         """Its pending token is its last one for sure (max_tokens): do not schedule it again."""
         return self.num_generated >= self.max_tokens
+
+    def streams_now(self) -> bool:
+        """A streamed update is due for the token just read (the first, then every N)."""
+        return self.stream and (self.stream_interval == 1 or (len(self.output_token_ids) - 1) % self.stream_interval == 0)
 
     def take_delta(self) -> str:
         """The text not yet streamed, less a tail that may still become a stop string.
@@ -172,11 +181,11 @@ class CompletionOutput:
 
 
 def _completion(seq: Sequence, delta_text: str, delta_token_ids: list[int] | None) -> CompletionOutput:
-    return CompletionOutput(index=seq.index, text=seq.text[:seq.num_emitted], token_ids=list(seq.output_token_ids),
-                            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                            delta_text=delta_text, delta_token_ids=list(delta_token_ids or ()),
-                            cumulative_logprob=seq.cumulative_logprob,
-                            logprobs=None if seq.logprobs is None else list(seq.logprobs))
+    # Positional and without re-copying the delta (a fresh slice already): one of these is
+    # built per streamed request per iteration, on the host's critical path.
+    return CompletionOutput(seq.index, seq.text[:seq.num_emitted], seq.output_token_ids[:], seq.finish_reason,
+                            seq.stop_reason, delta_text, [] if delta_token_ids is None else delta_token_ids,
+                            seq.cumulative_logprob, None if seq.logprobs is None else seq.logprobs[:])
 
 
 @dataclasses.dataclass
@@ -200,11 +209,11 @@ class RequestOutput:
         deltas = deltas or {}
         comps = [_completion(m, *deltas.get(id(m), ("", None))) for m in members]
         lead = members[0]
-        return cls(request_id=lead.request_id, prompt=lead.prompt,
-                   prompt_token_ids=list(lead.prompt_token_ids), outputs=comps,
-                   finished=all(m.is_finished for m in members),
-                   error=next((m.error for m in members if m.error), None), prompt_logprobs=lead.prompt_logprobs,
-                   metrics=None if lead.metrics is None else dataclasses.replace(lead.metrics))
+        # prompt_token_ids is the request's own list, shared by its updates (read-only).
+        return cls(lead.request_id, lead.prompt, lead.prompt_token_ids, comps,
+                   all(m.status is _FINISHED for m in members),
+                   next((m.error for m in members if m.error), None), lead.prompt_logprobs,
+                   None if lead.metrics is None else copy.copy(lead.metrics))
 
     @classmethod
     def rejected(cls, request_id: str, prompt: Any, error: str) -> "RequestOutput":

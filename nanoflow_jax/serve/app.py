@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -39,6 +38,11 @@ class ServerConfig:
     max_waiting_requests: int | None = 4096     # accepted requests without a token yet; past it, 503
     request_timeout: float | None = 600.0       # seconds from arrival; past it the request is aborted (504)
     retry_after: int = 1                        # seconds, in the 503's Retry-After header
+    stream_interval: int = 1                    # a stream's updates: its first token, then every N tokens
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
 
 
 class Serving:
@@ -49,7 +53,7 @@ class Serving:
         self.config = config
         self.metrics = ServerMetrics()
         self.thread = EngineThread(llm.engine, self.metrics, max_waiting=config.max_waiting_requests,
-                                   retry_after=config.retry_after)
+                                   retry_after=config.retry_after, stream_interval=config.stream_interval)
         self.draining = False
         self.created = int(time.time())
         # What request validation checks against: the logprobs cap and the vocabulary (logit_bias).
@@ -199,10 +203,6 @@ async def _respond(group: RequestGroup, builder: protocol.ResponseBuilder,
                              headers={"Cache-Control": "no-cache"})
 
 
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: Any,
                include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per sample with new tokens, the usage if asked, then [DONE].
@@ -214,17 +214,16 @@ async def _sse(group: RequestGroup, builder: protocol.ResponseBuilder, first: An
         while True:
             # Updates that queued up while the client was being written to go in one write.
             updates += group.ready()
-            events = [_event(chunk) for out in updates
-                      for chunk in builder.stream_chunks(group.index[out.request_id], out)]
+            events = "".join([builder.stream_events(group.index[out.request_id], out) for out in updates])
             if events:
-                yield "".join(events)
+                yield events
             if not group.pending:
                 break
             updates = [await group.next()]
         if include_usage:
-            yield _event(builder.usage_chunk([group.final[i] for i in range(len(group.ids))]))
+            yield protocol.sse_event(builder.usage_chunk([group.final[i] for i in range(len(group.ids))]))
     except APIError as e:
-        yield _event(e.body())
+        yield protocol.sse_event(e.body())
     finally:
         group.close()   # a client gone mid-stream lands here (cancelled): its requests are aborted
     yield "data: [DONE]\n\n"

@@ -65,12 +65,13 @@ class EngineThread:
     """Owns one engine; `submit` / `abort` / `stop` are called from the event loop's thread."""
 
     def __init__(self, engine: Any, metrics: ServerMetrics | None = None, *, max_waiting: int | None = None,
-                 retry_after: int = 1, idle_wait: float = 0.5) -> None:
+                 retry_after: int = 1, idle_wait: float = 0.5, stream_interval: int = 1) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.retry_after = retry_after
         self.idle_wait = idle_wait
+        self.stream_interval = stream_interval
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
@@ -183,7 +184,7 @@ class EngineThread:
     def _add(self, sub: Submission, events: list[tuple[Submission, Event]]) -> None:
         try:
             self.engine.add_request(sub.prompt, sub.params, request_id=sub.request_id,
-                                    add_special_tokens=sub.add_special_tokens)
+                                    add_special_tokens=sub.add_special_tokens, stream_interval=self.stream_interval)
         except RequestError as e:
             self._end(sub, "error")
             message = _REQUEST_PREFIX.sub("", str(e))

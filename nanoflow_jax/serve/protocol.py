@@ -16,6 +16,7 @@ as OpenAI and vLLM do; usage counts each prompt once and every sample's tokens.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -290,6 +291,14 @@ def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], k: int)
     return {"content": content, "refusal": None}
 
 
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def sse_event(data: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    return f"data: {_to_json(data)}\n\n"
+
+
 class ResponseBuilder:
     """Builds one endpoint's response bodies and stream chunks for one HTTP request.
 
@@ -307,6 +316,9 @@ class ResponseBuilder:
         self._offset: dict[int, int] = {}
         self._opened: set[int] = set()
         self._done: set[int] = set()
+        # A chunk's event up to its choice's index: `sse_chunk` formats the rest directly.
+        head = _to_json({**self._head("chat.completion.chunk" if chat else "text_completion")})
+        self._event_head = f'data: {head[:-1]}, "choices": [{{"index": '
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -344,12 +356,32 @@ class ResponseBuilder:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
+    def sse_chunk(self, index: int, text: str, reason: str | None, first: bool = False,
+                  logprobs: dict[str, Any] | None = None) -> str:
+        """`chunk` as one server-sent event. Without logprobs (the common case, once per
+        streamed request per iteration) the JSON is formatted directly, not built as a dict."""
+        if logprobs is not None:
+            return sse_event(self.chunk(index, text, reason, first, logprobs))
+        body, end = _to_json(text), _to_json(reason)
+        if self.chat:
+            delta = f'{{"role": "assistant", "content": {body}}}' if first else f'{{"content": {body}}}'
+            return f'{self._event_head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {end}}}]}}\n\n'
+        return f'{self._event_head}{index}, "text": {body}, "logprobs": null, "finish_reason": {end}}}]}}\n\n'
+
     def stream_chunks(self, prompt_index: int, out: RequestOutput) -> list[dict[str, Any]]:
-        """The chunks of one engine update: one per sample with new text, tokens or its end.
+        """The chunks of one engine update: one per sample with new text, tokens or its end."""
+        return [self.chunk(*piece) for piece in self._stream_pieces(prompt_index, out)]
+
+    def stream_events(self, prompt_index: int, out: RequestOutput) -> str:
+        """`stream_chunks` as server-sent events, in one string."""
+        return "".join([self.sse_chunk(*piece) for piece in self._stream_pieces(prompt_index, out)])
+
+    def _stream_pieces(self, prompt_index: int, out: RequestOutput) -> list[tuple[Any, ...]]:
+        """`chunk`'s arguments for each sample of an update with new text, tokens or its end.
 
         An update carries every sample's state, but only its own sample's delta; the
         others are at most as far as their own last update, so nothing is sent twice."""
-        chunks = []
+        pieces = []
         for comp in out.outputs:
             index = prompt_index * self.n + comp.index
             reason = finish_reason(comp) if index not in self._done else None
@@ -363,9 +395,9 @@ class ResponseBuilder:
             self._sent[index] = len(comp.token_ids)
             if reason is not None:
                 self._done.add(index)
-            chunks.append(self.chunk(index, comp.delta_text, reason, first=index not in self._opened, logprobs=lps))
+            pieces.append((index, comp.delta_text, reason, index not in self._opened, lps))
             self._opened.add(index)
-        return chunks
+        return pieces
 
     def usage_chunk(self, outputs: list[RequestOutput]) -> dict[str, Any]:
         """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""

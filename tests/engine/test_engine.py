@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from nanoflow_jax import LLM, SamplingParams
+from nanoflow_jax.engine import RequestError
 from tests.engine.conftest import (ENGINE_KW, IM_END, TINY, count_compiles, make_llm, random_prompts,
                                    reference_greedy, tiny_params)
 
@@ -154,6 +155,33 @@ def test_stream_and_chat(tokenizer):
     assert chat.prompt_token_ids == tokenizer.encode(templated)
     assert chat.prompt_token_ids[0] == 256   # <|im_start|> is one special token
     assert len(chat.outputs[0].token_ids) == 15
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_stream_interval_batches_updates_and_loses_nothing(tokenizer, interval):
+    """A streamed request reports its first token, then every `interval` tokens, then its
+    end; the deltas still add up to the final text and tokens, and one request's interval
+    does not change another's."""
+    llm = make_llm(tokenizer=tokenizer)
+    sp = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)
+    prompts = ["héllo wörld ✓", "a b c"]
+    final = {p: o.outputs[0] for p, o in zip(prompts, llm.generate(prompts, sp))}
+    eng = llm.engine
+    with pytest.raises(RequestError, match="stream_interval"):
+        eng.add_request(prompts[0], sp, stream_interval=0)
+    eng.add_request(prompts[0], sp, request_id="spaced", stream_interval=interval)
+    eng.add_request(prompts[1], sp, request_id="every")
+    updates: dict[str, list] = {"spaced": [], "every": []}
+    while eng.has_unfinished():
+        for out in eng.step():
+            updates[out.request_id].append(out.outputs[0])
+    for rid, prompt in (("spaced", prompts[0]), ("every", prompts[1])):
+        parts = updates[rid]
+        assert "".join(c.delta_text for c in parts) == final[prompt].text
+        assert [t for c in parts for t in c.delta_token_ids] == final[prompt].token_ids
+    counts = [len(c.token_ids) for c in updates["spaced"]]
+    assert counts == [n for n in range(1, 11) if (n - 1) % interval == 0] + [11]
+    assert [len(c.token_ids) for c in updates["every"]] == list(range(1, 12))
 
 
 def test_seeded_sampling_is_batch_independent(prompts16):

@@ -26,11 +26,14 @@ class FakeEngine:
     def __init__(self, num_pages: int = 64) -> None:
         self.reqs: dict[str, _Req] = {}
         self.aborted: list[str] = []
+        self.stream_intervals: list[int] = []   # as each add_request got it
         self.hold = threading.Event()
         self.num_pages = num_pages
         self.steps = 0
 
-    def add_request(self, prompt: Any, params: Any, request_id: str, add_special_tokens: bool = True) -> str:
+    def add_request(self, prompt: Any, params: Any, request_id: str, add_special_tokens: bool = True,
+                    stream_interval: int = 1) -> str:
+        self.stream_intervals.append(stream_interval)
         if prompt == "reject":
             raise RequestError(request_id, "the prompt is refused")
         ids = list(prompt) if isinstance(prompt, list) else [ord(c) for c in prompt]

@@ -115,3 +115,12 @@ def test_a_stream_past_its_timeout_ends_with_an_error_event(engine):
         assert len(engine.aborted) == 1 and engine.aborted[0].endswith("-0") and not engine.reqs
         if len(events) > 2:
             assert engine.aborted == [json.loads(events[0][6:])["id"] + "-0"]
+
+
+def test_stream_interval_reaches_every_engine_request(engine):
+    with TestClient(_app(engine, stream_interval=4)) as client:
+        assert client.post("/v1/completions", json={"prompt": ["x", "y"], "max_tokens": 2}).status_code == 200
+        assert client.post("/v1/completions", json={"prompt": "z", "max_tokens": 2, "stream": True}).status_code == 200
+    assert engine.stream_intervals == [4, 4, 4]
+    with pytest.raises(ValueError, match="stream_interval"):
+        ServerConfig("fake", stream_interval=0)

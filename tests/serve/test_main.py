@@ -26,7 +26,7 @@ def test_takes_generates_model_and_engine_flags():
 
 @pytest.mark.parametrize("flags, message", [
     (["--port", "70000"], "--port 70000"), (["--max-waiting-requests", "0"], "--max-waiting-requests 0"),
-    (["--request-timeout", "-1"], "--request-timeout"), (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--request-timeout", "-1"], "--request-timeout"), (["--stream-interval", "0"], "--stream-interval 0"), (["--max-num-seqs", "0"], "max_num_seqs"),
 ])
 def test_bad_flags_fail_before_loading(flags, message, capsys):
     with pytest.raises(ValueError, match=message):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pydantic
 import pytest
 
@@ -212,3 +215,21 @@ def test_stream_chunks_follow_each_sample_once():
             c["choices"][0]["logprobs"]["tokens"], c["choices"][0]["logprobs"]["text_offset"]) for c in chunks]
     assert got == [(2, "x", None, ["<0>"], [0]), (3, "y", None, ["<1>"], [0]),
                    (2, "z", "length", ["<2>"], [3]), (3, "w", "stop", ["<3>"], [3])]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_sse_chunks_are_the_json_of_chunk(chat):
+    """The directly formatted events parse to exactly what `chunk` builds, for text that
+    needs escaping (quotes, backslashes, newlines, control and non-ASCII characters)."""
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "\n", "\t", "\x01", "é", "日", "😀", "a", " ", "}", "{", ","]
+    builder = protocol.ResponseBuilder(chat, 'id-"quoted"', "mödel\\x")
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        reason, first, index = rng.choice([None, "stop", "length"]), rng.random() < 0.5, rng.randrange(0, 40)
+        event = builder.sse_chunk(index, text, reason, first)
+        assert event.startswith("data: ") and event.endswith("\n\n")
+        assert json.loads(event[len("data: "):]) == builder.chunk(index, text, reason, first)
+    lps = {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": None, "text_offset": [0]}
+    event = builder.sse_chunk(3, "a", None, False, lps)
+    assert json.loads(event[len("data: "):]) == builder.chunk(3, "a", None, False, lps)
