@@ -369,11 +369,14 @@ class ModelRunner:
         """Host arrays of one batch, padded to its bucket (padding writes the null page)."""
         t_pad, w_pad = self.bucket_for(batch)
         s_pad, bs = self.cfg.seqs_for(t_pad), self.cfg.block_size
-        tok = np.zeros((TOK_FIELDS, t_pad), np.int32)
+        # np.full, not np.zeros: numpy drops the GIL to zero-allocate anything over a few
+        # hundred bytes, and with a server's event loop holding it, taking it back costs
+        # this thread up to the interpreter's switch interval (5 ms) each time.
+        tok = np.full((TOK_FIELDS, t_pad), 0, np.int32)
         tok[2] = NULL_PAGE * bs
         tok[4] = -1
-        seq_i = np.zeros((SEQ_INT_FIELDS, s_pad), np.int32)
-        seq_f = np.zeros((SEQ_FLOAT_FIELDS, s_pad), np.float32)
+        seq_i = np.full((SEQ_INT_FIELDS, s_pad), 0, np.int32)
+        seq_f = np.full((SEQ_FLOAT_FIELDS, s_pad), 0, np.float32)
         seq_f[1] = 1.0
         seq_f[5] = 1.0
         query_start = np.full(s_pad + 1, batch.num_tokens, np.int32)
