@@ -123,7 +123,7 @@ autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
 
 serving() {  # one workload (512 requests of 512 + 256 tokens) offline, then online over HTTP
   python3 -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2> /dev/null || {
-    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, pydantic, opentelemetry-api, annotated-doc," \
+    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, httptools, pydantic, opentelemetry-api, annotated-doc," \
       "pydantic-core, annotated-types, typing-inspection) in .whl and pip install them first" | tee -a "$OUT/serving.log"
     return 1; }
   local work=(--input-len 512 --output-len 256)
