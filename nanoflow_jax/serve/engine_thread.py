@@ -225,11 +225,13 @@ class EngineThread:
             time.sleep(0.01)   # a step that keeps raising must not spin a core
             return
         now = time.monotonic()
+        generated = 0
         for out in outputs:
             sub = self._live.get(out.request_id)
             if sub is None:
                 continue   # aborted meanwhile: its handler no longer listens
             new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)   # n > 1: the sample that stepped
+            generated += new_tokens
             if self.metrics is not None:
                 self.metrics.observe(sub.timing, len(out.prompt_token_ids), new_tokens, now)
             if new_tokens:
@@ -244,6 +246,8 @@ class EngineThread:
             else:
                 self._end(sub, out.outputs[0].finish_reason or "stop", now)
                 events.append((sub, out))
+        if self.metrics is not None:
+            self.metrics.count_generated(generated)
 
     def _fail_all(self, error: APIError, events: list[tuple[Submission, Event]]) -> None:
         for rid, sub in list(self._live.items()):

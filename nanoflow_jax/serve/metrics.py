@@ -65,7 +65,8 @@ class ServerMetrics:
             self._preemptions_seen = stats["num_preemptions"]
 
     def observe(self, timing: RequestTiming, prompt_tokens: int, new_tokens: int, now: float) -> None:
-        """A request's update with `new_tokens` tokens arrived at `now`."""
+        """A request's update with `new_tokens` tokens arrived at `now` (the generated-token
+        counter is `count_generated`'s, once a step)."""
         if new_tokens <= 0:
             return
         if timing.first_token is None:
@@ -80,7 +81,10 @@ class ServerMetrics:
         for _ in range(new_gaps):
             self.itl.observe(gap)
         timing.last_token = now
-        self.generation_tokens.inc(new_tokens)
+
+    def count_generated(self, tokens: int) -> None:
+        if tokens > 0:
+            self.generation_tokens.inc(tokens)
 
     def end(self, timing: RequestTiming, reason: str, now: float) -> None:
         """A request ended: `reason` is its finish reason, or "timeout"."""

@@ -32,6 +32,8 @@ def test_latencies_per_token():
     m.observe(t, prompt_tokens=7, new_tokens=1, now=10.5)     # first token: TTFT 0.5
     m.observe(t, prompt_tokens=7, new_tokens=0, now=10.6)     # no token: nothing
     m.observe(t, prompt_tokens=7, new_tokens=2, now=10.9)     # two tokens in 0.4 s: two gaps of 0.2
+    m.count_generated(3)
+    m.count_generated(0)
     m.end(t, "length", now=11.0)
     assert value("nanoflow_time_to_first_token_seconds_sum") == pytest.approx(0.5)
     assert value("nanoflow_inter_token_latency_seconds_count") == 2
