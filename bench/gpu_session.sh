@@ -44,8 +44,9 @@
 #   serving     the offline engine throughput (bench.throughput), then the HTTP server on the same
 #               workload and settings: bench.serving at saturation (rate inf, with the ratio to the
 #               offline tokens/s), then a sweep at 1/4, 1/2 and 3/4 of the saturated request rate
-#               (TTFT p99 at half load)  -> throughput_llama3_8b_serving_offline.json,
-#                                           serving_llama3_8b_{saturation,sweep}.json, serving_llama3_8b_sweep.png
+#               (TTFT p99 at half load); then saturation again with --stream-interval 2
+#                                        -> throughput_llama3_8b_serving_offline.json, serving_llama3_8b_sweep.png,
+#                                           serving_llama3_8b_{saturation,sweep,saturation_interval2}.json
 #   rollouts    RL rollouts, Llama-3-8B shapes, random weights: 256 prompts x n=8 x 512 tokens as
 #               grouped requests vs 2,048 separate ones, and update_params (bench.rollouts)
 #                                                                        -> rollouts_llama3_8b.json
@@ -121,17 +122,11 @@ autosearch() {  # the model-based auto-search; its files go to $OUT/pipelines
     | grep -v "^WARNING" | tail -25 | tee -a "$OUT/search.log"
 }
 
-serving() {  # one workload (512 requests of 512 + 256 tokens) offline, then online over HTTP
-  python3 -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2> /dev/null || {
-    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, httptools, pydantic, opentelemetry-api, annotated-doc," \
-      "pydantic-core, annotated-types, typing-inspection) in .whl and pip install them first" | tee -a "$OUT/serving.log"
-    return 1; }
-  local work=(--input-len 512 --output-len 256)
-  throughput serving_offline --kernels pallas --num-prompts 512 "${work[@]}" --max-model-len 768
+server_up() {  # $1: log name; the rest: extra server flags. Starts the server, waits for /health; sets $server_pid
   python3 -m nanoflow_jax.serve --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
     --max-num-seqs 128 --max-num-batched-tokens 2048 --token-buckets 128,2048 --num-kv-pages 16384 \
-    --max-model-len 768 --port 8000 --log-level warning > "$OUT/serve.log" 2>&1 &
-  local pid=$! rates
+    --max-model-len 768 --port 8000 --log-level warning "${@:2}" > "$OUT/$1.log" 2>&1 &
+  server_pid=$!
   python3 -c "
 import sys, time, httpx
 for _ in range(300):
@@ -139,16 +134,37 @@ for _ in range(300):
         if httpx.get('http://127.0.0.1:8000/health', timeout=2).status_code == 200: sys.exit(0)
     except httpx.HTTPError: pass
     time.sleep(1)
-sys.exit('serving: the server did not come up; see serve.log')" || { kill "$pid"; return 1; }
-  timeout 150 python3 -m bench.serving --port 8000 --num-prompts 512 "${work[@]}" --request-rate inf \
-    --offline-json "$OUT/throughput_llama3_8b_serving_offline.json" \
-    --out "$OUT/serving_llama3_8b_saturation.json" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
+sys.exit('serving: the server did not come up; see $1.log')" || { kill "$server_pid"; return 1; }
+}
+
+server_down() {
+  kill -TERM "$server_pid"; wait "$server_pid"; echo "server exit code $?" | tee -a "$OUT/serving.log"
+}
+
+serving() {  # one workload (512 requests of 512 + 256 tokens) offline, then online over HTTP
+  python3 -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2> /dev/null || {
+    echo "serving: the serve extra is not installed: carry its wheels (fastapi, starlette, uvicorn, httptools, pydantic, opentelemetry-api, annotated-doc," \
+      "pydantic-core, annotated-types, typing-inspection) in .whl and pip install them first" | tee -a "$OUT/serving.log"
+    return 1; }
+  local work=(--input-len 512 --output-len 256) rates
+  throughput serving_offline --kernels pallas --num-prompts 512 "${work[@]}" --max-model-len 768
+  saturate() {  # $1: result name
+    timeout 150 python3 -m bench.serving --port 8000 --num-prompts 512 "${work[@]}" --request-rate inf \
+      --offline-json "$OUT/throughput_llama3_8b_serving_offline.json" \
+      --out "$OUT/$1.json" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
+  }
+  server_up serve || return 1
+  saturate serving_llama3_8b_saturation
   rates=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['runs'][0]['request_throughput']
 print(','.join(f'{f * r:.3f}' for f in (0.25, 0.5, 0.75)))" "$OUT/serving_llama3_8b_saturation.json") &&
   timeout 200 python3 -m bench.serving --port 8000 --num-prompts 256 "${work[@]}" --request-rate "$rates" \
     --goodput ttft:500 tpot:50 --out "$OUT/serving_llama3_8b_sweep.json" \
     --plot "$OUT/serving_llama3_8b_sweep.png" 2>&1 | grep "^rate" | tee -a "$OUT/serving.log"
-  kill -TERM "$pid"; wait "$pid"; echo "server exit code $?" | tee -a "$OUT/serving.log"
+  server_down
+  # Streams updated every second token: fewer updates, less host time a token, the same tokens.
+  server_up serve_interval2 --stream-interval 2 || return 1
+  saturate serving_llama3_8b_saturation_interval2
+  server_down
 }
 
 for recipe in "$@"; do
