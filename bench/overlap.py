@@ -77,7 +77,7 @@ def make_stage(gemm_programs: int | None, attn_programs: int | None, region: boo
     mm = on_stream(mm, gemm_stream) if region else mm
 
     def stage(qg, x, w, kf, vf, bt, cl):
-        acc, _, _ = attn(qg, kf, vf, bt, cl)
+        acc = attn(qg, kf, vf, bt, cl)[0]   # the output (one split) or the partials
         return acc, mm(x, w)
     # The bare ops, for mechanisms that place them themselves (a whole chain in a region).
     stage.attn, stage.mm = launch.kernel, functools.partial(gemm, num_programs=gemm_programs, interpret=interpret)

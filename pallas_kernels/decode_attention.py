@@ -4,7 +4,10 @@ Work item = (request, KV head, split): the split covers a contiguous range of th
 request's keys, so long contexts spread over many programs and the memory-bound
 stream of K/V pages keeps every SM of the budget busy. All G query heads of a KV
 head are processed together, so each K/V byte is read once. The combine (a
-log-sum-exp merge of the splits' partial results) is a small XLA reduction.
+log-sum-exp merge of the splits' partial results) is a small XLA reduction. With one
+split (enough requests to fill the GPU: an engine's full decode batch) the kernel
+normalizes and writes the [N, H, D] output itself, so no partials, combine or casts
+surround it. q is read in its [N, H, D] layout in either case (no padded copy).
 """
 
 from __future__ import annotations
@@ -15,17 +18,22 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import cdiv, persistent_loop, resolve_programs, num_sms, triton_params
-from pallas_kernels.paged_attention_common import attend_paged, flat_pages, group_queries, group_rows
+from pallas_kernels.paged_attention_common import attend_paged, flat_pages, group_rows
+from pallas_kernels.paged_attention_common import finish as normalized
 
 F32 = jnp.float32
 MIN_ROWS = 16  # tl.dot needs >= 16 rows: a query group is padded to that
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
-                   num_kv: int, num_splits: int, bk: int, page_size: int, scale: float) -> None:
-    rows = o_ref.shape[3]  # query heads kept of the group's padded rows (see _kept_rows)
+def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, *out_refs, num_kv: int, num_splits: int,
+                   group: int, gp: int, bk: int, page_size: int, scale: float) -> None:
+    r = jnp.arange(gp, dtype=jnp.int32)
+    cols = jnp.arange(q_ref.shape[2], dtype=jnp.int32)[None, :]
+    real = (r < group)[:, None]   # the group's G heads of the tile's gp rows (a legal Triton dot)
+
     def item(w):
         n = w // (num_kv * num_splits)
         kh = (w // num_splits) % num_kv
@@ -35,10 +43,19 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, o_ref, m_ref, l_ref, *,
         chunk = ((ctx + num_splits - 1) // num_splits + bk - 1) // bk * bk
         lo = sp * chunk
         hi = jnp.minimum(ctx, lo + chunk)
-        q = q_ref[n, kh, :, :]
-        limit = jnp.full((q.shape[0],), ctx - 1, jnp.int32)
+        # Row r is query head kh * G + r; rows past G are masked (distinct indices, never
+        # clamped: masked lanes touch no memory on the GPU).
+        at = (n + 0 * r[:, None], kh * group + r[:, None], cols)
+        q = pltriton.load(q_ref.at[at], mask=real, other=0)
+        limit = jnp.full((gp,), ctx - 1, jnp.int32)
         acc, m, l = attend_paged(q, limit, k_ref, v_ref, bt_ref, n, kh, lo, hi, bk=bk,
                                  page_size=page_size, scale=scale)
+        if num_splits == 1:
+            (o_ref,) = out_refs
+            pltriton.store(o_ref.at[at], normalized(acc, l).astype(o_ref.dtype), mask=real)
+            return
+        o_ref, m_ref, l_ref = out_refs
+        rows = o_ref.shape[3]  # query heads kept of the group's padded rows (see _kept_rows)
         if rows < acc.shape[0]:  # drop the zero padding heads before they reach memory
             parts = acc.shape[0] // rows
             acc, m, l = (jnp.split(a, parts, axis=0)[0] for a in (acc, m, l))
@@ -78,7 +95,7 @@ def default_splits(n: int, num_kv: int, max_keys: int, programs: int, bk: int) -
 class DecodeLaunch:
     """One decode-attention launch, resolved from the shapes and the SM budget.
 
-    `kernel(qg, k_flat, v_flat, block_table, context_len)` is the bare `pallas_call`
+    `kernel(q, k_flat, v_flat, block_table, context_len)` is the bare `pallas_call`
     (no jnp helper around it), so a stream region (`compute_on`) may hold it alone;
     `prepare` and `finish` are the cheap jnp steps before and after it.
     """
@@ -97,27 +114,35 @@ class DecodeLaunch:
 
     def prepare(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
                 context_len: jax.Array) -> tuple[jax.Array, ...]:
-        qg, _ = group_queries(q, self.num_kv, min_rows=MIN_ROWS)
-        return (qg, flat_pages(k_pages), flat_pages(v_pages), block_table.astype(jnp.int32),
+        return (q, flat_pages(k_pages), flat_pages(v_pages), block_table.astype(jnp.int32),
                 context_len.astype(jnp.int32))
 
-    def kernel(self, qg: jax.Array, k_flat: jax.Array, v_flat: jax.Array, block_table: jax.Array,
-               context_len: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        n, d = qg.shape[0], qg.shape[-1]
-        body = functools.partial(_decode_kernel, num_kv=self.num_kv, num_splits=self.num_splits,
-                                 bk=self.block_k, page_size=self.page_size, scale=self.scale)
-        part = (n, self.num_kv, self.num_splits, _kept_rows(self.heads // self.num_kv, self.padded_rows))
-        return pl.pallas_call(
+    def kernel(self, q: jax.Array, k_flat: jax.Array, v_flat: jax.Array, block_table: jax.Array,
+               context_len: jax.Array) -> tuple[jax.Array, ...]:
+        """One split: (the output [N, H, D] in q's dtype,); several: the f32 partials
+        (acc, m, l) that `finish` combines."""
+        n, d = q.shape[0], q.shape[-1]
+        group = self.heads // self.num_kv
+        body = functools.partial(_decode_kernel, num_kv=self.num_kv, num_splits=self.num_splits, group=group,
+                                 gp=self.padded_rows, bk=self.block_k, page_size=self.page_size, scale=self.scale)
+        if self.num_splits == 1:
+            out_shape: tuple[jax.ShapeDtypeStruct, ...] = (jax.ShapeDtypeStruct(q.shape, q.dtype),)
+        else:
+            part = (n, self.num_kv, self.num_splits, _kept_rows(group, self.padded_rows))
+            out_shape = (jax.ShapeDtypeStruct(part + (d,), F32), jax.ShapeDtypeStruct(part, F32),
+                         jax.ShapeDtypeStruct(part, F32))
+        return tuple(pl.pallas_call(
             body,
-            out_shape=(jax.ShapeDtypeStruct(part + (d,), F32), jax.ShapeDtypeStruct(part, F32),
-                       jax.ShapeDtypeStruct(part, F32)),
+            out_shape=out_shape,
             grid=(self.programs,),
             compiler_params=triton_params(self.num_warps, self.num_stages),
             interpret=self.interpret,
             name="paged_decode_attention",
-        )(qg, k_flat, v_flat, block_table, context_len)
+        )(q, k_flat, v_flat, block_table, context_len))
 
-    def finish(self, parts: tuple[jax.Array, jax.Array, jax.Array], dtype: jnp.dtype) -> jax.Array:
+    def finish(self, parts: tuple[jax.Array, ...], dtype: jnp.dtype) -> jax.Array:
+        if self.num_splits == 1:
+            return parts[0].astype(dtype)
         acc, m, l = parts
         out = _combine(acc, m, l)[:, :, : self.heads // self.num_kv]
         return out.reshape(out.shape[0], self.heads, out.shape[-1]).astype(dtype)

@@ -76,21 +76,6 @@ def group_rows(g: int, min_rows: int) -> int:
     return max(min_rows, 1 << (g - 1).bit_length())
 
 
-def group_queries(q: jax.Array, num_kv_heads: int, min_rows: int) -> tuple[jax.Array, int]:
-    """[T, H, D] -> [T, K, Gp, D]: the G query heads sharing a KV head, padded to Gp rows.
-
-    Gp is a power of two >= min_rows so a group is one legal Triton dot operand
-    (tl.dot needs >= 16 rows); the padding heads are zeros and are dropped after.
-    """
-    t, h, d = q.shape
-    g = h // num_kv_heads
-    gp = group_rows(g, min_rows)
-    qg = q.reshape(t, num_kv_heads, g, d)
-    if gp != g:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    return qg, gp
-
-
 def flat_pages(pages: jax.Array) -> jax.Array:
     """[P, ps, K, D] -> [P * ps, K, D] (free: a view of the same layout)."""
     return pages.reshape(pages.shape[0] * pages.shape[1], *pages.shape[2:])

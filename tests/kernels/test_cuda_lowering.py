@@ -114,8 +114,11 @@ def test_memory_bound_and_attention_kernels_lower_for_cuda():
                            S((t,), jnp.int32))),
         "gather_pages": (lambda p, i: pk.gather_pages(p, i), (S((2, 64, PS, KV, D), BF16), S((8,), jnp.int32))),
     }
+    one_split = lambda q, k, v, bt, c: pk.paged_decode_attention(q, k, v, bt, c, scale=0.088, num_splits=1)
     for g in (1, 3, 8):  # query heads per KV head: partials of G rows, of 16 (G = 3), of G
         cases[f"decode_g{g}"] = (cases["decode"][0], (S((n, g * KV, D), BF16),) + cases["decode"][1][1:])
+        # One split: the kernel normalizes and stores the [N, H, D] output itself.
+        cases[f"decode_one_split_g{g}"] = (one_split, cases[f"decode_g{g}"][1])
     for name, (fn, shapes) in cases.items():
         assert lower_for_cuda(fn, *shapes), name
 
