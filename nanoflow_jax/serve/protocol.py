@@ -317,7 +317,7 @@ class ResponseBuilder:
         self._opened: set[int] = set()
         self._done: set[int] = set()
         # A chunk's event up to its choice's index: `sse_chunk` formats the rest directly.
-        head = _to_json({**self._head("chat.completion.chunk" if chat else "text_completion")})
+        head = _to_json(self._head("chat.completion.chunk" if chat else "text_completion"))
         self._event_head = f'data: {head[:-1]}, "choices": [{{"index": '
 
     def _head(self, obj: str) -> dict[str, Any]:
