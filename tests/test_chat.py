@@ -3,6 +3,7 @@ and its resource limits (hostile templates fail fast with one ChatTemplateError)
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import re
@@ -382,16 +383,24 @@ def test_fuzz_hostile_snippets():
     rng = random.Random(0)
     limits = RenderLimits(max_steps=20_000, timeout_s=1.0)
     outcomes = {"rendered": 0, "rejected": 0}
+    # The objects earlier tests left in this process go to the permanent generation: a full
+    # collection triggered by a render would otherwise scan them all, a pause of a second or
+    # more that is this process's history, not the template's cost.
+    gc.collect()
+    gc.freeze()
     rss0, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
-    for _ in range(400):
-        template = _hostile_snippet(rng)
-        t0 = time.monotonic()
-        try:
-            render_chat_template(template, USER, limits=limits)
-            outcomes["rendered"] += 1
-        except ChatTemplateError:
-            outcomes["rejected"] += 1
-        assert time.monotonic() - t0 < 1.5, template
+    try:
+        for _ in range(400):
+            template = _hostile_snippet(rng)
+            t0 = time.monotonic()
+            try:
+                render_chat_template(template, USER, limits=limits)
+                outcomes["rendered"] += 1
+            except ChatTemplateError:
+                outcomes["rejected"] += 1
+            assert time.monotonic() - t0 < 1.5, template
+    finally:
+        gc.unfreeze()
     assert min(outcomes.values()) > 40, outcomes  # the mix exercises both paths
     assert time.monotonic() - start < 8
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 500 * 1024  # KiB
