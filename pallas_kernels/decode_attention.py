@@ -44,7 +44,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, *out_refs, num_kv: int,
         lo = sp * chunk
         hi = jnp.minimum(ctx, lo + chunk)
         # Row r is query head kh * G + r; rows past G are masked (distinct indices, never
-        # clamped: masked lanes touch no memory on the GPU).
+        # clamped: masked lanes touch no memory on the GPU). The request index is broadcast
+        # to an array too: the interpreter's gather takes all-array indices only.
         at = (n + 0 * r[:, None], kh * group + r[:, None], cols)
         q = pltriton.load(q_ref.at[at], mask=real, other=0)
         limit = jnp.full((gp,), ctx - 1, jnp.int32)

@@ -123,7 +123,7 @@ class Sequence:
 
     def streams_now(self) -> bool:
         """A streamed update is due for the token just read (the first, then every N)."""
-        return self.stream and (self.stream_interval == 1 or (len(self.output_token_ids) - 1) % self.stream_interval == 0)
+        return self.stream and (len(self.output_token_ids) - 1) % self.stream_interval == 0
 
     def take_delta(self) -> str:
         """The text not yet streamed, less a tail that may still become a stop string.
@@ -211,7 +211,7 @@ class RequestOutput:
         lead = members[0]
         # prompt_token_ids is the request's own list, shared by its updates (read-only).
         return cls(lead.request_id, lead.prompt, lead.prompt_token_ids, comps,
-                   all(m.status is _FINISHED for m in members),
+                   all(m.is_finished for m in members),
                    next((m.error for m in members if m.error), None), lead.prompt_logprobs,
                    None if lead.metrics is None else copy.copy(lead.metrics))
 
