@@ -1,6 +1,6 @@
 """Which mechanism lets a GEMM and decode attention share one GPU inside a JAX program?
 
-    python -m bench.overlap --out bench/results/overlap_h200.json [--layers 8] [--splits 88/44,66/66]
+    python -m bench.overlap --out bench/results/overlap_h200.json [--layers 8] [--splits 88/44,100/32x4:bk64:s2]
 
 Each *stage* runs the decode attention of one nano-batch (a bare Pallas kernel) beside a
 prefill-sized GEMM of the other (a Mosaic GPU kernel), each capped to its share of the
@@ -20,18 +20,30 @@ order of region starts/dones (S/D) and other custom calls (G) in the program (ov
 needs a G between an S and its D), and, from a `jax.profiler` trace of each ovl variant,
 the share of attention-kernel time that ran while a GEMM kernel ran on another stream.
 Every array is a jit argument: closed-over KV pages would become HLO constants.
+
+A split (`--splits`, comma-separated) is `GEMM/ATTN[xPER_SM][:bkN][:sN][:wN]`: the GEMM's
+and the attention's program counts ('all': the whole GPU; `88` alone means 88/88), then
+the attention's launch options: programs per SM of its budget, block_k, num_stages and
+num_warps (`100/32x4:bk64:s2` is 32 SMs at 4 programs each, 64-key blocks in 2 stages;
+an option left out takes `decode_launch`'s default). Each row records the options, the
+launch as resolved (`programs`, `num_splits`, `block_k`, `num_stages`, `num_warps`), and,
+once per split, the capped attention and the capped GEMM each alone (`attn_alone_ms`,
+`gemm_alone_ms`: ms per call over `2 x layers` dependent calls in one program, as a chain's
+stages run) with `ideal_ms`, their max: the stage time a perfect overlap would reach.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
+import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +52,7 @@ import numpy as np
 from bench import run_metadata
 from bench.timeline import gpu_kernel_records, jax_trace
 from nanoflow_jax.models.streams import on_stream
-from pallas_kernels.decode_attention import decode_launch
+from pallas_kernels.decode_attention import DecodeLaunch, decode_launch
 from pallas_kernels.gemm import gemm
 
 # Llama-3-8B heads; a 1024-token GEMM (gate/up width) beside 256 decodes at 1,280 keys.
@@ -67,20 +79,49 @@ def operands(seed: int = 0) -> dict[str, jax.Array]:
     }
 
 
-def make_stage(gemm_programs: int | None, attn_programs: int | None, region: bool,
-               interpret: bool, gemm_stream: int = 0) -> tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]:
+SPLIT_FORM = "GEMM[/ATTN[xPER_SM][:bkN][:sN][:wN]], GEMM and ATTN a program count or 'all' (e.g. 100/32x4:bk64:s2)"
+_OPTIONS = {"bk": "block_k", "s": "num_stages", "w": "num_warps"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The SM shares of one GEMM/attention pair and the attention's launch options.
+    None: the whole GPU (a program count) or `decode_launch`'s default (an option)."""
+
+    gemm_programs: int | None
+    attn_programs: int | None
+    programs_per_sm: int | None = None
+    block_k: int | None = None
+    num_stages: int | None = None
+    num_warps: int | None = None
+
+    def __str__(self) -> str:
+        """The split's `--splits` text (parse_splits reads it back)."""
+        def count(v: int | None) -> str:
+            return "all" if v is None else str(v)
+        text = f"{count(self.gemm_programs)}/{count(self.attn_programs)}"
+        text += "" if self.programs_per_sm is None else f"x{self.programs_per_sm}"
+        return text + "".join(f":{key}{getattr(self, name)}" for key, name in _OPTIONS.items()
+                              if getattr(self, name) is not None)
+
+
+def make_stage(split: Split, region: bool, interpret: bool,
+               gemm_stream: int = 0) -> tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]:
     """(stage, prepare): stage(qg, x, w, kf, vf, bt, cl) -> (attention partials, GEMM output)."""
+    warps = {} if split.num_warps is None else {"num_warps": split.num_warps}  # else decode_launch's default
     launch = decode_launch((REQS, HEADS, HEAD_DIM), (1, PAGE, KV_HEADS, HEAD_DIM), CTX // PAGE,
-                           scale=HEAD_DIM ** -0.5, num_programs=attn_programs, interpret=interpret)
+                           scale=HEAD_DIM ** -0.5, num_programs=split.attn_programs, interpret=interpret,
+                           programs_per_sm=split.programs_per_sm, block_k=split.block_k,
+                           num_stages=split.num_stages, **warps)
     attn = on_stream(launch.kernel, 1) if region else launch.kernel
-    mm = functools.partial(gemm, num_programs=gemm_programs, interpret=interpret)
-    mm = on_stream(mm, gemm_stream) if region else mm
+    bare_mm = functools.partial(gemm, num_programs=split.gemm_programs, interpret=interpret)
+    mm = on_stream(bare_mm, gemm_stream) if region else bare_mm
 
     def stage(qg, x, w, kf, vf, bt, cl):
         acc = attn(qg, kf, vf, bt, cl)[0]   # the output (one split) or the partials
         return acc, mm(x, w)
     # The bare ops, for mechanisms that place them themselves (a whole chain in a region).
-    stage.attn, stage.mm = launch.kernel, functools.partial(gemm, num_programs=gemm_programs, interpret=interpret)
+    stage.attn, stage.mm, stage.launch = launch.kernel, bare_mm, launch
 
     def prepare(q):
         return launch.prepare(q, jnp.zeros((1, PAGE, KV_HEADS, HEAD_DIM), q.dtype),
@@ -184,6 +225,39 @@ def build(mechanism: str, stage: Callable[..., Any], layers: int, region: bool) 
     return jax.jit(chain)
 
 
+def _repeated(op: Callable[..., jax.Array], calls: int) -> Callable[..., jax.Array]:
+    """op(a, *rest) `calls` times in one jitted program, each call's `a` depending on the
+    previous output (as a chain's stages do), so the time per call leaves out dispatch."""
+    def run(a, *rest):
+        out = op(a, *rest)
+        for _ in range(calls - 1):
+            out = op(_dep(a, out), *rest)
+        return out
+    return jax.jit(run)
+
+
+def alone_ms(split: Split, layers: int, interpret: bool, ops: dict[str, jax.Array]) -> dict[str, Any]:
+    """The split's capped attention and capped GEMM each alone (ms per call, over the
+    `2 x layers` calls a chain has), their max (the ideal overlapped stage) and the launch
+    the attention resolved to."""
+    out: dict[str, Any] = {}
+    calls = 2 * layers
+    try:
+        stage, prepare = make_stage(split, False, interpret)
+        launch: DecodeLaunch = stage.launch  # type: ignore[attr-defined]
+        out.update(programs=launch.programs, num_splits=launch.num_splits, block_k=launch.block_k,
+                   num_stages=launch.num_stages, num_warps=launch.num_warps)
+        attn = _repeated(lambda q, *rest: stage.attn(q, *rest)[0], calls)  # type: ignore[attr-defined]
+        mm = _repeated(stage.mm, calls)  # type: ignore[attr-defined]
+        out["attn_alone_ms"] = round(wall_ms(attn, (prepare(ops["q"]), ops["kf"], ops["vf"], ops["bt"], ops["cl"]))
+                                     / calls, 4)
+        out["gemm_alone_ms"] = round(wall_ms(mm, (ops["x"], ops["w"])) / calls, 4)
+        out["ideal_ms"] = max(out["attn_alone_ms"], out["gemm_alone_ms"])
+    except Exception as e:  # a failing launch is a finding too; the mechanisms still run
+        out["alone_error"] = repr(e)[:400]
+    return out
+
+
 def compiled_order(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
     """S (region start), D (region done), G (other custom call) in the compiled HLO, per
     computation that holds a region, joined by '|'."""
@@ -235,26 +309,32 @@ def overlap_stats(events: list[Event]) -> dict[str, float]:
             "kernels": len(events), "span_us": round(span, 1), "streams": len({e[1] for e in events})}
 
 
-def measure(mechanisms: tuple[str, ...], splits: list[tuple[int | None, int | None]], layers: int,
+def measure(mechanisms: tuple[str, ...], splits: Sequence[Split | tuple[int | None, int | None]], layers: int,
             trace: bool, gemm_stream: int = 0, hlo_dir: str | None = None) -> list[dict[str, Any]]:
+    """One row per split and mechanism. A split may be a plain (GEMM, attention) program
+    pair, as nanoflow_jax.search.interference passes."""
     interpret = jax.default_backend() == "cpu"
     ops = operands()
     rows = []
-    for gp, ap in splits:
+    for split in splits:
+        split = split if isinstance(split, Split) else Split(*split)
+        alone = alone_ms(split, layers, interpret, ops)  # mechanism-independent: once per split
         for mech in mechanisms:
-            row: dict[str, Any] = {"mechanism": mech, "gemm_programs": gp, "attn_programs": ap, "layers": layers,
-                                   "gemm_stream": gemm_stream}
+            row: dict[str, Any] = {"mechanism": mech, "gemm_programs": split.gemm_programs,
+                                   "attn_programs": split.attn_programs, "attn_programs_per_sm": split.programs_per_sm,
+                                   **alone, "layers": layers, "gemm_stream": gemm_stream}
             stages = 1 if mech == "pair" else 2 * layers  # a stage: one attention and one GEMM
             for mode in ("seq", "ovl"):
                 try:
-                    stage, prepare = make_stage(gp, ap, mode == "ovl", interpret, gemm_stream)
+                    stage, prepare = make_stage(split, mode == "ovl", interpret, gemm_stream)
                     fn = build(mech, stage, layers, mode == "ovl")
                     args = (prepare(ops["q"]), ops["x"], ops["w"], ops["kf"], ops["vf"], ops["bt"], ops["cl"])
                     row[f"{mode}_ms_per_stage"] = round(wall_ms(fn, args) / stages, 4)
                     if mode == "ovl":
                         row["order"] = compiled_order(fn, args)[:200]
                         if hlo_dir and hasattr(fn, "lower"):
-                            Path(hlo_dir, f"{mech}_{gp}_{ap}_{gemm_stream}.txt").write_text(
+                            label = str(split).replace("/", "_").replace(":", "_")
+                            Path(hlo_dir, f"{mech}_{label}_{gemm_stream}.txt").write_text(
                                 fn.lower(*args).compile().as_text())
                         if trace and not interpret:
                             row.update(overlap_stats(trace_events(fn, args)))
@@ -267,14 +347,38 @@ def measure(mechanisms: tuple[str, ...], splits: list[tuple[int | None, int | No
     return rows
 
 
-def parse_splits(text: str) -> list[tuple[int | None, int | None]]:
-    """'88/44,100/all,all' -> [(88, 44), (100, None), (None, None)]; 'all' = the whole GPU."""
-    def side(v: str) -> int | None:
-        return None if v == "all" else int(v)
+def parse_splits(text: str) -> list[Split]:
+    """'88/44,100/32x4:bk64:s2,all' -> [Split(88, 44), Split(100, 32, 4, block_k=64, num_stages=2),
+    Split(None, None)] (see SPLIT_FORM); 'all' = the whole GPU, '88' = 88/88."""
     out = []
     for part in text.split(","):
-        g, _, a = part.partition("/")
-        out.append((side(g), side(a or g)))
+        part = part.strip()
+
+        def bad(what: str) -> ValueError:
+            return ValueError(f"split {part!r}: {what}; expected {SPLIT_FORM}")
+
+        def count(v: str, what: str) -> int | None:
+            if v == "all":
+                return None
+            if not v.isdecimal() or int(v) < 1:
+                raise bad(f"{what} {v!r} is not 'all' or an integer >= 1")
+            return int(v)
+
+        g, slash, a = part.partition("/")
+        head, *opts = (a if slash else g).split(":")
+        programs, x, per_sm = head.partition("x")
+        options: dict[str, int] = {}
+        for opt in opts:
+            m = re.fullmatch(r"(bk|s|w)([0-9]+)", opt)
+            if m is None or int(m[2]) < 1:
+                raise bad(f"launch option {opt!r} is not bkN, sN or wN with N >= 1")
+            if _OPTIONS[m[1]] in options:
+                raise bad(f"launch option {m[1]!r} given twice")
+            options[_OPTIONS[m[1]]] = int(m[2])
+        if x and (not per_sm.isdecimal() or int(per_sm) < 1):
+            raise bad(f"programs per SM {per_sm!r} is not an integer >= 1")
+        out.append(Split(count(g, "GEMM programs"), count(programs, "attention programs"),
+                         int(per_sm) if x else None, **options))
     return out
 
 
@@ -282,7 +386,10 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.overlap", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--splits", default="88/44,all", help="GEMM/attention programs per split; 'all' = uncapped")
+    p.add_argument("--splits", default="88/44,all",
+                   help="comma-separated GEMM/ATTN program counts ('all': the whole GPU; '88': 88/88), the "
+                        "attention optionally with launch options: xPER_SM programs per SM, :bkN block_k, "
+                        ":sN num_stages, :wN num_warps (e.g. 88/44,100/32x4:bk64:s2:w4,all)")
     p.add_argument("--mechanisms", default=",".join(MECHANISMS))
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--gemm-stream", type=int, default=0, help="the GEMM's stream in ovl (0: the main stream)")

@@ -6,8 +6,8 @@ cached tokens, then one prefill chunk (the engine's steady mixed iteration, as
 each nano-batch runs its layer as a chain of nano-operations: attention (decode and/or
 prefill kernel), O projection, gate/up, down, the memory-bound norm/RoPE/KV-write group,
 the next layer's QKV projection. The chains run on one or two GPU streams; the two
-streams start together at every layer (the engine writes the next layer's K/V between
-layers), so one layer's time is an event simulation of the two chains: each op at its SM
+streams start together at every layer (the engine projects and writes every token's
+K/V before the nano-batches' attention), so one layer's time is an event simulation of the two chains: each op at its SM
 budget (the shares of two co-running ops scaled down to the SM count when they ask for
 more), slowed by the interference factor while another op runs beside it, plus a launch
 gap per kernel. The iteration is layers x that, plus the LM head and the sampler.

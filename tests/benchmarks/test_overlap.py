@@ -4,6 +4,8 @@ and the overlap statistic reads a kernel timeline correctly."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 
 import pytest
@@ -27,15 +29,60 @@ def test_overlap_stats_counts_attention_time_beside_other_streams():
 
 
 def test_parse_splits():
-    assert overlap.parse_splits("88/44,100/all,all") == [(88, 44), (100, None), (None, None)]
+    Split = overlap.Split
+    assert overlap.parse_splits("88/44,100/all,all,88") == [Split(88, 44), Split(100, None), Split(None, None),
+                                                            Split(88, 88)]
+    assert overlap.parse_splits("100/32x4, 100/32x4:bk64:s2:w8,66/all:w8:bk32") == [
+        Split(100, 32, programs_per_sm=4),
+        Split(100, 32, programs_per_sm=4, block_k=64, num_stages=2, num_warps=8),
+        Split(66, None, num_warps=8, block_k=32)]
+    splits = overlap.parse_splits("100/32x4:bk64:s2:w8,88/44,all")
+    assert overlap.parse_splits(",".join(map(str, splits))) == splits  # the text a split prints reads back
 
 
-def test_every_mechanism_runs_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("text, names", [
+    ("100/32x0", "programs per SM '0'"), ("100/32x", "programs per SM ''"), ("100/abc", "attention programs 'abc'"),
+    ("100/32:zz3", "launch option 'zz3'"), ("100/32:bk0", "launch option 'bk0'"),
+    ("100/32:s2:s3", "launch option 's' given twice"),
+    ("0/32", "GEMM programs '0'"), ("88x2", "GEMM programs '88x2'"), ("100/", "attention programs ''"),
+])
+def test_parse_splits_rejects_malformed_text(text, names):
+    with pytest.raises(ValueError, match=re.escape(f"split '{text}': {names}") + ".*expected GEMM"):
+        overlap.parse_splits(f"88/44,{text}")
+
+
+def _tiny(monkeypatch):
     monkeypatch.setattr(overlap, "M", 64)
     monkeypatch.setattr(overlap, "K", 64)
     monkeypatch.setattr(overlap, "N", 128)
     monkeypatch.setattr(overlap, "REQS", 4)
     monkeypatch.setattr(overlap, "CTX", 64)
+
+
+def test_split_launch_options_reach_the_rows_with_alone_times(monkeypatch):
+    _tiny(monkeypatch)
+    alone_calls = []
+    alone_ms = overlap.alone_ms
+    monkeypatch.setattr(overlap, "alone_ms", lambda split, *a: alone_calls.append(split) or alone_ms(split, *a))
+    split = overlap.parse_splits("8/4x2:bk16:s1")[0]
+    # A plain (GEMM, attention) pair too, as nanoflow_jax.search.interference passes.
+    rows = overlap.measure(("pair", "scan"), [split, (4, 2)], layers=1, trace=False)
+    assert alone_calls == [split, overlap.Split(4, 2)]  # once per split, not per mechanism
+    assert all("seq_ms_per_stage" in r and "ovl_ms_per_stage" in r for r in rows), rows
+    opts = ("gemm_programs", "attn_programs", "attn_programs_per_sm", "programs", "num_splits", "block_k",
+            "num_stages", "num_warps")
+    # 4 SMs x 2 programs (4 requests x 8 KV heads of work: one split each); warps: decode_launch's 4.
+    assert [tuple(r[k] for k in opts) for r in rows[:2]] == [(8, 4, 2, 8, 1, 16, 1, 4)] * 2
+    # Defaults under a budget: one program per SM, 256-key blocks in 3 stages.
+    assert [tuple(r[k] for k in opts) for r in rows[2:]] == [(4, 2, None, 2, 1, 256, 3, 4)] * 2
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("attn_alone_ms", "gemm_alone_ms")), r
+        assert r["ideal_ms"] == max(r["attn_alone_ms"], r["gemm_alone_ms"])
+    assert rows[0]["attn_alone_ms"] == rows[1]["attn_alone_ms"]  # one measurement shared by the split's rows
+
+
+def test_every_mechanism_runs_on_cpu(tmp_path, monkeypatch):
+    _tiny(monkeypatch)
     out = tmp_path / "overlap.json"
     monkeypatch.setattr(sys, "argv", ["x", "--out", str(out), "--layers", "1", "--splits", "4/2", "--no-trace"])
     overlap.main()
