@@ -5,8 +5,9 @@
 #   tests       the GPU-marked tests (tests/test_gpu.py), then the pipeline tests on the GPU
 #               (two real streams), then the auto-search's profiling tests -> gpu_tests.log
 #   pipelines   one mixed batch's iteration time in each pipeline mode, Llama-3-8B shapes
-#               (bench.pipelines); PROGRAMS='A|B;A|B' adds nanoflow runs on those SM budgets
-#                                                                        -> pipelines_llama3_8b.json
+#               (bench.pipelines) at each batch size of TOKENS (default "2048"; e.g. "768 2048");
+#               PROGRAMS='A|B;A|B' adds nanoflow runs on those SM budgets
+#                                                                        -> pipelines_llama3_8b_t<T>.{json,png}
 #   throughput  engine throughput, Llama-3-8B shapes, random bf16 weights, Pallas kernels
 #               (the workload of bench/RESULTS.md)                      -> throughput_llama3_8b_pallas.json
 #   floor       the engine-floor workloads (Llama-3-8B shapes, random bf16, 256 seqs, 2048 tokens):
@@ -177,9 +178,10 @@ for recipe in "$@"; do
     pipelines)
       progs=(); IFS=';' read -ra specs <<< "${PROGRAMS:-}"
       for s in "${specs[@]}"; do [ -n "$s" ] && progs+=(--programs "$s"); done
-      timeout 400 python3 -m bench.pipelines "${progs[@]}" --out "$OUT/pipelines_llama3_8b.json" \
-        --plot "$OUT/pipelines_llama3_8b.png" 2>&1 \
-        | grep -v "^WARNING" | tail -12 | tee "$OUT/pipelines.log" ;;
+      for t in ${TOKENS:-2048}; do
+        timeout 280 python3 -m bench.pipelines "${progs[@]}" --tokens "$t" --out "$OUT/pipelines_llama3_8b_t$t.json" \
+          --plot "$OUT/pipelines_llama3_8b_t$t.png" 2>&1 | grep -v "^WARNING" | tail -1 | tee -a "$OUT/pipelines.log"
+      done ;;
     throughput)
       throughput pallas --kernels pallas ;;
     floor)

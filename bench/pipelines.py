@@ -54,7 +54,9 @@ def plot_timelines(timelines: dict[str, list[Event]], png: str, window_us: float
         for name, stream, start, dur in events:
             if start - t0 > window_us:
                 continue
-            color = "tab:red" if "attention" in name else "tab:blue" if ("mpmd" in name or "gemm" in name) else "0.6"
+            # The Mosaic GEMMs trace as "anonymous_mosaic_gpu_kernel", the library's as "nvjet"/"gemm".
+            gemm = any(tag in name for tag in ("mosaic", "mpmd", "gemm", "nvjet"))
+            color = "tab:red" if "attention" in name else "tab:blue" if gemm else "0.6"
             ax.broken_barh([(start - t0, dur)], (lanes[stream] - 0.4, 0.8), color=color)
         ax.set_yticks(range(len(lanes)), [f"stream {i}" for i in range(len(lanes))])
         ax.set_xlim(0, window_us)
@@ -118,7 +120,7 @@ def main() -> None:
         # NanoFlow's optimal: every token costs 2 x params FLOPs at the datasheet peak (989 TFLOP/s).
         row["optimal_ms"] = round(2 * n_params * a.tokens / 989.4e12 * 1e3, 3)
         row["of_optimal"] = round(row["optimal_ms"] / row["iteration_ms"], 3)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "_events"}), flush=True)
         rows.append(row)
     timelines = {f'{r["pipeline"]} ({r["programs"]}): {r["iteration_ms"]} ms': r.pop("_events") for r in rows
                  if "_events" in r}

@@ -78,7 +78,8 @@ def _kernel(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, tail: int,
 
 
 class _Refs(NamedTuple):
-    """The kernel's operands in global memory (u: w_up; b: bias; r: residual)."""
+    """The kernel's operands in global memory (u: w_up; b: bias; r: residual; layer: the
+    int32 [1] index into stacked weights, which then are [L, K, N])."""
 
     x: Any
     w: Any
@@ -86,16 +87,18 @@ class _Refs(NamedTuple):
     b: Any
     r: Any
     o: Any
+    layer: Any = None
 
     @classmethod
-    def unpack(cls, refs: tuple, silu_mul: bool, has_bias: bool, has_res: bool) -> _Refs:
+    def unpack(cls, refs: tuple, silu_mul: bool, has_bias: bool, has_res: bool, stacked: bool = False) -> _Refs:
         rest = list(refs)
+        layer = rest.pop(0) if stacked else None
         x, w = rest.pop(0), rest.pop(0)
         u = rest.pop(0) if silu_mul else None
         b = rest.pop(0) if has_bias else None
         r = rest.pop(0) if has_res else None
         (o,) = rest
-        return cls(x, w, u, b, r, o)
+        return cls(x, w, u, b, r, o, layer)
 
     @property
     def streamed(self) -> tuple:
@@ -303,15 +306,15 @@ def _run_tile(p: _Pass, specs: list, mma: Callable, context: Callable, tile_ins:
 
 def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_iters: int,
                cluster: int, cluster_axis: str, has_bias: bool, has_res: bool, silu_mul: bool,
-               interpret: bool) -> None:
+               interpret: bool, stacked: bool = False) -> None:
     """One persistent loop over an [M, n_tiles * cta_n] block of output columns from col0."""
     p = _Pass(cfg, m_tiles, n_tiles, col0, k_iters, cluster, cluster_axis, has_bias, has_res,
               silu_mul, interpret)
-    g = _Refs.unpack(refs, silu_mul, has_bias, has_res)
+    g = _Refs.unpack(refs, silu_mul, has_bias, has_res, stacked)
     specs = _in_specs(p, g.x.dtype)
     noop = lambda *_, **__: None  # noqa: E731
     scratch = dict(
-        allocs=_pipeline(p, specs, noop, noop).get_allocations(*g.streamed),
+        allocs=_pipeline(p, specs, noop, noop).get_allocations(g.x, *(w.at[0] if stacked else w for w in g.streamed[1:])),
         out_smem=plgpu.SMEM((2, p.slots, cfg.epi_m, cfg.epi_n), g.o.dtype,
                             transforms=_smem_transforms(cfg.epi_n, g.o.dtype)),
         bias_smem=plgpu.SMEM((2, cfg.epi_n), g.b.dtype) if has_bias else None,
@@ -328,6 +331,7 @@ def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_
         pm, pn = (m_tiles // cluster, n_tiles) if along_m else (m_tiles, n_tiles // cluster)
         cm, cn = cfg.cta_m, cfg.cta_n
         mma = _mma_body(p, wg)
+        weights = [w.at[g.layer[0]] if stacked else w for w in g.streamed[1:]]  # [K, N] views
 
         @plgpu.nd_loop((pm * pn * cfg.k_splits,), collective_axes="programs")
         def _tile(info):
@@ -343,7 +347,7 @@ def _tile_pass(*refs, cfg: MgpuConfig, m_tiles: int, n_tiles: int, col0: int, k_
                       col0 + n_idx * cn + (0 if p.split_m else wg * cfg.tile_n))
             k_sl = pl.ds(k_split * k_iters * cfg.tile_k, k_iters * cfg.tile_k)
             tile_ins = (g.x.at[pl.ds(m_idx * cm, cm), k_sl],
-                        *(w.at[k_sl, pl.ds(col0 + n_idx * cn, cn)] for w in g.streamed[1:]))
+                        *(w.at[k_sl, pl.ds(col0 + n_idx * cn, cn)] for w in weights))
             _run_tile(p, specs, mma, _compute_context(p, g, st, wg, origin), tile_ins, allocs, info)
 
         # The stores must have read the staging slots before a next pass reuses them.
@@ -365,14 +369,18 @@ def _launch_axes(clusters: int, cluster: int, interpret: bool) -> dict:
 def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
               bias: jax.Array | None = None, residual: jax.Array | None = None,
               num_programs: int | None = None, interpret: bool = False,
-              config: MgpuConfig | None = None) -> jax.Array:
+              config: MgpuConfig | None = None, layer: jax.Array | None = None) -> jax.Array:
     """x [M, K] @ w [K, N] (+bias)(+residual); with w_up: silu(x@w) * (x@w_up). bf16/f16.
 
+    layer: w (and w_up) are the stacked [L, K, N] weights of every layer and this int32
+    scalar picks one; the kernel reads that layer's tiles in place (its TMA copies start at
+    the layer), so no XLA slice of the stack is ever materialized.
     M, N and K are padded to the CTA tile and tile_k where they do not divide.
     """
     silu = w_up is not None
+    stacked = layer is not None
     m, k = x.shape
-    n = w.shape[1]
+    n = w.shape[-1]
     budget = num_programs if num_programs is not None else num_sms()
     cfg = config or choose_config(m, n, silu, residual is not None, budget, k=k)
     splits = cfg.k_splits
@@ -380,15 +388,16 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
         raise ValueError("k_splits > 1 needs the whole sum before SiLU: use it for plain GEMMs")
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
     xp = pad_axis(pad_axis(x, 0, cta_m), 1, cfg.tile_k * splits)
-    pad_w = lambda a: pad_axis(pad_axis(a, 0, cfg.tile_k * splits), 1, cta_n)
-    ins = [xp, pad_w(w)] + ([pad_w(w_up)] if silu else [])
+    lead = 1 if stacked else 0
+    pad_w = lambda a: pad_axis(pad_axis(a, lead, cfg.tile_k * splits), lead + 1, cta_n)
+    ins = ([jnp.asarray(layer, jnp.int32).reshape(1)] if stacked else []) + [xp, pad_w(w)] + ([pad_w(w_up)] if silu else [])
     in_kernel = splits == 1  # split K: bias and residual join the partial sums in XLA
     if bias is not None and in_kernel:
         ins.append(pad_axis(bias, 0, cta_n))
     if residual is not None and in_kernel:
         ins.append(pad_axis(pad_axis(residual.astype(x.dtype), 0, cta_m), 1, cta_n))
     mp, kp = xp.shape
-    np_ = ins[1].shape[1]
+    np_ = ins[lead + 1].shape[-1]
     m_tiles, n_tiles = mp // cta_m, np_ // cta_n
     # CTA pairs need an even number of tiles along their axis and two SMs; otherwise
     # CTAs run alone.
@@ -406,7 +415,7 @@ def gemm_mgpu(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,
                                    cluster_axis=cluster_axis,
                                    has_bias=bias is not None and in_kernel,
                                    has_res=residual is not None and in_kernel, silu_mul=silu,
-                                   interpret=interpret)
+                                   interpret=interpret, stacked=stacked)
         return plgpu.kernel(
             kernel,
             out_type=jax.ShapeDtypeStruct((splits * mp, np_), x.dtype if in_kernel else F32),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models import attention
-from nanoflow_jax.models.ops import XlaOps, get_ops, rms_norm
+from nanoflow_jax.models.ops import Layer, XlaOps, at_layer, get_ops, rms_norm
 from nanoflow_jax.models.paged import BatchInputs, KVCache
 from nanoflow_jax.models.params import Params
 
@@ -54,12 +54,15 @@ def attention_input(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array,
     return ops.rope(q, positions, cfg), k, v
 
 
-def attention_output_and_mlp(ops: XlaOps, lp: Params, x: jax.Array, o: jax.Array, cfg: ModelConfig) -> jax.Array:
+def attention_output_and_mlp(ops: XlaOps, lp: Params, x: jax.Array, o: jax.Array, cfg: ModelConfig,
+                             layer: Layer = None) -> jax.Array:
     """A layer's work after attention: output projection onto the residual, then the MLP.
-    Both are row-parallel under tensor parallelism (an all-reduce each: ops.tp_axis)."""
-    x = ops.row_parallel_linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], x)
-    h = ops.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    return ops.row_parallel_linear(ops.gate_up(h, lp["w_gate"], lp["w_up"]), lp["w_down"], x)
+    Both are row-parallel under tensor parallelism (an all-reduce each: ops.tp_axis).
+    lp: one layer's weights, or with `layer` given the stacked weights of every layer,
+    which the GEMMs then read at that layer in place."""
+    x = ops.row_parallel_linear(o.reshape(*o.shape[:-2], cfg.q_size), lp["wo"], x, layer)
+    h = ops.rms_norm(x, at_layer(lp["mlp_norm"], layer), cfg.rms_norm_eps)
+    return ops.row_parallel_linear(ops.gate_up(h, lp["w_gate"], lp["w_up"], layer), lp["w_down"], x, layer)
 
 
 def _block(ops: XlaOps, lp: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig,

@@ -15,8 +15,9 @@ use the same kernels as the sequential `forward_paged`, so the ablation is hones
 A layer's weights reach the steps through the layer scan's own slicing, as in
 `forward_paged`: XLA reads a scanned weight in place when the body holds no stream region,
 while a weight indexed out of the closed-over stack (`layers[i]`) is copied every layer.
-With stream regions in the body (`nanoflow`), XLA still copies the MLP and output weights
-of every layer (bench/RESULTS.md, "Pipeline modes").
+With stream regions in the body (`nanoflow`), XLA copies even the scanned MLP and output
+weights of every layer (bench/RESULTS.md, "Pipeline modes"), so there each region takes
+the stacked weights whole and the GEMM kernels read layer i of them in place.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from nanoflow_jax.models.params import Params
 from nanoflow_jax.models.streams import on_stream, stream_group
 
 
-def _nano_step(ops: XlaOps, sub: BatchInputs, cfg: ModelConfig, lp: Params,
-               k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array
-               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """One nano-batch's layer `layer` from its rotated q: attention, output projection, MLP."""
+def _nano_step(ops: XlaOps, sub: BatchInputs, cfg: ModelConfig, k_cache: jax.Array, v_cache: jax.Array,
+               layer: jax.Array, stacked: bool) -> Callable[[jax.Array, jax.Array, Params], jax.Array]:
+    """One nano-batch's layer `layer` from its rotated q: attention, output projection, MLP.
+    The step's weights are the layer's own, or (stacked) every layer's, read at `layer`."""
 
-    def step(x: jax.Array, q: jax.Array) -> jax.Array:
+    def step(x: jax.Array, q: jax.Array, weights: Params) -> jax.Array:
         o = ops.attention(q, k_cache, v_cache, layer, sub, cfg)
-        return attention_output_and_mlp(ops, lp, x, o, cfg)
+        return attention_output_and_mlp(ops, weights, x, o, cfg, layer if stacked else None)
     return step
 
 
@@ -61,12 +62,15 @@ def forward_nanobatch(params: Params, cache: KVCache, batch: BatchInputs, cfg: M
         lp, i = layer_in
         q, k, v = attention_input(ops[0], lp, x, positions, cfg)
         k_cache, v_cache = ops[0].write_kv_rope(k_cache, v_cache, i, k, v, slots, positions, cfg)
-        steps = [_nano_step(o, sub, cfg, lp, k_cache, v_cache, i) for o, sub in zip(ops, subs)]
+        # In stream regions the GEMMs read the stacked weights at layer i (a slice of them
+        # would be copied every layer); back to back they take the scan's slice, read in place.
+        weights = params["layers"] if overlap else lp
+        steps = [_nano_step(o, sub, cfg, k_cache, v_cache, i, stacked=overlap) for o, sub in zip(ops, subs)]
         if overlap:
             steps = [on_stream(s, n + 1) for n, s in enumerate(steps)]
         with stream_group(enabled=overlap):
-            xa = steps[0](x[:split], q[:split])
-            xb = steps[1](x[split:], q[split:])
+            xa = steps[0](x[:split], q[:split], weights)
+            xb = steps[1](x[split:], q[split:], weights)
         return (jnp.concatenate([xa, xb]), k_cache, v_cache), None
 
     x = params["embed"][batch.token_ids]

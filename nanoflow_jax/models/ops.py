@@ -54,6 +54,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
     return out.astype(x.dtype)
 
 
+Layer = jax.Array | int | None  # an index into stacked [L, ...] weights, or None: w is one layer's
+
+
+def at_layer(w: jax.Array, layer: Layer) -> jax.Array:
+    """w itself, or with `layer` given, that layer of the stacked [L, ...] weights."""
+    return w if layer is None else jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+
+
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
@@ -65,26 +73,29 @@ class XlaOps:
     # `shard_map`: parallel/forward.py); None: this device holds whole matrices.
     tp_axis: str | None = None
 
-    def row_parallel_linear(self, x: jax.Array, w: jax.Array, residual: jax.Array) -> jax.Array:
+    def row_parallel_linear(self, x: jax.Array, w: jax.Array, residual: jax.Array,
+                            layer: Layer = None) -> jax.Array:
         """residual + x @ w, where under tensor parallelism x's last axis and w's rows are
         this device's shard: the partial products are all-reduced before the residual is
         added (once, not once per device)."""
         if self.tp_axis is None:
-            return self.linear(x, w, residual=residual)
-        y = jax.lax.psum(self.linear(x, w), self.tp_axis)
+            return self.linear(x, w, residual=residual, layer=layer)
+        y = jax.lax.psum(self.linear(x, w, layer=layer), self.tp_axis)
         return (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
 
     def linear(self, x: jax.Array, w: jax.Array, bias: jax.Array | None = None,
-               residual: jax.Array | None = None) -> jax.Array:
-        y = _dot(x, w)
+               residual: jax.Array | None = None, layer: Layer = None) -> jax.Array:
+        """x @ w (+ bias) (+ residual). layer: w is the stacked [L, K, N] weights and this
+        index picks one (the GEMM kernels read it in place: models/nanobatch.py says why)."""
+        y = _dot(x, at_layer(w, layer))
         if bias is not None:
             y = y + bias.astype(jnp.float32)
         if residual is not None:
             y = y + residual.astype(jnp.float32)
         return y.astype(x.dtype)
 
-    def gate_up(self, x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
-        return (jax.nn.silu(_dot(x, w_gate)) * _dot(x, w_up)).astype(x.dtype)
+    def gate_up(self, x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: Layer = None) -> jax.Array:
+        return (jax.nn.silu(_dot(x, at_layer(w_gate, layer))) * _dot(x, at_layer(w_up, layer))).astype(x.dtype)
 
     def rms_norm(self, x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
         return rms_norm(x, w, eps)
@@ -139,20 +150,21 @@ class PallasOps(XlaOps):
     def _np(self, op: str) -> int | None:
         return dict(self.programs).get(op)
 
-    def linear(self, x, w, bias=None, residual=None):
+    def linear(self, x, w, bias=None, residual=None, layer=None):
         import pallas_kernels as pk
 
         if self._library_gemm():
-            return super().linear(x, w, bias, residual)
+            return super().linear(x, w, bias, residual, layer)
         return pk.gemm(x, w, bias=bias, residual=residual, num_programs=self._np("gemm"),
-                       interpret=self._interpret)
+                       interpret=self._interpret, layer=layer)
 
-    def gate_up(self, x, w_gate, w_up):
+    def gate_up(self, x, w_gate, w_up, layer=None):
         import pallas_kernels as pk
 
         if self._library_gemm():
-            return super().gate_up(x, w_gate, w_up)
-        return pk.gemm_silu_mul(x, w_gate, w_up, num_programs=self._np("gemm"), interpret=self._interpret)
+            return super().gate_up(x, w_gate, w_up, layer)
+        return pk.gemm_silu_mul(x, w_gate, w_up, num_programs=self._np("gemm"), interpret=self._interpret,
+                                layer=layer)
 
     def rms_norm(self, x, w, eps):
         import pallas_kernels as pk

@@ -88,6 +88,19 @@ def test_gemm_launch_features_lower_for_cuda(kind, m, cfg: MgpuConfig):
     _lower_gemm(kind, cfg, m)
 
 
+@pytest.mark.parametrize("kind", ["silu", "residual", "residual_deep"])
+def test_stacked_weight_gemms_lower_for_cuda(kind):
+    """The GEMMs a nanoflow step runs on stacked [L, K, N] weights at a traced layer, with
+    the tuned row of each kind at M = 256 (residual_deep's splits K)."""
+    n, k = {"silu": (14336, 4096), "residual": (4096, 4096), "residual_deep": (4096, 14336)}[kind]
+    x, w, r, i = S((256, k), BF16), S((32, k, n), BF16), S((256, n), BF16), S((), jnp.int32)
+    if kind == "silu":
+        calls = lower_for_cuda(lambda a, b, c, l: gemm_mgpu(a, b, w_up=c, layer=l, num_programs=132), x, w, w, i)
+    else:
+        calls = lower_for_cuda(lambda a, b, c, l: gemm_mgpu(a, b, residual=c, layer=l, num_programs=132), x, w, r, i)
+    assert calls & {"mosaic_gpu", "mosaic_gpu_v2"}
+
+
 def test_a_config_over_shared_memory_is_refused_on_cpu():
     """The check is real: 9 stages of 128x256x64 tiles need ~475 KB of shared memory."""
     with pytest.raises(ValueError, match="shared memory"):

@@ -428,3 +428,23 @@ def test_the_h100_table_serves_decode_sized_batches_only(monkeypatch):
         assert gemm_config.choose_config(m, n, silu, res, 132, k=k) == wave
         monkeypatch.setattr(gemm_config, "current_device", lambda: "NVIDIA H100 PCIe")
     gemm_config._warn_untuned.cache_clear()
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_mosaic_gemm_reads_one_layer_of_stacked_weights(rng, layer):
+    """With `layer`, the kernel reads that layer of [L, K, N] weights in place (the
+    nanoflow step's GEMMs); every epilogue, and a padded N, against the sliced weight."""
+    x = rand(rng, 64, 64, dtype=jnp.bfloat16)
+    w, u = rand(rng, 3, 64, 96, dtype=jnp.bfloat16, scale=0.2), rand(rng, 3, 64, 96, dtype=jnp.bfloat16)
+    r = rand(rng, 64, 96, dtype=jnp.bfloat16)
+    idx = jnp.int32(layer)
+    assert_close(gemm_mgpu(x, w, residual=r, layer=idx, num_programs=2, interpret=True, config=MCFG),
+                 ref.gemm(x, w[layer], residual=r))
+    assert_close(gemm_mgpu(x, w, w_up=u, layer=idx, num_programs=2, interpret=True, config=MCFG),
+                 ref.gemm_silu_mul(x, w[layer], u[layer]))
+
+
+def test_stacked_weights_through_dispatch_on_the_triton_lowering(rng):
+    x, w = rand(rng, 16, 32), rand(rng, 4, 32, 48)
+    assert_close(gemm(x, w, layer=jnp.int32(3), num_programs=2, interpret=True), ref.gemm(x, w[3]))
+    assert_close(gemm_silu_mul(x, w, w, layer=1, num_programs=2, interpret=True), ref.gemm_silu_mul(x, w[1], w[1]))
