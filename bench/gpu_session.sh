@@ -45,9 +45,10 @@
 #   serving     the offline engine throughput (bench.throughput), then the HTTP server on the same
 #               workload and settings: bench.serving at saturation (rate inf, with the ratio to the
 #               offline tokens/s), then a sweep at 1/4, 1/2 and 3/4 of the saturated request rate
-#               (TTFT p99 at half load); then saturation again with --stream-interval 2
+#               (TTFT p99 at half load); then saturation again with --stream-interval 2, and with the
+#               engine on a thread of the server (--no-engine-process)
 #                                        -> throughput_llama3_8b_serving_offline.json, serving_llama3_8b_sweep.png,
-#                                           serving_llama3_8b_{saturation,sweep,saturation_interval2}.json
+#                                           serving_llama3_8b_{saturation,sweep,saturation_interval2,saturation_thread}.json
 #   rollouts    RL rollouts, Llama-3-8B shapes, random weights: 256 prompts x n=8 x 512 tokens as
 #               grouped requests vs 2,048 separate ones, and update_params (bench.rollouts)
 #                                                                        -> rollouts_llama3_8b.json
@@ -165,6 +166,10 @@ print(','.join(f'{f * r:.3f}' for f in (0.25, 0.5, 0.75)))" "$OUT/serving_llama3
   # Streams updated every second token: fewer updates, less host time a token, the same tokens.
   server_up serve_interval2 --stream-interval 2 || return 1
   saturate serving_llama3_8b_saturation_interval2
+  server_down
+  # The engine on a thread of the server process (one GIL for the HTTP work and the engine's).
+  server_up serve_thread --no-engine-process || return 1
+  saturate serving_llama3_8b_saturation_thread
   server_down
 }
 

@@ -44,6 +44,15 @@ def _normalize_prompts(prompts: PromptInput | Seq[PromptInput]) -> list[Any]:
     return [one(p) for p in items]
 
 
+def render_chat(tokenizer: Any, messages: Messages | Seq[Messages], add_generation_prompt: bool) -> list[str]:
+    """One conversation or several -> their prompt texts, through the model's chat template."""
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer: create the LLM with tokenizer=..., or generate from token ids")
+    conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+    return [tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
+            for c in conversations]
+
+
 def _tp_placement(size: Any) -> Any:
     """The loader's placement for a tensor-parallel size (None: one device; a bad size is
     left to EngineConfig and the model check, which name it)."""
@@ -248,11 +257,7 @@ class LLM:
             return self.engine.reset_prefix_cache()
 
     def _render_chat(self, messages: Messages | Seq[Messages], add_generation_prompt: bool) -> list[str]:
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer: create the LLM with tokenizer=..., or generate from token ids")
-        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
-        return [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
-                for c in conversations]
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
 
     def chat(self, messages: Messages | Seq[Messages], sampling_params: ParamsInput | Seq[ParamsInput] = None,
              *, add_generation_prompt: bool = True,

@@ -1,8 +1,9 @@
 """`python -m nanoflow_jax.serve` / `nanoflow-serve`: the OpenAI-compatible HTTP server.
 
 It takes the engine's flags (the same as `nanoflow_jax.generate`) and the server's own.
+The engine runs in its own process (--no-engine-process: on a thread of this one).
 SIGTERM (or Ctrl-C) drains: new requests get 503, the running ones finish or, past
---drain-timeout, are aborted; then the engine thread stops and the process exits 0.
+--drain-timeout, are aborted; then the engine thread and process stop and the server exits 0.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     s.add_argument("--stream-interval", type=int, metavar="N", default=1,
                    help="a stream sends a request's first token at once, then every N tokens: a larger N "
                         "spends less host time a token when hundreds of requests stream (default: 1)")
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in its own process, so streaming clients' HTTP work never holds up "
+                        "the device (default: on; --no-engine-process runs it on a thread of this process)")
     s.add_argument("--drain-timeout", type=float, metavar="S", default=30.0,
                    help="on SIGTERM, seconds running requests get to finish before they are aborted (default: 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -76,13 +80,20 @@ def served_name(args: argparse.Namespace) -> str:
 
 
 def build_app(args: argparse.Namespace) -> Any:
-    from nanoflow_jax import LLM
     from nanoflow_jax.serve.app import ServerConfig, create_app
 
     live = sys.stderr.isatty()
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
-    llm = LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=args.max_model_len,
-              kernels=args.kernels, show_progress=live, **engine_args(args))
+    llm_kwargs = dict(model=args.model, weights=args.weights, dtype=args.dtype, max_model_len=args.max_model_len,
+                      kernels=args.kernels, show_progress=live, **engine_args(args))
+    if args.engine_process:
+        from nanoflow_jax.serve.engine_process import RemoteLLM
+
+        llm: Any = RemoteLLM(llm_kwargs)
+    else:
+        from nanoflow_jax import LLM
+
+        llm = LLM(**llm_kwargs)
     config = ServerConfig(served_model_name=served_name(args),
                           model_aliases=tuple(a for a in (args.model,) if a),
                           max_waiting_requests=args.max_waiting_requests,

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoflow_jax.serve import protocol
+from nanoflow_jax.serve.engine_process import runtime_info
 from nanoflow_jax.serve.engine_thread import EngineThread, RequestGroup, unavailable
 from nanoflow_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
 from nanoflow_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -46,7 +47,9 @@ class ServerConfig:
 
 
 class Serving:
-    """What the handlers share: the LLM (tokenizer, chat template), the engine thread, the metrics."""
+    """What the handlers share: the LLM (tokenizer, chat template), the engine thread, the metrics.
+
+    `llm` is an `LLM`, or a `RemoteLLM` whose model runs in an engine process."""
 
     def __init__(self, llm: Any, config: ServerConfig) -> None:
         self.llm = llm
@@ -56,10 +59,19 @@ class Serving:
                                    retry_after=config.retry_after, stream_interval=config.stream_interval)
         self.draining = False
         self.created = int(time.time())
+        self.runtime = getattr(llm, "runtime", None) or runtime_info()
         # What request validation checks against: the logprobs cap and the vocabulary (logit_bias).
         model_config = getattr(llm, "model_config", None)
         self.limits = {"max_logprobs": getattr(llm.engine_config, "max_logprobs", None),
                        "vocab_size": getattr(model_config, "vocab_size", None)}
+
+    def engine_down(self) -> str | None:
+        """Why no request can be served (the engine thread or process has died), or None."""
+        if not self.thread.is_alive():
+            return "engine thread down"
+        if not getattr(self.llm, "is_alive", lambda: True)():
+            return "engine process down"
+        return None
 
     def drain(self) -> None:
         """Stop taking requests (503); those accepted carry on."""
@@ -102,6 +114,9 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
         yield
         serving.drain()
         await asyncio.to_thread(serving.thread.stop, 60.0)   # a step stuck on the device: exit anyway
+        close = getattr(llm, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)   # the engine process, when there is one
 
     app = FastAPI(title="nanoflow_jax", lifespan=lifespan)
     app.state.serving = serving
@@ -109,8 +124,9 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if serving.draining or not serving.thread.is_alive():
-            return JSONResponse({"status": "draining" if serving.draining else "engine thread down"}, 503)
+        down = "draining" if serving.draining else serving.engine_down()
+        if down:
+            return JSONResponse({"status": down}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -120,10 +136,7 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     @app.get("/version")
     async def version() -> dict[str, Any]:
         """What runs the model (benchmarks record it: their client must not touch the GPU)."""
-        import jax
-
-        return {"jax": jax.__version__, "backend": jax.default_backend(),
-                "device": jax.devices()[0].device_kind, "model": config.served_model_name,
+        return {**serving.runtime, "model": config.served_model_name,
                 "engine_config": dataclasses.asdict(llm.engine_config),
                 "kv_pages": kv_pages}
 

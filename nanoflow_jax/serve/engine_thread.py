@@ -39,6 +39,15 @@ _REFUSED_FIELD = re.compile(r"^(logit_bias|logprobs|prompt_logprobs)\b")
 Event = RequestOutput | APIError
 
 
+@dataclasses.dataclass
+class Refusal:
+    """A request the engine would not queue: RequestError's message (bad_request) or another failure's."""
+
+    request_id: str
+    message: str
+    bad_request: bool
+
+
 def unavailable(message: str, retry_after: int, code: str = "overloaded") -> APIError:
     return APIError(503, message, type="service_unavailable", code=code, headers={"Retry-After": str(retry_after)})
 
@@ -186,18 +195,24 @@ class EngineThread:
             self.engine.add_request(sub.prompt, sub.params, request_id=sub.request_id,
                                     add_special_tokens=sub.add_special_tokens, stream_interval=self.stream_interval)
         except RequestError as e:
-            self._end(sub, "error")
-            message = _REQUEST_PREFIX.sub("", str(e))
-            field = _REFUSED_FIELD.match(message)
-            events.append((sub, APIError(400, message, param=field.group(1) if field else "prompt")))
+            self._refuse(sub, Refusal(sub.request_id, str(e), bad_request=True), events)
             return
         except Exception as e:
             log.exception("adding request %s failed", sub.request_id)
-            self._end(sub, "error")
-            events.append((sub, APIError(500, f"the engine could not queue the request: {type(e).__name__}: {e}",
-                                         "server_error")))
+            self._refuse(sub, Refusal(sub.request_id, f"{type(e).__name__}: {e}", bad_request=False), events)
             return
         self._live[sub.request_id] = sub
+
+    def _refuse(self, sub: Submission, refusal: Refusal, events: list[tuple[Submission, Event]]) -> None:
+        """A request the engine would not queue: 400 naming the field at fault, or 500."""
+        self._end(sub, "error")
+        if not refusal.bad_request:
+            events.append((sub, APIError(500, f"the engine could not queue the request: {refusal.message}",
+                                         "server_error")))
+            return
+        message = _REQUEST_PREFIX.sub("", refusal.message)
+        field = _REFUSED_FIELD.match(message)
+        events.append((sub, APIError(400, message, param=field.group(1) if field else "prompt")))
 
     def _abort(self, request_id: str) -> None:
         sub = self._live.pop(request_id, None)
@@ -230,6 +245,10 @@ class EngineThread:
             sub = self._live.get(out.request_id)
             if sub is None:
                 continue   # aborted meanwhile: its handler no longer listens
+            if isinstance(out, Refusal):   # an engine in another process refuses after add_request
+                del self._live[sub.request_id]
+                self._refuse(sub, out, events)
+                continue
             new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)   # n > 1: the sample that stepped
             generated += new_tokens
             if self.metrics is not None:
