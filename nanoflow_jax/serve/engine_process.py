@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 import multiprocessing
 import signal
 import threading
@@ -72,7 +73,7 @@ class RemoteEngine:
         self._send(("abort", request_id))
 
     def has_unfinished(self) -> bool:
-        return bool(self._open or self._ready)
+        return bool(self._open or self._ready or self._failure)
 
     def stats(self) -> dict[str, int]:
         """The child's counts as of its last message (takes any that arrived; never raises)."""
@@ -87,7 +88,7 @@ class RemoteEngine:
         if not self._ready:
             self._receive(_POLL_S)
         out, self._ready = self._ready, []
-        if self._failure is not None:
+        if self._failure is not None and not out:   # updates that came before it go out first
             failure, self._failure = self._failure, None
             raise RuntimeError(failure)
         return out
@@ -129,11 +130,14 @@ class RemoteEngine:
 class RemoteLLM:
     """Stands in for `LLM` in the server process; the model lives in a child process."""
 
-    def __init__(self, llm_kwargs: dict[str, Any], start_timeout: float | None = None) -> None:
+    def __init__(self, llm_kwargs: dict[str, Any], start_timeout: float | None = None,
+                 factory: str = "nanoflow_jax:LLM") -> None:
+        """Spawn the engine process: it calls `factory` ("module:callable", the `LLM` class
+        unless another builder is named) with llm_kwargs and reports when the result is ready."""
         ctx = multiprocessing.get_context("spawn")
         command_reader, self._commands = ctx.Pipe(duplex=False)
         self._conn, update_writer = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_engine_main, args=(command_reader, update_writer, llm_kwargs),
+        self._process = ctx.Process(target=_engine_main, args=(command_reader, update_writer, factory, llm_kwargs),
                                     name="nanoflow-engine", daemon=True)
         self._process.start()
         command_reader.close()
@@ -178,13 +182,12 @@ class RemoteLLM:
         self._conn.close()
 
 
-def _engine_main(commands: Any, conn: Any, llm_kwargs: dict[str, Any]) -> None:
+def _engine_main(commands: Any, conn: Any, factory: str, llm_kwargs: dict[str, Any]) -> None:
     """The child: build the LLM, report ready (or the error), then serve commands until stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        from nanoflow_jax import LLM
-
-        llm = LLM(**llm_kwargs)
+        module, _, name = factory.partition(":")
+        llm = getattr(importlib.import_module(module), name)(**llm_kwargs)
         info = EngineInfo(llm.engine_config, llm.model_config, llm.tokenizer, runtime_info(), llm.engine.stats())
     except BaseException as e:   # a bad model path or flag: the server reports it and exits
         conn.send(("failed", f"{type(e).__name__}: {e}"))
@@ -248,4 +251,7 @@ class _EngineLoop:
                 except Exception as e:   # the server fails the requests it holds and aborts them here
                     failure = f"{type(e).__name__}: {e}"
             if commands or outputs or failure:
-                self.conn.send(("step", self.encoder.encode(outputs), refusals, failure, engine.stats()))
+                try:
+                    self.conn.send(("step", self.encoder.encode(outputs), refusals, failure, engine.stats()))
+                except OSError:
+                    return   # the server process is gone

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import types
 from typing import Any
 
 from nanoflow_jax.engine.llm_engine import RequestError
@@ -21,7 +22,8 @@ class _Req:
 
 class FakeEngine:
     """Each step gives every request one token ("t<k>"). A prompt "reject" is refused at
-    add_request, "boom" fails at its first step; `hold` (an Event) freezes the engine."""
+    add_request, "boom" fails at its first step, "crash" makes every step raise while it is
+    queued; `hold` (an Event) freezes the engine."""
 
     def __init__(self, num_pages: int = 64) -> None:
         self.reqs: dict[str, _Req] = {}
@@ -53,6 +55,8 @@ class FakeEngine:
                 "kv_pages_free": self.num_pages - used, "num_preemptions": 0, "num_iterations": self.steps}
 
     def step(self) -> list[RequestOutput]:
+        if any(r.prompt_ids == [ord(c) for c in "crash"] for r in self.reqs.values()):
+            raise RuntimeError("the step crashed")
         if self.hold.is_set():
             time.sleep(0.005)
             return []
@@ -80,3 +84,12 @@ class FakeLLM:
 
     def _render_chat(self, messages: Any, add_generation_prompt: bool) -> list[str]:
         return ["".join(f"<{m['role']}>{m['content']}" for m in messages)]
+
+
+def fake_llm(**_: Any) -> FakeLLM:
+    """A FakeLLM as the engine process builds one (RemoteLLM's factory)."""
+    llm = FakeLLM()
+    llm.engine_config = types.SimpleNamespace(max_model_len=128)   # picklable, unlike the Cfg class
+    llm.model_config = None
+    llm.tokenizer = None
+    return llm

@@ -133,3 +133,30 @@ def test_a_dead_engine_process_fails_requests_not_the_server():
 def test_a_model_that_fails_to_load_names_the_error():
     with pytest.raises(RuntimeError, match="no-such-model"):
         RemoteLLM(dict(model="/nonexistent/no-such-model.gguf"), start_timeout=120)
+
+
+def test_a_crashing_step_fails_its_requests_and_the_process_serves_on():
+    """A scripted engine in the child: a step that raises fails the requests it held with 500,
+    an engine-refused prompt is a 400, a failed request a 500; later requests are served."""
+    llm = RemoteLLM({}, start_timeout=120, factory="tests.serve.fakes:fake_llm")
+
+    async def go(thread):
+        results = {}
+        for prompt in ("crash", "reject", "boom"):
+            group = RequestGroup(thread, prompt, [prompt], SamplingParams(max_tokens=3))
+            with pytest.raises(APIError) as failed:
+                await group.collect()
+            results[prompt] = failed.value
+        groups = [RequestGroup(thread, f"ok{i}", [f"p{i}"], SamplingParams(max_tokens=2 + i % 3)) for i in range(12)]
+        results["ok"] = [await g.collect() for g in groups]
+        return results
+
+    try:
+        results = _serve(llm, go)
+    finally:
+        llm.close(timeout=10)
+    assert results["crash"].status == 500 and "the step crashed" in results["crash"].message
+    assert results["reject"].status == 400 and "refused" in results["reject"].message
+    assert results["boom"].status == 500 and "boom" in results["boom"].message
+    assert [len(outs[0].outputs[0].token_ids) for outs in results["ok"]] == [2 + i % 3 for i in range(12)]
+    assert llm._process.exitcode == 0
