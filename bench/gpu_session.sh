@@ -34,6 +34,10 @@
 #               TP_PIPELINE                                              -> throughput_llama2_70b_tp4_<pipeline>.json
 #   The tp recipes set NCCL_NVLS_ENABLE=0. One command may run 10 minutes: give tp one size
 #   or one pipeline at a time (TP_SIZES=2 TP_PIPELINE=nanoflow ...).
+#   fused       the horizontal-fusion mechanism (bench.overlap --mechanisms fused): per stage, a Triton GEMM
+#               (1024 x 4096 -> 28,672) and decode attention (256 x 1,280 keys) back to back against one launch
+#               whose programs split between them, at several splits; the pair's capped kernels alone
+#                                                                        -> overlap_fused.json
 #   profile     the model-based auto-search's measurements for Llama-3-8B shapes: every kernel's time
 #               against tokens and SM budget, the interference of overlapped pairs, and the predicted
 #               choice (nanoflow_jax.autosearch --search --verify 0); cut off by its time limit, it
@@ -234,11 +238,15 @@ for recipe in "$@"; do
       autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
     serving)
       serving ;;
+    fused)
+      timeout 400 python3 -m bench.overlap --mechanisms fused --layers 8 --no-trace \
+        --splits "${FUSED_SPLITS:-100/32,108/24,88/44,100/32x2,116/16x2,all}" --out "$OUT/overlap_fused.json" 2>&1 \
+        | grep '^{' | tee "$OUT/overlap_fused.log" ;;
     rollouts)
       timeout 560 python3 -m bench.rollouts --out "$OUT/rollouts_llama3_8b.json" 2>&1 | grep -v "^WARNING" \
         | grep -E '"(output_tokens_per_s|speedup_grouped_over_separate|same_tokens|median_s|first_s|elapsed_s)"' \
         | tee "$OUT/rollouts.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, fused, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done

@@ -13,7 +13,11 @@ Every mechanism runs the chain back to back ("seq") and with the attention in a
 - unrolled:   the whole chain unrolled in one program;
 - scan:       `lax.scan` over the stages, one stage per loop body;
 - scan_layer: `lax.scan` over layers, two stages per body;
-- dispatch:   one jitted program per stage, dispatched back to back from Python.
+- dispatch:   one jitted program per stage, dispatched back to back from Python;
+- fused:      horizontal fusion, no streams: "ovl" is one launch per stage whose programs
+              split between Triton GEMM tiles and attention items
+              (`pallas_kernels.horizontal`, GEMM/ATTN programs as the split says), "seq"
+              the same Triton GEMM on the whole GPU then the default decode attention.
 
 Reported per mechanism: wall ms per stage (median), the gain seq / ovl, the compiled
 order of region starts/dones (S/D) and other custom calls (G) in the program (overlap
@@ -52,13 +56,17 @@ import numpy as np
 from bench import run_metadata
 from bench.timeline import gpu_kernel_records, jax_trace
 from nanoflow_jax.models.streams import on_stream
+from pallas_kernels._common import num_sms
 from pallas_kernels.decode_attention import DecodeLaunch, decode_launch
 from pallas_kernels.gemm import gemm
+from pallas_kernels.gemm_triton import gemm_triton
+from pallas_kernels.horizontal import gemm_beside_decode_attention
 
 # Llama-3-8B heads; a 1024-token GEMM (gate/up width) beside 256 decodes at 1,280 keys.
 M, K, N = 1024, 4096, 28672
 REQS, CTX, HEADS, KV_HEADS, HEAD_DIM, PAGE = 256, 1280, 32, 8, 128, 16
-MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch", "streams", "streams2", "streams_scan")
+MECHANISMS = ("pair", "unrolled", "scan", "scan_layer", "dispatch", "streams", "streams2", "streams_scan", "fused")
+FUSED_GEMM = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=2)   # the fused launch's GEMM tiles
 Event = tuple[str, int, float, float]  # kernel name, stream (thread id), start us, duration us
 
 
@@ -128,6 +136,34 @@ def make_stage(split: Split, region: bool, interpret: bool,
                               jnp.zeros((1, PAGE, KV_HEADS, HEAD_DIM), q.dtype), jnp.zeros((1, 1), jnp.int32),
                               jnp.zeros((1,), jnp.int32))[0]
     return stage, prepare
+
+
+def make_fused_stage(split: Split, fused: bool, interpret: bool) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """stage(q, x, w, kf, vf, bt, cl) -> (attention output, GEMM output): one horizontally
+    fused launch (GEMM on split.gemm_programs programs, attention on split.attn_programs x
+    programs_per_sm; 'all' is every SM), or (fused=False) the same Triton GEMM on the whole
+    GPU followed by the default decode attention."""
+    scale = HEAD_DIM ** -0.5
+    as_pages = lambda f: f.reshape(-1, PAGE, KV_HEADS, HEAD_DIM)   # the flat pages' own layout
+    if fused:
+        g = split.gemm_programs or num_sms()
+        a = (split.attn_programs or num_sms()) * (split.programs_per_sm or 1)
+        opts = {} if split.block_k is None else {"attention_block_k": split.block_k}
+        opts.update({k: v for k, v in (("num_stages", split.num_stages), ("num_warps", split.num_warps)) if v})
+
+        def stage(q, x, w, kf, vf, bt, cl):
+            y, o = gemm_beside_decode_attention(x, w, q, as_pages(kf), as_pages(vf), bt, cl, scale=scale,
+                                                gemm_programs=g, attention_programs=a, interpret=interpret,
+                                                **{**FUSED_GEMM, **opts})
+            return o, y
+        return stage
+    launch = decode_launch((REQS, HEADS, HEAD_DIM), (1, PAGE, KV_HEADS, HEAD_DIM), CTX // PAGE, scale=scale,
+                           interpret=interpret)
+
+    def stage(q, x, w, kf, vf, bt, cl):
+        y = gemm_triton(x, w, interpret=interpret, **FUSED_GEMM)
+        return launch.finish(launch.kernel(q, kf, vf, bt, cl), q.dtype), y
+    return stage
 
 
 def _dep(base: jax.Array, src: jax.Array) -> jax.Array:
@@ -326,9 +362,13 @@ def measure(mechanisms: tuple[str, ...], splits: Sequence[Split | tuple[int | No
             stages = 1 if mech == "pair" else 2 * layers  # a stage: one attention and one GEMM
             for mode in ("seq", "ovl"):
                 try:
-                    stage, prepare = make_stage(split, mode == "ovl", interpret, gemm_stream)
-                    fn = build(mech, stage, layers, mode == "ovl")
-                    args = (prepare(ops["q"]), ops["x"], ops["w"], ops["kf"], ops["vf"], ops["bt"], ops["cl"])
+                    if mech == "fused":   # no regions: one chain of fused (ovl) or back-to-back (seq) stages
+                        fn = build("unrolled", make_fused_stage(split, mode == "ovl", interpret), layers, False)
+                        args = (ops["q"], ops["x"], ops["w"], ops["kf"], ops["vf"], ops["bt"], ops["cl"])
+                    else:
+                        stage, prepare = make_stage(split, mode == "ovl", interpret, gemm_stream)
+                        fn = build(mech, stage, layers, mode == "ovl")
+                        args = (prepare(ops["q"]), ops["x"], ops["w"], ops["kf"], ops["vf"], ops["bt"], ops["cl"])
                     row[f"{mode}_ms_per_stage"] = round(wall_ms(fn, args) / stages, 4)
                     if mode == "ovl":
                         row["order"] = compiled_order(fn, args)[:200]
@@ -336,7 +376,7 @@ def measure(mechanisms: tuple[str, ...], splits: Sequence[Split | tuple[int | No
                             label = str(split).replace("/", "_").replace(":", "_")
                             Path(hlo_dir, f"{mech}_{label}_{gemm_stream}.txt").write_text(
                                 fn.lower(*args).compile().as_text())
-                        if trace and not interpret:
+                        if trace and not interpret and mech != "fused":   # one kernel: nothing beside it
                             row.update(overlap_stats(trace_events(fn, args)))
                 except Exception as e:  # a mechanism that fails to compile is a finding too
                     row[f"{mode}_error"] = repr(e)[:400]

@@ -6,6 +6,7 @@ are persistent: program i handles work items i, i + num_programs, ...
 Pure-jnp equivalents live in `pallas_kernels.reference` (the model's XLA path).
 """
 
+from pallas_kernels import horizontal
 from pallas_kernels.decode_attention import paged_decode_attention
 from pallas_kernels.gemm import gemm, gemm_silu_mul
 from pallas_kernels.kv_pages import gather_pages, scatter_pages, write_kv

@@ -73,10 +73,16 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def persistent_loop(num_items: Any, body: Callable[[Any], None]) -> None:
-    """Runs body(item) for items pid, pid + P, ... < num_items (num_items may be traced)."""
-    pid = pl.program_id(0)
-    nprog = pl.num_programs(0)
+def persistent_loop(num_items: Any, body: Callable[[Any], None], programs: tuple[Any, int] | None = None) -> None:
+    """Runs body(item) for items pid, pid + P, ... < num_items (num_items may be traced).
+
+    programs: (this program's index among them, their count) when only some of the
+    kernel's programs do this work (a horizontally fused kernel; the index is read at the
+    kernel's top level, outside any branch); default: every program."""
+    if programs is None:
+        pid, nprog = pl.program_id(0), pl.num_programs(0)
+    else:
+        pid, nprog = programs
     trips = (num_items - pid + nprog - 1) // nprog
 
     def step(i, carry):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ MIN_ROWS = 16  # tl.dot needs >= 16 rows: a query group is padded to that
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, *out_refs, num_kv: int, num_splits: int,
-                   group: int, gp: int, bk: int, page_size: int, scale: float) -> None:
+                   group: int, gp: int, bk: int, page_size: int, scale: float,
+                   programs: tuple[Any, int] | None = None) -> None:
     r = jnp.arange(gp, dtype=jnp.int32)
     cols = jnp.arange(q_ref.shape[2], dtype=jnp.int32)[None, :]
     real = (r < group)[:, None]   # the group's G heads of the tile's gp rows (a legal Triton dot)
@@ -64,7 +66,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, ctx_ref, *out_refs, num_kv: int,
         m_ref[n, kh, sp, :] = m
         l_ref[n, kh, sp, :] = l
 
-    persistent_loop(ctx_ref.shape[0] * num_kv * num_splits, item)
+    persistent_loop(ctx_ref.shape[0] * num_kv * num_splits, item, programs)
 
 
 def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:

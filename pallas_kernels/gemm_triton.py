@@ -9,6 +9,7 @@ one panel of the (large) weight matrix in L2.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ F32 = jnp.float32
 
 
 def _gemm_kernel(*refs, bm: int, bn: int, bk: int, k_dim: int, num_m: int, num_tiles: int,
-                 has_bias: bool, has_res: bool, silu_mul: bool) -> None:
+                 has_bias: bool, has_res: bool, silu_mul: bool, programs: tuple[Any, int] | None = None) -> None:
     refs = list(refs)
     x_ref = refs.pop(0)
     w_ref = refs.pop(0)
@@ -54,7 +55,7 @@ def _gemm_kernel(*refs, bm: int, bn: int, bk: int, k_dim: int, num_m: int, num_t
             acc = acc + r_ref[pl.ds(m0, bm), pl.ds(n0, bn)].astype(F32)
         o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = acc.astype(o_ref.dtype)
 
-    persistent_loop(num_tiles, tile)
+    persistent_loop(num_tiles, tile, programs)
 
 
 def gemm_triton(x: jax.Array, w: jax.Array, *, w_up: jax.Array | None = None,

@@ -132,6 +132,11 @@ def test_memory_bound_and_attention_kernels_lower_for_cuda():
         cases[f"decode_g{g}"] = (cases["decode"][0], (S((n, g * KV, D), BF16),) + cases["decode"][1][1:])
         # One split: the kernel normalizes and stores the [N, H, D] output itself.
         cases[f"decode_one_split_g{g}"] = (one_split, cases[f"decode_g{g}"][1])
+    # Horizontal fusion: a prefill-sized GEMM's tiles and decode attention in one launch.
+    cases["gemm_beside_decode"] = (
+        lambda x, w, q, k, v, bt, c: pk.horizontal.gemm_beside_decode_attention(
+            x, w, q, k, v, bt, c, scale=0.088, gemm_programs=100, attention_programs=32),
+        (S((t, 4096), BF16), S((4096, 14336), BF16)) + cases["decode"][1])
     for name, (fn, shapes) in cases.items():
         assert lower_for_cuda(fn, *shapes), name
 
