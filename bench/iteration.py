@@ -163,19 +163,23 @@ class Ceilings:
     copy_gbs: float      # the run's device copy, bytes read plus written per second
 
 
-def step_record(batch: Any, bucket: tuple[int, int], decode_only: bool) -> dict[str, Any]:
-    """What `op_floors` needs of one dispatched `ScheduledBatch` (JSON-able)."""
+def step_record(batch: Any, bucket: tuple[int, int], decode_only: bool, kv_elem: int = 2) -> dict[str, Any]:
+    """What `op_floors` needs of one dispatched `ScheduledBatch` (JSON-able); kv_elem: bytes
+    an element of the KV cache (1 for fp8)."""
     rows = batch.rows
     decodes = [r.start + r.length for r in rows[: batch.num_decode]]
     return {"tokens": int(batch.num_tokens), "rows": len(rows), "decodes": len(decodes),
             "decode_context": int(sum(decodes)), "prefill": [[int(r.start), int(r.length)] for r in rows[batch.num_decode:]],
-            "bucket_tokens": int(bucket[0]), "bucket_width": int(bucket[1]), "decode_only": bool(decode_only)}
+            "bucket_tokens": int(bucket[0]), "bucket_width": int(bucket[1]), "decode_only": bool(decode_only),
+            "kv_elem": int(kv_elem)}
 
 
 def op_floors(cfg: ModelConfig, step: dict[str, Any], ceil: Ceilings, elem: int = 2) -> dict[str, dict[str, Any]]:
     """Each operation's FLOPs, bytes and floor (us) for the real tokens of one iteration
-    (`step_record`); bf16 activations and weights (`elem` bytes), float32 logits."""
+    (`step_record`); bf16 activations and weights (`elem` bytes), the cache's own element
+    size (the record's `kv_elem`, bf16 when absent), float32 logits."""
     n, r, L = step["tokens"], step["rows"], cfg.num_layers
+    kv_elem = step.get("kv_elem", elem)
     e, i_, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.q_size, cfg.kv_size
     hq, d = cfg.num_heads, cfg.head_dim
@@ -188,9 +192,9 @@ def op_floors(cfg: ModelConfig, step: dict[str, Any], ceil: Ceilings, elem: int 
         "attn_norm": (0, L * 2 * n * e * elem),
         "qkv_gemm": (L * 2 * n * e * (q + 2 * kv), L * (e * (q + 2 * kv) + n * e + n * (q + 2 * kv)) * elem),
         "rope": (0, L * 2 * n * (q + kv) * elem),
-        "write_kv": (0, L * 2 * n * 2 * kv * elem),
-        "decode_attention": (L * 4 * ctx * hq * d, L * (ctx * 2 * kv + 2 * step["decodes"] * q) * elem),
-        "prefill_attention": (L * 4 * pre_keys * hq * d, L * (pre_ctx * 2 * kv + 2 * pre_q * q) * elem),
+        "write_kv": (0, L * n * 2 * kv * (elem + kv_elem)),
+        "decode_attention": (L * 4 * ctx * hq * d, L * (ctx * 2 * kv * kv_elem + 2 * step["decodes"] * q * elem)),
+        "prefill_attention": (L * 4 * pre_keys * hq * d, L * (pre_ctx * 2 * kv * kv_elem + 2 * pre_q * q * elem)),
         "o_gemm": (L * 2 * n * q * e, L * (q * e + n * q + 2 * n * e) * elem),
         "mlp_norm": (0, L * 2 * n * e * elem),
         "gate_up_gemm": (L * 2 * n * e * 2 * i_, L * (e * 2 * i_ + n * e + n * i_) * elem),
@@ -295,7 +299,7 @@ class WindowTracer:
         def dispatch(batch: Any, prev_tokens: Any) -> Any:
             bucket = runner.bucket_for(batch)
             decode_only = runner.decode_only_steps and batch.num_decode == len(batch.rows)
-            record = step_record(batch, bucket, decode_only)
+            record = step_record(batch, bucket, decode_only, runner.kv_dtype.itemsize)
             tracer.all_steps.append(record)
             if tracer.active is not None:
                 tracer.records.append(record)

@@ -45,7 +45,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from bench import copy_bandwidth, datasets, iteration, library_gemm_ms, nanoflow_env, print_and_write, pyplot, run_metadata
-from nanoflow_jax.config import KERNEL_SETS, PIPELINES
+from nanoflow_jax.config import KERNEL_SETS, KV_CACHE_DTYPE_CHOICES, PIPELINES
 from nanoflow_jax.engine.config import EngineConfig
 
 ALL_PIPELINES = "all"
@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=defaults.enable_prefix_caching,
                    help="EngineConfig.enable_prefix_caching (the cache is reset after the warm-up, whose "
                         "prompts the timed run repeats)")
+    p.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPE_CHOICES),
+                   help="EngineConfig.kv_cache_dtype: auto (the weights') or fp8 (e4m3: twice the pages, half "
+                        "the bytes for decode attention)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -281,7 +284,8 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
                       kv_memory_fraction=args.kv_memory_fraction, kernels=args.kernels, pipeline=pipeline,
                       async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
                       decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
-                      enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+                      enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+                      seed=args.seed,
                       tensor_parallel_size=args.tensor_parallel_size,
                       compilation_cache_dir=args.compilation_cache_dir,
                       precompile=None if args.precompile == "auto" else args.precompile == "1",

@@ -31,6 +31,8 @@ PIPELINES = ("sequential", "nanobatch", "nanoflow")
 # What EngineConfig.pipeline takes: a mode, or auto (the searched mode for this model and GPU:
 # nanoflow_jax.autosearch; sequential where none was searched or there is no GPU).
 PIPELINE_CHOICES = ("auto", *PIPELINES)
+# EngineConfig.kv_cache_dtype (vLLM's names): auto is the weights' dtype; fp8 is float8 e4m3.
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
 
 
 class ConfigError(ValueError):

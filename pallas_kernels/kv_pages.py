@@ -21,6 +21,17 @@ from pallas_kernels.reference import rope_inv_freq
 _CHUNKS = (8192, 4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
+FP8_E4M3_MAX = 448.0
+
+
+def to_cache_dtype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x as the cache stores it. An fp8 (e4m3) cache saturates at +-448, unscaled (vLLM's fp8
+    KV cache by default): a plain cast past that range gives NaN, the format having no infinity."""
+    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+        x = jnp.clip(x.astype(jnp.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return x.astype(dtype)
+
+
 def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, *refs, bt: int, num_tokens: int,
                      num_kv: int, rope: bool) -> None:
     pos_ref, f_ref = refs[:2] if rope else (None, None)
@@ -40,11 +51,11 @@ def _write_kv_kernel(kn_ref, vn_ref, slot_ref, row0_ref, *refs, bt: int, num_tok
             cos, sin = rope_cos_sin(pos_ref[src], f_ref[...])
             y1, y2 = rotate_half(kn_ref[src, kh, pl.ds(0, half)], kn_ref[src, kh, pl.ds(half, half)], cos, sin)
             lo = jnp.arange(half, dtype=jnp.int32)[None, :]
-            pltriton.store(ko_ref.at[rows, kh, lo], y1.astype(ko_ref.dtype), mask=valid)
-            pltriton.store(ko_ref.at[rows, kh, lo + half], y2.astype(ko_ref.dtype), mask=valid)
+            pltriton.store(ko_ref.at[rows, kh, lo], to_cache_dtype(y1, ko_ref.dtype), mask=valid)
+            pltriton.store(ko_ref.at[rows, kh, lo + half], to_cache_dtype(y2, ko_ref.dtype), mask=valid)
         else:
-            pltriton.store(ko_ref.at[rows, kh, cols], kn_ref[src, kh, :].astype(ko_ref.dtype), mask=valid)
-        pltriton.store(vo_ref.at[rows, kh, cols], vn_ref[src, kh, :].astype(vo_ref.dtype), mask=valid)
+            pltriton.store(ko_ref.at[rows, kh, cols], to_cache_dtype(kn_ref[src, kh, :], ko_ref.dtype), mask=valid)
+        pltriton.store(vo_ref.at[rows, kh, cols], to_cache_dtype(vn_ref[src, kh, :], vo_ref.dtype), mask=valid)
 
     persistent_loop((kn_ref.shape[0] // bt) * num_kv, item)
 
@@ -61,6 +72,7 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_new: ja
     With rope_positions [T], K is written rotated (RoPE as `apply_rope` with rope_theta
     and rope_scaling): the rope kernel for K and its pass over memory are saved.
     Updated in place through input_output_aliases (donate the cache to avoid a copy).
+    An fp8 (e4m3) cache stores the values saturated at +-448, unscaled.
     """
     shape = k_pages.shape
     if k_pages.ndim == 5:

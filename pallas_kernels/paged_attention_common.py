@@ -45,10 +45,11 @@ def attend_paged(q: jax.Array, row_limit: jax.Array, k_ref: Any, v_ref: Any, bt_
             # The ragged last block loads only keys below key_hi: masked lanes move no
             # bytes (a 640-key context in 256-key blocks would otherwise read 768 keys).
             live = (key < key_hi)[:, None]
-            k = pltriton.load(k_ref.at[rows[:, None], kh, cols], mask=live, other=0)
-            v = pltriton.load(v_ref.at[rows[:, None], kh, cols], mask=live, other=0)
+            k = pltriton.load(k_ref.at[rows[:, None], kh, cols], mask=live, other=0.0)
+            v = pltriton.load(v_ref.at[rows[:, None], kh, cols], mask=live, other=0.0)
         else:  # whole blocks: the plain row gather (unmasked loads are the faster path)
             k, v = k_ref[rows, kh, :], v_ref[rows, kh, :]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)   # an fp8 cache is widened in registers
         s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         ok = (key[None, :] <= row_limit[:, None]) & (key[None, :] < key_hi)
         s = jnp.where(ok, s, NEG_INF)

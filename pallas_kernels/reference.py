@@ -75,11 +75,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float,
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_new: jax.Array,
              slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes k_new/v_new [T, K, D] at flat slots of one layer's pages [P, ps, K, D]."""
+    """Writes k_new/v_new [T, K, D] at flat slots of one layer's pages [P, ps, K, D]; an fp8
+    (e4m3) cache takes the values saturated at its largest finite value, 448."""
     p, ps = k_pages.shape[:2]
     flat = lambda a: a.reshape(p * ps, *a.shape[2:])
-    k = flat(k_pages).at[slot_mapping].set(k_new.astype(k_pages.dtype))
-    v = flat(v_pages).at[slot_mapping].set(v_new.astype(v_pages.dtype))
+
+    def stored(x: jax.Array) -> jax.Array:
+        if k_pages.dtype == jnp.float8_e4m3fn:
+            x = jnp.clip(x.astype(F32), -448.0, 448.0)
+        return x.astype(k_pages.dtype)
+    k = flat(k_pages).at[slot_mapping].set(stored(k_new))
+    v = flat(v_pages).at[slot_mapping].set(stored(v_new))
     return k.reshape(k_pages.shape), v.reshape(v_pages.shape)
 
 

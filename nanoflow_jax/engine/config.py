@@ -6,7 +6,7 @@ import dataclasses
 from typing import Mapping
 
 from nanoflow_jax import env
-from nanoflow_jax.config import KERNEL_SETS, PIPELINE_CHOICES
+from nanoflow_jax.config import KERNEL_SETS, KV_CACHE_DTYPE_CHOICES, PIPELINE_CHOICES
 from nanoflow_jax.models.ops import programs_key
 from nanoflow_jax.parallel.mesh import check_size as check_tensor_parallel_size
 
@@ -64,6 +64,10 @@ class EngineConfig:
     kv_offload_host_gb: float = 0.0
     kv_offload_disk_path: str | None = None
     kv_offload_disk_gb: float = 0.0
+    # The KV cache's dtype (vLLM's names): auto (the weights'), or fp8 / fp8_e4m3 (float8 e4m3,
+    # unscaled, saturated at +-448): half a bf16 cache's bytes, so twice the pages, and decode
+    # attention reads half the bytes; the kernels widen it to the weights' dtype as they read.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -96,6 +100,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.compile_workers must be a positive integer (threads compiling "
                              f"at once) or None (one per CPU core), got {self.compile_workers!r}")
         check_tensor_parallel_size(self.tensor_parallel_size)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {KV_CACHE_DTYPE_CHOICES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if not self.kv_offload_host_gb >= 0 or not self.kv_offload_disk_gb >= 0:
             raise ValueError("EngineConfig.kv_offload_host_gb and kv_offload_disk_gb must be >= 0 (GiB; 0 is off)")
         if self.kv_offload_host_gb > 0 and not self.enable_prefix_caching:

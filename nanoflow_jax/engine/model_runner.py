@@ -38,7 +38,8 @@ from nanoflow_jax.models.llama import forward_dense
 from nanoflow_jax.models.nanobatch import forward_pipeline
 from nanoflow_jax.models.ops import PallasOps, XlaOps, get_ops, programs_key
 from nanoflow_jax.models.streams import step_compiler_options
-from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page
+from nanoflow_jax.models.paged import NULL_PAGE, BatchInputs, KVCache, allocate_kv_cache, kv_bytes_per_page, \
+    kv_cache_dtype
 from nanoflow_jax.models.params import fuse_qkv
 from nanoflow_jax.parallel.forward import sharded_forward
 from nanoflow_jax.parallel.sharding import TensorParallel
@@ -175,7 +176,7 @@ class ModelRunner:
         self._relayout = param_update.relayout_fn(self._layout)
         self.params = self._layout(params)
         enable_compilation_cache(cfg.compilation_cache_dir)
-        self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        self.kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, jax.tree_util.tree_leaves(params)[0].dtype)
         on_cpu = jax.default_backend() == "cpu"
         self.ops = get_ops(cfg.kernels, fuse_rope_kv=cfg.fuse_rope_kv)  # hashable: a static argument
         # XLA's paged attention gathers every token's pages, so a lone decode padded to 16

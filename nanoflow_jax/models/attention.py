@@ -43,8 +43,9 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     tables = batch.block_table[batch.token_seq]            # [T, W]
     t, w = tables.shape
     ps = k_pages.shape[1]
-    keys = k_pages[tables].reshape(t, w * ps, *k_pages.shape[2:])   # [T, W*ps, K, D]
-    vals = v_pages[tables].reshape(t, w * ps, *v_pages.shape[2:])
+    # In q's dtype: an fp8 cache is widened as it is read, as the kernels do.
+    keys = k_pages[tables].reshape(t, w * ps, *k_pages.shape[2:]).astype(q.dtype)   # [T, W*ps, K, D]
+    vals = v_pages[tables].reshape(t, w * ps, *v_pages.shape[2:]).astype(q.dtype)
     key_pos = jnp.arange(w * ps)
     mask = key_pos[None, :] <= batch.positions[:, None]    # [T, W*ps]
     # Slots a token may not see can hold anything (a freed page's old K/V, NaN included):

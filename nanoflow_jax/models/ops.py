@@ -19,6 +19,7 @@ import numpy as np
 from nanoflow_jax.config import KERNEL_SETS, ModelConfig, RopeScaling
 from nanoflow_jax.models import attention
 from nanoflow_jax.models.paged import BatchInputs
+from pallas_kernels.kv_pages import to_cache_dtype
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -107,8 +108,8 @@ class XlaOps:
                  v: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
         ps = k_cache.shape[2]
         page, off = slots // ps, slots % ps
-        return (k_cache.at[layer, page, off].set(k.astype(k_cache.dtype)),
-                v_cache.at[layer, page, off].set(v.astype(v_cache.dtype)))
+        return (k_cache.at[layer, page, off].set(to_cache_dtype(k, k_cache.dtype)),
+                v_cache.at[layer, page, off].set(to_cache_dtype(v, v_cache.dtype)))
 
     def write_kv_rope(self, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, k: jax.Array,
                       v: jax.Array, slots: jax.Array, positions: jax.Array,

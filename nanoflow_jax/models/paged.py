@@ -29,6 +29,15 @@ class KVCache:
         return self.k.shape[2]
 
 
+# EngineConfig.kv_cache_dtype -> the cache's dtype (vLLM's names); "auto": the weights' dtype.
+KV_CACHE_DTYPES = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn}
+
+
+def kv_cache_dtype(name: str, weights_dtype: jnp.dtype) -> jnp.dtype:
+    """The cache dtype EngineConfig.kv_cache_dtype names ("auto": the weights')."""
+    return jnp.dtype(weights_dtype) if name == "auto" else jnp.dtype(KV_CACHE_DTYPES[name])
+
+
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int,
                       dtype: jnp.dtype = jnp.float32) -> KVCache:
     """Zeroed cache created directly on the default device."""

@@ -97,6 +97,17 @@ def test_floors_count_every_weight_once_and_every_token_through_it():
         assert row["bound"] == ("compute" if compute >= memory else "memory")
 
 
+def test_an_fp8_cache_halves_the_attention_floors_cache_bytes():
+    step = {"tokens": 300, "rows": 41, "decodes": 40, "decode_context": 40 * 513, "prefill": [[100, 260]]}
+    ceil = iteration.Ceilings(gemm_tflops=500.0, copy_gbs=3000.0)
+    bf16, fp8 = iteration.op_floors(CFG, step, ceil), iteration.op_floors(CFG, {**step, "kv_elem": 1}, ceil)
+    L, kv = CFG.num_layers, CFG.kv_size
+    assert bf16["decode_attention"]["bytes"] - fp8["decode_attention"]["bytes"] == L * 40 * 513 * 2 * kv
+    assert bf16["prefill_attention"]["bytes"] - fp8["prefill_attention"]["bytes"] == L * 360 * 2 * kv
+    assert bf16["write_kv"]["bytes"] - fp8["write_kv"]["bytes"] == L * 300 * 2 * kv
+    assert all(bf16[op] == fp8[op] for op in bf16 if op not in ("decode_attention", "prefill_attention", "write_kv"))
+
+
 def synthetic_window(kinds, cfg=CFG):
     """A perfetto trace of iterations of these kinds (True: mixed), and their step records."""
     rng = random.Random()

@@ -185,3 +185,20 @@ def test_precompiled_engine_never_compiles_page_copies_while_serving(convs, refe
         assert tokens(llm, convs) == reference
     assert events == [], f"serving traced or compiled: {events}"
     assert llm.engine.offload.stats.loaded_pages > 0 and llm.engine.offload.stats.saved_pages > 0
+
+
+def test_an_fp8_cache_serves_and_reloads_from_disk_bit_for_bit(tmp_path, convs, reference):
+    """kv_cache_dtype="fp8": the engine serves from an e4m3 cache (its greedy tokens mostly the
+    float32 reference's), and its pages go to disk and come back unchanged after a restart."""
+    kw = dict(kv_cache_dtype="fp8", kv_offload_host_gb=HOST_GB, kv_offload_disk_path=str(tmp_path),
+              kv_offload_disk_gb=0.01)
+    first = make_llm(**kw)
+    assert first.engine.runner.cache.k.dtype == jnp.float8_e4m3fn
+    want = tokens(first, convs)
+    agree = sum(a == b for w, r in zip(want, reference) for a, b in zip(w, r))
+    assert agree >= sum(map(len, reference)) // 2, (want, reference)
+    first.engine.offload.disk.close()
+    restarted = make_llm(**kw)
+    assert run_settled(restarted, convs) == want
+    assert restarted.engine.offload.stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
+    assert restarted.engine.blocks.all_free()

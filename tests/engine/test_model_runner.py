@@ -50,6 +50,22 @@ def test_the_automatic_pool_leaves_room_for_the_step_scratch(monkeypatch):
     assert n * (PAGE + slope) + base <= budget < (n + 1) * (PAGE + slope) + base
 
 
+def test_an_fp8_cache_holds_twice_the_pages_of_bf16(monkeypatch):
+    """kv_cache_dtype="fp8": one byte an element, so the same memory holds twice the pages."""
+    from nanoflow_jax.models.paged import kv_cache_dtype
+
+    rng = np.random.default_rng()
+    limit, in_use = int(rng.integers(60, 80)) << 30, int(rng.integers(10, 20)) << 30
+    _on_device(monkeypatch, limit, in_use)
+    fp8 = kv_cache_dtype(_engine(kv_cache_dtype="fp8").kv_cache_dtype, jnp.bfloat16)
+    assert fp8 == jnp.float8_e4m3fn and kv_cache_dtype("auto", jnp.bfloat16) == jnp.bfloat16
+    n_bf16 = resolve_num_pages(_engine(), CFG, jnp.bfloat16, lambda s: [0] * len(s))
+    n_fp8 = resolve_num_pages(_engine(kv_cache_dtype="fp8"), CFG, fp8, lambda s: [0] * len(s))
+    assert n_fp8 in (2 * n_bf16, 2 * n_bf16 + 1)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of .*'fp8'.*got 'int8'"):
+        _engine(kv_cache_dtype="int8")
+
+
 def test_no_compiled_step_branches_on_device_data():
     """A `lax.cond` on a GPU copies its predicate to the host and blocks the dispatch until
     the device gets there: neither the forward buckets nor the start-up samplers may hold one."""

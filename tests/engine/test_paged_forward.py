@@ -8,18 +8,25 @@ prompt split over chunks, decodes first, mixed with prefills in one batch.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nanoflow_jax.engine.model_runner import unpack_batch
 from nanoflow_jax.engine.sampling_params import SamplingParams
 from nanoflow_jax.engine.scheduler import ScheduledBatch, ScheduledRow
 from nanoflow_jax.engine.sequence import Sequence
 from nanoflow_jax.models.llama import forward_paged
-from nanoflow_jax.models.paged import allocate_kv_cache
+from nanoflow_jax.models.paged import allocate_kv_cache, kv_cache_dtype
 from tests.engine.conftest import TINY, _dense_logits_fn, make_llm, random_prompts, tiny_params
 
+FP8_LOGITS_ERROR = 0.05   # relative error of a row of logits with an fp8 KV cache
 
-def test_chunked_paged_forward_matches_dense():
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "fp8"])
+def test_chunked_paged_forward_matches_dense(kv_dtype):
+    """With an fp8 (e4m3) cache too: its K/V carry e4m3's rounding (3 mantissa bits), so the
+    logits match the float32 reference to a few percent instead of to float32 rounding."""
     llm = make_llm()
     runner = llm.engine.runner
     params = tiny_params()
@@ -42,9 +49,11 @@ def test_chunked_paged_forward_matches_dense():
         dense[i, : len(t)] = t
     want = np.asarray(_dense_logits_fn()(params, dense))
     step = jax.jit(forward_paged, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
-    cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size)
+    cache = allocate_kv_cache(TINY, runner.num_pages, runner.cfg.block_size,
+                              kv_cache_dtype("fp8" if kv_dtype == "fp8" else "auto", jnp.float32))
     # GPUs run f32 matmuls at reduced (TF32-like) default precision: a looser bound there.
     tol = 2e-4 if jax.default_backend() == "cpu" else 3e-3
+    errors = []
     for it, plan in enumerate(schedule):
         num_decode = sum(1 for _, start, n in plan if n == 1 and start >= 7)
         rows = [ScheduledRow(q, start, n, -1, True) for q, start, n in plan]
@@ -55,8 +64,14 @@ def test_chunked_paged_forward_matches_dense():
         logits = np.asarray(logits)
         for r, (q, start, n) in enumerate(plan):
             ref = want[int(q.request_id), start + n - 1]
-            np.testing.assert_allclose(logits[r], ref, atol=tol, rtol=tol,
-                                       err_msg=f"iteration {it}, request {q.request_id}, positions {start}..{start + n}")
+            where = f"iteration {it}, request {q.request_id}, positions {start}..{start + n}"
+            if kv_dtype == "fp8":
+                errors.append(np.linalg.norm(logits[r] - ref) / np.linalg.norm(ref))
+                assert errors[-1] < FP8_LOGITS_ERROR, where
+            else:
+                np.testing.assert_allclose(logits[r], ref, atol=tol, rtol=tol, err_msg=where)
+    if kv_dtype == "fp8":
+        assert cache.k.dtype == jnp.float8_e4m3fn and max(errors) > 1e-4   # the cache really rounded
     # Padding only ever wrote the null page: every page nobody owns is still zero.
     owned = {p for t in tables for p in t}
     k = np.asarray(cache.k)

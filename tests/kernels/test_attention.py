@@ -163,3 +163,25 @@ def test_prefill_leaves_negative_position_rows_to_out(rng, heads, kv_heads, bloc
     assert_close(zeros[2:], want[2:])
     with pytest.raises(ValueError, match="out has shape"):
         paged_prefill_attention(q, k, v, seq, masked_pos, bt, ctx, scale=1.0, interpret=True, out=base[1:])
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_and_prefill_read_an_fp8_cache(rng, q_dtype):
+    """An fp8 (e4m3) cache is widened to q's dtype as it is read: both kernels equal the
+    reference on the same fp8 values."""
+    fp8 = jnp.float8_e4m3fn
+    heads, kv_heads, d, w = 8, 2, 32, 5
+    requests = [(40, 1), (0, 23), (31, 9)]
+    seq, pos, ctx = _mixed_batch(requests, pad=2)
+    n = len(requests)
+    k, v = (rand(rng, n * w + 1, PS, kv_heads, d, scale=4.0).astype(fp8) for _ in range(2))
+    bt = shuffled_pages(rng, n, w, n * w + 1)
+    ctx = jnp.asarray(ctx, jnp.int32)
+    q = rand(rng, seq.shape[0], heads, d, dtype=q_dtype)
+    out = paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=d ** -0.5, num_programs=3, interpret=True,
+                                  block_k=32)
+    assert out.dtype == q_dtype
+    assert_close(out, ref.paged_prefill_attention(q, k, v, seq, pos, bt, ctx, scale=d ** -0.5))
+    qd = rand(rng, n, heads, d, dtype=q_dtype)
+    out = paged_decode_attention(qd, k, v, bt, ctx, scale=d ** -0.5, num_programs=2, interpret=True)
+    assert_close(out, ref.paged_decode_attention(qd, k, v, bt, ctx, scale=d ** -0.5))

@@ -132,6 +132,11 @@ def test_memory_bound_and_attention_kernels_lower_for_cuda():
         cases[f"decode_g{g}"] = (cases["decode"][0], (S((n, g * KV, D), BF16),) + cases["decode"][1][1:])
         # One split: the kernel normalizes and stores the [N, H, D] output itself.
         cases[f"decode_one_split_g{g}"] = (one_split, cases[f"decode_g{g}"][1])
+    # An fp8 (e4m3) cache: widened to bf16 as the attention kernels read it, saturated as it is written.
+    fp8_pages = S(pages.shape, jnp.float8_e4m3fn)
+    for name in ("decode", "prefill", "write_kv_rope"):
+        fn, shapes = cases[name]
+        cases[f"{name}_fp8_cache"] = (fn, tuple(fp8_pages if x is pages else x for x in shapes))
     # Horizontal fusion: a prefill-sized GEMM's tiles and decode attention in one launch.
     cases["gemm_beside_decode"] = (
         lambda x, w, q, k, v, bt, c: pk.horizontal.gemm_beside_decode_attention(

@@ -87,3 +87,25 @@ def test_offload_round_trip_restores_pages(rng):
     wiped = pages.at[:, ids].set(0)
     back = scatter_pages(wiped, ids, saved, num_programs=2, interpret=True)
     np.testing.assert_array_equal(np.asarray(back, np.float32), np.asarray(pages, np.float32))
+
+
+def test_write_kv_into_an_fp8_cache_saturates(rng):
+    """An fp8 (e4m3) cache: values are rounded to e4m3, and ones past its range (+-448, where a
+    plain cast gives NaN) saturate; with RoPE on the way in too."""
+    fp8 = jnp.float8_e4m3fn
+    k, v = rand(rng, L, P, PS, K, D, dtype=fp8), rand(rng, L, P, PS, K, D, dtype=fp8)
+    t = 13
+    kn, vn, slots = rand(rng, t, K, D, scale=300.0), rand(rng, t, K, D, scale=300.0), _slots(rng, t)
+    assert float(jnp.max(jnp.abs(vn))) > 448   # some values need saturating
+    ko, vo = write_kv(k, v, kn, vn, slots, layer=jnp.int32(0), num_programs=3, interpret=True)
+    rk, rv = ref.write_kv(k[0], v[0], kn, vn, slots)
+    assert ko.dtype == fp8 and np.isfinite(np.asarray(vo.astype(jnp.float32))).all()
+    np.testing.assert_array_equal(np.asarray(ko[0].astype(jnp.float32)), np.asarray(rk.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(vo[0].astype(jnp.float32)), np.asarray(rv.astype(jnp.float32)))
+    pos = jnp.asarray(rng.integers(0, 500, t), jnp.int32)
+    ko, _ = write_kv(k, v, kn, vn, slots, layer=jnp.int32(1), rope_positions=pos, rope_theta=5000.0,
+                     num_programs=2, interpret=True)
+    rk, _ = ref.write_kv(k[1], v[1], ref.apply_rope(kn, pos, theta=5000.0), vn, slots)
+    # The rotation in f32 either way; a rounding-boundary value may land one e4m3 step apart.
+    np.testing.assert_allclose(np.asarray(ko[1].astype(jnp.float32)), np.asarray(rk.astype(jnp.float32)),
+                               rtol=0.07, atol=1e-3)
