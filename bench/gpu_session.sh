@@ -16,6 +16,9 @@
 #               with a cold persistent compilation cache; then 16 requests on the warm cache (start-up
 #               and first token, warm); then 512 x (512 in, 1024 out). KV_PAGES (default 26000) fits an H100
 #               -> throughput_llama3_8b_{1024_512,warm_start,512_1024}.json, *_iteration.png, window traces
+#   fp8         the KV cache in fp8 against bf16 on the floor workload (512 x 1024 in / 512 out, 2048 tokens):
+#               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 256
+#               seqs, then fp8 with 512 seqs   -> throughput_llama3_8b_1024_512_{bf16,fp8,fp8_512seqs}.json
 #   kernels     the kernel table: decode attention, memory-bound and prefill sections, then the
 #               Mosaic GEMMs at M = 256..2048 against the library, judged by bench.targets;
 #               RUNS=N (default 1) repeats it N times and also judges the medians
@@ -238,6 +241,15 @@ for recipe in "$@"; do
       autosearch ${prof:+--profile "$prof"} --interference "${inter:-measure}" --verify 3 ;;
     serving)
       serving ;;
+    fp8)
+      pages=${KV_PAGES:-26000}
+      for run in "bf16 $pages 256 auto" "fp8 $((2 * pages)) 256 fp8" "fp8_512seqs $((2 * pages)) 512 fp8"; do
+        read -r name n seqs dtype <<< "$run"
+        timeout 200 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
+          --max-num-seqs "$seqs" --max-num-batched-tokens 2048 --num-kv-pages "$n" --kv-cache-dtype "$dtype" \
+          --num-prompts 512 --input-len 1024 --output-len 512 --max-model-len 1536 \
+          --out "$OUT/throughput_llama3_8b_1024_512_$name.json" 2>&1 | grep -v "^WARNING" | tail -2 | tee -a "$OUT/fp8.log"
+      done ;;
     fused)
       timeout 400 python3 -m bench.overlap --mechanisms fused --layers 8 --no-trace \
         --splits "${FUSED_SPLITS:-100/32,108/24,88/44,100/32x2,116/16x2,all}" --out "$OUT/overlap_fused.json" 2>&1 \
@@ -247,6 +259,6 @@ for recipe in "$@"; do
         | grep -E '"(output_tokens_per_s|speedup_grouped_over_separate|same_tokens|median_s|first_s|elapsed_s)"' \
         | tee "$OUT/rollouts.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, kernels, tune, ab, fused, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, fp8, kernels, tune, ab, fused, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done
