@@ -110,7 +110,8 @@ class RemoteEngine:
     def _take(self, message: tuple[Any, ...]) -> None:
         _, encoded, refusals, failure, stats = message
         self._stats = stats
-        for out in self._decoder.decode(encoded):
+        # Updates of requests aborted here meanwhile are dropped unread (nobody listens).
+        for out in self._decoder.decode([e for e in encoded if e[0] in self._open]):
             if out.finished:
                 self._open.discard(out.request_id)
             self._ready.append(out)

@@ -78,8 +78,10 @@ class UpdateDecoder:
     def _one(self, e: Encoded) -> RequestOutput:
         request_id, finished, error, prompt, metrics, samples = e
         req = self._requests.get(request_id)
-        if req is None or prompt is not None:
-            req = self._requests[request_id] = _Request(*(prompt or (None, [], None)))
+        if prompt is not None:
+            req = self._requests[request_id] = _Request(*prompt)
+        elif req is None:   # an update of a request forgotten (aborted) here meanwhile: not kept
+            req = _Request(None, [], None)
         comps = []
         for (index, text_start, text, token_start, tokens, lp_start, lps, finish_reason, stop_reason, delta_text,
              delta_token_ids, cumulative_logprob) in samples:
@@ -95,6 +97,6 @@ class UpdateDecoder:
                                           delta_token_ids, cumulative_logprob,
                                           None if state[2] is None else state[2][:]))
         if finished:
-            del self._requests[request_id]
+            self._requests.pop(request_id, None)
         return RequestOutput(request_id, req.prompt, req.prompt_token_ids, comps, finished, error,
                              req.prompt_logprobs, metrics)

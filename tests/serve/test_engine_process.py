@@ -43,6 +43,14 @@ def test_deltas_rebuild_every_update():
         finished |= {o.request_id for o in outputs if o.finished}
     assert len(finished) == 2 * len(cases) and seen > 3 * len(finished)
     assert not encoder._sent and not decoder._requests   # finished requests leave no state behind
+    # An update still in flight for a request the server has aborted (forgotten) is not kept.
+    engine.add_request("late", SamplingParams(max_tokens=5, ignore_eos=True), request_id="late")
+    while "late" not in decoder._requests:
+        decoder.decode(encoder.encode(engine.step()))
+    decoder.forget("late")
+    decoder.decode(encoder.encode(engine.step()))
+    assert not decoder._requests
+    engine.abort("late")
 
 
 def _numpy(tree):
