@@ -57,7 +57,7 @@ from bench import run_metadata
 from bench.timeline import gpu_kernel_records, jax_trace
 from nanoflow_jax.models.streams import on_stream
 from pallas_kernels._common import num_sms
-from pallas_kernels.decode_attention import DecodeLaunch, decode_launch
+from pallas_kernels.decode_attention import DecodeLaunch, decode_launch, paged_decode_attention
 from pallas_kernels.gemm import gemm
 from pallas_kernels.gemm_triton import gemm_triton
 from pallas_kernels.horizontal import gemm_beside_decode_attention
@@ -157,12 +157,10 @@ def make_fused_stage(split: Split, fused: bool, interpret: bool) -> Callable[...
                                                 **{**FUSED_GEMM, **opts})
             return o, y
         return stage
-    launch = decode_launch((REQS, HEADS, HEAD_DIM), (1, PAGE, KV_HEADS, HEAD_DIM), CTX // PAGE, scale=scale,
-                           interpret=interpret)
 
     def stage(q, x, w, kf, vf, bt, cl):
         y = gemm_triton(x, w, interpret=interpret, **FUSED_GEMM)
-        return launch.finish(launch.kernel(q, kf, vf, bt, cl), q.dtype), y
+        return paged_decode_attention(q, as_pages(kf), as_pages(vf), bt, cl, scale=scale, interpret=interpret), y
     return stage
 
 
