@@ -19,6 +19,11 @@
 #   fp8         the KV cache in fp8 against bf16 on the floor workload (512 x 1024 in / 512 out, 2048 tokens):
 #               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 256
 #               seqs, then fp8 with 512 seqs   -> throughput_llama3_8b_1024_512_{bf16,fp8,fp8_512seqs}.json
+#   offload     the KV offload's cost on that workload, which never reuses a page (every finished request's
+#               pages go to an LRU of OFFLOAD_GB, default 24, of host memory): through the staging ring
+#               (copies inside the steps) and the direct gather before the step, against the bf16 run
+#               (fp8's, when run after it in the same call)
+#                                        -> throughput_llama3_8b_1024_512_{offload_ring,offload_direct}.json
 #   kernels     the kernel table: decode attention, memory-bound and prefill sections, then the
 #               Mosaic GEMMs at M = 256..2048 against the library, judged by bench.targets;
 #               RUNS=N (default 1) repeats it N times and also judges the medians
@@ -180,6 +185,17 @@ print(','.join(f'{f * r:.3f}' for f in (0.25, 0.5, 0.75)))" "$OUT/serving_llama3
   server_down
 }
 
+# One run of the floor workload (512 x 1024 in / 512 out, 2048 tokens): NAME PAGES SEQS KV_DTYPE [FLAGS...]
+floor_run() {
+  local name=$1 n=$2 seqs=$3 dtype=$4
+  shift 4
+  [ -f "$OUT/throughput_llama3_8b_1024_512_$name.json" ] && return   # already run in this call
+  timeout 200 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
+    --max-num-seqs "$seqs" --max-num-batched-tokens 2048 --num-kv-pages "$n" --kv-cache-dtype "$dtype" \
+    --num-prompts 512 --input-len 1024 --output-len 512 --max-model-len 1536 "$@" \
+    --out "$OUT/throughput_llama3_8b_1024_512_$name.json" 2>&1 | grep -v "^WARNING" | tail -2 | tee -a "$OUT/floor_runs.log"
+}
+
 for recipe in "$@"; do
   case "$recipe" in
     tests)
@@ -243,13 +259,14 @@ for recipe in "$@"; do
       serving ;;
     fp8)
       pages=${KV_PAGES:-26000}
-      for run in "bf16 $pages 256 auto" "fp8 $((2 * pages)) 256 fp8" "fp8_512seqs $((2 * pages)) 512 fp8"; do
-        read -r name n seqs dtype <<< "$run"
-        timeout 200 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
-          --max-num-seqs "$seqs" --max-num-batched-tokens 2048 --num-kv-pages "$n" --kv-cache-dtype "$dtype" \
-          --num-prompts 512 --input-len 1024 --output-len 512 --max-model-len 1536 \
-          --out "$OUT/throughput_llama3_8b_1024_512_$name.json" 2>&1 | grep -v "^WARNING" | tail -2 | tee -a "$OUT/fp8.log"
-      done ;;
+      floor_run bf16 "$pages" 256 auto
+      floor_run fp8 $((2 * pages)) 256 fp8
+      floor_run fp8_512seqs $((2 * pages)) 512 fp8 ;;
+    offload)
+      pages=${KV_PAGES:-26000}
+      floor_run bf16 "$pages" 256 auto
+      floor_run offload_ring "$pages" 256 auto --kv-offload-host-gb "${OFFLOAD_GB:-24}"
+      floor_run offload_direct "$pages" 256 auto --kv-offload-host-gb "${OFFLOAD_GB:-24}" --kv-offload-pages-per-step 0 ;;
     fused)
       timeout 400 python3 -m bench.overlap --mechanisms fused --layers 8 --no-trace \
         --splits "${FUSED_SPLITS:-100/32,108/24,88/44,100/32x2,116/16x2,all}" --out "$OUT/overlap_fused.json" 2>&1 \
@@ -259,6 +276,6 @@ for recipe in "$@"; do
         | grep -E '"(output_tokens_per_s|speedup_grouped_over_separate|same_tokens|median_s|first_s|elapsed_s)"' \
         | tee "$OUT/rollouts.log" ;;
     *)
-      echo "unknown recipe '$recipe': use tests, pipelines, throughput, fp8, kernels, tune, ab, fused, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
+      echo "unknown recipe '$recipe': use tests, pipelines, throughput, fp8, offload, kernels, tune, ab, fused, profile, search, serving, rollouts, multiround, tp_tests, tp or tp70b" >&2; exit 2 ;;
   esac
 done

@@ -296,14 +296,14 @@ class WindowTracer:
                 if tracer.active is not None and i == sum(tracer.active) - 1:
                     tracer._close()
 
-        def dispatch(batch: Any, prev_tokens: Any) -> Any:
+        def dispatch(batch: Any, prev_tokens: Any, send: Any = None) -> Any:
             bucket = runner.bucket_for(batch)
             decode_only = runner.decode_only_steps and batch.num_decode == len(batch.rows)
             record = step_record(batch, bucket, decode_only, runner.kv_dtype.itemsize)
             tracer.all_steps.append(record)
             if tracer.active is not None:
                 tracer.records.append(record)
-            return inner_dispatch(batch, prev_tokens)
+            return inner_dispatch(batch, prev_tokens, send)
 
         @contextlib.contextmanager
         def ctx() -> Any:

@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPE_CHOICES),
                    help="EngineConfig.kv_cache_dtype: auto (the weights') or fp8 (e4m3: twice the pages, half "
                         "the bytes for decode attention)")
+    p.add_argument("--kv-offload-host-gb", type=float, default=defaults.kv_offload_host_gb,
+                   help="EngineConfig.kv_offload_host_gb: finished requests' KV pages go to an LRU of this much "
+                        "host memory (0: off); measures the offload's cost on work that never reuses them")
+    p.add_argument("--kv-offload-pages-per-step", type=int, default=defaults.kv_offload_pages_per_step,
+                   help="EngineConfig.kv_offload_pages_per_step: pages each step copies to host memory inside "
+                        "its program (default: 128 MiB of pages; 0: a gather before the step, the ablation)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -285,7 +291,8 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
                       async_scheduling=bool(args.async_scheduling), fuse_qkv=bool(args.fuse_qkv),
                       decode_only_steps=bool(args.decode_only_steps), fuse_rope_kv=bool(args.fuse_rope_kv),
                       enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-                      seed=args.seed,
+                      kv_offload_host_gb=args.kv_offload_host_gb,
+                      kv_offload_pages_per_step=args.kv_offload_pages_per_step, seed=args.seed,
                       tensor_parallel_size=args.tensor_parallel_size,
                       compilation_cache_dir=args.compilation_cache_dir,
                       precompile=None if args.precompile == "auto" else args.precompile == "1",
@@ -358,6 +365,7 @@ def run_mode(args: argparse.Namespace, pipeline: str, work: dict[str, Any]) -> d
                     "block_size": args.block_size, "bytes": cache_bytes,
                     "peak_pages_used": max(rec["pages_used"], default=0)},
         "memory": device_memory(),
+        "kv_offload": None if engine.offload is None else dataclasses.asdict(engine.offload.stats),
         "step_ms": [round(t, 3) for t in rec["step_ms"]],
     }
     result["_tracer"] = tracer   # the run's floor and any traced windows: run(), with the ceilings

@@ -123,6 +123,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPE_CHOICES),
                    help="the KV cache's dtype: auto (the weights'), or fp8 (e4m3, unscaled): twice the "
                         "cached tokens in the same memory and half the bytes for decode attention to read")
+    p.add_argument("--kv-offload-host-gb", type=float, metavar="GB", default=None,
+                   help="keep cached KV pages that leave the GPU in an LRU of this much host memory, to load "
+                        "back for prompts that start with them, e.g. a conversation's next turn (default: 0, off)")
+    p.add_argument("--kv-offload-disk-path", metavar="DIR", default=None,
+                   help="also write offloaded pages to this folder (an LRU that survives restarts); needs "
+                        "--kv-offload-host-gb and --kv-offload-disk-gb")
+    p.add_argument("--kv-offload-disk-gb", type=float, metavar="GB", default=None,
+                   help="the disk tier's budget (default: 0)")
+    p.add_argument("--kv-offload-pages-per-step", type=int, metavar="N", default=None,
+                   help="pages each step copies to host memory beside its compute (default: 128 MiB of pages; "
+                        "0: copy them before the step instead, which holds it up)")
 
 
 def _parse_buckets(text: str) -> tuple[int, ...]:
@@ -289,7 +300,8 @@ def check_before_loading(args: argparse.Namespace, prompts: list[str] | list[lis
 
 def engine_args(args: argparse.Namespace) -> dict[str, int | float | str | tuple[int, ...]]:
     names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_pages", "kv_memory_fraction", "pipeline",
-             "token_buckets", "tensor_parallel_size", "enable_prefix_caching", "kv_cache_dtype")
+             "token_buckets", "tensor_parallel_size", "enable_prefix_caching", "kv_cache_dtype",
+             "kv_offload_host_gb", "kv_offload_disk_path", "kv_offload_disk_gb", "kv_offload_pages_per_step")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -64,6 +64,10 @@ class EngineConfig:
     kv_offload_host_gb: float = 0.0
     kv_offload_disk_path: str | None = None
     kv_offload_disk_gb: float = 0.0
+    # Pages each step copies to host memory from the offload staging ring, inside its own
+    # program (engine/kv_stage.py); None: 128 MiB of pages; 0: no ring, a gather before the
+    # step copies them (it holds the step up: for ablations).
+    kv_offload_pages_per_step: int | None = None
     # The KV cache's dtype (vLLM's names): auto (the weights'), or fp8 / fp8_e4m3 (float8 e4m3,
     # unscaled, saturated at +-448): half a bf16 cache's bytes, so twice the pages, and decode
     # attention reads half the bytes; the kernels widen it to the weights' dtype as they read.
@@ -105,6 +109,11 @@ class EngineConfig:
                              f"got {self.kv_cache_dtype!r}")
         if not self.kv_offload_host_gb >= 0 or not self.kv_offload_disk_gb >= 0:
             raise ValueError("EngineConfig.kv_offload_host_gb and kv_offload_disk_gb must be >= 0 (GiB; 0 is off)")
+        if self.kv_offload_pages_per_step is not None and (
+                isinstance(self.kv_offload_pages_per_step, bool) or not isinstance(self.kv_offload_pages_per_step, int)
+                or self.kv_offload_pages_per_step < 0):
+            raise ValueError(f"EngineConfig.kv_offload_pages_per_step must be an integer >= 0 (0: no staging "
+                             f"ring) or None (128 MiB of pages), got {self.kv_offload_pages_per_step!r}")
         if self.kv_offload_host_gb > 0 and not self.enable_prefix_caching:
             raise ValueError("kv_offload_host_gb needs enable_prefix_caching=True: offloaded pages are found "
                              "again by their prefix-cache keys")

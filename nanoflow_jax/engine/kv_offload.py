@@ -3,17 +3,16 @@ again by their prefix-cache keys and loaded back into fresh pages.
 
 Saving: a finished request's cached pages, and cached pages the BlockManager evicts while
 a batch is formed, still hold their K/V until a later batch overwrites them. Before the
-next batch is dispatched, one jitted gather copies the pages not yet in host memory into
-one contiguous buffer whose output sharding lives in pinned host memory, so the
-device-to-host copy is part of that executable and the device runs it before the batch.
-The host reads the buffer an iteration later (`land`), when it is done, so the host never
-waits on it. A page lands in the host LRU (budget `kv_offload_host_gb`); with a disk tier
-it is also queued for the disk writer thread (write-through: evicting a page from host
-memory costs nothing, and the disk holds the pages across restarts).
-
-The gather is its own executable dispatched just before the step rather than fused into
-the step: the step's signature and outputs stay those of serving, and the device's
-in-order execution gives the same guarantee (the pages are read before they are reused).
+next batch is dispatched, one jitted copy moves the pages not yet in host memory into the
+staging ring of `kv_stage`, and the following steps send the ring's windows to pinned host
+memory inside their own programs, so the device-to-host copy runs beside compute. Pages
+that find the ring full (and every page with `kv_offload_pages_per_step=0`) take the
+direct path: one jitted gather whose output lives in pinned host memory, dispatched before
+the batch, which waits for its copy. The host reads what a step sent once that step is
+done (`land`), so the host never waits on it. A page lands in the host LRU (budget
+`kv_offload_host_gb`); with a disk tier it is also queued for the disk writer thread
+(write-through: evicting a page from host memory costs nothing, and the disk holds the
+pages across restarts).
 
 Loading: a request whose next keys after its device-cached prefix are in host memory gets
 fresh pages; one jitted scatter copies the pages in before its batch (dispatched first,
@@ -21,7 +20,6 @@ so the device runs it first). Pages on disk are read into host memory by a reade
 when the request is added (`prefetch`); a request admitted before its pages arrive simply
 computes them, so a reload never holds anyone up.
 """
-
 from __future__ import annotations
 
 import collections
@@ -37,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflow_jax.engine.kv_disk import DiskKVStore
+from nanoflow_jax.engine.kv_stage import Send, StageRing, StageSpec
 from nanoflow_jax.models.paged import NULL_PAGE, KVCache, kv_bytes_per_page
 
 log = logging.getLogger(__name__)
@@ -69,13 +68,15 @@ def _scatter(cache: KVCache, ids: jax.Array, buf: jax.Array) -> KVCache:
 @dataclasses.dataclass
 class OffloadStats:
     saved_pages: int = 0       # device -> host
+    direct_pages: int = 0      # of which by a gather before the step (the staging ring was full or off)
     loaded_pages: int = 0      # host -> device (each a page not recomputed)
     host_evictions: int = 0
     disk_hits: int = 0         # pages read back from disk into host memory
 
 
 class KVOffloader:
-    def __init__(self, host_budget_bytes: int, page_bytes: int, disk: DiskKVStore | None = None) -> None:
+    def __init__(self, host_budget_bytes: int, page_bytes: int, disk: DiskKVStore | None = None,
+                 stage: tuple[StageSpec, KVCache] | None = None) -> None:
         self.budget = int(host_budget_bytes)
         self.page_bytes = page_bytes
         self.disk = disk
@@ -86,6 +87,8 @@ class KVOffloader:
         self._sharding = host_sharding()
         self._gather = jax.jit(_gather, out_shardings=self._sharding)
         self._scatter = jax.jit(_scatter, donate_argnums=0)
+        # The staging ring for (spec, a cache of the pool's shape); None: the direct path only.
+        self.ring = StageRing(stage[0], stage[1], self._sharding) if stage is not None else None
         self.stats = OffloadStats()
         # Disk reads on a thread: (key, page or None) arrive in `_promoted`.
         self._reads: queue.Queue[bytes] = queue.Queue()
@@ -108,33 +111,53 @@ class KVOffloader:
             buf = np.zeros((2, cache.k.shape[0], n, *cache.k.shape[2:]), cache.k.dtype)
             cache = self._scatter(cache, ids, buf)
             if n >= max_pages:
-                return cache
+                break
             n *= 2
+        if self.ring is not None:
+            self.ring.warm_up(cache)
+        return cache
 
     # ---- saving ----------------------------------------------------------------------
 
     def save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:
-        """Dispatch the gather of these (page, key) pairs not yet in host memory (before the
-        batch that may overwrite them)."""
+        """Copy out these (page, key) pairs not yet in host memory, into the staging ring or
+        by a direct gather, before the batch that may overwrite them is dispatched."""
         todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
         if not todo or self.budget < self.page_bytes:
             return
         self._saving_keys.update(todo)
         todo = [(p, k) for k, p in todo.items()]
+        if self.ring is not None:
+            todo = todo[self.ring.fill(cache, todo, _bucket):]
+            if not todo:
+                return
         ids = np.full(_bucket(len(todo)), NULL_PAGE, np.int32)
         ids[:len(todo)] = [p for p, _ in todo]
         buf = self._gather(cache, ids)
+        self.stats.direct_pages += len(todo)
         if self._sharding is None:
             buf.copy_to_host_async()
         self._saving.append(([k for _, k in todo], buf))
 
-    def land(self) -> None:
-        """Move earlier gathers and finished disk reads into the host LRU (called as an
-        iteration starts: the gathers ran before the batch in flight, so they are done)."""
+    def next_send(self) -> Send | None:
+        """What the next step sends to host memory (None: no staging ring)."""
+        return self.ring.next_send() if self.ring is not None else None
+
+    def flush(self) -> None:
+        """Send the staged pages now rather than with a later step (the engine goes idle)."""
+        if self.ring is not None:
+            self.ring.flush()
+
+    def land(self, wait: bool = False) -> None:
+        """Move finished copies and disk reads into the host LRU (called as an iteration
+        starts: the direct gathers ran before the batch in flight, so they are done; a
+        window a step sent lands once that step is done, or at once with `wait`)."""
         saving, self._saving = self._saving, []
-        self._saving_keys.clear()
+        if self.ring is not None:
+            saving += self.ring.land(wait)
         for keys, buf in saving:
             host = np.asarray(buf)
+            self._saving_keys.difference_update(keys)
             for i, key in enumerate(keys):
                 # A view, not a copy: landing stays cheap on the host's critical path (the
                 # disk writer serializes it on its thread); the buffer is freed with its
@@ -217,12 +240,14 @@ class KVOffloader:
     def settle(self) -> None:
         """Wait for the queued disk reads and land everything (for tests and benchmarks; the
         engine itself never waits)."""
+        self.flush()
         self._reads.join()
-        self.land()
+        self.land(wait=True)
 
     def clear(self) -> None:
         """Forget every offloaded page (host and disk)."""
-        self.land()
+        self.flush()
+        self.land(wait=True)
         self._host.clear()
         if self.disk is not None:
             self.disk.clear()
@@ -247,4 +272,5 @@ def make_offloader(cfg: Any, model_cfg: Any, runner: Any) -> KVOffloader | None:
                            model_fingerprint(model_cfg, cfg.block_size, runner.kv_dtype, runner.params),
                            dtype=runner.kv_dtype)
     page_bytes = kv_bytes_per_page(model_cfg, cfg.block_size, runner.kv_dtype)
-    return KVOffloader(int(cfg.kv_offload_host_gb * 2**30), page_bytes, disk)
+    stage = (runner.stage_spec, runner.cache) if runner.stage_spec is not None else None
+    return KVOffloader(int(cfg.kv_offload_host_gb * 2**30), page_bytes, disk, stage)

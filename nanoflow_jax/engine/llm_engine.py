@@ -282,7 +282,8 @@ class LLMEngine:
                 # Idle next: copy out the last finished requests' pages now, not when the
                 # next request arrives (or never, at shutdown).
                 self._move_kv()
-                self.offload.land()
+                self.offload.flush()
+                self.offload.land(wait=True)
         except BaseException as e:
             # Rows not read back lost their token: fail those requests rather than leave
             # them waiting for it forever; one that finished unreported reports now.
@@ -329,7 +330,8 @@ class LLMEngine:
         """Dispatch the batch, or fail the rows that cannot be packed and leave the rest for later."""
         prev = self._inflight[1] if self._inflight is not None else None
         try:
-            tokens, logprobs = self.runner.dispatch(batch, prev)
+            send = self.offload.next_send() if self.offload is not None else None
+            tokens, logprobs = self.runner.dispatch(batch, prev, send)
             self._launching = batch
         except Exception as e:
             errors = [(row, self._pack_error(row, i < batch.num_decode)) for i, row in enumerate(batch.rows)]

@@ -31,6 +31,8 @@ from nanoflow_jax.engine import compiler
 from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.executable_store import ExecutableStore, run_fingerprint
+from nanoflow_jax.engine.kv_offload import host_sharding
+from nanoflow_jax.engine.kv_stage import Send, send_window, stage_spec, stage_struct
 from nanoflow_jax.engine.sample_step import plan_for, sample_step
 from nanoflow_jax.engine.sampler import DRAW, GREEDY, SamplerPlan, token_logprobs
 from nanoflow_jax.engine.scheduler import ScheduledBatch
@@ -77,11 +79,13 @@ def unpack_batch(tok: Any, seq_i: Any, query_start: Any, block_table: Any, num_d
 
 
 def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, query_start: jax.Array,
-          block_table: jax.Array, num_decode: jax.Array, prev_tokens: jax.Array, *, cfg: ModelConfig,
-          kernels: str | XlaOps, decode_only: bool = False, pipeline: str = "sequential",
-          nano_programs: Any = ((), ()), tp: TensorParallel | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+          block_table: jax.Array, num_decode: jax.Array, prev_tokens: jax.Array, stage: jax.Array | None = None,
+          window: jax.Array | None = None, *, cfg: ModelConfig, kernels: str | XlaOps, decode_only: bool = False,
+          pipeline: str = "sequential", nano_programs: Any = ((), ()), tp: TensorParallel | None = None,
+          send_pages: int = 0) -> tuple[jax.Array, ...]:
     """The forward of one batch -> (logits [S, V] f32, the updated cache, each row's last
-    input token [S]); `sample_step` takes it from there."""
+    input token [S]); `sample_step` takes it from there. With the offload ring (`send_pages`
+    > 0) also window `window` of `stage` in pinned host memory (`kv_stage`)."""
     # Decode rows whose input was sampled by the in-flight iteration read it here, on the
     # device: the host formed this batch before that token existed on the host.
     gather = tok[4]
@@ -91,6 +95,9 @@ def _step(params: Any, cache: KVCache, tok: jax.Array, seq_i: jax.Array, query_s
         logits, cache = forward_pipeline(params, cache, batch, cfg, kernels, pipeline, nano_programs)
     else:
         logits, cache = sharded_forward(tp, params, cache, batch, cfg, kernels, pipeline, nano_programs)
+    if send_pages:
+        sent = send_window(stage, window, send_pages, host_sharding())
+        return logits, cache, batch.token_ids[batch.logits_index], sent
     return logits, cache, batch.token_ids[batch.logits_index]
 
 
@@ -115,20 +122,22 @@ def enable_compilation_cache(path: str | None) -> None:
 
 
 def resolve_num_pages(cfg: EngineConfig, model_cfg: ModelConfig, dtype: jnp.dtype,
-                      step_temp_bytes: Callable[[Sequence[int]], list[int]]) -> int:
+                      step_temp_bytes: Callable[[Sequence[int]], list[int]], reserved_bytes: int = 0) -> int:
     """Pages in the pool: explicit, a fraction of free device memory, or a CPU default.
 
     `step_temp_bytes(pool_sizes)` is the compiled step's scratch memory with each pool. It
     is measured at two pool sizes and fitted as a + b * pages, because the scratch may
     grow with the pool (e.g. a layer scan that rebuilds the cache rather than updating it
     in place): the pool is then sized so that pool + scratch fit the memory budget.
+    `reserved_bytes` (the offload staging ring) come off the free memory first.
     """
     per_page = kv_bytes_per_page(model_cfg, cfg.block_size, dtype)
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # some backends raise instead of returning None
         stats = None
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) if stats and "bytes_limit" in stats else None
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0) - reserved_bytes
+            if stats and "bytes_limit" in stats else None)
     if cfg.num_kv_pages is not None:
         if free is not None and cfg.num_kv_pages * per_page > free:
             # Caught here, not as every request's out-of-memory error in its first step.
@@ -185,8 +194,8 @@ class ModelRunner:
         small = on_cpu and not isinstance(self.ops, PallasOps) and not self.precompile
         self.token_buckets = cfg.resolved_token_buckets(small=small)
         self.width_buckets = cfg.resolved_width_buckets()
-        self._jitted = jax.jit(_step, static_argnames=("cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp"),
-                               donate_argnums=(1,))
+        self._jitted = jax.jit(_step, donate_argnums=(1,), static_argnames=(
+            "cfg", "kernels", "decode_only", "pipeline", "nano_programs", "tp", "send_pages"))
         self.num_logprobs = min(cfg.max_logprobs, model_cfg.vocab_size)
         self._sampler = jax.jit(sample_step, static_argnames=("plan", "num_logprobs", "max_num_seqs", "tp"))
         self._samplers: dict[tuple[int, SamplerPlan], Any] = {}   # (S, plan) -> compiled sample_step
@@ -197,9 +206,14 @@ class ModelRunner:
         # Pure-decode batches get their own step where that changes the kernels launched
         # (the Pallas attention skips its prefill kernel); the XLA attention is one path.
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
+        # The offload tiers' staging ring (kv_stage), whose windows each step sends to host memory.
+        page_bytes = kv_bytes_per_page(model_cfg, cfg.block_size, self.kv_dtype)
+        self.stage_spec = (stage_spec(cfg.kv_offload_pages_per_step, page_bytes)
+                           if cfg.kv_offload_host_gb > 0 and self.tp is None else None)
+        reserved = self.stage_spec.slots * page_bytes if self.stage_spec is not None else 0
         # Per-device page bytes and memory: one device's share of the pool under TP.
         self.num_pages = resolve_num_pages(cfg, model_cfg if self.tp is None else self.tp.local_config,
-                                           self.kv_dtype, self._step_temp_bytes)
+                                           self.kv_dtype, self._step_temp_bytes, reserved)
         if self.tp is None:
             self.cache = allocate_kv_cache(model_cfg, self.num_pages, cfg.block_size, self.kv_dtype)
         else:
@@ -248,9 +262,13 @@ class ModelRunner:
         return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes)
 
     def _lower(self, cache: Any, t: int, w: int, decode_only: bool = False) -> Any:
-        return self._jitted.lower(self.params, cache, *self._shapes(t, w), cfg=self.model_cfg,
+        send = ()
+        if self.stage_spec is not None:
+            send = (stage_struct(self.stage_spec, cache), jax.ShapeDtypeStruct((), jnp.int32))
+        return self._jitted.lower(self.params, cache, *self._shapes(t, w), *send, cfg=self.model_cfg,
                                   kernels=self.ops, decode_only=decode_only, pipeline=self.pipeline,
-                                  nano_programs=self.nano_programs, tp=self.tp)
+                                  nano_programs=self.nano_programs, tp=self.tp,
+                                  send_pages=self.stage_spec.window if send else 0)
 
     def _step_temp_bytes(self, pool_sizes: Sequence[int]) -> list[int]:
         """Scratch memory of the largest bucket's step with each pool size (in pages)."""
@@ -470,15 +488,27 @@ class ModelRunner:
         lp_f, lp_i = self._score(self.params, tokens, targets, cfg=self.model_cfg, num_logprobs=self.num_logprobs)
         return np.asarray(lp_f)[:n - 1], np.asarray(lp_i)[:n - 1]
 
-    def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None) -> tuple[jax.Array, Any]:
+    def dispatch(self, batch: ScheduledBatch, prev_tokens: jax.Array | None,
+                 send: Send | None = None) -> tuple[jax.Array, Any]:
         """Launch one iteration without waiting; returns its sampled tokens [max_num_seqs]
-        and their log-probabilities (`sampler.token_logprobs`, filled where a row asks)."""
+        and their log-probabilities (`sampler.token_logprobs`, filled where a row asks).
+        With the offload ring, `send` names the window the step copies to host memory."""
+        if (send is None) != (self.stage_spec is None):
+            raise ValueError("the offload staging ring's window goes with every step when kv_offload_host_gb > 0, "
+                             "and only then: pass send=engine.offload.next_send()")
         (t, w), (tok, seq_i, seq_f, query_start, block_table, num_decode) = self.prepare(batch)
         prev = self._zero_tokens if prev_tokens is None else prev_tokens
         decode_only = self.decode_only_steps and batch.num_decode == len(batch.rows)
         plan = plan_for([row.seq.params for row in batch.rows])
         pen = self.pack_penalties(batch.rows, seq_i.shape[1], seq_i[5]) if plan.penalties else None
         seq_i = jax.device_put(seq_i, None if self.tp is None else self.tp.replicated)   # once, for both steps
-        logits, self.cache, last_token = self.executable(t, w, decode_only)(
-            self.params, self.cache, tok, seq_i, query_start, block_table, num_decode, prev)
+        exe = self.executable(t, w, decode_only)
+        if send is None:
+            logits, self.cache, last_token = exe(self.params, self.cache, tok, seq_i, query_start, block_table,
+                                                 num_decode, prev)
+        else:
+            logits, self.cache, last_token, sent = exe(self.params, self.cache, tok, seq_i, query_start,
+                                                       block_table, num_decode, prev, send.stage,
+                                                       np.int32(send.index))
+            send.on_sent(sent)
         return self.sampler_executable(seq_i.shape[1], plan)(logits, last_token, seq_i, seq_f, pen)

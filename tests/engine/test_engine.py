@@ -290,9 +290,9 @@ def test_pallas_engine_runs_decode_only_steps(prompts16, reference16):
     used: list[bool] = []
     dispatch = runner.dispatch
 
-    def spy(batch, prev):
+    def spy(batch, prev, send=None):
         used.append(batch.num_decode == len(batch.rows))
-        return dispatch(batch, prev)
+        return dispatch(batch, prev, send)
 
     runner.dispatch = spy
     out = llm.generate(prompts16[:3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

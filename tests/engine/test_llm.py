@@ -137,7 +137,8 @@ def test_generate_builds_only_final_updates_and_stream_every_step(monkeypatch):
     assert [len(o.outputs[0].token_ids) for o in outs] == lengths
     assert [o.outputs[0].token_ids for o in outs] == [r[:n] for r, n in zip(reference_greedy(prompts, 8), lengths)]
     assert sorted(built) == sorted(o.request_id for o in outs)   # once each
-    group = llm.generate(prompts[:1], SamplingParams(temperature=0.9, n=3, max_tokens=4, seed=1), use_tqdm=False)
+    group = llm.generate(prompts[:1], SamplingParams(temperature=0.9, n=3, max_tokens=4, seed=1, ignore_eos=True),
+                         use_tqdm=False)
     assert len(group[0].outputs) == 3 and all(len(c.token_ids) == 4 for c in group[0].outputs)
     built.clear()
     streamed = list(llm.stream(prompts[:1], params[0]))
