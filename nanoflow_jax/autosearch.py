@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanoflow_jax.config import PIPELINES, ModelConfig
+from nanoflow_jax.config import KV_CACHE_DTYPE_CHOICES, PIPELINES, ModelConfig
 from nanoflow_jax.models.ops import programs_key
-from nanoflow_jax.models.paged import BatchInputs, KVCache
+from nanoflow_jax.models.paged import BatchInputs, KVCache, kv_cache_dtype
 
 log = logging.getLogger(__name__)
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
@@ -113,11 +113,19 @@ def load_choice(cfg: ModelConfig, device_kind: str, directory: Path | None = Non
 SIZING_KEYS = ("max_num_seqs", "max_num_batched_tokens")
 
 
-def searched_sizing(cfg: ModelConfig, device_kind: str, directory: Path | None = None) -> dict[str, int] | None:
+def _cache_kind(kv_cache_dtype: str) -> str:
+    return "fp8" if kv_cache_dtype.startswith("fp8") else kv_cache_dtype   # fp8 and fp8_e4m3 are one dtype
+
+
+def searched_sizing(cfg: ModelConfig, device_kind: str, directory: Path | None = None,
+                    kv_cache_dtype: str = "auto") -> dict[str, int] | None:
     """The batch sizing the search chose from this GPU's KV memory ({max_num_seqs,
-    max_num_batched_tokens}), or None when no choice file (or none with a sizing) exists."""
+    max_num_batched_tokens}), or None when no choice file (or none with a sizing for this
+    KV cache dtype: an fp8 cache holds twice the requests) exists."""
     def parse(record: dict[str, Any]) -> dict[str, int] | None:
         engine = record.get("engine") or {}
+        if _cache_kind(str(engine.get("kv_cache_dtype", "auto"))) != _cache_kind(kv_cache_dtype):
+            return None
         sizing = {k: engine[k] for k in SIZING_KEYS if k in engine}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizing.values()):
             raise ValueError(f"sizing {sizing} is not positive integers")
@@ -269,7 +277,7 @@ def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) 
     if memory <= 0:
         raise ValueError("the profile records no device memory: pass --gpu-memory-gib")
     sizing = ms.size_batch(cfg, jnp.dtype(a.dtype).itemsize, memory, a.input_len, a.output_len,
-                           a.memory_fraction)
+                           a.memory_fraction, kv_dtype_bytes=kv_cache_dtype(a.kv_cache_dtype, a.dtype).itemsize)
     w = sizing.workload(a.input_len, a.output_len)
     w = ms.Workload(tokens=a.tokens or w.tokens, rows=a.rows or w.rows,
                     decodes=a.decodes if a.decodes is not None else (a.rows or w.rows) - 1,
@@ -278,7 +286,7 @@ def model_search(a: argparse.Namespace, cfg: ModelConfig, out_dir: Path | None) 
     found = ms.search(model, w, max_nano=a.max_nano_batches, top=max(a.verify, 1))
     record: dict[str, Any] = {
         "engine": {"max_num_seqs": sizing.max_num_seqs, "max_num_batched_tokens": sizing.max_num_batched_tokens,
-                   "kv_pages": sizing.kv_pages, "input_len": a.input_len, "output_len": a.output_len,
+                   "kv_pages": sizing.kv_pages, "kv_cache_dtype": a.kv_cache_dtype, "input_len": a.input_len, "output_len": a.output_len,
                    "memory_bytes": memory, "memory_fraction": a.memory_fraction},
         "search": {"profile": a.profile or f"{stem}.profile.json", "profile_source": profile.source,
                    "interference": interference.to_json(), "candidates": found["candidates"],
@@ -324,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="default (seeded from measured overlaps) | measure (on this GPU) | an interference JSON")
     s.add_argument("--input-len", type=int, default=1024, help="prompt tokens of a typical request")
     s.add_argument("--output-len", type=int, default=512, help="generated tokens of a typical request")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPE_CHOICES),
+                   help="the cache the batch is sized for: auto (the weights' dtype) or fp8 (twice the requests)")
     s.add_argument("--memory-fraction", type=float, default=0.8,
                    help="share of the memory left after the weights that the KV cache takes")
     s.add_argument("--gpu-memory-gib", type=float, default=None, help="device memory (default: the profile's)")

@@ -92,6 +92,15 @@ def test_the_searched_batch_sizing_fills_in_what_the_caller_left_out(tmp_path, m
                                 "engine": {"max_num_seqs": seqs, "max_num_batched_tokens": tokens, "kv_pages": 7}}))
     assert autosearch.searched_sizing(TINY, FakeDevice.device_kind) == {"max_num_seqs": seqs,
                                                                         "max_num_batched_tokens": tokens}
+    # A sizing for a bf16 cache is not one for an fp8 cache (twice the requests fit), and back.
+    assert autosearch.searched_sizing(TINY, FakeDevice.device_kind, kv_cache_dtype="fp8") is None
+    record = json.loads(path.read_text())
+    record["engine"]["kv_cache_dtype"] = "fp8_e4m3"
+    path.write_text(json.dumps(record))
+    assert autosearch.searched_sizing(TINY, FakeDevice.device_kind, kv_cache_dtype="fp8")["max_num_seqs"] == seqs
+    assert autosearch.searched_sizing(TINY, FakeDevice.device_kind) is None
+    record["engine"].pop("kv_cache_dtype")
+    path.write_text(json.dumps(record))
     kwargs = {}
     llm_module._apply_searched_sizing(TINY, kwargs)   # CPU: the file is for a GPU
     assert kwargs == {}

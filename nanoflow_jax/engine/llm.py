@@ -72,7 +72,8 @@ def _apply_searched_sizing(model_cfg: ModelConfig, engine_kwargs: dict[str, Any]
     if (engine_kwargs.get("pipeline", "auto") != "auto" or jax.default_backend() != "gpu"
             or any(k in engine_kwargs for k in autosearch.SIZING_KEYS)):
         return
-    sizing = autosearch.searched_sizing(model_cfg, jax.devices()[0].device_kind)
+    sizing = autosearch.searched_sizing(model_cfg, jax.devices()[0].device_kind,
+                                        kv_cache_dtype=engine_kwargs.get("kv_cache_dtype", "auto"))
     if sizing:
         log.info("batch sizing from the searched pipeline file: %s", sizing)
         engine_kwargs.update(sizing)

@@ -368,15 +368,16 @@ class BatchSizing:
 
 def size_batch(cfg: Any, dtype_bytes: int, memory_bytes: int, input_len: int, output_len: int,
                memory_fraction: float = 0.8, block_size: int = 16, seq_multiple: int = 64,
-               token_multiple: int = 128) -> BatchSizing:
+               token_multiple: int = 128, kv_dtype_bytes: int | None = None) -> BatchSizing:
     """max_num_seqs: the requests of input_len + output_len tokens whose KV pages fit in
     `memory_fraction` of the memory the weights leave (the engine's default share), in whole
     `seq_multiple`s. max_num_batched_tokens: the dense batch that keeps those rows decoding in
     steady state: each iteration finishes max_num_seqs / output_len requests on average, whose
-    prompts (input_len tokens each) must be prefilled in the same iteration."""
+    prompts (input_len tokens each) must be prefilled in the same iteration. The KV cache takes
+    `kv_dtype_bytes` an element (default: the weights' `dtype_bytes`; 1 for an fp8 cache)."""
     if min(input_len, output_len) < 1 or not 0 < memory_fraction < 1:
         raise ValueError("input_len and output_len must be >= 1 and memory_fraction in (0, 1)")
-    kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (kv_dtype_bytes or dtype_bytes)
     weights = cfg.num_params() * dtype_bytes
     budget = int(memory_fraction * (memory_bytes - weights))
     pages = budget // (kv_token * block_size)

@@ -143,3 +143,8 @@ def test_batch_sizing_by_hand():
     assert long_out.max_num_seqs == 512 and long_out.max_num_batched_tokens == math.ceil(512 * 1.5 / 128) * 128
     with pytest.raises(ValueError, match="fewer than 64"):
         S.size_batch(LLAMA, 2, 20 * 2**30, 1024, 512)
+    # An fp8 cache: a byte a value, so twice the pages and (on an H100) twice the requests.
+    h100 = 81559 * 2**20
+    bf16, fp8 = S.size_batch(LLAMA, 2, h100, 1024, 512), S.size_batch(LLAMA, 2, h100, 1024, 512, kv_dtype_bytes=1)
+    assert fp8.kv_bytes_per_token * 2 == kv_token and fp8.kv_pages in (2 * bf16.kv_pages, 2 * bf16.kv_pages + 1)
+    assert (bf16.max_num_seqs, fp8.max_num_seqs) == (256, 512)
