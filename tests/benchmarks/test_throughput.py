@@ -148,7 +148,7 @@ def test_a_failing_warm_up_stops_the_run_with_its_error(tmp_path, monkeypatch):
     the benchmark stops with that error rather than timing a run of failed requests."""
     from nanoflow_jax.engine.model_runner import ModelRunner
 
-    def out_of_memory(self, batch, prev_tokens):
+    def out_of_memory(self, batch, prev_tokens, send=None):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.39GiB")
 
     monkeypatch.setattr(ModelRunner, "dispatch", out_of_memory)
