@@ -45,6 +45,8 @@ def tiny_folder(tmp_path):
     (["Hi", "--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["Hi", "--max-num-seqs", "0"], "--max-num-seqs must be a positive integer"),
     (["Hi", "--num-kv-pages", "1"], "--num-kv-pages must be >= 2"),
+    (["Hi", "--kv-offload-disk-path", "/tmp/x"], "--kv-offload-disk-path needs --kv-offload-disk-gb > 0"),
+    (["Hi", "--kv-offload-pages-per-step", "-1"], "--kv-offload-pages-per-step must be an integer >= 0"),
     (["   "], "the prompt is empty"),
     (["Hi", "--prompt-file", "x.txt"], "either a PROMPT argument or --prompt-file"),
     (["Hi", "--prompt", "Hello"], "give the prompt once"),
@@ -84,9 +86,11 @@ def test_folder_without_tokenizer_needs_token_ids(tiny_folder, monkeypatch, caps
     assert code == generate.EXIT_BAD_INPUT and "--prompt-ids" in capsys.readouterr().err
 
 
-def test_random_weights_reply_in_token_ids(tiny_folder, monkeypatch, capsys):
+@pytest.mark.parametrize("offload", [[], ["--kv-offload-host-gb", "0.01", "--kv-offload-pages-per-step", "2"]],
+                         ids=["plain", "kv_offload"])
+def test_random_weights_reply_in_token_ids(tiny_folder, monkeypatch, capsys, offload):
     code, out = _main(["--model", str(tiny_folder), "--weights", "random", "--prompt-ids", "1,2,3",
-                       "--prompt-ids", "4", "--max-tokens", "5", "--num-kv-pages", "16"], monkeypatch)
+                       "--prompt-ids", "4", "--max-tokens", "5", "--num-kv-pages", "16", *offload], monkeypatch)
     replies = out.strip().split("\n\n")
     assert code == 0 and len(replies) == 2, out
     for reply in replies:
