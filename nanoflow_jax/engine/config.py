@@ -65,8 +65,8 @@ class EngineConfig:
     kv_offload_disk_path: str | None = None
     kv_offload_disk_gb: float = 0.0
     # Pages each step copies to host memory from the offload staging ring, inside its own
-    # program (engine/kv_stage.py); None: 128 MiB of pages; 0: no ring, a gather before the
-    # step copies them (it holds the step up: for ablations).
+    # program (engine/kv_stage.py); None: 128 MiB of pages on a GPU, no ring on CPU; 0: no
+    # ring, a gather before the step copies them (on a GPU it holds the step up: ablations).
     kv_offload_pages_per_step: int | None = None
     # The KV cache's dtype (vLLM's names): auto (the weights'), or fp8 / fp8_e4m3 (float8 e4m3,
     # unscaled, saturated at +-448): half a bf16 cache's bytes, so twice the pages, and decode

@@ -42,7 +42,7 @@ class StageSpec:
 
 
 def stage_spec(pages_per_step: int | None, page_bytes: int) -> StageSpec | None:
-    """The ring for `EngineConfig.kv_offload_pages_per_step` (None: by WINDOW_BYTES; 0: no ring)."""
+    """The ring for `kv_offload_pages_per_step` pages a step (None: by WINDOW_BYTES; 0: no ring)."""
     if pages_per_step == 0:
         return None
     window = pages_per_step or min(MAX_WINDOW_PAGES, max(1, WINDOW_BYTES // page_bytes))

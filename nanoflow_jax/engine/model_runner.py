@@ -208,7 +208,11 @@ class ModelRunner:
         self.decode_only_steps = cfg.decode_only_steps and isinstance(self.ops, PallasOps)
         # The offload tiers' staging ring (kv_stage), whose windows each step sends to host memory.
         page_bytes = kv_bytes_per_page(model_cfg, cfg.block_size, self.kv_dtype)
-        self.stage_spec = (stage_spec(cfg.kv_offload_pages_per_step, page_bytes)
+        # On CPU the device's memory is the host's: no ring by default (a window a step would
+        # be a memcpy for nothing), the direct gather copies exactly the pages saved.
+        per_step = cfg.kv_offload_pages_per_step
+        per_step = 0 if per_step is None and on_cpu else per_step
+        self.stage_spec = (stage_spec(per_step, page_bytes)
                            if cfg.kv_offload_host_gb > 0 and self.tp is None else None)
         reserved = self.stage_spec.slots * page_bytes if self.stage_spec is not None else 0
         # Per-device page bytes and memory: one device's share of the pool under TP.

@@ -100,10 +100,10 @@ def reference(convs) -> list[list[int]]:
     return reference_greedy(convs, GREEDY.max_tokens)
 
 
-@pytest.mark.parametrize("pages_per_step", [None, 1, 0], ids=["ring", "small_ring_overflows", "no_ring"])
+@pytest.mark.parametrize("pages_per_step", [8, 1, None], ids=["ring", "small_ring_overflows", "no_ring"])
 def test_host_tier_reloads_evicted_prefixes(convs, reference, pages_per_step):
-    """Through the staging ring (sized by bytes, or one page a step so that most pages
-    overflow to the direct gather) and through the direct gather alone."""
+    """Through the staging ring (or one page a step, so that most pages overflow to the
+    direct gather) and through the direct gather alone (the default on CPU)."""
     llm = make_llm(kv_offload_host_gb=HOST_GB, kv_offload_pages_per_step=pages_per_step)
     eng = llm.engine
     assert tokens(llm, convs) == reference
@@ -115,7 +115,7 @@ def test_host_tier_reloads_evicted_prefixes(convs, reference, pages_per_step):
     assert eng.num_prefill_tokens - prefilled == sum(len(c) - (len(c) - 1) // 4 * 4 for c in convs)
     assert eng.offload.stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
     assert eng.blocks.all_free()
-    assert (eng.offload.ring is None) == (pages_per_step == 0)
+    assert (eng.offload.ring is None) == (pages_per_step is None)
     assert llm.reset_prefix_cache() and eng.offload.num_host_pages == 0
 
 
