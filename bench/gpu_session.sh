@@ -67,7 +67,8 @@
 #   multiround  16 conversations x 4 rounds of LMSYS-like turns, 8 at once, Llama-3-8B shapes, a KV
 #               pool smaller than all conversations: prefill tokens, tokens/s and TTFT without the
 #               prefix cache, with it, and with host + disk offload; the offload overhead on
-#               single-round work; host and disk bandwidth
+#               single-round work; host and disk bandwidth. MR_CONVERSATIONS, MR_ROUNDS, MR_REPEATS
+#               (single-round runs each side) and MR_TIMEOUT (s) shrink it to a short call
 #                                                                        -> multiround_llama3_8b.json
 # Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
 set -u
@@ -243,8 +244,9 @@ for recipe in "$@"; do
       [ -f "$OUT/gemm_ab_table.json" ] && NANOFLOW_GEMM_TABLE="$OUT/gemm_ab_table.json" gemm_table gemm_ab \
         && grep "^\[" "$OUT/kernels.log" ;;
     multiround)
-      timeout 580 python3 -m bench.multiround --model llama-3-8b --weights random --dtype bfloat16 \
-        --num-conversations 16 --rounds 4 --concurrency 8 --max-output-len 256 --max-num-seqs 64 \
+      timeout "${MR_TIMEOUT:-580}" python3 -m bench.multiround --model llama-3-8b --weights random --dtype bfloat16 \
+        --num-conversations "${MR_CONVERSATIONS:-16}" --rounds "${MR_ROUNDS:-4}" --repeats "${MR_REPEATS:-2}" \
+        --concurrency 8 --max-output-len 256 --max-num-seqs 64 \
         --max-num-batched-tokens 2048 --token-buckets 64,2048 --num-kv-pages 768 --kv-offload-host-gb 16 \
         --kv-offload-disk-path "$OUT/kv_disk" --kv-offload-disk-gb 32 --bandwidth-pages 256 \
         --out "$OUT/multiround_llama3_8b.json" 2>&1 | grep -v "^WARNING" | tail -8 | tee "$OUT/multiround.log"
