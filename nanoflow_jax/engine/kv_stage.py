@@ -81,7 +81,7 @@ class StageRing:
     def __init__(self, spec: StageSpec, cache: KVCache, host: Any) -> None:
         self.spec, self.host = spec, host   # host: the pinned-memory sharding (None: stay on device)
         struct = stage_struct(spec, cache)
-        self.stage = jnp.zeros(struct.shape, struct.dtype)
+        self.stage = jnp.zeros(struct.shape, struct.dtype, device=cache.k.sharding)   # committed, as the cache
         self._fill = jax.jit(_fill, donate_argnums=0)
         self._send = jax.jit(send_window, static_argnums=(2, 3))
         self._free = collections.deque(range(spec.windows))
@@ -94,8 +94,9 @@ class StageRing:
         """Compile the fill for every page-count bucket it can take."""
         n = 1
         while True:
-            self.stage = self._fill(self.stage, cache, np.full(n, NULL_PAGE, np.int32),
-                                    np.full(n, self.spec.slots, np.int32))
+            size = min(n, self.spec.slots)   # as `fill` pads: a power of two, at most the ring
+            self.stage = self._fill(self.stage, cache, np.full(size, NULL_PAGE, np.int32),
+                                    np.full(size, self.spec.slots, np.int32))
             if n >= self.spec.slots:
                 break
             n *= 2

@@ -40,11 +40,14 @@ def kv_cache_dtype(name: str, weights_dtype: jnp.dtype) -> jnp.dtype:
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int,
                       dtype: jnp.dtype = jnp.float32) -> KVCache:
-    """Zeroed cache created directly on the default device."""
+    """Zeroed cache created directly on the default device, committed to it: the compiled
+    steps return it committed, so the jitted page copies see one placement before and
+    during serving (a committed and an uncommitted argument are two compiles)."""
     if num_pages < 2:
         raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), got {num_pages}")
     shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    dev = jax.devices()[0]
+    return KVCache(k=jnp.zeros(shape, dtype, device=dev), v=jnp.zeros(shape, dtype, device=dev))
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:

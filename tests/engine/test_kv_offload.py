@@ -179,10 +179,13 @@ def test_the_same_conversation_twice_at_once_loads_it_once(convs, reference):
     assert eng.blocks.all_free()
 
 
-def test_precompiled_engine_never_compiles_page_copies_while_serving(convs, reference):
+@pytest.mark.parametrize("pages_per_step", [None, 5], ids=["no_ring", "ring_of_20"])
+def test_precompiled_engine_never_compiles_page_copies_while_serving(convs, reference, pages_per_step):
+    """Start-up compiles every page copy serving can dispatch: the gathers and scatters, and
+    the ring's fills (a ring of 20 slots pads a fill of 17 pages to 20, not 32)."""
     from tests.engine.conftest import count_compiles
 
-    llm = make_llm(kv_offload_host_gb=HOST_GB, precompile=True)
+    llm = make_llm(kv_offload_host_gb=HOST_GB, precompile=True, kv_offload_pages_per_step=pages_per_step)
     with count_compiles() as events:
         assert tokens(llm, convs) == reference
         flood(llm)
