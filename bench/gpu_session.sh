@@ -17,8 +17,8 @@
 #               and first token, warm); then 512 x (512 in, 1024 out). KV_PAGES (default 26000) fits an H100
 #               -> throughput_llama3_8b_{1024_512,warm_start,512_1024}.json, *_iteration.png, window traces
 #   fp8         the KV cache in fp8 against bf16 on the floor workload (512 x 1024 in / 512 out, 2048 tokens):
-#               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 256
-#               seqs, then fp8 with 512 seqs   -> throughput_llama3_8b_1024_512_{bf16,fp8,fp8_512seqs}.json
+#               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 512
+#               seqs, then fp8 with 256 seqs   -> throughput_llama3_8b_1024_512_{bf16,fp8,fp8_512seqs}.json
 #   offload     the KV offload's cost on that workload, which never reuses a page (every finished request's
 #               pages go to an LRU of OFFLOAD_GB, default 24, of host memory): through the staging ring
 #               (copies inside the steps) and the direct gather before the step, against the bf16 run
@@ -262,8 +262,8 @@ for recipe in "$@"; do
     fp8)
       pages=${KV_PAGES:-26000}
       floor_run bf16 "$pages" 256 auto
-      floor_run fp8 $((2 * pages)) 256 fp8
-      floor_run fp8_512seqs $((2 * pages)) 512 fp8 ;;
+      floor_run fp8_512seqs $((2 * pages)) 512 fp8
+      floor_run fp8 $((2 * pages)) 256 fp8 ;;
     offload)
       pages=${KV_PAGES:-26000}
       floor_run bf16 "$pages" 256 auto
