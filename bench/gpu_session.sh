@@ -18,11 +18,12 @@
 #               -> throughput_llama3_8b_{1024_512,warm_start,512_1024}.json, *_iteration.png, window traces
 #   fp8         the KV cache in fp8 against bf16 on the floor workload (512 x 1024 in / 512 out, 2048 tokens):
 #               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 512
-#               seqs, then fp8 with 256 seqs   -> throughput_llama3_8b_1024_512_{bf16,fp8,fp8_512seqs}.json
+#               seqs, then fp8 with 256 seqs (FP8_SEQS, default "512 256")
+#                                        -> throughput_llama3_8b_1024_512_{bf16,fp8_512seqs,fp8}.json
 #   offload     the KV offload's cost on that workload, which never reuses a page (every finished request's
 #               pages go to an LRU of OFFLOAD_GB, default 24, of host memory): through the staging ring
 #               (copies inside the steps) and the direct gather before the step, against the bf16 run
-#               (fp8's, when run after it in the same call)
+#               (fp8's, when run after it in the same call); OFFLOAD_PATHS, default "ring direct"
 #                                        -> throughput_llama3_8b_1024_512_{offload_ring,offload_direct}.json
 #   kernels     the kernel table: decode attention, memory-bound and prefill sections, then the
 #               Mosaic GEMMs at M = 256..2048 against the library, judged by bench.targets;
@@ -262,13 +263,16 @@ for recipe in "$@"; do
     fp8)
       pages=${KV_PAGES:-26000}
       floor_run bf16 "$pages" 256 auto
-      floor_run fp8_512seqs $((2 * pages)) 512 fp8
-      floor_run fp8 $((2 * pages)) 256 fp8 ;;
+      for seqs in ${FP8_SEQS:-512 256}; do
+        floor_run "fp8$([ "$seqs" = 256 ] || echo "_${seqs}seqs")" $((2 * pages)) "$seqs" fp8
+      done ;;
     offload)
       pages=${KV_PAGES:-26000}
       floor_run bf16 "$pages" 256 auto
-      floor_run offload_ring "$pages" 256 auto --kv-offload-host-gb "${OFFLOAD_GB:-24}"
-      floor_run offload_direct "$pages" 256 auto --kv-offload-host-gb "${OFFLOAD_GB:-24}" --kv-offload-pages-per-step 0 ;;
+      for path in ${OFFLOAD_PATHS:-ring direct}; do
+        floor_run "offload_$path" "$pages" 256 auto --kv-offload-host-gb "${OFFLOAD_GB:-24}" \
+          $([ "$path" = direct ] && echo --kv-offload-pages-per-step 0)
+      done ;;
     fused)
       timeout 400 python3 -m bench.overlap --mechanisms fused --layers 8 --no-trace \
         --splits "${FUSED_SPLITS:-100/32,108/24,88/44,100/32x2,116/16x2,all}" --out "$OUT/overlap_fused.json" 2>&1 \
