@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-offload-host-gb", type=float, default=4.0, help="the offload mode's host budget")
     p.add_argument("--kv-offload-disk-path", default=None, help="the offload mode's disk folder (default: none)")
     p.add_argument("--kv-offload-disk-gb", type=float, default=8.0)
+    p.add_argument("--kv-offload-pages-per-step", type=int, default=None,
+                   help="EngineConfig.kv_offload_pages_per_step (default: 128 MiB of pages on a GPU, none on CPU)")
     p.add_argument("--bandwidth-pages", type=int, default=64, help="pages per copy in the bandwidth measurement")
     p.add_argument("--repeats", type=int, default=2, help="runs of each side of the single-round overhead")
     p.add_argument("--seed", type=int, default=0)
@@ -102,7 +104,7 @@ def make_llm(args: argparse.Namespace, mode: str, max_model_len: int, offload: b
     offload = mode == "offload" if offload is None else offload
     kw: dict[str, Any] = {}
     if offload:
-        kw = dict(kv_offload_host_gb=args.kv_offload_host_gb)
+        kw = dict(kv_offload_host_gb=args.kv_offload_host_gb, kv_offload_pages_per_step=args.kv_offload_pages_per_step)
         if args.kv_offload_disk_path:
             kw.update(kv_offload_disk_path=args.kv_offload_disk_path, kv_offload_disk_gb=args.kv_offload_disk_gb)
     return LLM(args.model, weights=args.weights, dtype=args.dtype, max_model_len=max_model_len,
