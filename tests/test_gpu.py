@@ -149,3 +149,30 @@ def test_profiled_windows_attribute_every_kernel_on_gpu(tmp_path):
         for row in w["representative"].values():
             assert sum(op["kernels"] for op in row["ops"].values()) == row["kernels"]
     assert 0 <= r["device_idle"]["share"] < 1 and r["floor"]["sequential_s"] > 0
+
+
+def test_offload_copies_run_inside_the_step_and_reload_bit_for_bit_on_gpu():
+    """The staging ring on a real device: the compiled step sends its window to pinned host
+    memory as an async copy of its own program (copy-start into memory space S(5)), and an
+    engine that offloads, evicts and reloads every conversation serves the greedy tokens of
+    the dense reference."""
+    from nanoflow_jax import SamplingParams
+    from tests.engine.conftest import make_llm, random_prompts, reference_greedy
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    convs = random_prompts(4, [36, 44, 40, 24], seed=int(np.random.default_rng().integers(1 << 30)))
+    with jax.default_matmul_precision("highest"):   # float32 as on CPU (no TF32): exact greedy ties
+        llm = make_llm(kernels="xla", precompile=True, kv_offload_host_gb=0.01, kv_offload_pages_per_step=4)
+        eng = llm.engine
+        assert eng.offload.ring is not None
+        if jax.default_backend() == "gpu":
+            texts = [exe.as_text() for exe in eng.runner._compiled.values()]
+            assert texts and all("copy-start" in t and "S(5)" in t for t in texts)
+        want = reference_greedy(convs, greedy.max_tokens)
+        assert [o.outputs[0].token_ids for o in llm.generate(convs, greedy)] == want
+        for p in random_prompts(4, [56] * 4, seed=99):     # the whole pool: every cached page leaves the device
+            llm.generate([p], greedy)
+        assert [o.outputs[0].token_ids for o in llm.generate(convs, greedy)] == want
+    stats = eng.offload.stats
+    assert stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs) and stats.saved_pages > stats.direct_pages
+    assert eng.blocks.all_free()
