@@ -51,7 +51,19 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("nanoflow_e2e_request_latency_seconds", "arrival to last token",
                              buckets=_E2E_BUCKETS, registry=r)
-        self._preemptions_seen = 0
+        # Engine counters (LLMEngine.stats() keys) exported as counters by their growth.
+        self._counters = {
+            "num_preemptions": self.preemptions,
+            "prefix_cache_queries": Counter("nanoflow_prefix_cache_queries", "prompt tokens looked up in the "
+                                            "prefix cache (vLLM's prefix_cache_queries)", registry=r),
+            "prefix_cache_hits": Counter("nanoflow_prefix_cache_hits", "of which found cached, not computed",
+                                         registry=r),
+            "kv_offload_saved_pages": Counter("nanoflow_kv_offload_saved_pages", "KV pages copied to host memory",
+                                              registry=r),
+            "kv_offload_loaded_pages": Counter("nanoflow_kv_offload_loaded_pages", "KV pages loaded back from host "
+                                               "memory instead of computed", registry=r),
+        }
+        self._seen: dict[str, int] = {}
 
     def publish(self, stats: dict[str, int], not_handed_over: int) -> None:
         """Engine-wide numbers after a step (or while idle)."""
@@ -59,10 +71,14 @@ class ServerMetrics:
         self.waiting.set(stats["num_waiting"] + not_handed_over)
         self.pages_free.set(stats["kv_pages_free"])
         self.pages_used.set(stats["kv_pages_total"] - stats["kv_pages_free"])
-        new = stats["num_preemptions"] - self._preemptions_seen
-        if new > 0:
-            self.preemptions.inc(new)
-            self._preemptions_seen = stats["num_preemptions"]
+        for key, counter in self._counters.items():
+            if key not in stats:
+                continue
+            # A counter only grows: an engine count that went back (its counters reset) restarts the baseline.
+            new = stats[key] - self._seen.get(key, 0)
+            if new > 0:
+                counter.inc(new)
+            self._seen[key] = stats[key]
 
     def observe(self, timing: RequestTiming, prompt_tokens: int, new_tokens: int, now: float) -> None:
         """A request's update with `new_tokens` tokens arrived at `now` (the generated-token

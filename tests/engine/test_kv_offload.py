@@ -116,6 +116,10 @@ def test_host_tier_reloads_evicted_prefixes(convs, reference, pages_per_step):
     assert eng.offload.stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
     assert eng.blocks.all_free()
     assert (eng.offload.ring is None) == (pages_per_step is None)
+    stats = eng.stats()    # what a server exports as metrics
+    assert (stats["kv_offload_loaded_pages"], stats["kv_offload_saved_pages"]) == (
+        eng.offload.stats.loaded_pages, eng.offload.stats.saved_pages)
+    assert 0 < stats["prefix_cache_hits"] == eng.prefix_cache_stats.hits <= stats["prefix_cache_queries"]
     assert llm.reset_prefix_cache() and eng.offload.num_host_pages == 0
 
 

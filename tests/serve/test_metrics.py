@@ -25,6 +25,20 @@ def test_gauges_and_preemptions_follow_the_engine():
     assert ServerMetrics().registry.get_sample_value("nanoflow_num_preemptions_total") == 0   # registries are apart
 
 
+def test_prefix_cache_and_offload_counters_grow_with_the_engine():
+    m = ServerMetrics()
+    value = m.registry.get_sample_value
+    m.publish(_stats(prefix_cache_queries=120, prefix_cache_hits=48, kv_offload_saved_pages=6), 0)
+    m.publish(_stats(prefix_cache_queries=200, prefix_cache_hits=80, kv_offload_saved_pages=6,
+                     kv_offload_loaded_pages=3), 0)
+    assert (value("nanoflow_prefix_cache_queries_total"), value("nanoflow_prefix_cache_hits_total")) == (200, 80)
+    assert (value("nanoflow_kv_offload_saved_pages_total"), value("nanoflow_kv_offload_loaded_pages_total")) == (6, 3)
+    # The engine's counters were reset (reset_prefix_cache): the exported ones keep growing from there.
+    m.publish(_stats(prefix_cache_queries=10, prefix_cache_hits=0), 0)
+    m.publish(_stats(prefix_cache_queries=30, prefix_cache_hits=16), 0)
+    assert (value("nanoflow_prefix_cache_queries_total"), value("nanoflow_prefix_cache_hits_total")) == (220, 96)
+
+
 def test_latencies_per_token():
     m = ServerMetrics()
     value = m.registry.get_sample_value
