@@ -246,10 +246,10 @@ def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
     def to_host() -> None:
         off._host.clear()
         off.save(runner.cache, list(zip(pages, keys)))
-        off.land()
+        off.land(wait=True)   # the device-to-host copy and the read out of pinned memory
 
     def to_device() -> None:
-        off.queue_load(pages, keys)
+        off.queue_load(pages, off.take(keys, len(keys)))
         runner.cache = off.dispatch_loads(runner.cache)
         jax.block_until_ready(runner.cache)
 

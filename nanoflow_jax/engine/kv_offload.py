@@ -9,10 +9,11 @@ memory inside their own programs, so the device-to-host copy runs beside compute
 that find the ring full (and every page with `kv_offload_pages_per_step=0`) take the
 direct path: one jitted gather whose output lives in pinned host memory, dispatched before
 the batch, which waits for its copy. The host reads what a step sent once that step is
-done (`land`), so the host never waits on it. A page lands in the host LRU (budget
-`kv_offload_host_gb`); with a disk tier it is also queued for the disk writer thread
-(write-through: evicting a page from host memory costs nothing, and the disk holds the
-pages across restarts).
+done (`land`), so the host never waits on it, and a lander thread reads it out of pinned
+memory (a copy of up to a window's 128 MiB, kept off the engine's thread). A page lands in
+the host LRU (budget `kv_offload_host_gb`); with a disk tier it is also queued for the disk
+writer thread (write-through: evicting a page from host memory costs nothing, and the
+disk holds the pages across restarts). One lock guards the LRU between the threads.
 
 Loading: a request whose next keys after its device-cached prefix are in host memory gets
 fresh pages; one jitted scatter copies the pages in before its batch (dispatched first,
@@ -96,6 +97,10 @@ class KVOffloader:
         self._reading: set[bytes] = set()
         if disk is not None:
             threading.Thread(target=self._reader, name="kv-disk-reader", daemon=True).start()
+        # Finished copies ((keys, buffer)) go to the lander thread, which reads them into the LRU.
+        self._lock = threading.Lock()
+        self._landing: queue.Queue[tuple[list[bytes], jax.Array]] = queue.Queue()
+        threading.Thread(target=self._lander, name="kv-offload-lander", daemon=True).start()
 
     @property
     def num_host_pages(self) -> int:
@@ -122,10 +127,11 @@ class KVOffloader:
     def save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:
         """Copy out these (page, key) pairs not yet in host memory, into the staging ring or
         by a direct gather, before the batch that may overwrite them is dispatched."""
-        todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
-        if not todo or self.budget < self.page_bytes:
-            return
-        self._saving_keys.update(todo)
+        with self._lock:
+            todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
+            if not todo or self.budget < self.page_bytes:
+                return
+            self._saving_keys.update(todo)
         todo = [(p, k) for k, p in todo.items()]
         if self.ring is not None:
             todo = todo[self.ring.fill(cache, todo, _bucket):]
@@ -149,32 +155,48 @@ class KVOffloader:
             self.ring.flush()
 
     def land(self, wait: bool = False) -> None:
-        """Move finished copies and disk reads into the host LRU (called as an iteration
-        starts: the direct gathers ran before the batch in flight, so they are done; a
-        window a step sent lands once that step is done, or at once with `wait`)."""
+        """Hand finished copies to the lander thread and move finished disk reads into the
+        host LRU (called as an iteration starts: the direct gathers ran before the batch in
+        flight, so they are done; a window a step sent goes once that step is done). With
+        `wait`, every copy dispatched so far is in host memory when it returns."""
         saving, self._saving = self._saving, []
         if self.ring is not None:
             saving += self.ring.land(wait)
-        for keys, buf in saving:
-            host = np.asarray(buf)
-            self._saving_keys.difference_update(keys)
-            for i, key in enumerate(keys):
-                # A view, not a copy: landing stays cheap on the host's critical path (the
-                # disk writer serializes it on its thread); the buffer is freed with its
-                # last page.
-                page = host[:, :, i]
-                self._put(key, page)
+        for item in saving:
+            self._landing.put(item)
+        if wait:
+            self._landing.join()
+        with self._lock:
+            while not self._promoted.empty():
+                key, page = self._promoted.get()
+                self._reading.discard(key)
+                if page is not None:
+                    self._put(key, page)
+                    self.stats.disk_hits += 1
+
+    def _lander(self) -> None:
+        while True:
+            keys, buf = self._landing.get()
+            try:
+                host = np.asarray(buf)   # out of pinned memory: a copy, on this thread
+                with self._lock:
+                    for i, key in enumerate(keys):
+                        # A view of the buffer, which is freed with its last page.
+                        self._put(key, host[:, :, i])
+                    self.stats.saved_pages += len(keys)
                 if self.disk is not None:
-                    self.disk.put(key, page)
-            self.stats.saved_pages += len(keys)
-        while not self._promoted.empty():
-            key, page = self._promoted.get()
-            self._reading.discard(key)
-            if page is not None:
-                self._put(key, page)
-                self.stats.disk_hits += 1
+                    for i, key in enumerate(keys):
+                        self.disk.put(key, host[:, :, i])
+            except Exception as e:   # never let the thread die: these pages are recomputed when needed
+                log.warning("copying KV pages to host memory failed (%s: %s): they are not offloaded",
+                            type(e).__name__, e)
+            finally:
+                with self._lock:
+                    self._saving_keys.difference_update(keys)
+                self._landing.task_done()
 
     def _put(self, key: bytes, page: np.ndarray) -> None:
+        """Into the LRU, evicting the oldest beyond the budget (the caller holds the lock)."""
         self._host[key] = page
         self._host.move_to_end(key)
         while len(self._host) * self.page_bytes > self.budget:
@@ -186,17 +208,29 @@ class KVOffloader:
     def find(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, are in host memory."""
         n = 0
-        for key in keys:
-            if key not in self._host:
-                break
-            n += 1
+        with self._lock:
+            for key in keys:
+                if key not in self._host:
+                    break
+                n += 1
         return n
 
-    def queue_load(self, pages: list[int], keys: list[bytes]) -> None:
-        """These fresh pages get these keys' K/V before the next batch runs."""
-        for key in keys:
-            self._host.move_to_end(key)
-        self._loads.append((pages, [self._host[k] for k in keys]))
+    def take(self, keys: Sequence[bytes], limit: int) -> list[np.ndarray]:
+        """The pages of `keys`, from the first, that host memory holds (at most `limit`),
+        made the most recent: taken in one step, since the lander may evict meanwhile."""
+        out = []
+        with self._lock:
+            for key in keys[:limit]:
+                page = self._host.get(key)
+                if page is None:
+                    break
+                self._host.move_to_end(key)
+                out.append(page)
+        return out
+
+    def queue_load(self, pages: list[int], data: list[np.ndarray]) -> None:
+        """These fresh pages get this K/V (from `take`) before the next batch runs."""
+        self._loads.append((pages, data))
 
     def dispatch_loads(self, cache: KVCache) -> KVCache:
         """Dispatch the queued loads (the cache is donated; use the returned one)."""
@@ -219,7 +253,9 @@ class KVOffloader:
         if self.disk is None:
             return
         for key in keys:
-            if key in self._host or key in self._reading:
+            with self._lock:
+                known = key in self._host
+            if known or key in self._reading:
                 continue
             if key not in self.disk:
                 break
@@ -248,7 +284,8 @@ class KVOffloader:
         """Forget every offloaded page (host and disk)."""
         self.flush()
         self.land(wait=True)
-        self._host.clear()
+        with self._lock:
+            self._host.clear()
         if self.disk is not None:
             self.disk.clear()
 

@@ -157,11 +157,13 @@ class StageRing:
                 return
             send.on_sent(self._send(send.stage, np.int32(send.index), self.spec.window, self.host))
 
-    def land(self, wait: bool = False) -> list[tuple[list[bytes], np.ndarray]]:
-        """Windows whose step is done (all of them with `wait`), as (keys, host pages)."""
+    def land(self, wait: bool = False) -> list[tuple[list[bytes], jax.Array]]:
+        """Windows whose step is done (all of them with `wait`), as (keys, the window in
+        host memory). Their slots are free again: a fill dispatched from now on runs after
+        the steps that read them, in the device's stream order."""
         out = []
         while self._sent and (wait or self._sent[0][2].is_ready()):
             index, keys, buf = self._sent.popleft()
-            out.append((keys, np.asarray(buf)))
+            out.append((keys, buf))
             self._free.append(index)
         return out

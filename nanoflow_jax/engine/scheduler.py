@@ -294,13 +294,13 @@ class Scheduler:
     def _load_offloaded(self, keys: list[bytes]) -> list[int]:
         """Fresh pages for the keys, from the first, that host memory holds; their K/V is
         copied in before the batch runs, so they are cached (mappable) at once."""
-        n = min(self.offload.find(keys), self.blocks.num_free)
-        if n == 0:
+        data = self.offload.take(keys, self.blocks.num_free)
+        if not data:
             return []
-        pages = self.blocks.allocate(n)
+        pages = self.blocks.allocate(len(data))
         for page, key in zip(pages, keys):
             self.blocks.cache_page(page, key)
-        self.offload.queue_load(pages, keys[:n])
+        self.offload.queue_load(pages, data)
         return pages
 
     def prefetch(self, seq: Sequence) -> None:

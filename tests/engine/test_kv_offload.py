@@ -36,11 +36,11 @@ def test_pages_go_to_host_and_back_bit_for_bit():
     off.save(KVCache(jnp.asarray(k), jnp.asarray(v)), [(3, keys(3)[0]), (7, keys(3)[1]), (5, keys(3)[2])])
     if host_sharding() is not None:   # jax's CPU backend has pinned host memory: the in-jit path is tested
         assert off._saving[0][1].sharding.memory_kind == "pinned_host"
-    off.land()
+    off.land(wait=True)
     assert off.num_host_pages == 3 and off.find(keys(3)) == 3 and off.find(keys(3)[1:]) == 2
     assert off.find(keys(2, tag=1)) == 0
     # Load them into other pages of an empty cache: exactly those pages change.
-    off.queue_load([1, 9, 2], keys(3))
+    off.queue_load([1, 9, 2], off.take(keys(3), 3))
     cache = off.dispatch_loads(KVCache(jnp.zeros(shape), jnp.zeros(shape)))
     got_k, got_v = np.asarray(cache.k), np.asarray(cache.v)
     for dst, src in ((1, 3), (9, 7), (2, 5)):
@@ -56,12 +56,33 @@ def test_host_lru_keeps_the_budget():
     off = KVOffloader(3 * PAGE_BYTES, PAGE_BYTES)
     ks = keys(5)
     off.save(cache, [(1, ks[0]), (2, ks[1]), (3, ks[2])])
-    off.land()
-    off.queue_load([4], ks[:1])              # a reload makes page 0 the most recent
+    off.land(wait=True)
+    assert len(off.take(ks, 2)) == 2 and len(off.take(ks[3:], 9)) == 0
+    off.queue_load([4], off.take(ks[:1], 1))  # a reload makes page 0 the most recent
     cache = off.dispatch_loads(cache)        # the cache is donated: keep the returned one
     off.save(cache, [(5, ks[3]), (6, ks[4])])
-    off.land()
+    off.land(wait=True)
     assert [off.find([k]) for k in ks] == [1, 0, 0, 1, 1] and off.stats.host_evictions == 2
+
+
+def test_a_copy_that_fails_to_land_is_dropped_and_the_lander_serves_on(caplog):
+    """The lander thread reads copies out of pinned memory; one that fails (a device error
+    surfacing there) is logged and forgotten, its pages saved again later, the thread alive."""
+    class Broken:
+        def __array__(self, *a, **k):
+            raise RuntimeError("INTERNAL: device copy failed")
+
+    shape = (2, 8, 4, 2, 16)
+    cache = KVCache(jnp.ones(shape), jnp.ones(shape))
+    off = KVOffloader(8 * PAGE_BYTES, PAGE_BYTES)
+    ks = keys(3)
+    off._saving_keys.update(ks[:2])
+    off._saving.append((ks[:2], Broken()))
+    off.land(wait=True)
+    assert "device copy failed" in caplog.text and off.num_host_pages == 0 and not off._saving_keys
+    off.save(cache, [(1, ks[0]), (2, ks[1]), (3, ks[2])])   # saved again, and it lands
+    off.land(wait=True)
+    assert off.find(ks) == 3 and off.stats.saved_pages == 3
 
 
 def test_config_checks_name_the_fix():
