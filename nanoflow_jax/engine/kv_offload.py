@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflow_jax.engine.kv_disk import DiskKVStore
-from nanoflow_jax.engine.kv_stage import Send, StageRing, StageSpec
+from nanoflow_jax.engine.kv_stage import Send, StageRing, StageSpec, stack_pages
 from nanoflow_jax.models.paged import NULL_PAGE, KVCache, kv_bytes_per_page
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,6 @@ def host_sharding() -> jax.sharding.Sharding | None:
     except Exception:
         return None
     return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host") if "pinned_host" in kinds else None
-
-
-def _gather(cache: KVCache, ids: jax.Array) -> jax.Array:
-    return jnp.stack([cache.k[:, ids], cache.v[:, ids]])          # [2, L, n, ps, K, D]
 
 
 def _scatter(cache: KVCache, ids: jax.Array, buf: jax.Array) -> KVCache:
@@ -86,7 +82,7 @@ class KVOffloader:
         self._saving_keys: set[bytes] = set()
         self._loads: list[tuple[list[int], list[np.ndarray]]] = []      # scatters not yet dispatched
         self._sharding = host_sharding()
-        self._gather = jax.jit(_gather, out_shardings=self._sharding)
+        self._gather = jax.jit(stack_pages, out_shardings=self._sharding)
         self._scatter = jax.jit(_scatter, donate_argnums=0)
         # The staging ring for (spec, a cache of the pool's shape); None: the direct path only.
         self.ring = StageRing(stage[0], stage[1], self._sharding) if stage is not None else None

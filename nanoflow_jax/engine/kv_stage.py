@@ -61,10 +61,14 @@ def send_window(stage: jax.Array, index: jax.Array, window: int, host: Any) -> j
     return jax.device_put(out, host) if host is not None else out
 
 
+def stack_pages(cache: KVCache, ids: jax.Array) -> jax.Array:
+    """The K/V of pages `ids` as one buffer [2, L, n, ps, K, D] (the offload tiers' layout)."""
+    return jnp.stack([cache.k[:, ids], cache.v[:, ids]])
+
+
 def _fill(stage: jax.Array, cache: KVCache, ids: jax.Array, slots: jax.Array) -> jax.Array:
     # Padding rows carry slot = stage size: dropped, not written.
-    pages = jnp.stack([cache.k[:, ids], cache.v[:, ids]])
-    return stage.at[:, :, slots].set(pages, mode="drop")
+    return stage.at[:, :, slots].set(stack_pages(cache, ids), mode="drop")
 
 
 @dataclasses.dataclass

@@ -455,13 +455,9 @@ class ModelRunner:
         plan = plan_for([row.seq.params for row in batch.rows])
         pen = self.pack_penalties(batch.rows, seq_i.shape[1], seq_i[5]) if plan.penalties else None
         seq_i = jax.device_put(seq_i, None if self.tp is None else self.tp.replicated)   # once, for both steps
-        exe = self.executable(t, w, decode_only)
-        if send is None:
-            logits, self.cache, last_token = exe(self.params, self.cache, tok, seq_i, query_start, block_table,
-                                                 num_decode, prev)
-        else:
-            logits, self.cache, last_token, sent = exe(self.params, self.cache, tok, seq_i, query_start,
-                                                       block_table, num_decode, prev, send.stage,
-                                                       np.int32(send.index))
-            send.on_sent(sent)
+        ring = () if send is None else (send.stage, np.int32(send.index))
+        logits, self.cache, last_token, *sent = self.executable(t, w, decode_only)(
+            self.params, self.cache, tok, seq_i, query_start, block_table, num_decode, prev, *ring)
+        if send is not None:
+            send.on_sent(sent[0])
         return self.sampler_executable(seq_i.shape[1], plan)(logits, last_token, seq_i, seq_f, pen)
