@@ -238,9 +238,9 @@ class KVOffloader:
         n = _bucket(len(pages))
         ids = np.full(n, NULL_PAGE, np.int32)
         ids[:len(pages)] = pages
-        buf = np.zeros((2, data[0].shape[1], n, *data[0].shape[2:]), data[0].dtype)
-        for i, page in enumerate(data):
-            buf[:, :, i] = page
+        buf = np.empty((2, data[0].shape[1], n, *data[0].shape[2:]), data[0].dtype)
+        np.stack(data, axis=2, out=buf[:, :, :len(data)])
+        buf[:, :, len(data):] = 0   # the padding goes to the null page
         self.stats.loaded_pages += len(pages)
         return self._scatter(cache, ids, buf)
 
