@@ -329,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     if vocab is None:
         raise SystemExit("bench.multiround: --model must be a configs/models name (prompts are random token ids)")
     work = build_workload(args, vocab)
-    modes = {m: run_rounds(args, m, work) for m in args.modes}
-    replies = [m.pop("_replies") for m in modes.values()]
     result: dict[str, Any] = {
         "command": "python -m bench.multiround " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "env": nanoflow_env(),
@@ -338,27 +336,38 @@ def main(argv: list[str] | None = None) -> int:
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "model": args.model, "dataset": args.dataset, "conversations": args.num_conversations,
         "rounds": args.rounds, "concurrency": args.concurrency or args.num_conversations,
-        "max_model_len": work["max_model_len"],
-        "modes": modes, "outputs_identical": all(r == replies[0] for r in replies),
+        "max_model_len": work["max_model_len"], "complete": False, "modes": {},
     }
-    if "no-cache" in modes:
-        base = modes["no-cache"]["total"]
-        for name, m in modes.items():
-            m["prefill_reduction"] = base["prefill_tokens_computed"] / max(1, m["total"]["prefill_tokens_computed"])
-            m["speedup"] = m["total"]["total_tokens_per_s"] / base["total_tokens_per_s"]
-            m["ttft_ratio"] = m["total"]["ttft_mean_ms"] / base["ttft_mean_ms"]
+
+    def write() -> None:
+        # After every part: a run cut off by a time limit keeps what it measured.
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
+    modes, replies = result["modes"], []
+    for mode in args.modes:
+        modes[mode] = run_rounds(args, mode, work)
+        replies.append(modes[mode].pop("_replies"))
+        result["outputs_identical"] = all(r == replies[0] for r in replies)
+        if "no-cache" in modes:
+            base = modes["no-cache"]["total"]
+            for m in modes.values():
+                m["prefill_reduction"] = base["prefill_tokens_computed"] / max(1, m["total"]["prefill_tokens_computed"])
+                m["speedup"] = m["total"]["total_tokens_per_s"] / base["total_tokens_per_s"]
+                m["ttft_ratio"] = m["total"]["ttft_mean_ms"] / base["ttft_mean_ms"]
+        write()
+        t = modes[mode]["total"]
+        print(f"{mode:9s} prefill computed {t['prefill_tokens_computed']:8d} of {t['prompt_tokens']:8d} prompt tokens "
+              f"({modes[mode].get('prefill_reduction', 1):.2f}x fewer), {t['total_tokens_per_s']:9.1f} tok/s, "
+              f"TTFT {t['ttft_mean_ms']:.0f} ms", flush=True)
     result["single_round_offload"] = single_round_overhead(args, work, vocab)
+    write()
     result["bandwidth"] = bandwidth(args, work)
-    for name, m in modes.items():
-        t = m["total"]
-        print(f"{name:9s} prefill computed {t['prefill_tokens_computed']:8d} of {t['prompt_tokens']:8d} prompt tokens "
-              f"({m.get('prefill_reduction', 1):.2f}x fewer), {t['total_tokens_per_s']:9.1f} tok/s, "
-              f"TTFT {t['ttft_mean_ms']:.0f} ms")
+    result["complete"] = True
+    write()
     s = result["single_round_offload"]
     print(f"single-round offload overhead {100 * s['overhead']:+.1f}%; bandwidth {json.dumps(result['bandwidth'])}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -17,7 +17,8 @@ def test_multiround_cli_reports_reuse_in_every_mode(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert multiround.main([*SMALL, "--kv-offload-disk-path", str(tmp_path / "disk"), "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["outputs_identical"] and set(r["modes"]) == set(multiround.MODES) and r["concurrency"] == 1
+    assert r["complete"] and r["outputs_identical"] and set(r["modes"]) == set(multiround.MODES)
+    assert r["concurrency"] == 1
     base = r["modes"]["no-cache"]
     assert base["total"]["prefill_tokens_computed"] == base["total"]["prompt_tokens"]
     assert base["total"]["cache_hit_tokens"] == 0 and base["prefill_reduction"] == 1
