@@ -10,7 +10,7 @@ that find the ring full (and every page with `kv_offload_pages_per_step=0`) take
 direct path: one jitted gather whose output lives in pinned host memory, dispatched before
 the batch, which waits for its copy. The host reads what a step sent once that step is
 done (`land`), so the host never waits on it, and a lander thread reads it out of pinned
-memory (a copy of up to a window's 128 MiB, kept off the engine's thread). A page lands in
+memory (a copy of up to a window's 128 MiB, then one per page, kept off the engine's thread). A page lands in
 the host LRU (budget `kv_offload_host_gb`); with a disk tier it is also queued for the disk
 writer thread (write-through: evicting a page from host memory costs nothing, and the
 disk holds the pages across restarts). One lock guards the LRU between the threads.
@@ -175,14 +175,17 @@ class KVOffloader:
             keys, buf = self._landing.get()
             try:
                 host = np.asarray(buf)   # out of pinned memory: a copy, on this thread
+                # Each page gets its own memory: a view would keep the whole window alive
+                # while any one of its pages stays in the LRU, past the host budget.
+                pages = [np.array(host[:, :, i]) for i in range(len(keys))]
+                del host
                 with self._lock:
-                    for i, key in enumerate(keys):
-                        # A view of the buffer, which is freed with its last page.
-                        self._put(key, host[:, :, i])
+                    for key, page in zip(keys, pages):
+                        self._put(key, page)
                     self.stats.saved_pages += len(keys)
                 if self.disk is not None:
-                    for i, key in enumerate(keys):
-                        self.disk.put(key, host[:, :, i])
+                    for key, page in zip(keys, pages):
+                        self.disk.put(key, page)
             except Exception as e:   # never let the thread die: these pages are recomputed when needed
                 log.warning("copying KV pages to host memory failed (%s: %s): they are not offloaded",
                             type(e).__name__, e)

@@ -39,6 +39,8 @@ def test_pages_go_to_host_and_back_bit_for_bit():
     off.land(wait=True)
     assert off.num_host_pages == 3 and off.find(keys(3)) == 3 and off.find(keys(3)[1:]) == 2
     assert off.find(keys(2, tag=1)) == 0
+    # Each page owns its memory: a view of the copied window would keep it all alive.
+    assert all(page.flags.owndata for page in off._host.values())
     # Load them into other pages of an empty cache: exactly those pages change.
     off.queue_load([1, 9, 2], off.take(keys(3), 3))
     cache = off.dispatch_loads(KVCache(jnp.zeros(shape), jnp.zeros(shape)))
