@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "host memory (0: off); measures the offload's cost on work that never reuses them")
     p.add_argument("--kv-offload-pages-per-step", type=int, default=defaults.kv_offload_pages_per_step,
                    help="EngineConfig.kv_offload_pages_per_step: pages each step copies to host memory inside "
-                        "its program (default: 128 MiB of pages on a GPU, none on CPU; 0: a gather before the step, the ablation)")
+                        "its program (default: 16 MiB of pages on a GPU, none on CPU; 0: a gather before the step, the ablation)")
     p.add_argument("--gemm-peak-tflops", type=float, default=None,
                    help="skip measuring the GEMM peak and use this (TFLOP/s)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,

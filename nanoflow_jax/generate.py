@@ -132,7 +132,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-offload-disk-gb", type=float, metavar="GB", default=None,
                    help="the disk tier's budget (default: 0)")
     p.add_argument("--kv-offload-pages-per-step", type=int, metavar="N", default=None,
-                   help="pages each step copies to host memory beside its compute (default: 128 MiB of pages on a "
+                   help="pages each step copies to host memory beside its compute (default: 16 MiB of pages on a "
                         "GPU, none on CPU; 0: copy them before the step instead, which holds it up)")
 
 

@@ -65,7 +65,7 @@ class EngineConfig:
     kv_offload_disk_path: str | None = None
     kv_offload_disk_gb: float = 0.0
     # Pages each step copies to host memory from the offload staging ring, inside its own
-    # program (engine/kv_stage.py); None: 128 MiB of pages on a GPU, no ring on CPU; 0: no
+    # program (engine/kv_stage.py); None: 16 MiB of pages on a GPU, no ring on CPU; 0: no
     # ring, a gather before the step copies them (on a GPU it holds the step up: ablations).
     kv_offload_pages_per_step: int | None = None
     # The KV cache's dtype (vLLM's names): auto (the weights'), or fp8 / fp8_e4m3 (float8 e4m3,
@@ -113,7 +113,7 @@ class EngineConfig:
                 isinstance(self.kv_offload_pages_per_step, bool) or not isinstance(self.kv_offload_pages_per_step, int)
                 or self.kv_offload_pages_per_step < 0):
             raise ValueError(f"EngineConfig.kv_offload_pages_per_step must be an integer >= 0 (0: no staging "
-                             f"ring) or None (128 MiB of pages), got {self.kv_offload_pages_per_step!r}")
+                             f"ring) or None (16 MiB of pages), got {self.kv_offload_pages_per_step!r}")
         if self.kv_offload_host_gb > 0 and not self.enable_prefix_caching:
             raise ValueError("kv_offload_host_gb needs enable_prefix_caching=True: offloaded pages are found "
                              "again by their prefix-cache keys")

@@ -7,7 +7,7 @@ the ring (`StageSpec.window` pages) to pinned host memory as an extra output: th
 part of the step's program (XLA's copy-start / copy-done), so it runs beside the step's
 kernels instead of holding up the stream. The host reads a window once its step is done
 and frees it for refilling. A step with nothing to send still copies one window (its
-output is ignored): it keeps one executable per bucket, and the copy hides under compute.
+output is ignored): it keeps one executable per bucket, so the window is kept small.
 
 Sizing: a window is `WINDOW_BYTES` of pages (at most `MAX_WINDOW_PAGES`), and the ring holds
 `RING_WINDOWS` windows; pages that find the ring full take the direct path of
@@ -26,7 +26,9 @@ import numpy as np
 
 from nanoflow_jax.models.paged import NULL_PAGE, KVCache
 
-WINDOW_BYTES = 128 << 20     # per step: about 2.5 ms of PCIe at 50 GB/s, under a step's compute
+# Per step, idle or not. Small: on an H100, 128 MiB windows cost small-batch single-round work a
+# third of its throughput, 16 MiB windows no more than the direct gather (bench/RESULTS.md).
+WINDOW_BYTES = 16 << 20
 MAX_WINDOW_PAGES = 256
 RING_WINDOWS = 4
 

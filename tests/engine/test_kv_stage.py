@@ -81,7 +81,7 @@ def test_a_window_whose_step_never_ran_goes_out_again_and_flush_sends_the_rest()
 
 def test_the_window_is_sized_by_bytes_and_checked():
     assert stage_spec(0, 1 << 20) is None
-    assert stage_spec(None, 2 << 20).window == 64          # 128 MiB of 2 MiB pages
+    assert stage_spec(None, 2 << 20).window == 8           # 16 MiB of 2 MiB pages
     assert stage_spec(None, 64).window == 256              # at most 256 pages
     assert stage_spec(5, 1 << 20).window == 5
     for bad in (-1, 2.5, True):
