@@ -16,8 +16,10 @@ writer thread (write-through: evicting a page from host memory costs nothing, an
 disk holds the pages across restarts). One lock guards the LRU between the threads.
 
 Loading: a request whose next keys after its device-cached prefix are in host memory gets
-fresh pages; one jitted scatter copies the pages in before its batch (dispatched first,
-so the device runs it first). Pages on disk are read into host memory by a reader thread
+fresh pages; a jitted scatter copies the pages in before its batch (dispatched first,
+so the device runs it first). The pages travel as they lie in host memory, each its own
+transfer of one batched `device_put`, and are stacked on the device: the engine's thread
+copies nothing. Pages on disk are read into host memory by a reader thread
 when the request is added (`prefetch`); a request admitted before its pages arrive simply
 computes them, so a reload never holds anyone up.
 """
@@ -57,9 +59,14 @@ def host_sharding() -> jax.sharding.Sharding | None:
     return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host") if "pinned_host" in kinds else None
 
 
-def _scatter(cache: KVCache, ids: jax.Array, buf: jax.Array) -> KVCache:
-    return KVCache(k=cache.k.at[:, ids].set(buf[0].astype(cache.k.dtype)),
-                   v=cache.v.at[:, ids].set(buf[1].astype(cache.v.dtype)))
+# Pages a reload scatters at once: each page is an argument of its own (its own transfer,
+# stacked on the device), which bounds the arguments of the largest bucket.
+LOAD_CHUNK = 128
+
+
+def _scatter(cache: KVCache, ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVCache:
+    buf = jnp.stack([p.astype(cache.k.dtype) for p in pages], axis=2)   # [2, L, n, page...]
+    return KVCache(k=cache.k.at[:, ids].set(buf[0]), v=cache.v.at[:, ids].set(buf[1]))
 
 
 @dataclasses.dataclass
@@ -84,6 +91,7 @@ class KVOffloader:
         self._sharding = host_sharding()
         self._gather = jax.jit(stack_pages, out_shardings=self._sharding)
         self._scatter = jax.jit(_scatter, donate_argnums=0)
+        self._zero: jax.Array | None = None   # the device's zero page (padding)
         # The staging ring for (spec, a cache of the pool's shape); None: the direct path only.
         self.ring = StageRing(stage[0], stage[1], self._sharding) if stage is not None else None
         self.stats = OffloadStats()
@@ -109,8 +117,8 @@ class KVOffloader:
         while True:
             ids = np.full(n, NULL_PAGE, np.int32)
             jax.block_until_ready(self._gather(cache, ids))
-            buf = np.zeros((2, cache.k.shape[0], n, *cache.k.shape[2:]), cache.k.dtype)
-            cache = self._scatter(cache, ids, buf)
+            if n <= LOAD_CHUNK:
+                cache = self._scatter(cache, ids, (self._zero_page(cache),) * n)
             if n >= max_pages:
                 break
             n *= 2
@@ -238,14 +246,25 @@ class KVOffloader:
         if not pages:
             return cache
         data = [d for _, ds in loads for d in ds]
+        self.stats.loaded_pages += len(pages)
+        for i in range(0, len(pages), LOAD_CHUNK):
+            cache = self._scatter_chunk(cache, pages[i:i + LOAD_CHUNK], data[i:i + LOAD_CHUNK])
+        return cache
+
+    def _scatter_chunk(self, cache: KVCache, pages: list[int], data: list[np.ndarray]) -> KVCache:
         n = _bucket(len(pages))
         ids = np.full(n, NULL_PAGE, np.int32)
         ids[:len(pages)] = pages
-        buf = np.empty((2, data[0].shape[1], n, *data[0].shape[2:]), data[0].dtype)
-        np.stack(data, axis=2, out=buf[:, :, :len(data)])
-        buf[:, :, len(data):] = 0   # the padding goes to the null page
-        self.stats.loaded_pages += len(pages)
-        return self._scatter(cache, ids, buf)
+        # The pages go to the device as they lie in host memory, one batched transfer and
+        # no stacking on the engine's thread; the padding is a zero page to the null page.
+        sent = jax.device_put(data, cache.k.sharding)
+        return self._scatter(cache, ids, (*sent, *(self._zero_page(cache),) * (n - len(pages))))
+
+    def _zero_page(self, cache: KVCache) -> jax.Array:
+        if self._zero is None:
+            self._zero = jax.device_put(np.zeros((2, cache.k.shape[0], *cache.k.shape[2:]), cache.k.dtype),
+                                        cache.k.sharding)
+        return self._zero
 
     def prefetch(self, keys: Iterable[bytes]) -> None:
         """Start reading from disk the keys missing from host memory (a reader thread)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nanoflow_jax import SamplingParams
-from nanoflow_jax.engine import kv_disk
+from nanoflow_jax.engine import kv_disk, kv_offload
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.kv_offload import KVOffloader, host_sharding
 from nanoflow_jax.engine.prefix_cache import page_key
@@ -28,7 +28,10 @@ def keys(n: int, tag: int = 0) -> list[bytes]:
     return [page_key(b"", [tag, i]) for i in range(n)]
 
 
-def test_pages_go_to_host_and_back_bit_for_bit():
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_pages_go_to_host_and_back_bit_for_bit(monkeypatch, chunk):
+    if chunk is not None:   # a reload larger than one scatter's pages: two scatters, the last padded
+        monkeypatch.setattr(kv_offload, "LOAD_CHUNK", chunk)
     shape = (2, 10, 4, 2, 16)
     rng = np.random.default_rng(0)
     k, v = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
