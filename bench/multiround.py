@@ -282,16 +282,18 @@ def serialization(entry: np.ndarray, folder: Path) -> dict[str, Any]:
     sha256, temporary file then rename) and with Orbax's PyTree checkpointer."""
     import orbax.checkpoint as ocp
 
+    from nanoflow_jax.engine.kv_disk import npy_parts
+
     folder.mkdir(parents=True, exist_ok=True)
     raw = folder / "entry.npy"
 
-    def raw_save() -> None:
-        buf = io.BytesIO()
-        np.save(buf, entry, allow_pickle=False)
-        data = buf.getvalue()
-        hashlib.sha256(data).hexdigest()
+    def raw_save() -> None:   # as the disk tier writes a page: no copy, hashed as written
+        digest = hashlib.sha256()
         tmp = folder / "entry.npy.tmp"
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            for part in npy_parts(entry):
+                digest.update(part)
+                f.write(part)
         os.replace(tmp, raw)
 
     def raw_load() -> np.ndarray:

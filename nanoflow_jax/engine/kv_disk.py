@@ -3,8 +3,9 @@
 One file per page (`<key hex>.npy`: the page's keys and values, [2, L, page_size, K, D]),
 named by its prefix-cache key. A write goes to a temporary file that is renamed into place
 (`os.replace`), so a crash never leaves half a page under a real name; its sha256 goes into
-`manifest.json` (itself replaced atomically), which the next engine over the same folder
-reads back. The manifest also records the model's fingerprint: a folder written by another
+`manifest.json` (itself replaced atomically, at most every `MANIFEST_INTERVAL_S` while pages
+stream in, on `flush` and once the writer goes idle), which the next engine over the same
+folder reads back; page files the manifest does not list are deleted then. The manifest also records the model's fingerprint: a folder written by another
 model (or page layout) is not served. A read checks the size and the checksum: a truncated
 or corrupt page is dropped (and recomputed by the caller), never served.
 
@@ -22,7 +23,9 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,20 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# The manifest lists every page: rewriting it after each burst of pages would hold the GIL
+# (json of thousands of entries) beside the engine's thread; its lag is bounded instead.
+MANIFEST_INTERVAL_S = 1.0
 _STOP = object()
+_PAGE_FILE = re.compile(r"[0-9a-f]+\.npy(\.tmp)?")   # <key hex>.npy
+
+
+def npy_parts(page: np.ndarray) -> tuple[bytes, memoryview]:
+    """The bytes of `page`'s .npy file (what `np.save` writes) as its header and a view of the
+    page's own memory: hashing and writing a view copy nothing and let go of the GIL."""
+    page = np.ascontiguousarray(page)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(page))
+    return header.getvalue(), memoryview(page.reshape(-1).view(np.uint8))
 
 
 class DiskKVStore:
@@ -47,6 +63,9 @@ class DiskKVStore:
         # Bounded: a disk slower than the evictions skips pages rather than hoard memory.
         self._queue: queue.Queue[Any] = queue.Queue(max_queued)
         self._warned: set[str] = set()
+        self._manifest_lock = threading.Lock()   # the writer thread and `flush` both save it
+        self._dirty = False
+        self._saved_at = time.monotonic()
         self.bytes_used = 0
         self.pages_written = self.pages_read = self.corrupt = self.write_errors = self.skipped = 0
         self.usable = self._open()
@@ -74,14 +93,21 @@ class DiskKVStore:
         if manifest.get("fingerprint") != self.fingerprint:
             log.warning("%s holds KV pages of another model or page layout: they are not served, and are "
                         "replaced as new pages are written", self.path)
-            for name in manifest.get("entries", {}):
-                self._unlink(name)
+            self._remove_unlisted()
             return True
         for name, entry in manifest.get("entries", {}).items():
             if (self.path / f"{name}.npy").is_file():
                 self._entries[name] = entry
                 self.bytes_used += int(entry["bytes"])
+        self._remove_unlisted()
         return True
+
+    def _remove_unlisted(self) -> None:
+        """Page files the manifest does not list (written after its last save, or half-written
+        before a crash) would hold disk space outside the budget: they go."""
+        for f in self.path.iterdir():
+            if _PAGE_FILE.fullmatch(f.name) and f.name.removesuffix(".tmp").removesuffix(".npy") not in self._entries:
+                self._unlink_path(f)
 
     # ---- the engine's side (main thread) --------------------------------------------
 
@@ -126,8 +152,10 @@ class DiskKVStore:
         return page if self.dtype is None or page.dtype == self.dtype else page.view(self.dtype)
 
     def flush(self) -> None:
-        """Wait until every queued page is written (or skipped)."""
+        """Wait until every queued page is written (or skipped) and listed in the manifest."""
         self._queue.join()
+        if self._dirty:
+            self._save_manifest()
 
     def clear(self) -> None:
         self.flush()
@@ -148,12 +176,18 @@ class DiskKVStore:
 
     def _writer(self) -> None:
         while True:
-            item = self._queue.get()
+            try:   # idle with unsaved pages: save the manifest once the interval passes
+                item = self._queue.get(timeout=MANIFEST_INTERVAL_S if self._dirty else None)
+            except queue.Empty:
+                self._save_manifest()
+                continue
             try:
                 if item is _STOP:
+                    if self._dirty:
+                        self._save_manifest()
                     return
                 self._write(*item)
-                if self._queue.empty():
+                if self._dirty and time.monotonic() - self._saved_at >= MANIFEST_INTERVAL_S:
                     self._save_manifest()
             except Exception as e:   # never let the thread die: the engine keeps serving
                 self._warn("writer", f"the KV disk writer failed ({type(e).__name__}: {e}); pages are skipped")
@@ -165,16 +199,18 @@ class DiskKVStore:
             if name in self._entries:
                 self._entries.move_to_end(name)
                 return
-        buf = io.BytesIO()
-        np.save(buf, page, allow_pickle=False)
-        data = buf.getvalue()
-        if len(data) > self.budget:
+        parts = npy_parts(page)
+        size = sum(len(p) for p in parts)
+        if size > self.budget:
             return
-        self._make_room(len(data))
+        self._make_room(size)
         tmp = self.path / f"{name}.npy.tmp"
+        digest = hashlib.sha256()
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    digest.update(part)
+                    f.write(part)
             os.replace(tmp, self.path / f"{name}.npy")
         except OSError as e:
             self.write_errors += 1
@@ -183,8 +219,9 @@ class DiskKVStore:
             self._unlink_path(tmp)
             return
         with self._lock:
-            self._entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-            self.bytes_used += len(data)
+            self._entries[name] = {"sha256": digest.hexdigest(), "bytes": size}
+            self.bytes_used += size
+            self._dirty = True
         self.pages_written += 1
 
     def _make_room(self, nbytes: int) -> None:
@@ -194,19 +231,23 @@ class DiskKVStore:
                     return
                 name, entry = self._entries.popitem(last=False)
                 self.bytes_used -= int(entry["bytes"])
+                self._dirty = True
             self._unlink(name)
 
     def _save_manifest(self) -> None:
-        with self._lock:
-            manifest = {"fingerprint": self.fingerprint, "entries": dict(self._entries)}
-        tmp = self.path / f"{MANIFEST}.tmp"
-        try:
-            tmp.write_text(json.dumps(manifest))
-            os.replace(tmp, self.path / MANIFEST)
-        except OSError as e:
-            self._unlink_path(tmp)
-            self._warn("manifest-write", f"writing {self.path / MANIFEST} failed ({e}): the disk tier will not "
-                                         "survive a restart")
+        with self._manifest_lock:
+            with self._lock:
+                manifest = {"fingerprint": self.fingerprint, "entries": dict(self._entries)}
+                self._dirty = False
+            self._saved_at = time.monotonic()
+            tmp = self.path / f"{MANIFEST}.tmp"
+            try:
+                tmp.write_text(json.dumps(manifest))
+                os.replace(tmp, self.path / MANIFEST)
+            except OSError as e:
+                self._unlink_path(tmp)
+                self._warn("manifest-write", f"writing {self.path / MANIFEST} failed ({e}): the disk tier will not "
+                                             "survive a restart")
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -217,6 +258,7 @@ class DiskKVStore:
             entry = self._entries.pop(name, None)
             if entry is not None:
                 self.bytes_used -= int(entry["bytes"])
+                self._dirty = True
         self._unlink(name)
 
     def _unlink(self, name: str) -> None:

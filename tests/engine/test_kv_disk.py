@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -50,6 +51,45 @@ def test_pages_round_trip_and_survive_a_restart(tmp_path):
     other = store(tmp_path, fp={**FP, "weights": "different"})
     assert len(other) == 0 and all(other.get(k) is None for k, _ in items)
     assert not list(tmp_path.glob("*.npy"))
+
+
+def test_the_manifest_follows_the_writes_and_unlisted_files_go_at_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(kv_disk, "MANIFEST_INTERVAL_S", 0.05)
+    items = pages(4, seed=int(np.random.default_rng().integers(1 << 20)))
+    s = store(tmp_path)
+    for k, p in items:
+        s.put(k, p)
+    s._queue.join()   # written, not flushed: the idle writer lists them once the interval passes
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        listed = json.loads((tmp_path / MANIFEST).read_text())["entries"] if (tmp_path / MANIFEST).exists() else {}
+        if len(listed) == 4:
+            break
+        time.sleep(0.02)
+    assert set(listed) == {k.hex() for k, _ in items}
+    # A page file the manifest does not list (written after its last save, say) and a
+    # half-written one: a restart deletes both and keeps what is listed, and any other file.
+    stray, half = tmp_path / f"{'ab' * 16}.npy", tmp_path / f"{'cd' * 16}.npy.tmp"
+    np.save(stray, items[0][1])
+    half.write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("mine")
+    again = store(tmp_path)
+    assert len(again) == 4 and not stray.exists() and not half.exists() and (tmp_path / "notes.txt").exists()
+    for k, p in items:
+        np.testing.assert_array_equal(again.get(k), p)
+
+
+def test_page_files_are_what_np_save_writes():
+    import io
+
+    import ml_dtypes
+
+    for dtype in (np.float32, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn):
+        page = np.random.default_rng().standard_normal((2, 3, 4, 2, 8)).astype(dtype)
+        want = io.BytesIO()
+        np.save(want, page, allow_pickle=False)
+        header, data = kv_disk.npy_parts(page)
+        assert header + bytes(data) == want.getvalue()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
