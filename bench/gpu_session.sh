@@ -65,7 +65,7 @@
 #   rollouts    RL rollouts, Llama-3-8B shapes, random weights: 256 prompts x n=8 x 512 tokens as
 #               grouped requests vs 2,048 separate ones, and update_params (bench.rollouts)
 #                                                                        -> rollouts_llama3_8b.json
-#   multiround  16 conversations x 4 rounds of LMSYS-like turns, 8 at once, Llama-3-8B shapes, a KV
+#   multiround  32 conversations x 3 rounds of LMSYS-like turns, 8 at once, Llama-3-8B shapes, a KV
 #               pool smaller than all conversations: prefill tokens, tokens/s and TTFT without the
 #               prefix cache, with it, and with host + disk offload; the offload overhead on
 #               single-round work; host and disk bandwidth. MR_CONVERSATIONS, MR_ROUNDS, MR_REPEATS
@@ -246,7 +246,7 @@ for recipe in "$@"; do
         && grep "^\[" "$OUT/kernels.log" ;;
     multiround)
       timeout "${MR_TIMEOUT:-580}" python3 -m bench.multiround --model llama-3-8b --weights random --dtype bfloat16 \
-        --num-conversations "${MR_CONVERSATIONS:-16}" --rounds "${MR_ROUNDS:-4}" --repeats "${MR_REPEATS:-2}" \
+        --num-conversations "${MR_CONVERSATIONS:-32}" --rounds "${MR_ROUNDS:-3}" --repeats "${MR_REPEATS:-2}" \
         --concurrency 8 --max-output-len 256 --max-num-seqs 64 \
         --max-num-batched-tokens 2048 --token-buckets 64,2048 --num-kv-pages 768 --kv-offload-host-gb 16 \
         --kv-offload-disk-path "$OUT/kv_disk" --kv-offload-disk-gb 32 --bandwidth-pages 256 \
