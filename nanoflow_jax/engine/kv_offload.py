@@ -10,7 +10,7 @@ that find the ring full (and every page with `kv_offload_pages_per_step=0`) take
 direct path: one jitted gather whose output lives in pinned host memory, dispatched before
 the batch, which waits for its copy. The host reads what a step sent once that step is
 done (`land`), so the host never waits on it, and a lander thread reads it out of pinned
-memory (a copy of up to a window's 16 MiB, then one per page, kept off the engine's thread). A page lands in
+memory (a copy of a window, then one per page, kept off the engine's thread). A page lands in
 the host LRU (budget `kv_offload_host_gb`); with a disk tier it is also queued for the disk
 writer thread (write-through: evicting a page from host memory costs nothing, and the
 disk holds the pages across restarts). One lock guards the LRU between the threads.
@@ -18,8 +18,8 @@ disk holds the pages across restarts). One lock guards the LRU between the threa
 Loading: a request whose next keys after its device-cached prefix are in host memory gets
 fresh pages; a jitted scatter copies the pages in before its batch (dispatched first,
 so the device runs it first). The pages travel as they lie in host memory, each its own
-transfer of one batched `device_put`, and are stacked on the device: the engine's thread
-copies nothing. Pages on disk are read into host memory by a reader thread
+transfer of one batched `device_put`, and are stacked on the device, not on the engine's
+thread. Pages on disk are read into host memory by a reader thread
 when the request is added (`prefetch`); a request admitted before its pages arrive simply
 computes them, so a reload never holds anyone up.
 """
