@@ -282,18 +282,14 @@ def serialization(entry: np.ndarray, folder: Path) -> dict[str, Any]:
     sha256, temporary file then rename) and with Orbax's PyTree checkpointer."""
     import orbax.checkpoint as ocp
 
-    from nanoflow_jax.engine.kv_disk import npy_parts
+    from nanoflow_jax.engine.kv_disk import npy_parts, write_parts
 
     folder.mkdir(parents=True, exist_ok=True)
     raw = folder / "entry.npy"
 
     def raw_save() -> None:   # as the disk tier writes a page: no copy, hashed as written
-        digest = hashlib.sha256()
         tmp = folder / "entry.npy.tmp"
-        with open(tmp, "wb") as f:
-            for part in npy_parts(entry):
-                digest.update(part)
-                f.write(part)
+        write_parts(tmp, npy_parts(entry))
         os.replace(tmp, raw)
 
     def raw_load() -> np.ndarray:

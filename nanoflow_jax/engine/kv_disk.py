@@ -5,8 +5,9 @@ named by its prefix-cache key. A write goes to a temporary file that is renamed 
 (`os.replace`), so a crash never leaves half a page under a real name; its sha256 goes into
 `manifest.json` (itself replaced atomically, at most every `MANIFEST_INTERVAL_S` while pages
 stream in, on `flush` and once the writer goes idle), which the next engine over the same
-folder reads back; page files the manifest does not list are deleted then. The manifest also records the model's fingerprint: a folder written by another
-model (or page layout) is not served. A read checks the size and the checksum: a truncated
+folder reads back; page files the manifest does not list are deleted then. The manifest
+also records the model's fingerprint: a folder written by another model (or page layout)
+is not served. A read checks the size and the checksum: a truncated
 or corrupt page is dropped (and recomputed by the caller), never served.
 
 Nothing here raises into the engine: a full disk or an unwritable folder logs a warning
@@ -38,7 +39,7 @@ MANIFEST = "manifest.json"
 # (json of thousands of entries) beside the engine's thread; its lag is bounded instead.
 MANIFEST_INTERVAL_S = 1.0
 _STOP = object()
-_PAGE_FILE = re.compile(r"[0-9a-f]+\.npy(\.tmp)?")   # <key hex>.npy
+_PAGE_FILE = re.compile(r"([0-9a-f]+)\.npy(\.tmp)?")   # <key hex>.npy, and its temporary
 
 
 def npy_parts(page: np.ndarray) -> tuple[bytes, memoryview]:
@@ -48,6 +49,16 @@ def npy_parts(page: np.ndarray) -> tuple[bytes, memoryview]:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(page))
     return header.getvalue(), memoryview(page.reshape(-1).view(np.uint8))
+
+
+def write_parts(path: Path, parts: tuple[bytes, memoryview]) -> str:
+    """Write `npy_parts` to `path`, hashing them as they go; returns the sha256 (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for part in parts:
+            digest.update(part)
+            f.write(part)
+    return digest.hexdigest()
 
 
 class DiskKVStore:
@@ -106,7 +117,8 @@ class DiskKVStore:
         """Page files the manifest does not list (written after its last save, or half-written
         before a crash) would hold disk space outside the budget: they go."""
         for f in self.path.iterdir():
-            if _PAGE_FILE.fullmatch(f.name) and f.name.removesuffix(".tmp").removesuffix(".npy") not in self._entries:
+            m = _PAGE_FILE.fullmatch(f.name)
+            if m and m.group(1) not in self._entries:
                 self._unlink_path(f)
 
     # ---- the engine's side (main thread) --------------------------------------------
@@ -205,12 +217,8 @@ class DiskKVStore:
             return
         self._make_room(size)
         tmp = self.path / f"{name}.npy.tmp"
-        digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as f:
-                for part in parts:
-                    digest.update(part)
-                    f.write(part)
+            sha256 = write_parts(tmp, parts)
             os.replace(tmp, self.path / f"{name}.npy")
         except OSError as e:
             self.write_errors += 1
@@ -219,7 +227,7 @@ class DiskKVStore:
             self._unlink_path(tmp)
             return
         with self._lock:
-            self._entries[name] = {"sha256": digest.hexdigest(), "bytes": size}
+            self._entries[name] = {"sha256": sha256, "bytes": size}
             self.bytes_used += size
             self._dirty = True
         self.pages_written += 1
