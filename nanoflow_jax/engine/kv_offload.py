@@ -15,13 +15,15 @@ the host LRU (budget `kv_offload_host_gb`); with a disk tier it is also queued f
 writer thread (write-through: evicting a page from host memory costs nothing, and the
 disk holds the pages across restarts). One lock guards the LRU between the threads.
 
-Loading: a request whose next keys after its device-cached prefix are in host memory gets
-fresh pages; a jitted scatter copies the pages in before its batch (dispatched first,
-so the device runs it first). The pages travel as they lie in host memory, each its own
-transfer of one batched `device_put`, and are stacked on the device, not on the engine's
-thread. Pages on disk are read into host memory by a reader thread
-when the request is added (`prefetch`); a request admitted before its pages arrive simply
-computes them, so a reload never holds anyone up.
+Loading: when a request is added (`prefetch`), an uploader thread copies the pages of its
+prefix that host memory holds to device memory (up to `PREFETCH_BYTES`), and a reader
+thread reads those on disk into host memory and uploads them too; the scheduler admits the
+request once its uploads are done, or at once when nothing else runs. At admission a request
+whose next keys after its device-cached prefix are in host memory (or already uploaded) gets
+fresh pages, and a jitted scatter copies the pages in before its batch (dispatched first, so
+the device runs it first): uploaded pages are device-to-device copies, and the rest travel as
+they lie in host memory, one batched `device_put` on the engine's thread. A page that is in
+neither tier when the request is admitted is computed, so a reload never holds anyone up.
 """
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ def host_sharding() -> jax.sharding.Sharding | None:
     return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host") if "pinned_host" in kinds else None
 
 
+# Device memory for pages uploaded ahead of their request's admission (outside the KV pool).
+PREFETCH_BYTES = 256 * 2**20
+
 # Pages a reload scatters at once: each page is an argument of its own (its own transfer,
 # stacked on the device), which bounds the arguments of the largest bucket.
 LOAD_CHUNK = 128
@@ -74,13 +79,15 @@ class OffloadStats:
     saved_pages: int = 0       # device -> host
     direct_pages: int = 0      # of which by a gather before the step (the staging ring was full or off)
     loaded_pages: int = 0      # host -> device (each a page not recomputed)
+    prefetched_pages: int = 0  # of which uploaded before their request was admitted
     host_evictions: int = 0
     disk_hits: int = 0         # pages read back from disk into host memory
 
 
 class KVOffloader:
     def __init__(self, host_budget_bytes: int, page_bytes: int, disk: DiskKVStore | None = None,
-                 stage: tuple[StageSpec, KVCache] | None = None) -> None:
+                 stage: tuple[StageSpec, KVCache] | None = None, device: jax.sharding.Sharding | None = None,
+                 prefetch_bytes: int = PREFETCH_BYTES) -> None:
         self.budget = int(host_budget_bytes)
         self.page_bytes = page_bytes
         self.disk = disk
@@ -95,6 +102,14 @@ class KVOffloader:
         # The staging ring for (spec, a cache of the pool's shape); None: the direct path only.
         self.ring = StageRing(stage[0], stage[1], self._sharding) if stage is not None else None
         self.stats = OffloadStats()
+        self._lock = threading.Lock()   # the LRU and the uploads, between the engine and the threads
+        # Uploads ahead of admission, on a thread: key -> page on the device, oldest first.
+        self._device = device
+        self._uploaded: collections.OrderedDict[bytes, jax.Array] = collections.OrderedDict()
+        self._max_uploaded = prefetch_bytes // page_bytes if device is not None else 0
+        self._uploads: queue.Queue[bytes] = queue.Queue()
+        self._uploading: set[bytes] = set()   # queued or in flight
+        self._generation = 0                  # bumped by `clear`: uploads begun before it are dropped
         # Disk reads on a thread: (key, page or None) arrive in `_promoted`.
         self._reads: queue.Queue[bytes] = queue.Queue()
         self._promoted: queue.Queue[tuple[bytes, np.ndarray | None]] = queue.Queue()
@@ -102,9 +117,10 @@ class KVOffloader:
         if disk is not None:
             threading.Thread(target=self._reader, name="kv-disk-reader", daemon=True).start()
         # Finished copies ((keys, buffer)) go to the lander thread, which reads them into the LRU.
-        self._lock = threading.Lock()
         self._landing: queue.Queue[tuple[list[bytes], jax.Array]] = queue.Queue()
         threading.Thread(target=self._lander, name="kv-offload-lander", daemon=True).start()
+        if self._max_uploaded > 0:
+            threading.Thread(target=self._uploader, name="kv-offload-uploader", daemon=True).start()
 
     @property
     def num_host_pages(self) -> int:
@@ -222,20 +238,31 @@ class KVOffloader:
                 n += 1
         return n
 
-    def take(self, keys: Sequence[bytes], limit: int) -> list[np.ndarray]:
-        """The pages of `keys`, from the first, that host memory holds (at most `limit`),
-        made the most recent: taken in one step, since the lander may evict meanwhile."""
-        out = []
+    def take(self, keys: Sequence[bytes], limit: int) -> list[np.ndarray | jax.Array]:
+        """The pages of `keys`, from the first, that were uploaded or that host memory holds
+        (at most `limit`), made the most recent in host memory: taken in one step, since the
+        lander may evict meanwhile. An uploaded page is handed over (and forgotten)."""
+        out: list[np.ndarray | jax.Array] = []
         with self._lock:
             for key in keys[:limit]:
                 page = self._host.get(key)
+                if page is not None:
+                    self._host.move_to_end(key)
+                uploaded = self._uploaded.pop(key, None)
+                if uploaded is not None:
+                    self.stats.prefetched_pages += 1
+                    page = uploaded
                 if page is None:
                     break
-                self._host.move_to_end(key)
                 out.append(page)
         return out
 
-    def queue_load(self, pages: list[int], data: list[np.ndarray]) -> None:
+    def uploading(self, keys: Iterable[bytes]) -> bool:
+        """Whether any of `keys` is still on its way to the device (queued or in flight)."""
+        with self._lock:
+            return not self._uploading.isdisjoint(keys)
+
+    def queue_load(self, pages: list[int], data: list[np.ndarray | jax.Array]) -> None:
         """These fresh pages get this K/V (from `take`) before the next batch runs."""
         self._loads.append((pages, data))
 
@@ -251,12 +278,13 @@ class KVOffloader:
             cache = self._scatter_chunk(cache, pages[i:i + LOAD_CHUNK], data[i:i + LOAD_CHUNK])
         return cache
 
-    def _scatter_chunk(self, cache: KVCache, pages: list[int], data: list[np.ndarray]) -> KVCache:
+    def _scatter_chunk(self, cache: KVCache, pages: list[int], data: list[np.ndarray | jax.Array]) -> KVCache:
         n = _bucket(len(pages))
         ids = np.full(n, NULL_PAGE, np.int32)
         ids[:len(pages)] = pages
-        # The pages go to the device as they lie in host memory, one batched transfer and
-        # no stacking on the engine's thread; the padding is a zero page to the null page.
+        # Pages not uploaded go to the device as they lie in host memory, one batched
+        # transfer and no stacking on the engine's thread (uploaded ones stay where they
+        # are); the padding is a zero page to the null page.
         sent = jax.device_put(data, cache.k.sharding)
         return self._scatter(cache, ids, (*sent, *(self._zero_page(cache),) * (n - len(pages))))
 
@@ -267,18 +295,56 @@ class KVOffloader:
         return self._zero
 
     def prefetch(self, keys: Iterable[bytes]) -> None:
-        """Start reading from disk the keys missing from host memory (a reader thread)."""
-        if self.disk is None:
-            return
-        for key in keys:
+        """Start moving the pages of `keys` (from the first, while some tier holds them)
+        towards the device: those in host memory to the uploader thread, those on disk to
+        the reader thread (which uploads them as it reads them), up to `PREFETCH_BYTES`."""
+        for i, key in enumerate(keys):
             with self._lock:
                 known = key in self._host
+                upload = i < self._max_uploaded and key not in self._uploaded and key not in self._uploading
+                if upload and (known or (self.disk is not None and key in self.disk)):
+                    self._uploading.add(key)   # before a thread sees it, so that `uploading` says so
+                    if known:
+                        self._uploads.put(key)
             if known or key in self._reading:
                 continue
-            if key not in self.disk:
+            if self.disk is None or key not in self.disk:
                 break
             self._reading.add(key)
             self._reads.put(key)
+
+    def _uploader(self) -> None:
+        while True:
+            keys = [self._uploads.get()]
+            while len(keys) < LOAD_CHUNK and not self._uploads.empty():   # one batched transfer
+                keys.append(self._uploads.get())
+            self._upload(keys, None)
+            for _ in keys:
+                self._uploads.task_done()
+
+    def _upload(self, keys: list[bytes], pages: list[np.ndarray | None] | None) -> None:
+        """Copy these pages (or those host memory holds for `keys`) to the device, off the
+        engine's thread; a key whose page is gone is simply not uploaded."""
+        try:
+            with self._lock:
+                generation = self._generation
+                if pages is None:
+                    pages = [self._host.get(key) for key in keys]
+            todo = [(k, p) for k, p in zip(keys, pages) if p is not None]
+            sent = jax.device_put([p for _, p in todo], self._device) if todo else []
+            with self._lock:
+                if generation == self._generation:
+                    for (key, _), page in zip(todo, sent):
+                        self._uploaded[key] = page
+                        self._uploaded.move_to_end(key)
+                    while len(self._uploaded) > self._max_uploaded:
+                        self._uploaded.popitem(last=False)
+        except Exception as e:   # never let the thread die: the host copy still serves
+            log.warning("uploading KV pages to the device failed (%s: %s): they load at admission instead",
+                        type(e).__name__, e)
+        finally:
+            with self._lock:
+                self._uploading.difference_update(keys)
 
     def _reader(self) -> None:
         while True:
@@ -288,6 +354,10 @@ class KVOffloader:
             except Exception as e:   # never let the thread die
                 log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
                 page = None
+            with self._lock:
+                upload = key in self._uploading
+            if upload:
+                self._upload([key], [page])
             self._promoted.put((key, page))
             self._reads.task_done()
 
@@ -296,6 +366,7 @@ class KVOffloader:
         engine itself never waits)."""
         self.flush()
         self._reads.join()
+        self._uploads.join()
         self.land(wait=True)
 
     def clear(self) -> None:
@@ -304,6 +375,8 @@ class KVOffloader:
         self.land(wait=True)
         with self._lock:
             self._host.clear()
+            self._uploaded.clear()
+            self._generation += 1
         if self.disk is not None:
             self.disk.clear()
 
@@ -328,4 +401,4 @@ def make_offloader(cfg: Any, model_cfg: Any, runner: Any) -> KVOffloader | None:
                            dtype=runner.kv_dtype)
     page_bytes = kv_bytes_per_page(model_cfg, cfg.block_size, runner.kv_dtype)
     stage = (runner.stage_spec, runner.cache) if runner.stage_spec is not None else None
-    return KVOffloader(int(cfg.kv_offload_host_gb * 2**30), page_bytes, disk, stage)
+    return KVOffloader(int(cfg.kv_offload_host_gb * 2**30), page_bytes, disk, stage, device=runner.cache.k.sharding)

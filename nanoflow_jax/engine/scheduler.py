@@ -195,6 +195,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break   # preempted while its last token was on the device: wait for it
+            if self.running and self.offload is not None and self.offload.uploading(seq.page_keys):
+                break   # its offloaded pages are on their way to the device, and others keep it busy
             with _blame(seq):
                 if not self._fork(seq):
                     break   # an n > 1 sample waits for its leader's prompt pages
@@ -304,8 +306,8 @@ class Scheduler:
         return pages
 
     def prefetch(self, seq: Sequence) -> None:
-        """Start reading from disk the offloaded pages `seq` may map when admitted."""
-        if self.offload is None or self.offload.disk is None:
+        """Start moving to the device the offloaded pages `seq` may map when admitted."""
+        if self.offload is None:
             return
         keys = self._keys(seq, (seq.num_tokens - 1) // self.blocks.block_size)
         self.offload.prefetch(keys[len(self.blocks.prefix_cache.lookup(keys)):])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,6 +69,35 @@ def test_host_lru_keeps_the_budget():
     off.save(cache, [(5, ks[3]), (6, ks[4])])
     off.land(wait=True)
     assert [off.find([k]) for k in ks] == [1, 0, 0, 1, 1] and off.stats.host_evictions == 2
+
+
+def test_prefetch_uploads_host_pages_ahead_within_its_budget():
+    """`prefetch` copies the host pages of a prefix to the device on the uploader thread (at
+    most PREFETCH_BYTES of them); `take` hands the uploaded copies over, and they load bit
+    for bit; a page never uploaded still comes from host memory."""
+    shape = (2, 8, 4, 2, 16)
+    rng = np.random.default_rng(1)
+    k, v = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    cache = KVCache(jnp.asarray(k), jnp.asarray(v))
+    off = KVOffloader(8 * PAGE_BYTES, PAGE_BYTES, device=cache.k.sharding, prefetch_bytes=2 * PAGE_BYTES)
+    ks = keys(4)
+    off.save(cache, [(1, ks[0]), (2, ks[1]), (3, ks[2])])
+    off.land(wait=True)
+    off.prefetch(ks)                 # ks[3] is in no tier: the walk stops there
+    off.settle()
+    assert not off.uploading(ks) and list(off._uploaded) == ks[:2], "the budget holds two pages"
+    got = off.take(ks, 4)
+    assert len(got) == 3 and [isinstance(p, jax.Array) for p in got] == [True, True, False]
+    assert off.stats.prefetched_pages == 2 and not off._uploaded, "uploaded pages are handed over once"
+    off.queue_load([5, 6, 7], got)
+    cache = off.dispatch_loads(KVCache(jnp.zeros(shape), jnp.zeros(shape)))
+    for dst, src in ((5, 1), (6, 2), (7, 3)):
+        np.testing.assert_array_equal(np.asarray(cache.k)[:, dst], k[:, src])
+        np.testing.assert_array_equal(np.asarray(cache.v)[:, dst], v[:, src])
+    off.prefetch(ks)
+    off.clear()                      # forgets uploads too, those in flight included
+    off.settle()
+    assert not off._uploaded and not off.uploading(ks) and off.take(ks, 4) == []
 
 
 def test_a_copy_that_fails_to_land_is_dropped_and_the_lander_serves_on(caplog):
@@ -195,6 +225,27 @@ def test_a_failing_disk_loses_no_request(tmp_path, convs, reference, monkeypatch
     disk.flush()
     assert disk.write_errors > 0 and len(disk) == 0 and llm.engine.offload.stats.loaded_pages > 0
     assert llm.engine.blocks.all_free()
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["host", "disk"])
+def test_reloads_upload_ahead_while_the_requests_wait(tmp_path, convs, reference, disk):
+    """Requests added together, their pages uploaded while they wait (from host memory, or
+    read from disk after a restart): every reloaded page is a device-to-device copy."""
+    kw = dict(kv_offload_host_gb=HOST_GB)
+    if disk:
+        kw.update(kv_offload_disk_path=str(tmp_path), kv_offload_disk_gb=0.01)
+    llm = make_llm(**kw)
+    assert tokens(llm, convs) == reference
+    if disk:
+        llm.engine.offload.disk.close()
+        llm = make_llm(**kw)
+    else:
+        flood(llm)
+    eng = llm.engine
+    assert run_settled(llm, convs) == reference
+    stats = eng.offload.stats
+    assert stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs) == stats.prefetched_pages
+    assert not eng.offload._uploaded and eng.blocks.all_free()
 
 
 def test_the_same_conversation_twice_at_once_loads_it_once(convs, reference):

@@ -174,3 +174,24 @@ def test_random_forming_and_packing_failures_keep_invariants(monkeypatch):
     assert failures > 10
     assert sorted(ended, key=int) == [str(i) for i in range(150)], "a request was lost or ended twice"
     assert s.blocks.all_free()
+
+
+def test_a_request_waits_for_its_uploads_while_others_run():
+    """A waiting request whose offloaded pages are still on their way to the device is not
+    admitted while others keep the device busy; alone, it is admitted at once."""
+    class Uploading:
+        pending = True
+
+        def uploading(self, keys) -> bool:
+            return self.pending
+
+    s = make(budget=16, max_seqs=4)
+    s.add(seq(0, 8, 4))
+    s.offload = Uploading()
+    s.blocks.prefix_cache = None          # no cached prefix to map: only the wait is tested
+    first = s.schedule()
+    assert [r.seq.request_id for r in first.rows] == ["0"], "alone: admitted at once"
+    s.add(seq(1, 8, 4))
+    assert [r.seq.request_id for r in s.schedule().rows] == ["0"], "waits while 0 runs"
+    s.offload.pending = False
+    assert [r.seq.request_id for r in s.schedule().rows] == ["0", "1"]
