@@ -18,7 +18,8 @@ disk holds the pages across restarts). One lock guards the LRU between the threa
 Loading: when a request is added (`prefetch`), an uploader thread copies the pages of its
 prefix that host memory holds to device memory (up to `PREFETCH_BYTES`), and a reader
 thread reads those on disk into host memory and uploads them too; the scheduler admits the
-request once its uploads are done, or at once when nothing else runs. At admission a request
+request once its uploads are done (the requests behind it go first meanwhile), or at once
+when nothing else runs. At admission a request
 whose next keys after its device-cached prefix are in host memory (or already uploaded) gets
 fresh pages, and a jitted scatter copies the pages in before its batch (dispatched first, so
 the device runs it first): uploaded pages are device-to-device copies, and the rest travel as

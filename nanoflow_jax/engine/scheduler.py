@@ -190,13 +190,19 @@ class Scheduler:
             protected.add(seq.request_id)
             budget -= n
 
-        # 3. Admit waiting requests first-come first-served (no skipping: nobody starves).
-        while self.waiting and not full() and self.num_preemptions == preempted_before:
-            seq = self.waiting[0]
+        # 3. Admit waiting requests first-come first-served (nobody starves). The one
+        #    exception: a request whose offloaded pages are still on their way to the device
+        #    lets those behind it go first while others keep the device busy (its uploads
+        #    finish within a few iterations; waiting for them holds up no one).
+        i = 0
+        while i < len(self.waiting) and not full() and self.num_preemptions == preempted_before:
+            seq = self.waiting[i]
             if seq.num_pending:
                 break   # preempted while its last token was on the device: wait for it
-            if self.running and self.offload is not None and self.offload.uploading(seq.page_keys):
-                break   # its offloaded pages are on their way to the device, and others keep it busy
+            if (self.offload is not None and (self.running or decodes or prefills)
+                    and self.offload.uploading(seq.page_keys)):
+                i += 1
+                continue
             with _blame(seq):
                 if not self._fork(seq):
                     break   # an n > 1 sample waits for its leader's prompt pages
@@ -206,7 +212,7 @@ class Scheduler:
                     self._unmap(seq)
                     break
                 self._count_lookup(seq, hit)
-                self.waiting.pop(0)
+                self.waiting.pop(i)
                 seq.status = Status.RUNNING
                 bisect.insort(self.running, seq, key=lambda s: s.arrival)
                 if not self.blocks.grow(seq.block_table, seq.num_computed + n):

@@ -178,20 +178,26 @@ def test_random_forming_and_packing_failures_keep_invariants(monkeypatch):
 
 def test_a_request_waits_for_its_uploads_while_others_run():
     """A waiting request whose offloaded pages are still on their way to the device is not
-    admitted while others keep the device busy; alone, it is admitted at once."""
+    admitted while others keep the device busy, and those behind it go first; alone, it is
+    admitted at once."""
     class Uploading:
-        pending = True
+        pending = {"1"}
 
         def uploading(self, keys) -> bool:
-            return self.pending
+            return bool(self.pending & set(keys))
 
-    s = make(budget=16, max_seqs=4)
-    s.add(seq(0, 8, 4))
+    s = make(budget=32, max_seqs=4)
     s.offload = Uploading()
-    s.blocks.prefix_cache = None          # no cached prefix to map: only the wait is tested
-    first = s.schedule()
-    assert [r.seq.request_id for r in first.rows] == ["0"], "alone: admitted at once"
+    s.add(seq(0, 8, 4))
+    s.schedule()
     s.add(seq(1, 8, 4))
-    assert [r.seq.request_id for r in s.schedule().rows] == ["0"], "waits while 0 runs"
-    s.offload.pending = False
-    assert [r.seq.request_id for r in s.schedule().rows] == ["0", "1"]
+    s.add(seq(2, 8, 4))
+    s.waiting[0].page_keys = ["1"]     # request 1's keys are uploading
+    assert [r.seq.request_id for r in s.schedule().rows] == ["0", "2"], "1 waits, 2 goes first"
+    s.offload.pending = set()
+    assert [r.seq.request_id for r in s.schedule().rows] == ["0", "2", "1"]
+    alone = make()
+    alone.offload = Uploading()
+    alone.add(seq(1, 8, 4))
+    alone.waiting[0].page_keys = ["1"]
+    assert [r.seq.request_id for r in alone.schedule().rows] == ["1"], "alone: admitted at once"
