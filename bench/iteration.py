@@ -345,13 +345,15 @@ def run_floor(cfg: ModelConfig, steps: Sequence[dict[str, Any]], ceil: Ceilings)
     op alone on the GPU), `overlapped` takes per iteration the larger of all its FLOPs at the
     GEMM peak and all its bytes at the copy bandwidth (compute and memory fully hidden under
     each other, NanoFlow's ideal)."""
+    def us(flops: float, nbytes: float) -> float:   # unrounded: the sums keep sequential >= overlapped
+        return max(flops / ceil.gemm_tflops / 1e6, nbytes / ceil.copy_gbs / 1e3)
+
     seq = ovl = 0.0
     for step in steps:
-        floors = op_floors(cfg, step, ceil)
-        seq += sum(f["floor_us"] for f in floors.values())
-        ovl += max(sum(f["flops"] for f in floors.values()) / ceil.gemm_tflops / 1e6,
-                   sum(f["bytes"] for f in floors.values()) / ceil.copy_gbs / 1e3)
-    return {"iterations": len(steps), "sequential_s": round(seq / 1e6, 6), "overlapped_s": round(ovl / 1e6, 6)}
+        floors = op_floors(cfg, step, ceil).values()
+        seq += sum(us(f["flops"], f["bytes"]) for f in floors)
+        ovl += us(sum(f["flops"] for f in floors), sum(f["bytes"] for f in floors))
+    return {"iterations": len(steps), "sequential_s": round(seq / 1e6, 9), "overlapped_s": round(ovl / 1e6, 9)}
 
 
 # --- a window's report ----------------------------------------------------------------------
