@@ -248,6 +248,29 @@ def test_reloads_upload_ahead_while_the_requests_wait(tmp_path, convs, reference
     assert not eng.offload._uploaded and eng.blocks.all_free()
 
 
+def test_a_failing_upload_loads_at_admission_instead(convs, reference, monkeypatch, caplog):
+    """An upload that fails (device memory short, say) is logged; the pages still load from
+    host memory when the request is admitted, and nobody waits on them."""
+    llm = make_llm(kv_offload_host_gb=HOST_GB)
+    assert tokens(llm, convs) == reference
+    flood(llm)
+    eng = llm.engine
+
+    def device_put(x, device=None, **kw):
+        if device is uploads:   # the uploader's transfers only
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while uploading")
+        return real(x, device, **kw)
+
+    real, uploads = kv_offload.jax.device_put, object()
+    eng.offload._device = uploads
+    monkeypatch.setattr(kv_offload.jax, "device_put", device_put)
+    assert run_settled(llm, convs) == reference
+    stats = eng.offload.stats
+    assert "uploading KV pages to the device failed" in caplog.text
+    assert stats.prefetched_pages == 0 and stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
+    assert not eng.offload._uploading and eng.blocks.all_free()
+
+
 def test_the_same_conversation_twice_at_once_loads_it_once(convs, reference):
     llm = make_llm(kv_offload_host_gb=HOST_GB)
     eng = llm.engine
