@@ -71,10 +71,20 @@
 #               single-round work; host and disk bandwidth. MR_CONVERSATIONS, MR_ROUNDS, MR_REPEATS
 #               (single-round runs each side) and MR_TIMEOUT (s) shrink it to a short call
 #                                                                        -> multiround_llama3_8b.json
-# Example: OUT=$OUT bash bench/gpu_session.sh tests kernels
+# CALL_S=N: the call's own limit (seconds). Every step's timeout is cut to what is left of it,
+# and a step with under 30 s left is skipped, so recipes chained in one call stop in time and
+# return what they measured.
+# Example: OUT=$OUT CALL_S=590 bash bench/gpu_session.sh fused fp8 multiround
 set -u
 : "${OUT:?set OUT to the results directory}"
 [ $# -gt 0 ] || { sed -n '2,/^# Example/p' "$0"; exit 2; }
+call_end=$(( $(date +%s) + ${CALL_S:-100000} - 10 ))
+timeout() {  # timeout SECONDS COMMAND...: the coreutils one, capped by CALL_S
+  local want=$1 left=$(( call_end - $(date +%s) ))
+  shift
+  if (( left < 30 )); then echo "skipped, the call's time is spent: $*" | cut -c1-160 | tee -a "$OUT/skipped.log" >&2; return 124; fi
+  command timeout "$(( want < left ? want : left ))" "$@"
+}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NANOFLOW_TEST_GPU=1 PIP_NO_INDEX=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
 gpus=$(nvidia-smi -L | wc -l)
