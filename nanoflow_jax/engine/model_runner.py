@@ -31,8 +31,7 @@ from nanoflow_jax.engine import compiler
 from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.executable_store import ExecutableStore, run_fingerprint
-from nanoflow_jax.engine.kv_offload import host_sharding
-from nanoflow_jax.engine.kv_offload import PREFETCH_BYTES
+from nanoflow_jax.engine.kv_offload import PREFETCH_BYTES, host_sharding
 from nanoflow_jax.engine.kv_pool import resolve_num_pages
 from nanoflow_jax.engine.kv_stage import Send, send_window, stage_spec, stage_struct
 from nanoflow_jax.engine.sample_step import plan_for, sample_step
