@@ -45,7 +45,8 @@
 #   or one pipeline at a time (TP_SIZES=2 TP_PIPELINE=nanoflow ...).
 #   fused       the horizontal-fusion mechanism (bench.overlap --mechanisms fused): per stage, a Triton GEMM
 #               (1024 x 4096 -> 28,672) and decode attention (256 x 1,280 keys) back to back against one launch
-#               whose programs split between them, at several splits; the pair's capped kernels alone
+#               whose programs split between them, at several splits (FUSED_SPLITS); the pair's capped
+#               kernels alone; FUSED_S (s, default 400) caps it
 #                                                                        -> overlap_fused.json
 #   profile     the model-based auto-search's measurements for Llama-3-8B shapes: every kernel's time
 #               against tokens and SM budget, the interference of overlapped pairs, and the predicted
@@ -284,7 +285,7 @@ for recipe in "$@"; do
           $([ "$path" = direct ] && echo --kv-offload-pages-per-step 0)
       done ;;
     fused)
-      timeout 400 python3 -m bench.overlap --mechanisms fused --layers 8 --no-trace \
+      timeout "${FUSED_S:-400}" python3 -m bench.overlap --mechanisms fused --layers 8 --no-trace \
         --splits "${FUSED_SPLITS:-100/32,108/24,88/44,100/32x2,116/16x2,all}" --out "$OUT/overlap_fused.json" 2>&1 \
         | grep '^{' | tee "$OUT/overlap_fused.log" ;;
     rollouts)
