@@ -34,7 +34,8 @@ import hashlib
 import logging
 import queue
 import threading
-from typing import Any, Iterable, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,13 +116,13 @@ class KVOffloader:
         self._reads: queue.Queue[bytes] = queue.Queue()
         self._promoted: queue.Queue[tuple[bytes, np.ndarray | None]] = queue.Queue()
         self._reading: set[bytes] = set()
-        if disk is not None:
-            threading.Thread(target=self._reader, name="kv-disk-reader", daemon=True).start()
         # Finished copies ((keys, buffer)) go to the lander thread, which reads them into the LRU.
         self._landing: queue.Queue[tuple[list[bytes], jax.Array]] = queue.Queue()
-        threading.Thread(target=self._lander, name="kv-offload-lander", daemon=True).start()
+        _start(self, self._landing, KVOffloader._land_one, "kv-offload-lander")
+        if disk is not None:
+            _start(self, self._reads, KVOffloader._read_one, "kv-disk-reader")
         if self._max_uploaded > 0:
-            threading.Thread(target=self._uploader, name="kv-offload-uploader", daemon=True).start()
+            _start(self, self._uploads, KVOffloader._upload_from, "kv-offload-uploader")
 
     @property
     def num_host_pages(self) -> int:
@@ -195,29 +196,28 @@ class KVOffloader:
                     self._put(key, page)
                     self.stats.disk_hits += 1
 
-    def _lander(self) -> None:
-        while True:
-            keys, buf = self._landing.get()
-            try:
-                host = np.asarray(buf)   # out of pinned memory: a copy, on this thread
-                # Each page gets its own memory: a view would keep the whole window alive
-                # while any one of its pages stays in the LRU, past the host budget.
-                pages = [np.array(host[:, :, i]) for i in range(len(keys))]
-                del host
-                with self._lock:
-                    for key, page in zip(keys, pages):
-                        self._put(key, page)
-                    self.stats.saved_pages += len(keys)
-                if self.disk is not None:
-                    for key, page in zip(keys, pages):
-                        self.disk.put(key, page)
-            except Exception as e:   # never let the thread die: these pages are recomputed when needed
-                log.warning("copying KV pages to host memory failed (%s: %s): they are not offloaded",
-                            type(e).__name__, e)
-            finally:
-                with self._lock:
-                    self._saving_keys.difference_update(keys)
-                self._landing.task_done()
+    def _land_one(self, item: tuple[list[bytes], jax.Array]) -> None:
+        """The lander thread's work on one finished copy."""
+        keys, buf = item
+        try:
+            host = np.asarray(buf)   # out of pinned memory: a copy, on this thread
+            # Each page gets its own memory: a view would keep the whole window alive
+            # while any one of its pages stays in the LRU, past the host budget.
+            pages = [np.array(host[:, :, i]) for i in range(len(keys))]
+            del host
+            with self._lock:
+                for key, page in zip(keys, pages):
+                    self._put(key, page)
+                self.stats.saved_pages += len(keys)
+            if self.disk is not None:
+                for key, page in zip(keys, pages):
+                    self.disk.put(key, page)
+        except Exception as e:   # never let the thread die: these pages are recomputed when needed
+            log.warning("copying KV pages to host memory failed (%s: %s): they are not offloaded",
+                        type(e).__name__, e)
+        finally:
+            with self._lock:
+                self._saving_keys.difference_update(keys)
 
     def _put(self, key: bytes, page: np.ndarray) -> None:
         """Into the LRU, evicting the oldest beyond the budget (the caller holds the lock)."""
@@ -314,14 +314,13 @@ class KVOffloader:
             self._reading.add(key)
             self._reads.put(key)
 
-    def _uploader(self) -> None:
-        while True:
-            keys = [self._uploads.get()]
-            while len(keys) < LOAD_CHUNK and not self._uploads.empty():   # one batched transfer
-                keys.append(self._uploads.get())
-            self._upload(keys, None)
-            for _ in keys:
-                self._uploads.task_done()
+    def _upload_from(self, key: bytes) -> None:
+        """The uploader thread's work: this key and those queued behind it, one transfer."""
+        keys = [key]
+        while len(keys) < LOAD_CHUNK and not self._uploads.empty():
+            keys.append(self._uploads.get())
+            self._uploads.task_done()   # counted done with the first: `settle` joins after it
+        self._upload(keys, None)
 
     def _upload(self, keys: list[bytes], pages: list[np.ndarray | None] | None) -> None:
         """Copy these pages (or those host memory holds for `keys`) to the device, off the
@@ -347,20 +346,18 @@ class KVOffloader:
             with self._lock:
                 self._uploading.difference_update(keys)
 
-    def _reader(self) -> None:
-        while True:
-            key = self._reads.get()
-            try:
-                page = self.disk.get(key)
-            except Exception as e:   # never let the thread die
-                log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
-                page = None
-            with self._lock:
-                upload = key in self._uploading
-            if upload:
-                self._upload([key], [page])
-            self._promoted.put((key, page))
-            self._reads.task_done()
+    def _read_one(self, key: bytes) -> None:
+        """The disk reader thread's work on one key."""
+        try:
+            page = self.disk.get(key)
+        except Exception as e:   # never let the thread die
+            log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
+            page = None
+        with self._lock:
+            upload = key in self._uploading
+        if upload:
+            self._upload([key], [page])
+        self._promoted.put((key, page))
 
     def settle(self) -> None:
         """Wait for the queued disk reads and land everything (for tests and benchmarks; the
@@ -380,6 +377,31 @@ class KVOffloader:
             self._generation += 1
         if self.disk is not None:
             self.disk.clear()
+
+
+_STOP = object()
+
+
+def _start(owner: KVOffloader, jobs: queue.Queue, handle: Callable[[KVOffloader, Any], None], name: str) -> None:
+    """A daemon thread that runs handle(owner, job) for each job. It holds the owner only
+    while handling a job, so an offloader that is dropped (its engine with it) is freed,
+    device and host pages included, and its threads end."""
+    ref = weakref.ref(owner)
+
+    def serve() -> None:
+        while True:
+            job = jobs.get()
+            target = ref()
+            try:
+                if job is _STOP or target is None:
+                    return
+                handle(target, job)
+            finally:
+                job = target = None   # nothing of the owner's stays referenced while idle
+                jobs.task_done()
+
+    weakref.finalize(owner, jobs.put, _STOP)
+    threading.Thread(target=serve, name=name, daemon=True).start()
 
 
 def model_fingerprint(model_cfg: Any, block_size: int, dtype: Any, params: Any) -> dict[str, Any]:

@@ -100,6 +100,35 @@ def test_prefetch_uploads_host_pages_ahead_within_its_budget():
     assert not off._uploaded and not off.uploading(ks) and off.take(ks, 4) == []
 
 
+def test_a_dropped_offloader_is_freed_and_its_threads_end(tmp_path):
+    """The offloader's threads do not keep it alive: dropped (with its engine), its host and
+    device pages are freed and its threads end."""
+    import gc
+    import threading
+    import weakref
+
+    before = set(threading.enumerate())
+    shape = (2, 8, 4, 2, 16)
+    cache = KVCache(jnp.ones(shape), jnp.ones(shape))
+    disk = kv_disk.DiskKVStore(tmp_path, 1 << 20, {"model": "t"}, dtype=jnp.float32)
+    off = KVOffloader(8 * PAGE_BYTES, PAGE_BYTES, disk=disk, device=cache.k.sharding)
+    mine = [t for t in threading.enumerate() if t not in before and t.name.startswith(("kv-offload-", "kv-disk-r"))]
+    assert sorted(t.name for t in mine) == ["kv-disk-reader", "kv-offload-lander", "kv-offload-uploader"]
+    off.save(cache, [(1, keys(2)[0]), (2, keys(2)[1])])
+    off.land(wait=True)
+    off.prefetch(keys(2))
+    off.settle()
+    assert off.num_host_pages == 2 and len(off._uploaded) == 2
+    gone = weakref.ref(off)
+    del off
+    gc.collect()
+    assert gone() is None, "a thread keeps the offloader alive"
+    for t in mine:
+        t.join(timeout=5)
+        assert not t.is_alive(), f"{t.name} outlived its offloader"
+    disk.close()
+
+
 def test_a_copy_that_fails_to_land_is_dropped_and_the_lander_serves_on(caplog):
     """The lander thread reads copies out of pinned memory; one that fails (a device error
     surfacing there) is logged and forgotten, its pages saved again later, the thread alive."""
