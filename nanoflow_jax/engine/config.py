@@ -50,8 +50,10 @@ class EngineConfig:
     compile_workers: int | None = None
     compilation_cache_dir: str | None = None  # None: env.compilation_cache_dir()
     # Whole compiled steps stored in that folder too (engine/executable_store.py): a warm
-    # start loads them without tracing or lowering. False: JAX's cache alone.
-    cache_executables: bool = True
+    # start loads them without tracing or lowering. False: JAX's cache alone. None: on
+    # accelerators only; XLA:CPU executables loaded whole can fail at dispatch ("Function
+    # wrapped_iota not found", jaxlib 0.10.2), so on CPU the store is opt-in (True).
+    cache_executables: bool | None = None
     show_progress: bool = True          # tqdm bar (stderr) while compiling the buckets
     # Devices one model is split over (heads and MLP columns; nanoflow_jax/parallel/); 1: one device.
     tensor_parallel_size: int = 1

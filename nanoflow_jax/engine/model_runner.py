@@ -185,7 +185,10 @@ class ModelRunner:
         compilation_cache_dir`, else JAX's); not under tensor parallelism, whose executables
         span a mesh (`EngineConfig.cache_executables`)."""
         folder = os.path.expanduser(self.cfg.compilation_cache_dir or jax.config.jax_compilation_cache_dir or "")
-        if not self.cfg.cache_executables or self.tp is not None or not folder:
+        wanted = self.cfg.cache_executables
+        if wanted is None:
+            wanted = jax.default_backend() != "cpu"
+        if not wanted or self.tp is not None or not folder:
             return None
         fingerprint = run_fingerprint(
             model_cfg=self.model_cfg, engine_cfg=self.cfg, params=self.params, cache=self.cache,

@@ -37,7 +37,7 @@ def _entries(folder):
 
 def test_a_warm_start_loads_every_step_and_lowers_none(tmp_path, monkeypatch):
     prompts = random_prompts(3, seed=7)
-    cold = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    cold = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True)
     runner = cold.engine.runner
     jobs = len(runner.compile_jobs())
     stored = runner.store.stored
@@ -47,36 +47,36 @@ def test_a_warm_start_loads_every_step_and_lowers_none(tmp_path, monkeypatch):
     assert want == reference_greedy(prompts, 6)
 
     _forbid_lowering(monkeypatch, samplers=stored == jobs)
-    warm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    warm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True)
     assert warm.engine.runner.store.hits == stored and warm.engine.runner.store.misses == jobs - stored
     assert _tokens(warm, prompts) == want
 
 
 def test_another_run_or_other_code_misses(tmp_path, monkeypatch):
-    first = make_llm(precompile=True, compilation_cache_dir=str(tmp_path)).engine.runner.store
-    other = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), max_num_seqs=4)
+    first = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True).engine.runner.store
+    other = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), max_num_seqs=4, cache_executables=True)
     assert other.engine.runner.store.hits == 0   # another engine configuration: other shapes
     monkeypatch.setenv("NANOFLOW_TEST_GPU", "0")   # a variable that changes no kernel
-    again = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    again = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True)
     assert again.engine.runner.store.hits == first.stored
     table = tmp_path / "table.json"
     table.write_text("{}")
     monkeypatch.setenv("NANOFLOW_GEMM_TABLE", str(table))   # other GEMM tiles
-    assert make_llm(precompile=True, compilation_cache_dir=str(tmp_path)).engine.runner.store.hits == 0
+    assert make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True).engine.runner.store.hits == 0
     monkeypatch.delenv("NANOFLOW_GEMM_TABLE")
     monkeypatch.setattr(executable_store, "code_fingerprint", lambda: "edited source")
-    edited = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+    edited = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True)
     assert edited.engine.runner.store.hits == 0
 
 
 def test_a_corrupt_entry_is_dropped_and_compiled_again(tmp_path, caplog):
     prompts = random_prompts(2, seed=3)
-    first = make_llm(precompile=True, compilation_cache_dir=str(tmp_path)).engine.runner
+    first = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True).engine.runner
     unstored = len(first.compile_jobs()) - first.store.stored
     entries = _entries(tmp_path)
     entries[0].write_bytes(entries[0].read_bytes()[:100])   # truncated
     with caplog.at_level(logging.WARNING, logger=executable_store.__name__):
-        llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+        llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True)
     store = llm.engine.runner.store
     assert store.misses == 1 + unstored and store.hits == len(entries) - 1
     assert any("dropping the stored executable" in r.getMessage() for r in caplog.records)
@@ -89,7 +89,7 @@ def test_an_unwritable_folder_warns_and_serves(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(executable_store, "_warned", False)   # warned once a process
     (tmp_path / "nanoflow_executables").write_text("a file where the store's folder would be")
     with caplog.at_level(logging.WARNING, logger=executable_store.__name__):
-        llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path))
+        llm = make_llm(precompile=True, compilation_cache_dir=str(tmp_path), cache_executables=True)
     assert any("could not store the executable" in r.getMessage() for r in caplog.records)
     prompts = random_prompts(2, seed=5)
     assert _tokens(llm, prompts) == reference_greedy(prompts, 6)
@@ -107,12 +107,12 @@ def test_steps_compiled_on_first_use_are_stored_too(tmp_path, monkeypatch):
     """On CPU buckets compile when first needed: those go to the store and a later engine
     loads them when it needs them."""
     prompts = random_prompts(2, seed=11)
-    lazy = make_llm(precompile=False, compilation_cache_dir=str(tmp_path))
+    lazy = make_llm(precompile=False, compilation_cache_dir=str(tmp_path), cache_executables=True)
     want = _tokens(lazy, prompts)
     store = lazy.engine.runner.store
     assert store.stored >= 1 and len(_entries(tmp_path)) == store.stored
     _forbid_lowering(monkeypatch, samplers=store.stored == store.misses)
-    again = make_llm(precompile=False, compilation_cache_dir=str(tmp_path))
+    again = make_llm(precompile=False, compilation_cache_dir=str(tmp_path), cache_executables=True)
     assert _tokens(again, prompts) == want and again.engine.runner.store.hits == store.stored
 
 
@@ -133,3 +133,10 @@ def test_the_folder_keeps_to_its_budget_least_recently_used_first(tmp_path):
     assert not store._path("b").exists()   # least recently used
     assert all(store._path(n).exists() for n in "acd")
     assert float(store.load("d")(jnp.ones(4))[0]) == 3.0
+
+
+def test_the_store_is_opt_in_on_cpu(tmp_path):
+    """On CPU, steps are not stored by default: XLA:CPU executables loaded whole can fail at
+    dispatch; cache_executables=True still opts in."""
+    assert make_llm(compilation_cache_dir=str(tmp_path)).engine.runner.store is None
+    assert make_llm(compilation_cache_dir=str(tmp_path), cache_executables=True).engine.runner.store is not None
