@@ -120,7 +120,7 @@ class KVOffloader:
         self._landing: queue.Queue[tuple[list[bytes], jax.Array]] = queue.Queue()
         _start(self, self._landing, KVOffloader._land_one, "kv-offload-lander")
         if disk is not None:
-            _start(self, self._reads, KVOffloader._read_one, "kv-disk-reader")
+            _start(self, self._reads, KVOffloader._read_from, "kv-disk-reader")
         if self._max_uploaded > 0:
             _start(self, self._uploads, KVOffloader._upload_from, "kv-offload-uploader")
 
@@ -346,18 +346,27 @@ class KVOffloader:
             with self._lock:
                 self._uploading.difference_update(keys)
 
-    def _read_one(self, key: bytes) -> None:
-        """The disk reader thread's work on one key."""
-        try:
-            page = self.disk.get(key)
-        except Exception as e:   # never let the thread die
-            log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
-            page = None
-        with self._lock:
-            upload = key in self._uploading
-        if upload:
-            self._upload([key], [page])
-        self._promoted.put((key, page))
+    def _read_from(self, key: bytes) -> None:
+        """The disk reader thread's work: this key and those queued behind it. Each page is
+        handed to the engine as soon as it is read; those marked for upload go to the
+        device together, one transfer."""
+        keys = [key]
+        while len(keys) < LOAD_CHUNK and not self._reads.empty():
+            keys.append(self._reads.get())
+            self._reads.task_done()   # counted done with the first: `settle` joins after it
+        to_upload: list[tuple[bytes, np.ndarray | None]] = []
+        for k in keys:
+            try:
+                page = self.disk.get(k)
+            except Exception as e:   # never let the thread die
+                log.warning("reading a KV page from disk failed (%s: %s): it is recomputed", type(e).__name__, e)
+                page = None
+            with self._lock:
+                if k in self._uploading:
+                    to_upload.append((k, page))
+            self._promoted.put((k, page))
+        if to_upload:
+            self._upload([k for k, _ in to_upload], [p for _, p in to_upload])
 
     def settle(self) -> None:
         """Wait for the queued disk reads and land everything (for tests and benchmarks; the

@@ -199,8 +199,7 @@ class Scheduler:
             seq = self.waiting[i]
             if seq.num_pending:
                 break   # preempted while its last token was on the device: wait for it
-            if (self.offload is not None and (self.running or decodes or prefills)
-                    and self.offload.uploading(seq.page_keys)):
+            if self.offload is not None and self.running and self.offload.uploading(seq.page_keys):
                 i += 1
                 continue
             with _blame(seq):
