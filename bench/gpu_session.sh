@@ -18,8 +18,9 @@
 #               -> throughput_llama3_8b_{1024_512,warm_start,512_1024}.json, *_iteration.png, window traces
 #   fp8         the KV cache in fp8 against bf16 on the floor workload (512 x 1024 in / 512 out, 2048 tokens):
 #               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 512
-#               seqs, then fp8 with 256 seqs (FP8_SEQS, default "512 256")
-#                                        -> throughput_llama3_8b_1024_512_{bf16,fp8_512seqs,fp8}.json
+#               seqs, then fp8 with 256 seqs (FP8_SEQS, default "512 256"); BF16_SEQS (default "256") adds
+#               bf16 runs at more seqs with pages to match (BF16_SEQS="256 512" where memory allows, an H200)
+#                          -> throughput_llama3_8b_1024_512_{bf16,bf16_512seqs,fp8_512seqs,fp8}.json
 #   offload     the KV offload's cost on that workload, which never reuses a page (every finished request's
 #               pages go to an LRU of OFFLOAD_GB, default 24, of host memory): through the staging ring
 #               (copies inside the steps) and the direct gather before the step, against the bf16 run
@@ -273,7 +274,9 @@ for recipe in "$@"; do
       serving ;;
     fp8)
       pages=${KV_PAGES:-26000}
-      floor_run bf16 "$pages" 256 auto
+      for seqs in ${BF16_SEQS:-256}; do
+        floor_run "bf16$([ "$seqs" = 256 ] || echo "_${seqs}seqs")" $((pages * seqs / 256)) "$seqs" auto
+      done
       for seqs in ${FP8_SEQS:-512 256}; do
         floor_run "fp8$([ "$seqs" = 256 ] || echo "_${seqs}seqs")" $((2 * pages)) "$seqs" fp8
       done ;;
