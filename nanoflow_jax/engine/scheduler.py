@@ -220,6 +220,11 @@ class Scheduler:
             protected.add(seq.request_id)
             budget -= n
 
+        if self.offload is not None and i < len(self.waiting):
+            # The next to be admitted: pages of its prefix that left the device since it
+            # arrived (evicted to host memory) start their way back now, not at admission.
+            self.prefetch(self.waiting[i])
+
         rows = decodes + prefills
         if not rows:
             return None

@@ -342,3 +342,24 @@ def test_an_fp8_cache_serves_and_reloads_from_disk_bit_for_bit(tmp_path, convs, 
     assert run_settled(restarted, convs) == want
     assert restarted.engine.offload.stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
     assert restarted.engine.blocks.all_free()
+
+
+def test_pages_evicted_while_a_request_waits_upload_before_its_admission(convs, reference):
+    """A request whose prefix is on the device when it arrives, then evicted to host memory
+    by those ahead of it while it waits: its pages are uploaded while it is next in line,
+    so its admission is a device-to-device copy."""
+    llm = make_llm(kv_offload_host_gb=HOST_GB, max_num_seqs=1)
+    eng = llm.engine
+    assert tokens(llm, [convs[0]]) == [reference[0]]
+    prefix = eng.scheduler._keys(_seq(convs[0]), (len(convs[0]) - 1) // 4)
+    floods = [eng.add_request(p, GREEDY) for p in random_prompts(4, [56] * 4, seed=99)]
+    rid = eng.add_request(convs[0], GREEDY)
+    assert eng.offload.stats.prefetched_pages == 0 and not eng.offload.uploading(prefix), "on the device"
+    done = {}
+    while eng.has_unfinished():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in eng.step() if o.finished)
+        eng.offload.settle()   # each upload in place before the next step, as a slower step would let it
+    assert len(done) == len(floods) + 1 and done[rid] == reference[0]
+    stats = eng.offload.stats
+    assert stats.loaded_pages == len(prefix) == stats.prefetched_pages
+    assert eng.blocks.all_free()
