@@ -66,9 +66,16 @@ def host_sharding() -> jax.sharding.Sharding | None:
 # Device memory for pages uploaded ahead of their request's admission (outside the KV pool).
 PREFETCH_BYTES = 256 * 2**20
 
-# Pages a reload scatters at once: each page is an argument of its own (its own transfer,
-# stacked on the device), which bounds the arguments of the largest bucket.
+# Pages a reload scatters, and a direct save gathers, at once: each reloaded page is an
+# argument of its own (its own transfer, stacked on the device), and a gather's output is
+# device memory before it reaches the host; this bounds both.
 LOAD_CHUNK = 128
+
+
+def device_bytes(page_bytes: int) -> int:
+    """Device memory the offloader uses outside the KV pool: pages uploaded ahead, one
+    save's gather and one reload's pages in flight at once."""
+    return PREFETCH_BYTES + 2 * LOAD_CHUNK * page_bytes
 
 
 def _scatter(cache: KVCache, ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVCache:
@@ -130,14 +137,13 @@ class KVOffloader:
 
     def warm_up(self, cache: KVCache, max_pages: int) -> KVCache:
         """Compile the gather and the scatter for every page-count bucket up to `max_pages`
-        (each run once on the null page), so serving does not compile them."""
+        (at most `LOAD_CHUNK`; each run once on the null page), so serving does not compile them."""
         n = 1
         while True:
             ids = np.full(n, NULL_PAGE, np.int32)
             jax.block_until_ready(self._gather(cache, ids))
-            if n <= LOAD_CHUNK:
-                cache = self._scatter(cache, ids, (self._zero_page(cache),) * n)
-            if n >= max_pages:
+            cache = self._scatter(cache, ids, (self._zero_page(cache),) * n)
+            if n >= min(max_pages, LOAD_CHUNK):
                 break
             n *= 2
         if self.ring is not None:
@@ -159,13 +165,17 @@ class KVOffloader:
             todo = todo[self.ring.fill(cache, todo, _bucket):]
             if not todo:
                 return
-        ids = np.full(_bucket(len(todo)), NULL_PAGE, np.int32)
-        ids[:len(todo)] = [p for p, _ in todo]
-        buf = self._gather(cache, ids)
-        self.stats.direct_pages += len(todo)
-        if self._sharding is None:
-            buf.copy_to_host_async()
-        self._saving.append(([k for _, k in todo], buf))
+        # In chunks: a gather's output is device memory before it reaches the host, so a
+        # burst of finished requests (thousands of pages) must not gather at once.
+        for start in range(0, len(todo), LOAD_CHUNK):
+            chunk = todo[start:start + LOAD_CHUNK]
+            ids = np.full(_bucket(len(chunk)), NULL_PAGE, np.int32)
+            ids[:len(chunk)] = [p for p, _ in chunk]
+            buf = self._gather(cache, ids)
+            self.stats.direct_pages += len(chunk)
+            if self._sharding is None:
+                buf.copy_to_host_async()
+            self._saving.append(([k for _, k in chunk], buf))
 
     def next_send(self) -> Send | None:
         """What the next step sends to host memory (None: no staging ring)."""

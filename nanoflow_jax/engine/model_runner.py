@@ -31,7 +31,7 @@ from nanoflow_jax.engine import compiler
 from nanoflow_jax.engine import param_update
 from nanoflow_jax.engine.config import EngineConfig
 from nanoflow_jax.engine.executable_store import ExecutableStore, run_fingerprint
-from nanoflow_jax.engine.kv_offload import PREFETCH_BYTES, host_sharding
+from nanoflow_jax.engine.kv_offload import device_bytes, host_sharding
 from nanoflow_jax.engine.kv_pool import resolve_num_pages
 from nanoflow_jax.engine.kv_stage import Send, send_window, stage_spec, stage_struct
 from nanoflow_jax.engine.sample_step import plan_for, sample_step
@@ -164,8 +164,8 @@ class ModelRunner:
         self.stage_spec = (stage_spec(per_step, page_bytes)
                            if cfg.kv_offload_host_gb > 0 and self.tp is None else None)
         reserved = self.stage_spec.slots * page_bytes if self.stage_spec is not None else 0
-        if cfg.kv_offload_host_gb > 0:   # pages uploaded ahead of their request's admission
-            reserved += PREFETCH_BYTES
+        if cfg.kv_offload_host_gb > 0:   # uploads ahead of admission, a save's gather, a reload
+            reserved += device_bytes(page_bytes)
         # Per-device page bytes and memory: one device's share of the pool under TP.
         self.num_pages = resolve_num_pages(cfg, model_cfg if self.tp is None else self.tp.local_config,
                                            self.kv_dtype, self._step_temp_bytes, reserved)

@@ -31,13 +31,14 @@ def keys(n: int, tag: int = 0) -> list[bytes]:
 
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_pages_go_to_host_and_back_bit_for_bit(monkeypatch, chunk):
-    if chunk is not None:   # a reload larger than one scatter's pages: two scatters, the last padded
+    if chunk is not None:   # more pages than one gather or scatter takes: two of each, the last padded
         monkeypatch.setattr(kv_offload, "LOAD_CHUNK", chunk)
     shape = (2, 10, 4, 2, 16)
     rng = np.random.default_rng(0)
     k, v = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     off = KVOffloader(1 << 20, PAGE_BYTES)
     off.save(KVCache(jnp.asarray(k), jnp.asarray(v)), [(3, keys(3)[0]), (7, keys(3)[1]), (5, keys(3)[2])])
+    assert [len(saved) for saved, _ in off._saving] == ([3] if chunk is None else [2, 1])
     if host_sharding() is not None:   # jax's CPU backend has pinned host memory: the in-jit path is tested
         assert off._saving[0][1].sharding.memory_kind == "pinned_host"
     off.land(wait=True)
