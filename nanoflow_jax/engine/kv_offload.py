@@ -72,6 +72,12 @@ PREFETCH_BYTES = 256 * 2**20
 LOAD_CHUNK = 128
 
 
+# Copies to host memory not yet landed (pinned host buffers the lander has still to read):
+# past this, pages are not saved (they are recomputed when needed), as a disk that falls
+# behind skips pages, rather than pin ever more host memory.
+BACKLOG_BYTES = 4 * 2**30
+
+
 def device_bytes(page_bytes: int) -> int:
     """Device memory the offloader uses outside the KV pool: pages uploaded ahead, one
     save's gather and one reload's pages in flight at once."""
@@ -91,6 +97,7 @@ class OffloadStats:
     prefetched_pages: int = 0  # of which uploaded before their request was admitted
     host_evictions: int = 0
     disk_hits: int = 0         # pages read back from disk into host memory
+    skipped_pages: int = 0     # not saved: the copies to host memory were `BACKLOG_BYTES` behind
 
 
 class KVOffloader:
@@ -159,6 +166,12 @@ class KVOffloader:
             todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
             if not todo or self.budget < self.page_bytes:
                 return
+            room = max(0, BACKLOG_BYTES // self.page_bytes - len(self._saving_keys))
+            if len(todo) > room:
+                self.stats.skipped_pages += len(todo) - room
+                todo = dict(list(todo.items())[:room])
+                if not todo:
+                    return
             self._saving_keys.update(todo)
         todo = [(p, k) for k, p in todo.items()]
         if self.ring is not None:

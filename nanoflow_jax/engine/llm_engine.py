@@ -213,14 +213,16 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         """Counts a server exports as metrics: requests by state, KV pages, and so far: preemptions,
-        prefix-cache tokens looked up and hit, pages offloaded and loaded back."""
+        prefix-cache tokens looked up and hit, pages offloaded, loaded back and not offloaded
+        (the copies to host memory too far behind)."""
         cache, offload = self.prefix_cache_stats, self.offload.stats if self.offload is not None else None
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_pages_total": self.blocks.num_usable, "kv_pages_free": self.blocks.num_free,
                 "num_preemptions": self.scheduler.num_preemptions, "num_iterations": self.num_iterations,
                 "prefix_cache_queries": cache.queries if cache else 0, "prefix_cache_hits": cache.hits if cache else 0,
                 "kv_offload_saved_pages": offload.saved_pages if offload else 0,
-                "kv_offload_loaded_pages": offload.loaded_pages if offload else 0}
+                "kv_offload_loaded_pages": offload.loaded_pages if offload else 0,
+                "kv_offload_skipped_pages": offload.skipped_pages if offload else 0}
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The update for one request (a finished one is forgotten: it reports only once)."""

@@ -62,6 +62,8 @@ class ServerMetrics:
                                               registry=r),
             "kv_offload_loaded_pages": Counter("nanoflow_kv_offload_loaded_pages", "KV pages loaded back from host "
                                                "memory instead of computed", registry=r),
+            "kv_offload_skipped_pages": Counter("nanoflow_kv_offload_skipped_pages", "KV pages not copied to host "
+                                                "memory: the copies were too far behind", registry=r),
         }
         self._seen: dict[str, int] = {}
 

@@ -364,3 +364,19 @@ def test_pages_evicted_while_a_request_waits_upload_before_its_admission(convs, 
     stats = eng.offload.stats
     assert stats.loaded_pages == len(prefix) == stats.prefetched_pages
     assert eng.blocks.all_free()
+
+
+def test_saves_beyond_the_backlog_are_skipped_not_queued(monkeypatch):
+    """Copies to host memory that fall behind skip pages (counted) rather than pin more."""
+    monkeypatch.setattr(kv_offload, "BACKLOG_BYTES", 5 * PAGE_BYTES)
+    shape = (2, 12, 4, 2, 16)
+    cache = KVCache(jnp.ones(shape), jnp.ones(shape))
+    off = KVOffloader(1 << 20, PAGE_BYTES)
+    off.save(cache, list(zip(range(1, 4), keys(3))))
+    off.save(cache, list(zip(range(4, 8), keys(4, tag=1))))   # 3 in flight: room for 2 of these 4
+    assert off.stats.skipped_pages == 2 and sum(len(k) for k, _ in off._saving) == 5
+    off.land(wait=True)
+    assert off.num_host_pages == 5 and off.stats.saved_pages == 5
+    off.save(cache, list(zip(range(8, 11), keys(3, tag=2))))   # landed: room again
+    off.land(wait=True)
+    assert off.num_host_pages == 8 and off.stats.skipped_pages == 2
