@@ -34,6 +34,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Callable, Iterable, Sequence
 
@@ -98,6 +99,10 @@ class OffloadStats:
     host_evictions: int = 0
     disk_hits: int = 0         # pages read back from disk into host memory
     skipped_pages: int = 0     # not saved: the copies to host memory were `BACKLOG_BYTES` behind
+    max_backlog_pages: int = 0  # the most pages saved and not yet in host memory at once
+    save_s: float = 0.0        # the engine's thread in `save` (ring filled, gathers dispatched)
+    load_s: float = 0.0        # the engine's thread in `dispatch_loads` (reloads sent and scattered)
+    lander_s: float = 0.0      # the lander's thread reading copies out of pinned memory
 
 
 class KVOffloader:
@@ -162,6 +167,13 @@ class KVOffloader:
     def save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:
         """Copy out these (page, key) pairs not yet in host memory, into the staging ring or
         by a direct gather, before the batch that may overwrite them is dispatched."""
+        start = time.perf_counter()
+        try:
+            self._save(cache, pages)
+        finally:
+            self.stats.save_s += time.perf_counter() - start
+
+    def _save(self, cache: KVCache, pages: Sequence[tuple[int, bytes]]) -> None:
         with self._lock:
             todo = {k: p for p, k in pages if k not in self._host and k not in self._saving_keys}
             if not todo or self.budget < self.page_bytes:
@@ -173,6 +185,7 @@ class KVOffloader:
                 if not todo:
                     return
             self._saving_keys.update(todo)
+            self.stats.max_backlog_pages = max(self.stats.max_backlog_pages, len(self._saving_keys))
         todo = [(p, k) for k, p in todo.items()]
         if self.ring is not None:
             todo = todo[self.ring.fill(cache, todo, _bucket):]
@@ -222,6 +235,7 @@ class KVOffloader:
     def _land_one(self, item: tuple[list[bytes], jax.Array]) -> None:
         """The lander thread's work on one finished copy."""
         keys, buf = item
+        start = time.perf_counter()
         try:
             host = np.asarray(buf)   # out of pinned memory: a copy, on this thread
             # Each page gets its own memory: a view would keep the whole window alive
@@ -241,6 +255,7 @@ class KVOffloader:
         finally:
             with self._lock:
                 self._saving_keys.difference_update(keys)
+                self.stats.lander_s += time.perf_counter() - start
 
     def _put(self, key: bytes, page: np.ndarray) -> None:
         """Into the LRU, evicting the oldest beyond the budget (the caller holds the lock)."""
@@ -296,10 +311,12 @@ class KVOffloader:
         pages = [p for ps, _ in loads for p in ps]
         if not pages:
             return cache
+        start = time.perf_counter()
         data = [d for _, ds in loads for d in ds]
         self.stats.loaded_pages += len(pages)
         for i in range(0, len(pages), LOAD_CHUNK):
             cache = self._scatter_chunk(cache, pages[i:i + LOAD_CHUNK], data[i:i + LOAD_CHUNK])
+        self.stats.load_s += time.perf_counter() - start
         return cache
 
     def _scatter_chunk(self, cache: KVCache, pages: list[int], data: list[np.ndarray | jax.Array]) -> KVCache:

@@ -202,6 +202,8 @@ def test_host_tier_reloads_evicted_prefixes(convs, reference, pages_per_step):
     assert eng.offload.stats.loaded_pages == sum((len(c) - 1) // 4 for c in convs)
     assert eng.blocks.all_free()
     assert (eng.offload.ring is None) == (pages_per_step is None)
+    timed = eng.offload.stats   # where the offload's time goes, on which thread
+    assert timed.save_s > 0 and timed.load_s > 0 and timed.lander_s > 0 and timed.max_backlog_pages > 0
     stats = eng.stats()    # what a server exports as metrics
     assert (stats["kv_offload_loaded_pages"], stats["kv_offload_saved_pages"]) == (
         eng.offload.stats.loaded_pages, eng.offload.stats.saved_pages)
@@ -375,6 +377,7 @@ def test_saves_beyond_the_backlog_are_skipped_not_queued(monkeypatch):
     off.save(cache, list(zip(range(1, 4), keys(3))))
     off.save(cache, list(zip(range(4, 8), keys(4, tag=1))))   # 3 in flight: room for 2 of these 4
     assert off.stats.skipped_pages == 2 and sum(len(k) for k, _ in off._saving) == 5
+    assert off.stats.max_backlog_pages == 5
     off.land(wait=True)
     assert off.num_host_pages == 5 and off.stats.saved_pages == 5
     off.save(cache, list(zip(range(8, 11), keys(3, tag=2))))   # landed: room again
