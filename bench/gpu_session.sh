@@ -19,7 +19,8 @@
 #   fp8         the KV cache in fp8 against bf16 on the floor workload (512 x 1024 in / 512 out, 2048 tokens):
 #               bf16 with KV_PAGES pages and 256 seqs, fp8 with twice the pages (the same bytes) and 512
 #               seqs, then fp8 with 256 seqs (FP8_SEQS, default "512 256"); BF16_SEQS (default "256") adds
-#               bf16 runs at more seqs with pages to match (BF16_SEQS="256 512" where memory allows, an H200)
+#               bf16 runs at more seqs with pages to match (BF16_SEQS="256 512" where memory allows, an H200);
+#               FLOOR_WINDOWS (e.g. "300:12,580:12") traces those steps of each run, per operation
 #                          -> throughput_llama3_8b_1024_512_{bf16,bf16_512seqs,fp8_512seqs,fp8}.json
 #   offload     the KV offload's cost on that workload, which never reuses a page (every finished request's
 #               pages go to an LRU of OFFLOAD_GB, default 24, of host memory): through the staging ring
@@ -204,9 +205,11 @@ floor_run() {
   local name=$1 n=$2 seqs=$3 dtype=$4
   shift 4
   [ -f "$OUT/throughput_llama3_8b_1024_512_$name.json" ] && return   # already run in this call
+  [ -n "${FLOOR_WINDOWS:-}" ] && mkdir -p "$OUT/$name"
   timeout 200 python3 -m bench.throughput --model llama-3-8b --weights random --dtype bfloat16 --kernels pallas \
     --max-num-seqs "$seqs" --max-num-batched-tokens 2048 --num-kv-pages "$n" --kv-cache-dtype "$dtype" \
-    --num-prompts 512 --input-len 1024 --output-len 512 --max-model-len 1536 "$@" \
+    --num-prompts 512 --input-len 1024 --output-len 512 --max-model-len 1536 \
+    ${FLOOR_WINDOWS:+--profile-steps "$FLOOR_WINDOWS" --profile-dir "$OUT/$name"} "$@" \
     --out "$OUT/throughput_llama3_8b_1024_512_$name.json" 2>&1 | grep -v "^WARNING" | tail -2 | tee -a "$OUT/floor_runs.log"
 }
 
