@@ -20,6 +20,7 @@ as a raw .npy file (the disk tier's format) against Orbax.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import hashlib
@@ -207,8 +208,9 @@ def single_round_overhead(args: argparse.Namespace, work: dict[str, Any], vocab_
             tokens = int(ins.sum()) + sum(map(len, out["replies"]))
             run = {"elapsed_s": out["elapsed_s"], "total_tokens_per_s": tokens / out["elapsed_s"],
                    "ttft": _ms_stats(out["ttft_s"])}
-            if llm.engine.offload is not None:
+            if llm.engine.offload is not None:   # with where the offload's time went
                 run["saved_pages"] = llm.engine.offload.stats.saved_pages
+                run["offload"] = dataclasses.asdict(llm.engine.offload.stats)
             if name not in res or run["total_tokens_per_s"] > res[name]["total_tokens_per_s"]:
                 res[name] = run
             del llm
@@ -227,13 +229,15 @@ def _best_s(fn: Any, repeats: int = 5) -> float:
 
 
 def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
-    """GB/s of page copies: device -> host (the offload gather), host -> device (the reload
-    scatter), disk write and read (with checksums); one entry as raw .npy against Orbax."""
+    """GB/s of page copies: device -> host (the offload gather and the lander's read into the
+    LRU, and the gathers into pinned memory alone), host -> device (the reload scatter),
+    disk write and read (with checksums); one entry as raw .npy against Orbax."""
     import jax
 
     from nanoflow_jax.engine.kv_disk import DiskKVStore
-    from nanoflow_jax.engine.kv_offload import KVOffloader
+    from nanoflow_jax.engine.kv_offload import LOAD_CHUNK, KVOffloader, _bucket
     from nanoflow_jax.engine.prefix_cache import page_key
+    from nanoflow_jax.models.paged import NULL_PAGE
 
     llm = make_llm(args, "cache", work["max_model_len"])
     runner = llm.engine.runner
@@ -248,6 +252,13 @@ def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
         off.save(runner.cache, list(zip(pages, keys)))
         off.land(wait=True)   # the device-to-host copy and the read out of pinned memory
 
+    def to_pinned() -> None:   # the gathers alone, each blocked until in pinned memory (no lander)
+        for i in range(0, n, LOAD_CHUNK):
+            chunk = pages[i:i + LOAD_CHUNK]
+            ids = np.full(_bucket(len(chunk)), NULL_PAGE, np.int32)
+            ids[:len(chunk)] = chunk
+            jax.block_until_ready(off._gather(runner.cache, ids))
+
     def to_device() -> None:
         off.queue_load(pages, off.take(keys, len(keys)))
         runner.cache = off.dispatch_loads(runner.cache)
@@ -258,6 +269,7 @@ def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
     nbytes = n * page_bytes
     res: dict[str, Any] = {"pages": n, "page_bytes": page_bytes,
                            "device_to_host_gbps": nbytes / _best_s(to_host) / 1e9,
+                           "device_to_pinned_gbps": nbytes / _best_s(to_pinned) / 1e9,
                            "host_to_device_gbps": nbytes / _best_s(to_device) / 1e9}
     host_pages = [off._host[k] for k in keys]
     with tempfile.TemporaryDirectory(dir=args.kv_offload_disk_path) as d:

@@ -32,11 +32,13 @@ def test_multiround_cli_reports_reuse_in_every_mode(tmp_path, capsys):
         assert all(rd["ttft"]["p50_ms"] > 0 and rd["total_tokens_per_s"] > 0 for rd in m["rounds"])
     assert "offload" in r["modes"]["offload"] and "offload" not in r["modes"]["cache"]
     single = r["single_round_offload"]
+    on = single["offload_on"]
+    assert on["saved_pages"] == on["offload"]["saved_pages"] > 0 and on["offload"]["save_s"] > 0
     assert single["offload_on"]["saved_pages"] > 0 and single["overhead"] == pytest.approx(
         single["offload_off"]["total_tokens_per_s"] / single["offload_on"]["total_tokens_per_s"] - 1)
     bw = r["bandwidth"]
-    assert bw["pages"] == 4 and all(bw[k] > 0 for k in ("device_to_host_gbps", "host_to_device_gbps",
-                                                         "disk_write_gbps", "disk_read_gbps"))
+    assert bw["pages"] == 4 and all(bw[k] > 0 for k in ("device_to_host_gbps", "device_to_pinned_gbps",
+                                                         "host_to_device_gbps", "disk_write_gbps", "disk_read_gbps"))
     for entry in ("entry", "entry_one_page"):
         assert all(bw[entry][k] > 0 for k in ("raw_npy_save_ms", "raw_npy_load_ms", "orbax_save_ms", "orbax_load_ms"))
     assert bw["entry"]["bytes"] == 4 * bw["entry_one_page"]["bytes"] == 4 * bw["page_bytes"]
