@@ -235,9 +235,8 @@ def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     from nanoflow_jax.engine.kv_disk import DiskKVStore
-    from nanoflow_jax.engine.kv_offload import LOAD_CHUNK, KVOffloader, _bucket
+    from nanoflow_jax.engine.kv_offload import KVOffloader
     from nanoflow_jax.engine.prefix_cache import page_key
-    from nanoflow_jax.models.paged import NULL_PAGE
 
     llm = make_llm(args, "cache", work["max_model_len"])
     runner = llm.engine.runner
@@ -252,12 +251,8 @@ def bandwidth(args: argparse.Namespace, work: dict[str, Any]) -> dict[str, Any]:
         off.save(runner.cache, list(zip(pages, keys)))
         off.land(wait=True)   # the device-to-host copy and the read out of pinned memory
 
-    def to_pinned() -> None:   # the gathers alone, each blocked until in pinned memory (no lander)
-        for i in range(0, n, LOAD_CHUNK):
-            chunk = pages[i:i + LOAD_CHUNK]
-            ids = np.full(_bucket(len(chunk)), NULL_PAGE, np.int32)
-            ids[:len(chunk)] = chunk
-            jax.block_until_ready(off._gather(runner.cache, ids))
+    def to_pinned() -> None:   # the gathers alone, until in pinned memory (no lander)
+        jax.block_until_ready(off.gather(runner.cache, pages))
 
     def to_device() -> None:
         off.queue_load(pages, off.take(keys, len(keys)))

@@ -85,6 +85,13 @@ def device_bytes(page_bytes: int) -> int:
     return PREFETCH_BYTES + 2 * LOAD_CHUNK * page_bytes
 
 
+def _padded(pages: Sequence[int]) -> np.ndarray:
+    """Page ids padded with the null page to their bucket."""
+    ids = np.full(_bucket(len(pages)), NULL_PAGE, np.int32)
+    ids[:len(pages)] = pages
+    return ids
+
+
 def _scatter(cache: KVCache, ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVCache:
     buf = jnp.stack([p.astype(cache.k.dtype) for p in pages], axis=2)   # [2, L, n, page...]
     return KVCache(k=cache.k.at[:, ids].set(buf[0]), v=cache.v.at[:, ids].set(buf[1]))
@@ -191,17 +198,21 @@ class KVOffloader:
             todo = todo[self.ring.fill(cache, todo, _bucket):]
             if not todo:
                 return
-        # In chunks: a gather's output is device memory before it reaches the host, so a
-        # burst of finished requests (thousands of pages) must not gather at once.
-        for start in range(0, len(todo), LOAD_CHUNK):
-            chunk = todo[start:start + LOAD_CHUNK]
-            ids = np.full(_bucket(len(chunk)), NULL_PAGE, np.int32)
-            ids[:len(chunk)] = [p for p, _ in chunk]
-            buf = self._gather(cache, ids)
-            self.stats.direct_pages += len(chunk)
+        self.stats.direct_pages += len(todo)
+        for start, buf in zip(range(0, len(todo), LOAD_CHUNK), self.gather(cache, [p for p, _ in todo])):
+            self._saving.append(([k for _, k in todo[start:start + LOAD_CHUNK]], buf))
+
+    def gather(self, cache: KVCache, pages: Sequence[int]) -> list[jax.Array]:
+        """These pages' K/V on their way to host memory, a buffer per `LOAD_CHUNK` pages: a
+        gather's output is device memory before it reaches the host, so a burst of finished
+        requests (thousands of pages) must not gather at once."""
+        bufs = []
+        for start in range(0, len(pages), LOAD_CHUNK):
+            buf = self._gather(cache, _padded(pages[start:start + LOAD_CHUNK]))
             if self._sharding is None:
                 buf.copy_to_host_async()
-            self._saving.append(([k for _, k in chunk], buf))
+            bufs.append(buf)
+        return bufs
 
     def next_send(self) -> Send | None:
         """What the next step sends to host memory (None: no staging ring)."""
@@ -320,9 +331,8 @@ class KVOffloader:
         return cache
 
     def _scatter_chunk(self, cache: KVCache, pages: list[int], data: list[np.ndarray | jax.Array]) -> KVCache:
-        n = _bucket(len(pages))
-        ids = np.full(n, NULL_PAGE, np.int32)
-        ids[:len(pages)] = pages
+        ids = _padded(pages)
+        n = len(ids)
         # Pages not uploaded go to the device as they lie in host memory, one batched
         # transfer and no stacking on the engine's thread (uploaded ones stay where they
         # are); the padding is a zero page to the null page.
@@ -356,11 +366,7 @@ class KVOffloader:
 
     def _upload_from(self, key: bytes) -> None:
         """The uploader thread's work: this key and those queued behind it, one transfer."""
-        keys = [key]
-        while len(keys) < LOAD_CHUNK and not self._uploads.empty():
-            keys.append(self._uploads.get())
-            self._uploads.task_done()   # counted done with the first: `settle` joins after it
-        self._upload(keys, None)
+        self._upload(_drain(key, self._uploads), None)
 
     def _upload(self, keys: list[bytes], pages: list[np.ndarray | None] | None) -> None:
         """Copy these pages (or those host memory holds for `keys`) to the device, off the
@@ -390,12 +396,8 @@ class KVOffloader:
         """The disk reader thread's work: this key and those queued behind it. Each page is
         handed to the engine as soon as it is read; those marked for upload go to the
         device together, one transfer."""
-        keys = [key]
-        while len(keys) < LOAD_CHUNK and not self._reads.empty():
-            keys.append(self._reads.get())
-            self._reads.task_done()   # counted done with the first: `settle` joins after it
         to_upload: list[tuple[bytes, np.ndarray | None]] = []
-        for k in keys:
+        for k in _drain(key, self._reads):
             try:
                 page = self.disk.get(k)
             except Exception as e:   # never let the thread die
@@ -429,6 +431,17 @@ class KVOffloader:
 
 
 _STOP = object()
+
+
+def _drain(first: bytes, jobs: queue.Queue) -> list[bytes]:
+    """`first` and the keys queued behind it, up to `LOAD_CHUNK`, to handle in one go. Those
+    taken here count as done at once; the thread marks `first` done after handling them
+    all, so joining the queue still waits for the whole batch."""
+    keys = [first]
+    while len(keys) < LOAD_CHUNK and not jobs.empty():
+        keys.append(jobs.get())
+        jobs.task_done()
+    return keys
 
 
 def _start(owner: KVOffloader, jobs: queue.Queue, handle: Callable[[KVOffloader, Any], None], name: str) -> None:
